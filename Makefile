@@ -1,0 +1,41 @@
+# Two commands on a fresh clone: `make run` (serve the embedded default model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# GPU users: make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' ...
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install model run test lint protos bench clean
+
+$(STAMP): pyproject.toml client/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $@
+
+install: $(STAMP)
+
+model: install
+	$(VENV)/bin/peftserve model path
+
+run: model
+	$(VENV)/bin/peftserve serve $(ARGS)
+
+test: model
+	$(PY) -m pytest -q $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check server client tests benchmarks
+	$(VENV)/bin/ruff format --check server client tests benchmarks
+
+protos: install
+	$(PY) scripts/gen_protos.py
+
+bench: model
+	$(PY) benchmarks/bench_engine.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Request lifecycle: requests, scheduling policy, the engine loop (no tensors except in engine.py)."""

@@ -1,0 +1,121 @@
+"""What a generation request is, and what it yields, in plain Python (no torch)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from peftserve.errors import InvalidRequest
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its next tokens."""
+
+    max_new_tokens: int = 64
+    """Tokens to generate at most."""
+    temperature: float = 0.0
+    """0 samples greedily; otherwise logits are divided by it."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 keeps all."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]."""
+    seed: int | None = None
+    """Seed of this request's own generator; None draws one."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already seen (prompt and output), as in transformers."""
+    stop: tuple[str, ...] = ()
+    """Stop before any of these strings; they are not part of the text."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Stop after any of these tokens."""
+    ignore_eos: bool = False
+    """Keep generating past EOS."""
+    logprobs: bool = False
+    """Report each generated token's log-probability (of the distribution sampled from)."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, max_new_tokens_limit: int, vocab_size: int) -> None:
+        """Raise InvalidRequest naming the field to fix."""
+        if self.max_new_tokens <= 0:
+            raise InvalidRequest(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.max_new_tokens > max_new_tokens_limit:
+            raise InvalidRequest(
+                f"max_new_tokens must be <= {max_new_tokens_limit}, got {self.max_new_tokens}"
+            )
+        if not self.temperature >= 0.0 or self.temperature != self.temperature:
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not self.repetition_penalty > 0.0:
+            raise InvalidRequest(
+                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}"
+            )
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not s:
+                raise InvalidRequest("stop strings must not be empty")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise InvalidRequest(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}")
+        for t in self.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                raise InvalidRequest(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One adapter named by a request, with its mixture weight (1.0 for a single adapter)."""
+
+    adapter_id: str
+    weight: float = 1.0
+
+
+@dataclass
+class GenerationRequest:
+    """A request as the API hands it to the engine: prompt text or token ids, never both."""
+
+    request_id: str
+    prompt: str = ""
+    prompt_token_ids: list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapters: tuple[AdapterRef, ...] = ()
+    """Empty: the base model. One: that adapter. Several: a weighted LoRA mixture."""
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One increment of a request's result, streamed from the engine to the API."""
+
+    request_id: str
+    text: str
+    """Text added by this increment; increments concatenate to the final text."""
+    token_ids: tuple[int, ...]
+    """Tokens generated in this increment."""
+    logprobs: tuple[float, ...] | None
+    prompt_tokens: int
+    completion_tokens: int
+    """Tokens generated so far, this increment included."""
+    finish_reason: FinishReason | None = None
+    """Set on the last increment only."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
