@@ -1,0 +1,293 @@
+"""The synchronous engine: admits requests, runs steps, turns sampled tokens into outputs.
+
+One thread drives it (see async_engine.py for the asyncio front). A step is
+``Scheduler.schedule() -> StepPlan``, ``ModelRunner.execute(plan) -> [Sampled]``, then the
+engine's own bookkeeping: append tokens, detokenize, detect stops, free finished sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from peftserve.config import EngineConfig
+from peftserve.engine.detokenizer import IncrementalDetokenizer
+from peftserve.engine.protocol import EngineStats, ModelInfo
+from peftserve.engine.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams
+from peftserve.engine.scheduler import Scheduler
+from peftserve.engine.sequence import Sequence
+from peftserve.errors import CapacityExceeded, InvalidRequest
+from peftserve.runner.kv_cache import kv_bytes_per_token
+from peftserve.runner.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """A finished request, gathered from its outputs (for tests, benchmarks and batch use)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+
+class LLMEngine:
+    """One frozen base model served with continuous batching over a paged KV cache."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig, model_id: str = "custom", adapters=None):
+        model.eval().requires_grad_(False)
+        hf = model.config
+        self.config = config
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        num_heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        per_token = kv_bytes_per_token(
+            hf.num_hidden_layers, getattr(hf, "num_key_value_heads", None) or num_heads, head_dim, dtype
+        )
+        num_blocks = int(config.kv_cache_mb * 2**20) // (per_token * config.block_size)
+        if num_blocks < 2:
+            raise InvalidRequest(
+                f"kv_cache_mb={config.kv_cache_mb} holds fewer than 2 blocks of {config.block_size} tokens"
+                f" ({per_token} bytes per token); raise it"
+            )
+        model_max = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", 2048)
+        self.max_context = min(config.max_context or model_max, model_max, num_blocks * config.block_size)
+        self.scheduler = Scheduler(
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            max_batched_tokens=max(config.max_batched_tokens, config.max_running),
+            max_running=config.max_running,
+            max_slot_adapters=adapters.num_slots if adapters is not None else 0,
+        )
+        self.runner = ModelRunner(model, num_blocks, config.block_size, adapters=adapters)
+        eos = _eos_ids(model, tokenizer)
+        self.eos_ids = frozenset(eos)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._info = ModelInfo(
+            model_id=model_id,
+            family=hf.model_type,
+            vocab_size=hf.vocab_size,
+            max_context=self.max_context,
+            max_new_tokens_limit=min(config.max_new_tokens_limit, self.max_context - 1),
+            dtype=str(dtype).removeprefix("torch."),
+            device=str(device),
+            num_layers=hf.num_hidden_layers,
+            hidden_size=hf.hidden_size,
+            kv_blocks_total=num_blocks,
+            kv_block_size=config.block_size,
+            eos_token_ids=tuple(eos),
+        )
+
+    @classmethod
+    def create(cls, config: EngineConfig) -> LLMEngine:
+        """Load the base model named by the config and build the engine on it."""
+        from peftserve.model.loader import load_base_model
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        loaded = load_base_model(config.model, config.device, config.dtype)
+        return cls(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, config: EngineConfig | None = None, **kwargs) -> LLMEngine:
+        """Serve an already built transformers model (tests and benchmarks)."""
+        return cls(model, tokenizer, config or EngineConfig(), **kwargs)
+
+    # -- read-only views ----------------------------------------------------------------------
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    def stats(self) -> EngineStats:
+        alloc = self.scheduler.allocator
+        return EngineStats(
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+            kv_blocks_used=alloc.num_used,
+            kv_blocks_free=alloc.num_free,
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> Sequence:
+        """Validate a request and build its sequence; raises InvalidRequest naming what to fix."""
+        params = request.sampling
+        params.validate(self._info.max_new_tokens_limit, self._info.vocab_size)
+        if request.prompt_token_ids is not None:
+            if request.prompt:
+                raise InvalidRequest("give either prompt or prompt_token_ids, not both")
+            prompt_ids = list(request.prompt_token_ids)
+            bad = [t for t in prompt_ids if not 0 <= t < self._info.vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"prompt_token_ids: {bad[0]} is outside the vocabulary [0, {self._info.vocab_size})"
+                )
+        else:
+            prompt_ids = self.tokenize(request.prompt) if request.prompt else []
+        if not prompt_ids:
+            raise InvalidRequest("prompt is empty; send at least one token of text")
+        seq = Sequence(request_id=request.request_id, prompt_ids=prompt_ids, sampling=params)
+        if request.adapters:
+            if self.adapters is None:
+                from peftserve.errors import AdapterNotFound
+
+                raise AdapterNotFound(f"adapter {request.adapters[0].adapter_id!r} not found")
+            self.adapters.bind(seq, request.adapters)
+        context = seq.num_virtual + len(prompt_ids)
+        if context >= self.max_context:
+            raise InvalidRequest(
+                f"prompt is {context} tokens but the context holds {self.max_context}; shorten the prompt"
+            )
+        if context + params.max_new_tokens > self.max_context:
+            raise InvalidRequest(
+                f"prompt ({context} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the"
+                f" context of {self.max_context} tokens; lower max_new_tokens to at most"
+                f" {self.max_context - context}"
+            )
+        return seq
+
+    def add_request(self, request: GenerationRequest) -> None:
+        self.add_sequence(self.prepare(request))
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a prepared sequence; raises CapacityExceeded when the queue is full."""
+        if len(self.scheduler.waiting) >= self.config.max_queue:
+            raise CapacityExceeded(
+                f"the request queue is full ({self.config.max_queue} waiting); retry later"
+            )
+        if self.scheduler.get(seq.request_id) is not None:
+            raise InvalidRequest(f"request_id {seq.request_id!r} is already in flight; use a unique id")
+        self._detok[seq.request_id] = IncrementalDetokenizer(
+            self.tokenizer, seq.prompt_ids, stop=seq.sampling.stop
+        )
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request; returns its last output, or None if it was not in flight."""
+        seq = self.scheduler.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, FinishReason.CANCELLED)
+        return self._output(seq, "", (), None)
+
+    def abort_all(self) -> list[RequestOutput]:
+        ids = [s.request_id for s in [*self.scheduler.running, *self.scheduler.waiting]]
+        return [out for rid in ids if (out := self.abort(rid)) is not None]
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns an output for every sequence that sampled a token."""
+        plan = self.scheduler.schedule()
+        if self.adapters is not None:
+            self.adapters.on_plan(plan)
+        if not plan.chunks:
+            return []
+        sampled = self.runner.execute(plan)
+        for chunk in plan.chunks:
+            chunk.seq.num_computed += chunk.num_tokens
+        return [self._on_token(s.seq, s.token_id, s.logprob) for s in sampled]
+
+    def _on_token(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
+        seq.output_ids.append(token)
+        params = seq.sampling
+        detok = self._detok[seq.request_id]
+        text = detok.add(token)
+        reason = None
+        if token in params.stop_token_ids:
+            reason = FinishReason.STOP
+        elif token in self.eos_ids and not params.ignore_eos:
+            reason = FinishReason.EOS
+        elif detok.stopped:
+            reason = FinishReason.STOP
+        elif len(seq.output_ids) >= params.max_new_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            text += detok.flush()
+            self._finish(seq, reason)
+        return self._output(seq, text, (token,), (logprob,) if params.logprobs else None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self.runner.release(seq)
+        if self.adapters is not None:
+            self.adapters.unbind(seq)
+        self._detok.pop(seq.request_id, None)
+
+    def _output(self, seq: Sequence, text: str, tokens: tuple, logprobs: tuple | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=text,
+            token_ids=tokens,
+            logprobs=logprobs,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            finish_reason=seq.finish_reason,
+        )
+
+    # -- convenience ----------------------------------------------------------------------------
+
+    def generate_all(self, requests: list[GenerationRequest]) -> dict[str, Completion]:
+        """Run requests to completion; for tests, benchmarks and offline batches."""
+        for request in requests:
+            self.add_request(request)
+        done: dict[str, Completion] = {}
+        partial: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        while self.has_unfinished():
+            for out in self.step():
+                partial[out.request_id].append(out)
+                if out.finished:
+                    done[out.request_id] = _gather(partial.pop(out.request_id))
+        return done
+
+    def warmup(self) -> None:
+        """Run one short request through every path so the first user request is not slow."""
+        request_id = f"warmup-{uuid.uuid4().hex}"
+        self.generate_all(
+            [
+                GenerationRequest(
+                    request_id=request_id,
+                    prompt_token_ids=[0, 1, 2],
+                    sampling=SamplingParams(max_new_tokens=2, ignore_eos=True),
+                )
+            ]
+        )
+
+
+def _gather(outputs: list[RequestOutput]) -> Completion:
+    last = outputs[-1]
+    return Completion(
+        request_id=last.request_id,
+        text="".join(o.text for o in outputs),
+        token_ids=[t for o in outputs for t in o.token_ids],
+        logprobs=[lp for o in outputs for lp in (o.logprobs or ())],
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+    )
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids

@@ -1,0 +1,165 @@
+"""Scheduling policy: which sequences run in the next step, under token, KV-block and slot budgets.
+
+Plain Python, no torch. The policy, per step:
+
+1. **Decode first.** Every running sequence whose prompt is computed feeds its one new token,
+   oldest first. A sequence that crosses a block boundary takes a new block; when none is free,
+   the youngest running sequence is preempted (its blocks freed, it goes back to the head of the
+   queue and later recomputes its prompt and output), so the oldest always progress.
+2. **Unfinished prefills next.** Running sequences part-way through their prompt (chunked prefill)
+   take the next chunk of what is left of the token budget.
+3. **Admit from the queue, in arrival order,** while the token budget, the running limit, the
+   free blocks (enough for the whole prompt, prefix-tuning virtual tokens included) and the adapter
+   slots (distinct adapters among running sequences) allow. The queue is strict FCFS: when its
+   head does not fit, nothing behind it is admitted this step.
+
+Prefill chunks and decode tokens share one step of at most ``max_batched_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from peftserve.engine.blocks import BlockAllocator, blocks_needed
+from peftserve.engine.request import FinishReason
+from peftserve.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Feed the sequence's next ``num_tokens`` pending tokens; sample after the last if ``sample``."""
+
+    seq: Sequence
+    num_tokens: int
+    sample: bool
+
+
+@dataclass
+class StepPlan:
+    """What the runner executes in one step, in packing order (decodes, then prefill chunks)."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)
+    """Sequences (re)admitted this step: the runner writes their prefix KV before the forward."""
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """Owns the waiting queue, the running set and the KV block allocator."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_batched_tokens: int,
+        max_running: int,
+        max_slot_adapters: int,
+    ) -> None:
+        self.block_size = block_size
+        self.max_batched_tokens = max_batched_tokens
+        self.max_running = max_running
+        self.max_slot_adapters = max_slot_adapters
+        self.allocator = BlockAllocator(num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+        self._by_id: dict[str, Sequence] = {}
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self._by_id[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._by_id.get(request_id)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Remove a sequence for good and free its blocks."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        self._by_id.pop(seq.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- policy -----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.max_batched_tokens
+
+        for seq in list(self.running):  # decodes, oldest first
+            if seq.status is not SeqStatus.RUNNING or seq.is_prefilling or budget == 0:
+                continue
+            if not self._grow(seq, plan):
+                continue  # seq itself was preempted
+            plan.chunks.append(ScheduledChunk(seq, 1, sample=True))
+            budget -= 1
+
+        for seq in self.running:  # chunked prefills already under way
+            if budget == 0:
+                break
+            if seq.is_prefilling:
+                n = min(seq.num_pending, budget)
+                plan.chunks.append(ScheduledChunk(seq, n, sample=n == seq.num_pending))
+                budget -= n
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            need = blocks_needed(seq.kv_len, self.block_size)
+            if need > self.allocator.num_free or not self._slots_allow(seq):
+                break
+            self.waiting.popleft()
+            seq.blocks = self.allocator.allocate(need)
+            seq.num_computed = seq.num_virtual
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            plan.admitted.append(seq)
+            n = min(seq.num_pending, budget)
+            plan.chunks.append(ScheduledChunk(seq, n, sample=n == seq.num_pending))
+            budget -= n
+        return plan
+
+    def _grow(self, seq: Sequence, plan: StepPlan) -> bool:
+        """Give seq the blocks its next token needs, preempting the youngest; False if seq was."""
+        need = blocks_needed(seq.kv_len, self.block_size) - len(seq.blocks)
+        while need > self.allocator.num_free:
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.blocks.extend(self.allocator.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        plan.preempted.append(seq)
+        plan.chunks[:] = [c for c in plan.chunks if c.seq is not seq]
+
+    def _slots_allow(self, seq: Sequence) -> bool:
+        if not seq.slot_adapters:
+            return True
+        in_use = {a for s in self.running for a in s.slot_adapters}
+        return len(in_use | set(seq.slot_adapters)) <= self.max_slot_adapters

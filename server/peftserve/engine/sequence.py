@@ -1,0 +1,67 @@
+"""A request's state inside the engine (plain Python; the scheduler and engine share it)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from peftserve.engine.request import FinishReason, SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens, KV blocks and progress.
+
+    KV indices count the prefix-tuning virtual tokens first: a sequence with ``num_virtual``
+    virtual tokens keeps token i of ``token_ids`` at KV index (and position id) num_virtual + i.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    adapter_key: tuple = ()
+    """Identifies the adapters whose deltas this sequence needs (one device slot each)."""
+    slot_adapters: tuple[str, ...] = ()
+    """Adapter ids that need a device slot while the sequence runs."""
+    prefix_adapter: str | None = None
+    """The prefix-tuning adapter whose virtual tokens lead the KV, if any."""
+    num_virtual: int = 0
+    """Prefix-tuning virtual tokens written into the first KV entries at admission."""
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """KV entries already written (virtual tokens included)."""
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def kv_len(self) -> int:
+        """KV entries the sequence has once every known token is computed."""
+        return self.num_virtual + len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Known tokens whose KV is not computed yet."""
+        return self.kv_len - self.num_computed
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_pending > 1
+
+    def pending_token_ids(self, n: int) -> list[int]:
+        """The next n tokens to feed."""
+        start = self.num_computed - self.num_virtual
+        return self.token_ids[start : start + n]

@@ -1,0 +1,1 @@
+"""Tensors of one engine step: paged KV cache, attention, model forward, sampling."""

@@ -1,0 +1,134 @@
+"""Ragged paged attention, registered with transformers' AttentionInterface.
+
+The runner packs every token of a step into one ``[1, T]`` batch. Each sequence contributes a
+contiguous run of query tokens; its keys and values live in the paged pools of ``PagedKVCache``
+(written by ``cache.update`` just before this function runs). Decode rows (one query token)
+are attended together in one padded SDPA call; prefill chunks one call each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from peftserve.runner.kv_cache import PagedKVCache
+
+ATTENTION_NAME = "peftserve_paged"
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of query tokens that is not a single decode token."""
+
+    q_start: int
+    """Index of the chunk's first token in the packed batch."""
+    q_len: int
+    ctx_len: int
+    """Keys the chunk attends to, itself included (prefix virtual tokens count)."""
+    slots: torch.Tensor | None
+    """[ctx_len] pool slots of the whole context; None when the context is exactly this chunk."""
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the runner; read by every layer's attention and cache update."""
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor
+    """[T] pool slot where each packed token's key/value is written."""
+    decode_token_idx: torch.Tensor | None
+    """[Bd] packed index of each decode row's query token."""
+    decode_slots: torch.Tensor | None
+    """[Bd, Lmax] pool slots of each decode row's context, padded with slot 0."""
+    decode_ctx_lens: torch.Tensor | None
+    """[Bd] context length of each decode row."""
+    prefills: list[PrefillChunk]
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[Bd, 1, 1, Lmax] True where a decode row may attend (causal, optional sliding window)."""
+        key = ("decode", window)
+        if key not in self._masks:
+            lmax = self.decode_slots.shape[1]
+            j = torch.arange(lmax, device=self.decode_slots.device)[None, :]  # [1, Lmax]
+            ctx = self.decode_ctx_lens[:, None]  # [Bd, 1]
+            mask = j < ctx
+            if window is not None:
+                mask &= j > ctx - 1 - window
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:
+        """[q_len, ctx_len] mask of prefill chunk i, or None when plain causal attention is exact."""
+        chunk = self.prefills[i]
+        if chunk.slots is None and (window is None or chunk.ctx_len <= window):
+            return None
+        key = ("prefill", i, window)
+        if key not in self._masks:
+            device = self.slot_mapping.device
+            q_pos = torch.arange(chunk.ctx_len - chunk.q_len, chunk.ctx_len, device=device)[:, None]
+            k_pos = torch.arange(chunk.ctx_len, device=device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            self._masks[key] = mask
+        return self._masks[key]
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over packed ragged sequences whose context lives in the paged pools.
+
+    Semantics: for every packed query token t of sequence s at KV index p,
+    ``out[t] = softmax(q[t] · K_s[:p+1]ᵀ · scaling) · V_s[:p+1]`` (restricted to the last
+    ``sliding_window`` keys when the model has one), with K_s, V_s the sequence's cached keys
+    and values (prefix-tuning virtual tokens first).
+    query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] (this step's new tokens, already cached).
+    Returns [1, T, Hq, D].
+    """
+    meta: AttentionMetadata = kwargs["peftserve_attn"]
+    layer = module.layer_idx
+    num_heads, num_tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    gqa = num_heads != key.shape[1]
+    out = query.new_empty(num_tokens, num_heads, head_dim)  # [T, Hq, D]
+
+    if meta.decode_token_idx is not None:
+        q = query[0].index_select(1, meta.decode_token_idx).transpose(0, 1)[:, :, None]  # [Bd, Hq, 1, D]
+        k = meta.cache.keys[layer][meta.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
+        v = meta.cache.values[layer][meta.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=meta.decode_mask(sliding_window), scale=scaling, enable_gqa=gqa
+        )  # [Bd, Hq, 1, D]
+        out.index_copy_(0, meta.decode_token_idx, o[:, :, 0])
+
+    for i, chunk in enumerate(meta.prefills):
+        end = chunk.q_start + chunk.q_len
+        q = query[:, :, chunk.q_start : end]  # [1, Hq, q_len, D]
+        if chunk.slots is None:
+            k = key[:, :, chunk.q_start : end]  # [1, Hkv, q_len, D]
+            v = value[:, :, chunk.q_start : end]
+        else:
+            k = meta.cache.keys[layer][chunk.slots].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
+            v = meta.cache.values[layer][chunk.slots].transpose(0, 1)[None]
+        mask = meta.prefill_mask(i, sliding_window)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
+        )  # [1, Hq, q_len, D]
+        out[chunk.q_start : end] = o[0].transpose(0, 1)
+
+    return out[None], None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)

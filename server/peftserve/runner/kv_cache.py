@@ -1,0 +1,59 @@
+"""The paged KV cache: fixed pools of blocks, written through transformers' cache protocol."""
+
+from __future__ import annotations
+
+import torch
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one token occupies in the cache across all layers (keys and values)."""
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class PagedKVCache:
+    """Key/value pools shared by all sequences, addressed by flat slot = block * block_size + offset.
+
+    transformers' attention modules call ``update(k, v, layer_idx, kwargs=...)`` with the step's
+    new keys and values; we scatter them into their slots and hand them back unchanged, because
+    our attention function reads each sequence's context from the pools itself.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
+        self.values = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [1, Hkv, T, D]; slot_mapping: [T]
+        slots = kwargs["peftserve_attn"].slot_mapping
+        self.keys[layer_idx].index_copy_(0, slots, key_states[0].transpose(0, 1))
+        self.values[layer_idx].index_copy_(0, slots, value_states[0].transpose(0, 1))
+        return key_states, value_states
+
+    def write_prefix(self, slots: torch.Tensor, prefix_kv: torch.Tensor) -> None:
+        """Write virtual-token keys/values (prefix tuning) into a sequence's first slots.
+
+        prefix_kv: [L, 2, Hkv, nvt, D]; slots: [nvt].
+        """
+        self.keys.index_copy_(1, slots, prefix_kv[:, 0].transpose(1, 2).to(self.keys.dtype))
+        self.values.index_copy_(1, slots, prefix_kv[:, 1].transpose(1, 2).to(self.values.dtype))
+
+    # transformers may ask these of any cache object; our positions are always explicit.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]

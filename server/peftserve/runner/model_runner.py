@@ -1,0 +1,143 @@
+"""Executes a StepPlan: packs the step's tokens into one [1, T] batch, runs the model, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from peftserve.engine.scheduler import StepPlan
+from peftserve.engine.sequence import Sequence
+from peftserve.runner.attention import ATTENTION_NAME, AttentionMetadata, PrefillChunk
+from peftserve.runner.kv_cache import PagedKVCache
+from peftserve.runner.sampler import SampleRow, sample
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """The token drawn for one sequence this step."""
+
+    seq: Sequence
+    token_id: int
+    logprob: float
+
+
+class ModelRunner:
+    """Owns the model's tensors for serving: the paged KV cache and the per-request generators."""
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, adapters=None) -> None:
+        config = model.config
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.block_size = block_size
+        self.adapters = adapters
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        self.cache = PagedKVCache(
+            num_layers=config.num_hidden_layers,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        model.set_attn_implementation(ATTENTION_NAME)
+        self._generators: dict[str, torch.Generator] = {}
+        self._offsets = torch.arange(block_size, device=self.device)
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished request's generator."""
+        self._generators.pop(seq.request_id, None)
+
+    def _slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
+        """[end - start] pool slots of KV indices start..end-1 of a sequence."""
+        table = torch.tensor(blocks, device=self.device)
+        return (table[:, None] * self.block_size + self._offsets).flatten()[start:end]
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> list[Sampled]:
+        for seq in plan.admitted:
+            if seq.num_virtual:
+                prefix_kv = self.adapters.prefix_kv(seq.prefix_adapter)  # [L, 2, Hkv, nvt, D]
+                self.cache.write_prefix(self._slots(seq.blocks, 0, seq.num_virtual), prefix_kv)
+
+        input_ids: list[int] = []
+        positions: list[int] = []
+        decode_rows: list[int] = []
+        prefills: list[PrefillChunk] = []
+        slot_parts: list[torch.Tensor] = []
+        sample_idx: list[int] = []
+        for chunk in plan.chunks:
+            seq, n = chunk.seq, chunk.num_tokens
+            start = seq.num_computed
+            q_start = len(input_ids)
+            input_ids += seq.pending_token_ids(n)
+            positions += range(start, start + n)
+            slot_parts.append(self._slots(seq.blocks, start, start + n))
+            if n == 1 and start > 0:
+                decode_rows.append(q_start)
+            else:
+                ctx = start + n
+                slots = None if start == 0 else self._slots(seq.blocks, 0, ctx)
+                prefills.append(PrefillChunk(q_start, n, ctx, slots))
+            if chunk.sample:
+                sample_idx.append(len(input_ids) - 1)
+
+        meta = AttentionMetadata(
+            cache=self.cache,
+            slot_mapping=torch.cat(slot_parts),
+            prefills=prefills,
+            **self._decode_metadata(plan, decode_rows),
+        )
+        ids = torch.tensor(input_ids, device=self.device)[None]  # [1, T]
+        pos = torch.tensor(positions, device=self.device)[None]  # [1, T]
+        keep = torch.tensor(sample_idx, device=self.device)  # [S]
+        if self.adapters is not None:
+            self.adapters.set_batch(self.adapters.build_batch(plan, len(input_ids)))
+        try:
+            logits = self.model(
+                input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True,
+                logits_to_keep=keep, peftserve_attn=meta,
+            ).logits[0]  # [S, V]
+        finally:
+            if self.adapters is not None:
+                self.adapters.set_batch(None)
+
+        sampling = [c.seq for c in plan.chunks if c.sample]
+        rows = [
+            SampleRow(
+                params=seq.sampling,
+                generator=self._generator(seq) if not seq.sampling.greedy else None,
+                seen_ids=seq.token_ids if seq.sampling.repetition_penalty != 1.0 else [],
+            )
+            for seq in sampling
+        ]
+        tokens, logprobs = sample(logits, rows)
+        return [Sampled(s, t, lp) for s, t, lp in zip(sampling, tokens, logprobs, strict=True)]
+
+    def _decode_metadata(self, plan: StepPlan, decode_rows: list[int]) -> dict:
+        if not decode_rows:
+            return {"decode_token_idx": None, "decode_slots": None, "decode_ctx_lens": None}
+        seqs = [c.seq for c in plan.chunks if c.num_tokens == 1 and c.seq.num_computed > 0]
+        ctx_lens = [s.num_computed + 1 for s in seqs]
+        width = max(len(s.blocks) for s in seqs)
+        table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=self.device)
+        slots = (table[:, :, None] * self.block_size + self._offsets).flatten(1)[:, : max(ctx_lens)]
+        return {
+            "decode_token_idx": torch.tensor(decode_rows, device=self.device),
+            "decode_slots": slots,  # [Bd, Lmax]
+            "decode_ctx_lens": torch.tensor(ctx_lens, device=self.device),
+        }
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        gen = self._generators.get(seq.request_id)
+        if gen is None:
+            gen = torch.Generator()
+            if seq.sampling.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(seq.sampling.seed)
+            self._generators[seq.request_id] = gen
+        return gen
