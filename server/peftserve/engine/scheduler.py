@@ -68,6 +68,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self._by_id: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+        """Preemptions since start (for metrics and tests)."""
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -154,6 +156,7 @@ class Scheduler:
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
         plan.preempted.append(seq)
         plan.chunks[:] = [c for c in plan.chunks if c.seq is not seq]
