@@ -51,6 +51,9 @@ class ModelRunner:
         """Forget a finished request's generator."""
         self._generators.pop(seq.request_id, None)
 
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
     def _slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
         """[end - start] pool slots of KV indices start..end-1 of a sequence."""
         table = torch.tensor(blocks, device=self.device)
@@ -68,6 +71,8 @@ class ModelRunner:
         decode_rows: list[int] = []
         prefills: list[PrefillChunk] = []
         slot_parts: list[torch.Tensor] = []
+        row_slots: list[int] = []  # decode slots not yet moved into slot_parts
+        bs = self.block_size
         sample_idx: list[int] = []
         for chunk in plan.chunks:
             seq, n = chunk.seq, chunk.num_tokens
@@ -75,19 +80,21 @@ class ModelRunner:
             q_start = len(input_ids)
             input_ids += seq.pending_token_ids(n)
             positions += range(start, start + n)
-            slot_parts.append(self._slots(seq.blocks, start, start + n))
             if n == 1 and start > 0:
                 decode_rows.append(q_start)
+                row_slots.append(seq.blocks[start // bs] * bs + start % bs)
             else:
                 ctx = start + n
-                slots = None if start == 0 else self._slots(seq.blocks, 0, ctx)
-                prefills.append(PrefillChunk(q_start, n, ctx, slots))
+                slots = self._slots(seq.blocks, 0, ctx)
+                slot_parts += [self._tensor(row_slots), slots[start:]]
+                row_slots = []
+                prefills.append(PrefillChunk(q_start, n, ctx, None if start == 0 else slots))
             if chunk.sample:
                 sample_idx.append(len(input_ids) - 1)
 
         meta = AttentionMetadata(
             cache=self.cache,
-            slot_mapping=torch.cat(slot_parts),
+            slot_mapping=torch.cat([*slot_parts, self._tensor(row_slots)]),
             prefills=prefills,
             **self._decode_metadata(plan, decode_rows),
         )

@@ -1,0 +1,128 @@
+"""The per-step adapter batch (token -> slots) and the one side channel that hands it to the layers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+SlotWeights = tuple[tuple[int, float], ...]
+"""((slot, weight), ...) of one sequence: one pair with weight 1.0 for a single adapter, several for a mixture."""
+Span = tuple[int, int, SlotWeights]
+"""(token_start, token_len, slot_weights) of one sequence in the flattened tokens of the step."""
+
+
+@dataclass(frozen=True)
+class SlotGroup:
+    """All tokens of the step that use one slot: a contiguous run or a gathered index."""
+
+    slot: int
+    start: int
+    """First token of the run when `index` is None."""
+    stop: int
+    """One past the last token of the run when `index` is None."""
+    index: torch.Tensor | None
+    """[n] int64 token rows (ascending) when the tokens are not one contiguous run."""
+    scale: float
+    """Mixture weight shared by every token of the group (1.0 for single adapters)."""
+    weight: torch.Tensor | None
+    """[n, 1] per-token mixture weights when they differ inside the group; then `scale` is 1.0."""
+    num_tokens: int
+
+
+class AdapterBatch:
+    """Which slots (and mixture weights) apply to which tokens in this step; built once, read by every layer.
+
+    Grouping by slot happens here, once per step, so each layer runs one matmul pair per distinct slot
+    and never looks at individual tokens.
+    """
+
+    def __init__(self, spans: tuple[Span, ...], num_tokens: int, groups: tuple[SlotGroup, ...]) -> None:
+        self.spans = spans
+        self.num_tokens = num_tokens
+        self.groups = groups
+        self.slots = frozenset(g.slot for g in groups)
+
+    @property
+    def empty(self) -> bool:
+        return not self.groups
+
+    @classmethod
+    def build(cls, spans: Sequence[Span], num_tokens: int, device: torch.device | str) -> AdapterBatch:
+        """Validate the spans and group their tokens by slot (index tensors moved to `device` in one copy)."""
+        clean: list[Span] = []
+        for start, length, pairs in spans:
+            if length == 0:
+                continue
+            if start < 0 or length < 0 or start + length > num_tokens:
+                raise ValueError(f"span ({start}, {length}) is outside the {num_tokens} tokens of the step")
+            seen: set[int] = set()
+            for slot, weight in pairs:
+                if slot < 0 or slot in seen:
+                    raise ValueError(f"span ({start}, {length}): slot {slot} is negative or listed twice")
+                if not math.isfinite(weight):
+                    raise ValueError(f"span ({start}, {length}): weight {weight} is not finite")
+                seen.add(slot)
+            if pairs:
+                clean.append((start, length, tuple((int(s), float(w)) for s, w in pairs)))
+        clean.sort(key=lambda span: span[0])
+        for (s0, n0, _), (s1, _, _) in zip(clean, clean[1:], strict=False):
+            if s0 + n0 > s1:
+                raise ValueError(f"spans starting at {s0} and {s1} overlap")
+
+        runs: dict[int, list[tuple[int, int, float]]] = {}
+        for start, length, pairs in clean:
+            for slot, weight in pairs:
+                runs.setdefault(slot, []).append((start, length, weight))
+
+        # Gathered groups share one index tensor and one weight tensor, copied to the device once.
+        index_parts: list[torch.Tensor] = []
+        weight_parts: list[torch.Tensor] = []
+        plans: list[tuple[int, int, int, float, bool, bool]] = []  # (slot, start, n, scale, gathered, varying)
+        for slot in sorted(runs):
+            slot_runs = runs[slot]
+            n = sum(length for _, length, _ in slot_runs)
+            weights = {w for _, _, w in slot_runs}
+            uniform = len(weights) == 1
+            start = slot_runs[0][0]
+            contiguous = slot_runs[-1][0] + slot_runs[-1][1] - start == n
+            if contiguous and uniform:
+                plans.append((slot, start, n, weights.pop(), False, False))
+                continue
+            index_parts.append(torch.cat([torch.arange(s, s + length) for s, length, _ in slot_runs]))
+            if not uniform:
+                weight_parts.append(
+                    torch.cat([torch.full((length,), w, dtype=torch.float32) for _, length, w in slot_runs])
+                )
+            plans.append((slot, start, n, weights.pop() if uniform else 1.0, True, not uniform))
+        index = torch.cat(index_parts).to(device, non_blocking=True) if index_parts else None  # [sum n]
+        weight = torch.cat(weight_parts).to(device, non_blocking=True) if weight_parts else None  # [sum n]
+
+        groups: list[SlotGroup] = []
+        index_at = weight_at = 0
+        for slot, start, n, scale, gathered, varying in plans:
+            if not gathered:
+                groups.append(SlotGroup(slot, start, start + n, None, scale, None, n))
+                continue
+            assert index is not None
+            w = None
+            if varying:
+                assert weight is not None
+                w = weight[weight_at : weight_at + n].unsqueeze(1)  # [n, 1]
+                weight_at += n
+            groups.append(SlotGroup(slot, 0, 0, index[index_at : index_at + n], scale, w, n))
+            index_at += n
+        return cls(tuple(clean), num_tokens, tuple(groups))
+
+
+class AdapterContext:
+    """The one side channel between the manager and its layers: the batch of the step being run.
+
+    Linear modules receive no keyword arguments from the model forward, so every MultiAdapterLayer holds
+    a reference to this object and reads `batch` when called. None means base model for every token.
+    """
+
+    def __init__(self) -> None:
+        self.batch: AdapterBatch | None = None

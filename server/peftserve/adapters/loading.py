@@ -1,0 +1,37 @@
+"""Normalize a PEFT adapter directory with the loader of its peft_type (one folder per kind)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from peftserve.errors import AdapterRejected
+
+from .adalora import load_adalora
+from .lora import load_lora
+from .normalized import NormalizedAdapter
+from .peft_format import Config, Tensors, check_finite, read_adapter_dir, reject_if_set
+from .prefix import load_prefix
+from .sparse import load_shira
+
+Loader = Callable[[Config, Tensors], NormalizedAdapter]
+
+LOADERS: dict[str, Loader] = {
+    "LORA": load_lora,
+    "ADALORA": load_adalora,
+    "PREFIX_TUNING": load_prefix,
+    "SHIRA": load_shira,
+}
+"""peft_type -> loader; adding a kind is adding a folder and a line here."""
+
+
+def load_adapter(path: str | Path) -> NormalizedAdapter:
+    """Read and normalize one PEFT directory; AdapterRejected names the field or tensor at fault."""
+    config, tensors = read_adapter_dir(path)
+    peft_type = config.get("peft_type")
+    loader = LOADERS.get(peft_type) if isinstance(peft_type, str) else None
+    if loader is None:
+        raise AdapterRejected(f"peft_type={peft_type!r} is not served (served: {', '.join(LOADERS)})")
+    reject_if_set(config, "modules_to_save", "full copies of base modules cannot be batched per request")
+    check_finite(tensors)
+    return loader(config, tensors)

@@ -1,0 +1,1 @@
+"""The gRPC API: protobuf ⇄ domain conversion, the servicer, the server and its lifecycle (no torch)."""

@@ -1,0 +1,149 @@
+"""Protobuf ⇄ domain objects of the engine, and the checks only the wire format needs."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+
+from peftserve_client._proto import peftserve_pb2 as pb
+
+from peftserve import __version__
+from peftserve.engine.protocol import ModelInfo
+from peftserve.engine.request import (
+    AdapterRef,
+    FinishReason,
+    GenerationRequest,
+    RequestOutput,
+    SamplingParams,
+)
+from peftserve.errors import InvalidRequest
+
+MAX_REQUEST_ID_CHARS = 128
+MAX_MIXTURE_ADAPTERS = 8
+
+_OPTIONAL_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "repetition_penalty")
+_FLOAT_SAMPLING = frozenset({"temperature", "top_p", "repetition_penalty"})
+
+_FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def _from_float32(value: float) -> float:
+    """The shortest decimal a proto float stands for: 0.7 arrives as 0.699999988 otherwise."""
+    return float(f"{value:.7g}")
+
+
+def to_sampling_params(msg: pb.SamplingParams) -> SamplingParams:
+    """SamplingParams with its own defaults wherever the optional proto field is unset."""
+    given = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
+    for name in _FLOAT_SAMPLING & given.keys():
+        given[name] = _from_float32(given[name])
+    return SamplingParams(
+        **given,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs,
+    )
+
+
+def to_adapters(msg: pb.GenerateRequest) -> tuple[AdapterRef, ...]:
+    """The adapters a request names: none, adapter_id, or a weighted mixture."""
+    if msg.adapter_id and msg.adapters:
+        raise InvalidRequest("give either adapter_id or adapters, not both")
+    if msg.adapter_id:
+        return (AdapterRef(msg.adapter_id),)
+    if len(msg.adapters) > MAX_MIXTURE_ADAPTERS:
+        raise InvalidRequest(f"at most {MAX_MIXTURE_ADAPTERS} adapters in a mixture, got {len(msg.adapters)}")
+    refs = []
+    for a in msg.adapters:
+        if not a.adapter_id:
+            raise InvalidRequest("adapters: every entry needs an adapter_id")
+        if not math.isfinite(a.weight):
+            raise InvalidRequest(f"adapters: weight of {a.adapter_id!r} must be finite, got {a.weight}")
+        refs.append(AdapterRef(a.adapter_id, _from_float32(a.weight)))
+    if len({r.adapter_id for r in refs}) != len(refs):
+        raise InvalidRequest("adapters: each adapter_id may appear once")
+    return tuple(refs)
+
+
+def to_generation_request(msg: pb.GenerateRequest) -> GenerationRequest:
+    """The engine's request for a GenerateRequest; sampling values are validated by the engine."""
+    if msg.prompt and msg.prompt_token_ids:
+        raise InvalidRequest("give either prompt or prompt_token_ids, not both")
+    if not msg.prompt and not msg.prompt_token_ids:
+        raise InvalidRequest("prompt must not be empty (or give prompt_token_ids)")
+    if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters")
+    return GenerationRequest(
+        request_id=msg.request_id or uuid.uuid4().hex,
+        prompt=msg.prompt,
+        prompt_token_ids=list(msg.prompt_token_ids) if msg.prompt_token_ids else None,
+        sampling=to_sampling_params(msg.sampling),
+        adapters=to_adapters(msg),
+    )
+
+
+def _finish_reason(output: RequestOutput) -> int:
+    return _FINISH_REASONS[output.finish_reason] if output.finish_reason else pb.FINISH_REASON_UNSPECIFIED
+
+
+def to_stream_response(output: RequestOutput) -> pb.GenerateStreamResponse:
+    """One stream message per engine increment; the last one carries finish_reason and usage."""
+    msg = pb.GenerateStreamResponse(
+        request_id=output.request_id,
+        text=output.text,
+        token_ids=output.token_ids,
+        logprobs=output.logprobs or (),
+        finish_reason=_finish_reason(output),
+    )
+    if output.finished:
+        msg.usage.CopyFrom(
+            pb.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens)
+        )
+    return msg
+
+
+def to_generate_response(request_id: str, outputs: Sequence[RequestOutput]) -> pb.GenerateResponse:
+    """All of a request's increments merged into one response."""
+    last = outputs[-1] if outputs else None
+    return pb.GenerateResponse(
+        request_id=request_id,
+        text="".join(o.text for o in outputs),
+        token_ids=[t for o in outputs for t in o.token_ids],
+        finish_reason=_finish_reason(last) if last else pb.FINISH_REASON_UNSPECIFIED,
+        usage=pb.Usage(
+            prompt_tokens=last.prompt_tokens if last else 0,
+            completion_tokens=last.completion_tokens if last else 0,
+        ),
+        logprobs=[lp for o in outputs for lp in (o.logprobs or ())],
+    )
+
+
+def to_tokenize_response(token_ids: list[int], tokens: list[str]) -> pb.TokenizeResponse:
+    """A TokenizeResponse from ids and their texts."""
+    return pb.TokenizeResponse(token_ids=token_ids, tokens=tokens)
+
+
+def to_model_info_response(info: ModelInfo) -> pb.ModelInfoResponse:
+    """The wire form of the engine's ModelInfo, with the server version added."""
+    return pb.ModelInfoResponse(
+        model_id=info.model_id,
+        family=info.family,
+        vocab_size=info.vocab_size,
+        max_context=info.max_context,
+        max_new_tokens_limit=info.max_new_tokens_limit,
+        dtype=info.dtype,
+        device=info.device,
+        num_layers=info.num_layers,
+        hidden_size=info.hidden_size,
+        kv_blocks_total=info.kv_blocks_total,
+        kv_block_size=info.kv_block_size,
+        server_version=__version__,
+        eos_token_ids=info.eos_token_ids,
+    )

@@ -1,0 +1,88 @@
+"""Build the gRPC server (create_server) and run it for the life of the process (serve)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from peftserve_client._proto import peftserve_pb2_grpc as pb_grpc
+
+from peftserve.api.health import INFERENCE_SERVICE, ServingHealth
+from peftserve.api.servicer import InferenceServicer
+from peftserve.config import EngineConfig, ServerConfig
+from peftserve.engine.protocol import EngineClient
+from peftserve.metrics import ServerMetrics, start_metrics_server
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[EngineConfig], EngineClient]
+"""Builds a loaded engine; it blocks (model load), so serve() runs it in a thread."""
+
+
+async def create_server(
+    engine: EngineClient,
+    config: ServerConfig,
+    *,
+    health: ServingHealth | None = None,
+    metrics: ServerMetrics | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """A bound, not yet started server with Inference, health (NOT_SERVING) and reflection; and its port."""
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics), server)
+    health = health if health is not None else ServingHealth()
+    await health.mark_not_serving()
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    services = (
+        INFERENCE_SERVICE,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    return server, port
+
+
+def load_engine(config: EngineConfig) -> EngineClient:
+    """The real engine, loaded and ready (imports torch)."""
+    from peftserve.engine.async_engine import AsyncEngine
+
+    return AsyncEngine.create(config)
+
+
+async def serve(config: ServerConfig, engine_factory: EngineFactory = load_engine) -> None:
+    """Serve until SIGTERM or SIGINT, then drain the engine and stop gracefully."""
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(None, engine_factory, config.engine)
+    metrics = ServerMetrics(engine)
+    if config.metrics_port is not None:
+        http = start_metrics_server(config.metrics_port, metrics.registry, host=config.host)
+        logger.info("metrics on http://%s:%d/metrics", config.host, http.server_port)
+    health = ServingHealth()
+    server, port = await create_server(engine, config, health=health, metrics=metrics)
+    await server.start()
+
+    stopping = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stopping.set)
+    await health.mark_serving()
+    logger.info("peftserve serving %s on %s:%d", engine.model_info.model_id, config.host, port)
+
+    await stopping.wait()
+    for sig in signals:  # a second signal gets the default behaviour: exit now
+        loop.remove_signal_handler(sig)
+    logger.info("draining: up to %.1f s for in-flight requests", config.grace_s)
+    await health.mark_not_serving()
+    await engine.drain(config.grace_s)
+    await server.stop(config.grace_s)
+    shutdown = getattr(engine, "shutdown", None)  # not part of EngineClient: fakes have nothing to stop
+    if shutdown is not None:
+        await loop.run_in_executor(None, shutdown)
+    logger.info("peftserve stopped")

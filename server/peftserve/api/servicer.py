@@ -1,0 +1,97 @@
+"""The Inference servicer: protobuf in, engine call, protobuf out; errors mapped by api/status.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+from peftserve_client._proto import peftserve_pb2 as pb
+from peftserve_client._proto import peftserve_pb2_grpc as pb_grpc
+
+from peftserve.api import convert
+from peftserve.api.status import status_of
+from peftserve.engine.protocol import EngineClient
+from peftserve.engine.request import RequestOutput
+from peftserve.metrics import RequestTrace, ServerMetrics
+
+
+def _interrupted_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why a handler was cancelled: its deadline passed, or the client went away."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """Serves peftserve.v1.Inference on top of an EngineClient."""
+
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics | None = None) -> None:
+        self._engine = engine
+        self._metrics = metrics if metrics is not None else ServerMetrics()
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        """Collect every increment of the request into one response."""
+        async with contextlib.aclosing(self._run(request, context)) as stream:
+            outputs = [output async for output in stream]
+        request_id = outputs[-1].request_id if outputs else request.request_id
+        return convert.to_generate_response(request_id, outputs)
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """One message per engine increment."""
+        async with contextlib.aclosing(self._run(request, context)) as stream:
+            async for output in stream:
+                yield convert.to_stream_response(output)
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        """Token ids of the text and the text of each token."""
+        try:
+            token_ids = self._engine.tokenize(request.text)
+            return convert.to_tokenize_response(token_ids, self._engine.token_strings(token_ids))
+        except Exception as e:
+            await context.abort(*status_of(e))
+
+    async def ModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfoResponse:
+        """The served model and the engine's limits."""
+        try:
+            return convert.to_model_info_response(self._engine.model_info)
+        except Exception as e:
+            await context.abort(*status_of(e))
+
+    async def _run(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[RequestOutput]:
+        """Run one request on the engine, record its metrics, and always close the engine's stream.
+
+        Closing the stream is what makes the engine abort a request whose caller cancelled it or
+        whose deadline passed, and free its KV blocks.
+        """
+        trace = RequestTrace()
+        status = grpc.StatusCode.OK
+        outputs: AsyncIterator[RequestOutput] | None = None
+        try:
+            outputs = self._engine.generate(convert.to_generation_request(request))
+            async for output in outputs:
+                trace.observe(output)
+                yield output
+        except (asyncio.CancelledError, GeneratorExit):
+            status = _interrupted_status(context)
+            raise
+        except Exception as e:
+            status, message = status_of(e)
+            await context.abort(status, message)
+        finally:
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            self._metrics.record(trace, status.name)

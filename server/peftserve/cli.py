@@ -1,0 +1,236 @@
+"""The `peftserve` command: serve a model, locate the default model, and call a running server.
+
+Client-side commands (generate, info, health) import only the client SDK, never torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from peftserve.config import DTYPES, EngineConfig, ServerConfig
+from peftserve.errors import InvalidRequest, PeftServeError
+
+DEFAULT_ADDRESS = os.environ.get("PEFTSERVE_ADDRESS", "127.0.0.1:50051")
+
+# (flag, EngineConfig field, type): flags left out keep EngineConfig's own default.
+_ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
+    ("--model", "model", str),
+    ("--device", "device", str),
+    ("--dtype", "dtype", str),
+    ("--kv-cache-mb", "kv_cache_mb", float),
+    ("--block-size", "block_size", int),
+    ("--max-batched-tokens", "max_batched_tokens", int),
+    ("--max-running", "max_running", int),
+    ("--max-queue", "max_queue", int),
+    ("--max-new-tokens-limit", "max_new_tokens_limit", int),
+    ("--max-context", "max_context", int),
+    ("--threads", "threads", int),
+)
+
+
+def _adapter_spec(value: str) -> tuple[str, str]:
+    """Parse ID=DIR."""
+    adapter_id, sep, directory = value.partition("=")
+    if not sep or not adapter_id or not directory:
+        raise argparse.ArgumentTypeError(f"expected ID=DIR, got {value!r}")
+    return adapter_id, directory
+
+
+def configure_logging(level: str) -> None:
+    """Log lines of the server to stderr."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    engine_kwargs = {f: getattr(args, f) for _, f, _ in _ENGINE_FLAGS if getattr(args, f) is not None}
+    try:
+        config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            grace_s=args.grace_s,
+            engine=EngineConfig(**engine_kwargs),
+        )
+    except InvalidRequest as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.adapters or args.store:
+        logging.getLogger(__name__).warning("--adapter/--store are parsed but not yet passed to the engine")
+
+    import asyncio
+
+    from peftserve.api.server import serve  # server-only: grpc health/reflection, later torch
+
+    try:
+        asyncio.run(serve(config))
+    except PeftServeError as e:  # raised while loading the engine: bad model directory, too little memory ...
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_model_path(args: argparse.Namespace) -> int:
+    if args.model != "default":
+        path = Path(args.model).resolve()
+        if not path.is_dir():
+            print(f"error: {args.model} is not a directory", file=sys.stderr)
+            return 1
+        print(path)
+        return 0
+    from peftserve.model.default_model import ensure_default_model  # imports torch and transformers
+
+    print(ensure_default_model())
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from peftserve_client import Client, GenerateResult
+
+    options = {
+        "adapter_id": args.adapter,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop or None,
+    }
+    with Client(args.address, timeout=args.timeout) as client:
+        if args.stream:
+            chunks = []
+            for chunk in client.generate_stream(args.prompt, **options):
+                chunks.append(chunk)
+                if not args.json:
+                    print(chunk.text, end="", flush=True)
+            result = GenerateResult.from_chunks(chunks)
+        else:
+            result = client.generate(args.prompt, **options)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "request_id": result.request_id,
+                    "text": result.text,
+                    "token_ids": list(result.token_ids),
+                    "finish_reason": result.finish_reason.value if result.finish_reason else None,
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                }
+            )
+        )
+    elif args.stream:
+        print()
+    else:
+        print(result.text)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from peftserve_client import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        info = dataclasses.asdict(client.model_info())
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from peftserve_client import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _add_client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server HOST:PORT (env PEFTSERVE_ADDRESS)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before the call fails")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="peftserve", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model over gRPC until SIGTERM")
+    serve.add_argument("--host", default=ServerConfig.host)
+    serve.add_argument("--port", type=int, default=ServerConfig.port, help="0 picks a free port")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    serve.add_argument("--grace-s", type=float, default=ServerConfig.grace_s, help="drain time on SIGTERM")
+    for flag, _field, kind in _ENGINE_FLAGS:
+        extra = {"choices": DTYPES} if flag == "--dtype" else {}
+        serve.add_argument(flag, type=kind, default=None, help="default: EngineConfig's", **extra)
+    serve.add_argument(
+        "--adapter",
+        dest="adapters",
+        type=_adapter_spec,
+        action="append",
+        default=[],
+        metavar="ID=DIR",
+        help="register a PEFT adapter directory under ID (repeatable)",
+    )
+    serve.add_argument("--store", default=None, metavar="DIR", help="adapter store directory")
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.set_defaults(run=_cmd_serve)
+
+    model = commands.add_parser("model", help="the served model's files")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    path = model_commands.add_parser("path", help="print the model directory, building the default if absent")
+    path.add_argument("--model", default="default")
+    path.set_defaults(run=_cmd_model_path)
+
+    generate = commands.add_parser("generate", help="generate a completion on a running server")
+    _add_client_args(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--adapter", default=None, metavar="ID", help="adapter id; default: the base model")
+    generate.add_argument("--max-new-tokens", type=int, default=None)
+    generate.add_argument("--temperature", type=float, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    generate.add_argument("--json", action="store_true", help="print one JSON object")
+    generate.set_defaults(run=_cmd_generate)
+
+    info = commands.add_parser("info", help="describe the served model")
+    _add_client_args(info)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=_cmd_info)
+
+    health = commands.add_parser("health", help="print the server's health; exit 0 only when SERVING")
+    _add_client_args(health)
+    health.add_argument("--service", default="", help="service name; default: the whole server")
+    health.set_defaults(run=_cmd_health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `peftserve` console script."""
+    args = build_parser().parse_args(argv)
+    from peftserve_client.errors import PeftServeError
+
+    try:
+        return args.run(args)
+    except PeftServeError as e:
+        print(f"error: {e.code}: {e.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

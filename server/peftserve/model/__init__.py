@@ -1,0 +1,1 @@
+"""The base model: building the embedded default model and loading any supported one."""

@@ -1,0 +1,154 @@
+"""Load the frozen base model and its tokenizer from 'default' or a local HF directory, safely."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from peftserve.errors import InvalidRequest
+from peftserve.model.default_model import ensure_default_model
+
+VERIFIED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+"""Tested end to end against sdpa with our attention function and paged cache."""
+INTERFACE_FAMILIES = ("gemma", "phi3", "starcoder2", "olmo", "granite")
+"""Use transformers' attention interface and pass kwargs to cache.update, like the verified ones."""
+SUPPORTED_FAMILIES = VERIFIED_FAMILIES + INTERFACE_FAMILIES
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A frozen base model ready to serve, with what the engine needs to know about it."""
+
+    model: PreTrainedModel
+    """In eval mode, every parameter with requires_grad False."""
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    """'default' or the model directory's name."""
+    family: str
+    """config.model_type, e.g. 'llama'."""
+    dtype: torch.dtype
+    device: torch.device
+    max_context: int
+    """max_position_embeddings (or n_positions)."""
+    eos_token_ids: tuple[int, ...]
+    """From generation_config then config, deduplicated, in that order."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' as a torch.device; InvalidRequest if it cannot be used here."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidRequest(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise InvalidRequest(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRequest("cuda requested but torch.cuda.is_available() is False")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise InvalidRequest(f"{device} requested but only {count} CUDA devices exist")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU and bfloat16 on CUDA; otherwise the named dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in TORCH_DTYPES:
+        raise InvalidRequest(f"dtype must be 'auto' or one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
+    return TORCH_DTYPES[dtype]
+
+
+def resolve_model_dir(model: str) -> tuple[Path, str]:
+    """The model directory and its id; 'default' builds the embedded model on first use."""
+    if model == "default":
+        return ensure_default_model(), "default"
+    directory = Path(model).expanduser()
+    if not directory.is_dir():
+        raise InvalidRequest(f"model must be 'default' or a local directory; {model!r} is not a directory")
+    if not (directory / "config.json").is_file():
+        raise InvalidRequest(f"model directory {model!r} has no config.json (is it a Hugging Face model?)")
+    return directory.resolve(), directory.resolve().name
+
+
+def check_family(directory: Path) -> str:
+    """The config's model_type, if it is a family we can serve; InvalidRequest otherwise."""
+    try:
+        family = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InvalidRequest(f"{directory / 'config.json'} is not a readable JSON object: {exc}") from exc
+    if family not in SUPPORTED_FAMILIES:
+        raise InvalidRequest(
+            f"model family {family!r} is not supported (it does not use transformers' attention interface "
+            f"the way peftserve drives it); supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    return family
+
+
+def check_safetensors(directory: Path) -> None:
+    """Refuse directories without safetensors weights: pickled checkpoints can run arbitrary code."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise InvalidRequest(
+            f"{directory} only has pickled weights ({', '.join(pickles)}); peftserve loads safetensors only "
+            "(convert them, e.g. model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise InvalidRequest(f"{directory} has no *.safetensors weights")
+
+
+def eos_token_ids(model: PreTrainedModel) -> tuple[int, ...]:
+    """EOS ids of generation_config then config (each may be an int, a list or None), deduplicated."""
+    ids: list[int] = []
+    sources = (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id)
+    for value in sources:
+        for token_id in value if isinstance(value, (list, tuple)) else [value]:
+            if token_id is not None and token_id not in ids:
+                ids.append(int(token_id))
+    return tuple(ids)
+
+
+def max_context(model: PreTrainedModel) -> int:
+    """The longest sequence the model's positions cover."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(model.config, name, None)
+        if value:
+            return int(value)
+    raise InvalidRequest(f"{model.config.model_type} config has no max_position_embeddings or n_positions")
+
+
+def load_base_model(model: str, device: str, dtype: str) -> LoadedModel:
+    """Load `model` ('default' or a local HF directory) frozen, on `device`, in `dtype` ('auto' allowed)."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    directory, model_id = resolve_model_dir(model)
+    family = check_family(directory)
+    check_safetensors(directory)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        directory,
+        dtype=torch_dtype,
+        attn_implementation="sdpa",
+        local_files_only=True,
+        use_safetensors=True,
+        trust_remote_code=False,
+    )
+    hf_model.to(torch_device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    return LoadedModel(
+        model=hf_model,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        family=family,
+        dtype=torch_dtype,
+        device=torch_device,
+        max_context=max_context(hf_model),
+        eos_token_ids=eos_token_ids(hf_model),
+    )
