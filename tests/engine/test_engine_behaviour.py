@@ -28,8 +28,11 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(make_engine):
     params = dict(max_new_tokens=24, temperature=1.3, top_k=50, top_p=0.9, seed=1234)
     alone = engine.generate_all([request("a", prompts[0], **params)])["a"].token_ids
     crowd = engine.generate_all(
-        [request("b", prompts[1], temperature=0.7, max_new_tokens=10), request("a", prompts[0], **params),
-         request("c", prompts[2], temperature=1.0, seed=7, max_new_tokens=30)]
+        [
+            request("b", prompts[1], temperature=0.7, max_new_tokens=10),
+            request("a", prompts[0], **params),
+            request("c", prompts[2], temperature=1.0, seed=7, max_new_tokens=30),
+        ]
     )
     assert crowd["a"].token_ids == alone
     other = engine.generate_all([request("a", prompts[0], **{**params, "seed": 99})])["a"].token_ids
@@ -40,7 +43,9 @@ def test_top_k_one_equals_greedy_and_logprobs_match_the_model(make_engine):
     engine, reference, _ = make_engine()
     prompt = random_prompts([9], engine.model_info.vocab_size)[0]
     greedy = engine.generate_all([request("g", prompt, max_new_tokens=8, logprobs=True)])["g"]
-    topk1 = engine.generate_all([request("k", prompt, max_new_tokens=8, temperature=0.8, top_k=1, seed=1)])["k"]
+    topk1 = engine.generate_all([request("k", prompt, max_new_tokens=8, temperature=0.8, top_k=1, seed=1)])[
+        "k"
+    ]
     assert topk1.token_ids == greedy.token_ids
     ids = torch.tensor([prompt + greedy.token_ids])
     with torch.no_grad():
@@ -52,12 +57,19 @@ def test_top_k_one_equals_greedy_and_logprobs_match_the_model(make_engine):
 def test_repetition_penalty_changes_greedy_output_like_transformers(make_engine):
     engine, reference, _ = make_engine()
     prompt = random_prompts([10], engine.model_info.vocab_size, seed=5)[0]
-    got = engine.generate_all([request("r", prompt, max_new_tokens=12, repetition_penalty=1.8)])["r"].token_ids
+    got = engine.generate_all([request("r", prompt, max_new_tokens=12, repetition_penalty=1.8)])[
+        "r"
+    ].token_ids
     ids = torch.tensor([prompt])
     want = reference.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-        repetition_penalty=1.8, pad_token_id=0,
-    )[0, len(prompt):].tolist()
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        repetition_penalty=1.8,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
     assert got == want
 
 
@@ -125,7 +137,9 @@ def test_abort_frees_blocks_and_others_finish(make_engine):
 )
 def test_bad_sampling_parameters_are_invalid_requests(make_engine, overrides, message):
     engine, _, _ = make_engine()
-    with pytest.raises(InvalidRequest, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(
+        InvalidRequest, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    ):
         engine.add_request(request("x", [5, 6, 7], **overrides))
     assert not engine.has_unfinished()
 
@@ -155,7 +169,13 @@ def test_text_prompt_is_tokenized_with_the_models_tokenizer(make_engine):
     engine, reference, tokenizer = make_engine()
     ids = tokenizer("hello world")["input_ids"]
     text = engine.generate_all(
-        [GenerationRequest(request_id="t", prompt="hello world", sampling=SamplingParams(max_new_tokens=6, ignore_eos=True))]
+        [
+            GenerationRequest(
+                request_id="t",
+                prompt="hello world",
+                sampling=SamplingParams(max_new_tokens=6, ignore_eos=True),
+            )
+        ]
     )["t"]
     assert text.prompt_tokens == len(ids)
     assert text.token_ids == reference_greedy(reference, ids, 6)

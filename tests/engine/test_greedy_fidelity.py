@@ -41,15 +41,23 @@ def test_batch_with_late_joiners_matches_generate(make_engine, family):
 def test_sliding_window_matches_generate():
     tokenizer = tiny_tokenizer()
     config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=8,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=8,
         pad_token_id=0,
     )
     torch.manual_seed(0)
     model = MistralForCausalLM(config).eval()
     reference = MistralForCausalLM(copy.deepcopy(config)).eval()
     reference.load_state_dict(model.state_dict())
-    engine = LLMEngine.from_model(model, tokenizer, EngineConfig(kv_cache_mb=1, block_size=4, max_batched_tokens=16))
+    engine = LLMEngine.from_model(
+        model, tokenizer, EngineConfig(kv_cache_mb=1, block_size=4, max_batched_tokens=16)
+    )
     prompts = random_prompts([5, 30], engine.model_info.vocab_size, seed=3)
     done = engine.generate_all([request(str(i), p, max_new_tokens=12) for i, p in enumerate(prompts)])
     for i, p in enumerate(prompts):

@@ -34,4 +34,7 @@ def load_adapter(path: str | Path) -> NormalizedAdapter:
         raise AdapterRejected(f"peft_type={peft_type!r} is not served (served: {', '.join(LOADERS)})")
     reject_if_set(config, "modules_to_save", "full copies of base modules cannot be batched per request")
     check_finite(tensors)
-    return loader(config, tensors)
+    try:
+        return loader(config, tensors)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:  # malformed fields the loader did not foresee
+        raise AdapterRejected(f"{path}: malformed {peft_type} adapter ({type(exc).__name__}: {exc})") from exc

@@ -8,6 +8,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +16,15 @@ import torch
 from torch import nn
 
 from peftserve.engine.request import AdapterRef
-from peftserve.errors import AdapterNotFound, AdapterRejected, CapacityExceeded, FailedPrecondition, InvalidRequest
+from peftserve.errors import (
+    AdapterNotFound,
+    AdapterRejected,
+    CapacityExceeded,
+    FailedPrecondition,
+    InvalidRequest,
+)
 
-from .batch import AdapterBatch, AdapterContext
+from .batch import AdapterBatch, AdapterContext, Span
 from .kernels import DeltaKernels, select_kernels
 from .layer import WRAPPABLE, MultiAdapterLayer
 from .loading import load_adapter
@@ -237,6 +244,8 @@ class AdapterManager:
                 found.append(self.register(adapter_id, adapter_dir))
             except InvalidRequest as exc:
                 log.warning("skipping adapter directory %s: %s", adapter_dir, exc)
+            except Exception:
+                log.exception("skipping adapter directory %s: unexpected error", adapter_dir)
         return found
 
     def info(self, adapter_id: str) -> AdapterInfo:
@@ -244,7 +253,7 @@ class AdapterManager:
             self._get(adapter_id)
             return self._infos[adapter_id]
 
-    def list(self) -> list[AdapterInfo]:
+    def registered(self) -> list[AdapterInfo]:
         with self._lock:
             return [self._infos[i] for i in sorted(self._infos)]
 
@@ -334,7 +343,7 @@ class AdapterManager:
         """Set the step's batch before the forward, and None after it."""
         self.context.batch = batch
 
-    def build_batch(self, spans: list, num_tokens: int) -> AdapterBatch:
+    def build_batch(self, spans: Sequence[Span], num_tokens: int) -> AdapterBatch:
         """AdapterBatch.build on this manager's device."""
         return AdapterBatch.build(spans, num_tokens, self.device)
 

@@ -6,8 +6,6 @@ import math
 import uuid
 from collections.abc import Sequence
 
-from peftserve_client._proto import peftserve_pb2 as pb
-
 from peftserve import __version__
 from peftserve.engine.protocol import ModelInfo
 from peftserve.engine.request import (
@@ -18,6 +16,7 @@ from peftserve.engine.request import (
     SamplingParams,
 )
 from peftserve.errors import InvalidRequest
+from peftserve_client._proto import peftserve_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_MIXTURE_ADAPTERS = 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
+
 from peftserve_client._proto import peftserve_pb2
 
 INFERENCE_SERVICE = peftserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name

@@ -10,13 +10,13 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from peftserve_client._proto import peftserve_pb2_grpc as pb_grpc
 
 from peftserve.api.health import INFERENCE_SERVICE, ServingHealth
 from peftserve.api.servicer import InferenceServicer
 from peftserve.config import EngineConfig, ServerConfig
 from peftserve.engine.protocol import EngineClient
 from peftserve.metrics import ServerMetrics, start_metrics_server
+from peftserve_client._proto import peftserve_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,5 @@ async def serve(config: ServerConfig, engine_factory: EngineFactory = load_engin
     await health.mark_not_serving()
     await engine.drain(config.grace_s)
     await server.stop(config.grace_s)
-    shutdown = getattr(engine, "shutdown", None)  # not part of EngineClient: fakes have nothing to stop
-    if shutdown is not None:
-        await loop.run_in_executor(None, shutdown)
+    await loop.run_in_executor(None, engine.shutdown)
     logger.info("peftserve stopped")

@@ -7,14 +7,14 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
-from peftserve_client._proto import peftserve_pb2 as pb
-from peftserve_client._proto import peftserve_pb2_grpc as pb_grpc
 
 from peftserve.api import convert
 from peftserve.api.status import status_of
 from peftserve.engine.protocol import EngineClient
 from peftserve.engine.request import RequestOutput
 from peftserve.metrics import RequestTrace, ServerMetrics
+from peftserve_client._proto import peftserve_pb2 as pb
+from peftserve_client._proto import peftserve_pb2_grpc as pb_grpc
 
 
 def _interrupted_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode:

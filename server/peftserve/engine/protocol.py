@@ -63,3 +63,7 @@ class EngineClient(Protocol):
     async def drain(self, grace_s: float) -> None:
         """Stop admitting, let in-flight requests finish for up to grace_s, then cancel the rest."""
         ...
+
+    def shutdown(self) -> None:
+        """Release the engine's resources (its thread) after drain."""
+        ...

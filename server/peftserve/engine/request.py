@@ -74,7 +74,9 @@ class SamplingParams:
             if len(s) > MAX_STOP_STRING_CHARS:
                 raise InvalidRequest(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise InvalidRequest(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}")
+            raise InvalidRequest(
+                f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}"
+            )
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise InvalidRequest(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")

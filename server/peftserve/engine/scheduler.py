@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from peftserve.engine.blocks import BlockAllocator, blocks_needed
 from peftserve.engine.request import FinishReason
-from peftserve.engine.sequence import Sequence, SeqStatus
+from peftserve.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,12 @@ class ModelRunner:
             self.adapters.set_batch(self.adapters.build_batch(plan, len(input_ids)))
         try:
             logits = self.model(
-                input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True,
-                logits_to_keep=keep, peftserve_attn=meta,
+                input_ids=ids,
+                position_ids=pos,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=keep,
+                peftserve_attn=meta,
             ).logits[0]  # [S, V]
         finally:
             if self.adapters is not None:

@@ -8,7 +8,7 @@ from peftserve.errors import AdapterRejected
 
 from ..lora import check_lora_family_config
 from ..normalized import LoraDelta, NormalizedAdapter
-from ..peft_format import Config, Tensors, module_tensors, finite_number
+from ..peft_format import Config, Tensors, finite_number, module_tensors
 
 RANKNUM_EPS = 1e-5
 """peft's SVDLinear divides by (ranknum + 1e-5)."""

@@ -11,7 +11,7 @@ import torch
 from peftserve.errors import AdapterRejected
 
 from ..normalized import LoraDelta, NormalizedAdapter
-from ..peft_format import Config, Tensors, module_tensors, finite_number, reject_if_set
+from ..peft_format import Config, Tensors, finite_number, module_tensors, reject_if_set
 
 UNCONVERTED_INITS = ("pissa", "olora", "lora_ga", "corda", "loftq", "mica")
 """init_lora_weights values whose saved A/B are not a delta over the unmodified base weights."""

@@ -1,0 +1,201 @@
+"""Layer-level benchmark of mixed-adapter batches: peftserve's MultiAdapterLayer vs base-only vs PEFT.
+
+One decode step (32 sequences x 1 token) and one prefill step (32 sequences x 16 tokens = 512 tokens) of
+a full-model forward on [B, T] (plain transformers, sdpa, logits at the last position only), with rank-16
+LoRA on all 7 projections: 1, 4, 8, 16, 32 distinct adapters (sequence i uses adapter i % k), and 32
+distinct adapters of mixed ranks {8, 16, 32, 64}. Compared in the same run against the base model alone
+and against PEFT's own mixed batch (`adapter_names=`). Adapters are made by peft, saved, and loaded by
+peftserve's AdapterManager from the saved directories.
+
+    PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_adapters.py --shape bench-1b
+    PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_adapters.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHAPES, Shape, build_model, synchronize  # noqa: E402
+
+from peftserve.adapters import AdapterBatch, AdapterManager  # noqa: E402
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MIXED_RANKS = (8, 16, 32, 64)
+BATCH = 32
+STEPS = {"decode": 1, "prefill": 16}
+"""Tokens per sequence in each step; 32 sequences each."""
+
+
+@dataclass
+class Row:
+    shape: str
+    step: str
+    adapters: str
+    base_ms: float
+    ours_ms: float
+    peft_ms: float | None
+    adapter_bytes: int
+    block_bytes: int
+
+    @property
+    def vs_base(self) -> float:
+        return self.ours_ms / self.base_ms
+
+    @property
+    def peft_vs_base(self) -> float | None:
+        return None if self.peft_ms is None else self.peft_ms / self.base_ms
+
+    @property
+    def speedup_vs_peft(self) -> float | None:
+        return None if self.peft_ms is None else self.peft_ms / self.ours_ms
+
+
+def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def make_adapters(peft_model: PeftModel, names_ranks: list[tuple[str, int]], seed: int) -> None:
+    """Add LoRA adapters on all 7 projections with non-zero random A and B."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, rank in names_ranks:
+        if name not in peft_model.peft_config:
+            peft_model.add_adapter(name, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS))
+    with torch.no_grad():
+        for pname, param in peft_model.named_parameters():
+            if "lora_" in pname:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+
+
+def run_shape(shape: Shape, ks: list[int], repeats: int, device: str, store: Path) -> list[Row]:
+    dtype = torch.float32
+    uniform = [(f"r16-{i}", 16) for i in range(BATCH)]
+    mixed = [(f"mixed-{i}", MIXED_RANKS[i % len(MIXED_RANKS)]) for i in range(BATCH)]
+
+    # PEFT's model: the adapters are made (and saved) here, then measured with adapter_names=.
+    peft_model = get_peft_model(
+        build_model(shape, device, dtype, seed=0),
+        LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS),
+        adapter_name=uniform[0][0],
+    )
+    make_adapters(peft_model, uniform + mixed, seed=1)
+    peft_model.save_pretrained(store, selected_adapters=[n for n, _ in uniform + mixed])
+    peft_model.eval().requires_grad_(False)
+
+    model = build_model(shape, device, dtype, seed=0)
+    manager = AdapterManager(model, num_slots=BATCH, device=device, dtype=dtype)
+    for name, _ in uniform + mixed:
+        subdir = store / name if (store / name).is_dir() else store
+        manager.register(name, subdir)
+    block_bytes = shape.block_params * dtype.itemsize
+
+    configs: list[tuple[str, list[str]]] = [(f"{k} x r16", [n for n, _ in uniform[:k]]) for k in ks]
+    configs.append(("32 x r{8,16,32,64}", [n for n, _ in mixed]))
+    rows: list[Row] = []
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for step, seq in STEPS.items():
+            ids = torch.randint(3, shape.vocab, (BATCH, seq), generator=gen).to(device)  # [B, T]
+            base_ms = median_ms(lambda ids=ids: model(input_ids=ids, logits_to_keep=1), device, repeats)
+            print(f"  {shape.name} {step}: base {base_ms:.1f} ms", flush=True)
+            for label, names in configs:
+                slots = [manager.acquire(n) for n in names]
+                per_seq = [names[i % len(names)] for i in range(BATCH)]
+                slot_of = dict(zip(names, slots, strict=True))
+                spans = [(i * seq, seq, ((slot_of[n], 1.0),)) for i, n in enumerate(per_seq)]
+
+                def ours(ids=ids, spans=spans) -> None:
+                    manager.set_batch(AdapterBatch.build(spans, ids.numel(), device))
+                    model(input_ids=ids, logits_to_keep=1)
+                    manager.set_batch(None)
+
+                def peft(ids=ids, per_seq=per_seq) -> None:
+                    peft_model(input_ids=ids, adapter_names=per_seq, logits_to_keep=1)
+
+                ours_ms = median_ms(ours, device, repeats)
+                peft_ms = median_ms(peft, device, repeats)
+                adapter_bytes = sum(manager.info(n).nbytes for n in names) * dtype.itemsize // 4
+                row = Row(shape.name, step, label, base_ms, ours_ms, peft_ms, adapter_bytes, block_bytes)
+                rows.append(row)
+                print(
+                    f"  {shape.name} {step} {label}: ours {ours_ms:.1f} ms ({row.vs_base:.2f}x base), "
+                    f"peft {peft_ms:.1f} ms ({row.speedup_vs_peft:.1f}x slower than ours)",
+                    flush=True,
+                )
+                for n in names:
+                    manager.release(n)
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    head = (
+        "| shape | step | adapters | base ms | peftserve ms | vs base | PEFT ms | PEFT vs base | PEFT / peftserve "
+        "| adapter MB/step | % of block weights |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r.shape} | {r.step} | {r.adapters} | {r.base_ms:.1f} | {r.ours_ms:.1f} | {r.vs_base:.2f}x "
+            f"| {r.peft_ms:.1f} | {r.peft_vs_base:.2f}x | {r.speedup_vs_peft:.2f}x "
+            f"| {r.adapter_bytes / 2**20:.1f} | {100 * r.adapter_bytes / r.block_bytes:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help="bench-mid only, k in {1, 32}, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = ["bench-mid", "bench-1b"] if args.shape == "both" else [args.shape]
+    ks = [1, 4, 8, 16, 32]
+    repeats = args.repeats
+    if args.quick:
+        shapes = ["bench-mid"] if args.shape == "both" else shapes
+        ks, repeats = [1, 32], 3
+    machine = (
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {args.device}"
+    )
+    print(f"machine: {machine}", flush=True)
+    rows: list[Row] = []
+    for name in shapes:
+        with tempfile.TemporaryDirectory(prefix="bench-adapters-") as store:
+            rows += run_shape(SHAPES[name], ks, repeats, args.device, Path(store))
+    print()
+    print(format_rows(rows))
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"machine": machine, "rows": [asdict(r) for r in rows]}
+        args.json_out.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""What the sync and async clients share: request building, result conversion, health codec."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypedDict
+
+from google.protobuf import wrappers_pb2
+
+from peftserve_client._proto import peftserve_pb2 as pb
+from peftserve_client.types import (
+    FinishReason,
+    GenerateResult,
+    ModelInfo,
+    StreamChunk,
+    TokenizeResult,
+    Usage,
+)
+
+API_KEY_HEADER = "x-api-key"
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+
+AdapterMixture = Mapping[str, float] | Sequence[tuple[str, float]]
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Keyword options of generate() and generate_stream(); unset ones take the server's defaults."""
+
+    adapter_id: str | None
+    adapters: AdapterMixture | None
+    max_new_tokens: int | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    seed: int | None
+    repetition_penalty: float | None
+    stop: str | Iterable[str] | None
+    stop_token_ids: Iterable[int] | None
+    ignore_eos: bool
+    logprobs: bool
+    prompt_token_ids: Sequence[int] | None
+    request_id: str | None
+
+
+_OPTIONAL_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "repetition_penalty")
+
+_FINISH_REASONS = {
+    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    pb.FINISH_REASON_STOP: FinishReason.STOP,
+    pb.FINISH_REASON_EOS: FinishReason.EOS,
+    pb.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+}
+
+
+def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the api key, if any."""
+    return ((API_KEY_HEADER, api_key),) if api_key else ()
+
+
+def deadline(call_timeout: float | None, default_timeout: float | None) -> float | None:
+    """The per-call timeout, falling back to the client's."""
+    return call_timeout if call_timeout is not None else default_timeout
+
+
+def build_generate_request(prompt: str | None, options: GenerateOptions) -> pb.GenerateRequest:
+    """A GenerateRequest from Python arguments; the server validates values, this checks types only."""
+    unknown = set(options) - set(GenerateOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    sampling = pb.SamplingParams(
+        stop=[options["stop"]] if isinstance(options.get("stop"), str) else list(options.get("stop") or ()),
+        stop_token_ids=list(options.get("stop_token_ids") or ()),
+        ignore_eos=bool(options.get("ignore_eos", False)),
+        logprobs=bool(options.get("logprobs", False)),
+    )
+    for name in _OPTIONAL_SAMPLING:
+        value = options.get(name)
+        if value is not None:
+            setattr(sampling, name, value)
+    return pb.GenerateRequest(
+        prompt=prompt or "",
+        prompt_token_ids=list(options.get("prompt_token_ids") or ()),
+        adapter_id=options.get("adapter_id") or "",
+        adapters=[pb.AdapterWeight(adapter_id=a, weight=w) for a, w in _mixture(options.get("adapters"))],
+        sampling=sampling,
+        request_id=options.get("request_id") or "",
+    )
+
+
+def _mixture(adapters: AdapterMixture | None) -> list[tuple[str, float]]:
+    if adapters is None:
+        return []
+    pairs = list(adapters.items()) if isinstance(adapters, Mapping) else [tuple(p) for p in adapters]
+    for adapter_id, weight in pairs:
+        if not math.isfinite(weight):
+            raise ValueError(f"adapter weight of {adapter_id!r} must be finite, got {weight}")
+    return pairs
+
+
+def _finish_reason(value: int) -> FinishReason | None:
+    return _FINISH_REASONS.get(value)
+
+
+def to_generate_result(msg: pb.GenerateResponse) -> GenerateResult:
+    """The typed form of a GenerateResponse."""
+    return GenerateResult(
+        request_id=msg.request_id,
+        text=msg.text,
+        token_ids=tuple(msg.token_ids),
+        finish_reason=_finish_reason(msg.finish_reason),
+        usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens),
+        logprobs=tuple(msg.logprobs) if msg.logprobs else None,
+    )
+
+
+def to_stream_chunk(msg: pb.GenerateStreamResponse) -> StreamChunk:
+    """The typed form of one GenerateStreamResponse."""
+    return StreamChunk(
+        request_id=msg.request_id,
+        text=msg.text,
+        token_ids=tuple(msg.token_ids),
+        logprobs=tuple(msg.logprobs) if msg.logprobs else None,
+        finish_reason=_finish_reason(msg.finish_reason),
+        usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens) if msg.HasField("usage") else None,
+    )
+
+
+def to_tokenize_result(msg: pb.TokenizeResponse) -> TokenizeResult:
+    """The typed form of a TokenizeResponse."""
+    return TokenizeResult(token_ids=tuple(msg.token_ids), tokens=tuple(msg.tokens))
+
+
+def to_model_info(msg: pb.ModelInfoResponse) -> ModelInfo:
+    """The typed form of a ModelInfoResponse."""
+    return ModelInfo(
+        model_id=msg.model_id,
+        family=msg.family,
+        vocab_size=msg.vocab_size,
+        max_context=msg.max_context,
+        max_new_tokens_limit=msg.max_new_tokens_limit,
+        dtype=msg.dtype,
+        device=msg.device,
+        num_layers=msg.num_layers,
+        hidden_size=msg.hidden_size,
+        kv_blocks_total=msg.kv_blocks_total,
+        kv_block_size=msg.kv_block_size,
+        server_version=msg.server_version,
+        eos_token_ids=tuple(msg.eos_token_ids),
+    )
+
+
+# grpc.health.v1 without grpcio-health-checking: HealthCheckRequest is {string service = 1} and
+# HealthCheckResponse is {ServingStatus status = 1}, wire-compatible with StringValue / Int32Value.
+HEALTH_REQUEST = wrappers_pb2.StringValue
+HEALTH_RESPONSE = wrappers_pb2.Int32Value
+_SERVING_STATUS = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+
+
+def serving_status_name(msg: wrappers_pb2.Int32Value) -> str:
+    """The ServingStatus name of a health check response, e.g. 'SERVING'."""
+    return _SERVING_STATUS[msg.value] if 0 <= msg.value < len(_SERVING_STATUS) else "UNKNOWN"

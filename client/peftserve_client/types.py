@@ -1,0 +1,108 @@
+"""Typed results of the client SDK: frozen dataclasses, no protobuf types."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class FinishReason(str, enum.Enum):
+    """Why generation ended."""
+
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """A whole completion."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    """Generated tokens only; the prompt is not repeated."""
+    finish_reason: FinishReason | None
+    usage: Usage
+    logprobs: tuple[float, ...] | None = None
+    """One per generated token when requested."""
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[StreamChunk]) -> GenerateResult:
+        """Merge a whole stream into the result generate() would have returned."""
+        chunks = list(chunks)
+        if not chunks or chunks[-1].usage is None:
+            raise ValueError("the stream did not finish (no final chunk with usage)")
+        last = chunks[-1]
+        logprobs = [lp for c in chunks for lp in (c.logprobs or ())]
+        return cls(
+            request_id=last.request_id,
+            text="".join(c.text for c in chunks),
+            token_ids=tuple(t for c in chunks for t in c.token_ids),
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            logprobs=tuple(logprobs) if logprobs else None,
+        )
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.usage.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage.completion_tokens
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One streamed increment; the texts of all chunks concatenate to the completion."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None = None
+    finish_reason: FinishReason | None = None
+    """Set on the last chunk only."""
+    usage: Usage | None = None
+    """Set on the last chunk only."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    """Token ids of a text and the text each token stands for."""
+
+    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served base model and the server's limits."""
+
+    model_id: str
+    family: str
+    vocab_size: int
+    max_context: int
+    max_new_tokens_limit: int
+    dtype: str
+    device: str
+    num_layers: int
+    hidden_size: int
+    kv_blocks_total: int
+    kv_block_size: int
+    server_version: str
+    eos_token_ids: tuple[int, ...]

@@ -1,0 +1,148 @@
+"""Adapters made by peft itself (non-zero weights) on copies of a tiny base model, saved as PEFT dirs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import (
+    AdaLoraConfig,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    ShiraConfig,
+    get_peft_model,
+)
+from torch import nn
+from transformers import PreTrainedModel
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def targets(family: str) -> list[str]:
+    return GPT2_TARGETS if family == "gpt2" else LLAMA_TARGETS
+
+
+def _fill(model: nn.Module, seed: int, std: float, names: tuple[str, ...]) -> None:
+    """Overwrite the adapter parameters whose name contains one of `names` with seeded noise."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(n in name for n in names):
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def _save(model: PeftModel, out: Path) -> Path:
+    model.save_pretrained(out)
+    return out
+
+
+def make_lora_patterns(base: PreTrainedModel, family: str, out: Path, seed: int = 1) -> Path:
+    """LoRA on every projection with rank_pattern (regex and suffix keys), alpha_pattern and rslora."""
+    if family == "gpt2":
+        rank_pattern = {r"h\.1\.attn\.c_attn": 2, "c_fc": 6}
+        alpha_pattern = {"mlp.c_proj": 16}
+    else:
+        rank_pattern = {r"model\.layers\.1\.self_attn\.q_proj": 2, "down_proj": 6}
+        alpha_pattern = {"v_proj": 16}
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=targets(family),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        init_lora_weights=False,
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.1, ("lora_A", "lora_B"))
+    return _save(model, out)
+
+
+def make_lora_layers(base: PreTrainedModel, family: str, out: Path, seed: int = 2) -> Path:
+    """Plain LoRA on some modules of layer 1 only (layers_to_transform)."""
+    modules = ["c_attn", "c_fc"] if family == "gpt2" else ["q_proj", "v_proj", "up_proj"]
+    config = LoraConfig(r=3, lora_alpha=5, target_modules=modules, layers_to_transform=[1])
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.15, ("lora_A", "lora_B"))
+    return _save(model, out)
+
+
+def make_adalora(base: PreTrainedModel, family: str, out: Path, seed: int = 3) -> Path:
+    """AdaLoRA trained a few steps with update_and_allocate, so ranks are pruned unevenly at save."""
+    total_step = 8
+    config = AdaLoraConfig(
+        init_r=6,
+        target_r=2,
+        lora_alpha=8,
+        tinit=1,
+        tfinal=2,
+        deltaT=1,
+        total_step=total_step,
+        target_modules=targets(family),
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, base.config.vocab_size, (2, 12), generator=gen)  # [B, S]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for step in range(total_step):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    # Training this briefly leaves a tiny delta; enlarge A and B (pruning lives in E, which is kept).
+    _fill(model, seed, 0.3, ("lora_A", "lora_B"))
+    model.eval()
+    return _save(model, out)
+
+
+def _magnitude_mask(base_layer: nn.Module, r: int, **_: object) -> torch.Tensor:
+    """A custom SHiRA mask: the r*(m+n) largest-magnitude entries (a stand-in for a gradient mask)."""
+    weight = base_layer.weight
+    k = r * (weight.shape[0] + weight.shape[1])
+    mask = torch.zeros_like(weight)
+    mask.view(-1)[weight.abs().view(-1).topk(k).indices] = 1.0
+    return mask
+
+
+def make_shira(base: PreTrainedModel, family: str, out: Path, seed: int = 4) -> Path:
+    """SHiRA (sparse delta) with a custom mask_fn on the attention and MLP projections (Linear only)."""
+    config = ShiraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)
+    config.mask_fn = _magnitude_mask
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.05, ("shira_weight",))
+    return _save(model, out)
+
+
+def make_prefix(base: PreTrainedModel, out: Path, projection: bool, seed: int = 5) -> Path:
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=projection, encoder_hidden_size=24
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.5, ("prompt_encoder",))
+    return _save(model, out)
+
+
+def peft_logits(base: PreTrainedModel, adapter_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    """PEFT's own forward for one adapter alone, reloaded from disk onto a fresh copy of the base."""
+    model = PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def merged_mixture(base: PreTrainedModel, parts: list[tuple[Path, float]]) -> PreTrainedModel:
+    """A copy of the base with sum_i w_i * dW_i added to its weights (dW_i from peft's get_delta_weight)."""
+    merged = copy.deepcopy(base)
+    prefix = "base_model.model."
+    with torch.no_grad():
+        for adapter_dir, weight in parts:
+            model = PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
+            for name, module in model.named_modules():
+                if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                    target = merged.get_submodule(name[len(prefix) :])
+                    target.weight += weight * module.get_delta_weight("default")
+    return merged

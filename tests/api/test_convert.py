@@ -1,0 +1,97 @@
+"""protobuf ⇄ domain conversion and the proto-level checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from peftserve.api import convert
+from peftserve.engine.request import AdapterRef, FinishReason, RequestOutput, SamplingParams
+from peftserve.errors import InvalidRequest
+from peftserve_client._proto import peftserve_pb2 as pb
+
+
+def _out(text: str, tokens: tuple[int, ...], n: int, reason: FinishReason | None = None) -> RequestOutput:
+    return RequestOutput("r1", text, tokens, (-1.0,) * len(tokens), 3, n, reason)
+
+
+def test_unset_sampling_fields_take_the_defaults() -> None:
+    assert convert.to_sampling_params(pb.SamplingParams()) == SamplingParams()
+
+
+def test_set_sampling_fields_are_kept_and_floats_read_as_written() -> None:
+    msg = pb.SamplingParams(
+        max_new_tokens=5, temperature=0.7, top_k=0, top_p=0.9, seed=2**63, stop=["\n"], logprobs=True
+    )
+    params = convert.to_sampling_params(msg)
+    assert (params.max_new_tokens, params.temperature, params.top_p, params.seed) == (5, 0.7, 0.9, 2**63)
+    assert params.top_k == 0 and params.stop == ("\n",) and params.logprobs
+
+
+def test_explicit_zero_is_not_the_default() -> None:
+    assert convert.to_sampling_params(pb.SamplingParams(max_new_tokens=0)).max_new_tokens == 0
+
+
+def test_request_with_prompt_and_adapter() -> None:
+    req = convert.to_generation_request(pb.GenerateRequest(prompt="hi", adapter_id="a", request_id="x"))
+    assert req.request_id == "x" and req.prompt == "hi" and req.prompt_token_ids is None
+    assert req.adapters == (AdapterRef("a"),)
+
+
+def test_request_id_is_generated_when_absent() -> None:
+    a = convert.to_generation_request(pb.GenerateRequest(prompt_token_ids=[1, 2]))
+    b = convert.to_generation_request(pb.GenerateRequest(prompt_token_ids=[1, 2]))
+    assert a.request_id and a.request_id != b.request_id and a.prompt_token_ids == [1, 2]
+
+
+def test_mixture_keeps_weights() -> None:
+    msg = pb.GenerateRequest(prompt="p", adapters=[pb.AdapterWeight(adapter_id="a", weight=0.3)])
+    assert convert.to_generation_request(msg).adapters == (AdapterRef("a", 0.3),)
+
+
+@pytest.mark.parametrize(
+    ("msg", "match"),
+    [
+        (pb.GenerateRequest(), "prompt must not be empty"),
+        (pb.GenerateRequest(prompt="a", prompt_token_ids=[1]), "not both"),
+        (
+            pb.GenerateRequest(prompt="a", adapter_id="x", adapters=[pb.AdapterWeight(adapter_id="y")]),
+            "not both",
+        ),
+        (
+            pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(adapter_id="y", weight=math.nan)]),
+            "finite",
+        ),
+        (
+            pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(adapter_id="y", weight=math.inf)]),
+            "finite",
+        ),
+        (pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(weight=1.0)]), "adapter_id"),
+        (pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(adapter_id="y")] * 2), "once"),
+        (pb.GenerateRequest(prompt="a", request_id="r" * 200), "request_id"),
+    ],
+)
+def test_malformed_requests_are_invalid(msg: pb.GenerateRequest, match: str) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        convert.to_generation_request(msg)
+
+
+def test_generate_response_merges_increments() -> None:
+    outputs = [_out("ab", (1, 2), 2), _out("c", (3,), 3, FinishReason.LENGTH)]
+    msg = convert.to_generate_response("r1", outputs)
+    assert (msg.text, list(msg.token_ids), list(msg.logprobs)) == ("abc", [1, 2, 3], [-1.0] * 3)
+    assert msg.finish_reason == pb.FINISH_REASON_LENGTH
+    assert (msg.usage.prompt_tokens, msg.usage.completion_tokens) == (3, 3)
+
+
+def test_stream_response_has_usage_on_the_last_message_only() -> None:
+    first = convert.to_stream_response(_out("a", (1,), 1))
+    last = convert.to_stream_response(_out("b", (2,), 2, FinishReason.EOS))
+    assert not first.HasField("usage") and first.finish_reason == pb.FINISH_REASON_UNSPECIFIED
+    assert last.HasField("usage") and last.finish_reason == pb.FINISH_REASON_EOS
+
+
+def test_every_finish_reason_has_a_wire_value() -> None:
+    for reason in FinishReason:
+        assert convert.to_stream_response(_out("", (), 0, reason)).finish_reason != 0

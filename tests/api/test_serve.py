@@ -1,0 +1,61 @@
+"""serve() in its own process around a FakeEngine: health, metrics endpoint, SIGTERM drain, exit 0."""
+
+from __future__ import annotations
+
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from peftserve_client import Client, FinishReason, Unavailable
+
+from .serve_process import ServeProcess, python, source_env
+
+SERVE_FAKE = """
+import asyncio
+from fake_engine import FakeEngine
+from peftserve.api.server import serve
+from peftserve.cli import configure_logging
+from peftserve.config import ServerConfig
+
+configure_logging("INFO")
+asyncio.run(serve(ServerConfig(port=0, metrics_port=0, grace_s=5), lambda _: FakeEngine(token_delay_s=0.02)))
+"""
+
+
+@pytest.fixture
+def fake_server() -> Iterator[ServeProcess]:
+    server = ServeProcess(python("-c", SERVE_FAKE), source_env(Path(__file__).parent))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(fake_server: ServeProcess) -> None:
+    address = fake_server.wait_ready(timeout_s=20)
+    assert fake_server.metrics_url is not None
+    with Client(address, timeout=10) as client:
+        assert client.health() == "SERVING"
+        stream = client.generate_stream("draining", max_new_tokens=20)
+        first = next(stream)
+        fake_server.proc.send_signal(signal.SIGTERM)
+        chunks = [first, *stream]
+        assert chunks[-1].finish_reason is FinishReason.LENGTH and len(chunks) == 20
+        with pytest.raises(Unavailable):
+            client.generate("too late", max_new_tokens=1)
+    assert fake_server.proc.wait(timeout=10) == 0, fake_server.tail()
+    assert any("peftserve stopped" in line for line in fake_server.log)
+
+
+def test_metrics_endpoint_of_serve(fake_server: ServeProcess) -> None:
+    address = fake_server.wait_ready(timeout_s=20)
+    with Client(address, timeout=10) as client:
+        client.generate("abc", max_new_tokens=2)
+    assert fake_server.metrics_url is not None
+    with urllib.request.urlopen(fake_server.metrics_url, timeout=5) as response:
+        body = response.read().decode()
+    assert 'peftserve_requests_total{status="OK"} 1.0' in body
+    assert "peftserve_running_requests 0.0" in body

@@ -1,0 +1,93 @@
+"""load_base_model: frozen models of every tiny family, and clear InvalidRequest for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftserve.errors import InvalidRequest
+from peftserve.model.loader import LoadedModel, load_base_model
+
+
+def copy_model(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_loads_each_family_frozen(tiny_family_dir: Path) -> None:
+    loaded = load_base_model(str(tiny_family_dir), device="cpu", dtype="auto")
+    assert isinstance(loaded, LoadedModel)
+    assert loaded.family == loaded.model.config.model_type
+    assert loaded.model_id == tiny_family_dir.name
+    assert loaded.dtype == torch.float32 and loaded.device == torch.device("cpu")
+    assert loaded.max_context == 512
+    assert loaded.eos_token_ids == (loaded.tokenizer.eos_token_id,)
+    assert not loaded.model.training
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in loaded.model.parameters())
+    assert loaded.model.config._attn_implementation == "sdpa"
+
+
+def test_default_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PEFTSERVE_CACHE", str(tmp_path))
+    loaded = load_base_model("default", device="cpu", dtype="bfloat16")
+    assert (loaded.model_id, loaded.family, loaded.max_context) == ("default", "llama", 2048)
+    assert loaded.dtype == torch.bfloat16 and next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert loaded.eos_token_ids == (2,)
+    assert (tmp_path / "models" / "default-v1" / "model.safetensors").is_file()
+
+
+def test_eos_ids_merge_generation_config_and_config(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    directory = copy_model(tiny_llama_dir, tmp_path / "m")
+    generation = json.loads((directory / "generation_config.json").read_text())
+    generation["eos_token_id"] = [5, 2, 5]
+    (directory / "generation_config.json").write_text(json.dumps(generation))
+    assert load_base_model(str(directory), "cpu", "auto").eos_token_ids == (5, 2)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "falcon", "bloom", "mpt"])
+def test_unsupported_family_is_named(family: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    directory = copy_model(tiny_llama_dir, tmp_path / "m")
+    (directory / "config.json").write_text(json.dumps({"model_type": family}))
+    with pytest.raises(InvalidRequest, match=rf"'{family}' is not supported.*llama, qwen2"):
+        load_base_model(str(directory), "cpu", "auto")
+
+
+def test_missing_directory_and_config(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="is not a directory"):
+        load_base_model(str(tmp_path / "nope"), "cpu", "auto")
+    with pytest.raises(InvalidRequest, match="no config.json"):
+        load_base_model(str(tmp_path), "cpu", "auto")
+
+
+def test_pickle_only_weights_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    directory = copy_model(tiny_llama_dir, tmp_path / "m")
+    (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
+    with pytest.raises(InvalidRequest, match=r"pickled weights \(pytorch_model.bin\).*safetensors only"):
+        load_base_model(str(directory), "cpu", "auto")
+    (directory / "pytorch_model.bin").unlink()
+    with pytest.raises(InvalidRequest, match="no \\*.safetensors"):
+        load_base_model(str(directory), "cpu", "auto")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu(tiny_llama_dir: Path) -> None:
+    with pytest.raises(InvalidRequest, match=r"cuda requested but torch.cuda.is_available\(\) is False"):
+        load_base_model(str(tiny_llama_dir), "cuda", "auto")
+
+
+@pytest.mark.parametrize(("device", "dtype"), [("tpu", "auto"), ("cpu", "float64"), ("nonsense:x", "auto")])
+def test_bad_device_or_dtype(device: str, dtype: str, tiny_llama_dir: Path) -> None:
+    with pytest.raises(InvalidRequest):
+        load_base_model(str(tiny_llama_dir), device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_auto_is_bfloat16(tiny_llama_dir: Path) -> None:
+    loaded = load_base_model(str(tiny_llama_dir), "cuda", "auto")
+    assert loaded.dtype == torch.bfloat16 and loaded.device.type == "cuda"
+    assert next(loaded.model.parameters()).device.type == "cuda"
