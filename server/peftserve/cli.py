@@ -19,19 +19,19 @@ from peftserve.errors import InvalidRequest, PeftServeError
 
 DEFAULT_ADDRESS = os.environ.get("PEFTSERVE_ADDRESS", "127.0.0.1:50051")
 
-# (flag, EngineConfig field, type): flags left out keep EngineConfig's own default.
-_ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object]], ...] = (
-    ("--model", "model", str),
-    ("--device", "device", str),
-    ("--dtype", "dtype", str),
-    ("--kv-cache-mb", "kv_cache_mb", float),
-    ("--block-size", "block_size", int),
-    ("--max-batched-tokens", "max_batched_tokens", int),
-    ("--max-running", "max_running", int),
-    ("--max-queue", "max_queue", int),
-    ("--max-new-tokens-limit", "max_new_tokens_limit", int),
-    ("--max-context", "max_context", int),
-    ("--threads", "threads", int),
+# (flag, EngineConfig field, type, help): flags left out keep EngineConfig's own default.
+_ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
+    ("--model", "model", str, "'default' (the embedded model) or a local Hugging Face model directory"),
+    ("--device", "device", str, "cpu, cuda or cuda:N"),
+    ("--dtype", "dtype", str, "auto is float32 on CPU, bfloat16 on CUDA"),
+    ("--kv-cache-mb", "kv_cache_mb", float, "memory for the paged KV cache; sets the block budget"),
+    ("--block-size", "block_size", int, "tokens per KV block"),
+    ("--max-batched-tokens", "max_batched_tokens", int, "prefill and decode tokens in one engine step"),
+    ("--max-running", "max_running", int, "requests decoding at once"),
+    ("--max-queue", "max_queue", int, "waiting requests before new ones get RESOURCE_EXHAUSTED"),
+    ("--max-new-tokens-limit", "max_new_tokens_limit", int, "largest max_new_tokens a request may ask for"),
+    ("--max-context", "max_context", int, "longest prompt plus completion (default: the model's)"),
+    ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
 )
 
 
@@ -50,7 +50,7 @@ def configure_logging(level: str) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    engine_kwargs = {f: getattr(args, f) for _, f, _ in _ENGINE_FLAGS if getattr(args, f) is not None}
+    engine_kwargs = {f: getattr(args, f) for _, f, _, _ in _ENGINE_FLAGS if getattr(args, f) is not None}
     try:
         config = ServerConfig(
             host=args.host,
@@ -170,9 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=ServerConfig.port, help="0 picks a free port")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
     serve.add_argument("--grace-s", type=float, default=ServerConfig.grace_s, help="drain time on SIGTERM")
-    for flag, _field, kind in _ENGINE_FLAGS:
+    defaults = EngineConfig()
+    for flag, field, kind, text in _ENGINE_FLAGS:
         extra = {"choices": DTYPES} if flag == "--dtype" else {}
-        serve.add_argument(flag, type=kind, default=None, help="default: EngineConfig's", **extra)
+        default = getattr(defaults, field)
+        shown = f"{text} (default: {default})" if default is not None else text
+        serve.add_argument(flag, type=kind, default=None, help=shown, **extra)
     serve.add_argument(
         "--adapter",
         dest="adapters",
