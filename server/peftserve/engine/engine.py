@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from peftserve.config import EngineConfig
+from peftserve.engine.adapter_binding import AdapterBinding
 from peftserve.engine.detokenizer import IncrementalDetokenizer
 from peftserve.engine.protocol import EngineStats, ModelInfo
 from peftserve.engine.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams
 from peftserve.engine.scheduler import Scheduler
 from peftserve.engine.sequence import Sequence
-from peftserve.errors import CapacityExceeded, InvalidRequest
+from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
 
@@ -42,11 +43,12 @@ class LLMEngine:
     """One frozen base model served with continuous batching over a paged KV cache."""
 
     def __init__(self, model, tokenizer, config: EngineConfig, model_id: str = "custom", adapters=None):
+        """adapters: an AdapterManager already wrapped around model, or None to serve the base only."""
         model.eval().requires_grad_(False)
         hf = model.config
         self.config = config
         self.tokenizer = tokenizer
-        self.adapters = adapters
+        self.adapters = AdapterBinding(adapters) if adapters is not None else None
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
         num_heads = hf.num_attention_heads
@@ -67,9 +69,9 @@ class LLMEngine:
             block_size=config.block_size,
             max_batched_tokens=max(config.max_batched_tokens, config.max_running),
             max_running=config.max_running,
-            max_slot_adapters=adapters.num_slots if adapters is not None else 0,
+            max_slot_adapters=self.adapters.num_slots if self.adapters else 0,
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, adapters=adapters)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, adapters=self.adapters)
         eos = _eos_ids(model, tokenizer)
         self.eos_ids = frozenset(eos)
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -146,9 +148,7 @@ class LLMEngine:
         seq = Sequence(request_id=request.request_id, prompt_ids=prompt_ids, sampling=params)
         if request.adapters:
             if self.adapters is None:
-                from peftserve.errors import AdapterNotFound
-
-                raise AdapterNotFound(f"adapter {request.adapters[0].adapter_id!r} not found")
+                raise AdapterNotFound(f"adapter {request.adapters[0].adapter_id!r} is not registered")
             self.adapters.bind(seq, request.adapters)
         context = seq.num_virtual + len(prompt_ids)
         if context >= self.max_context:

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from peftserve.engine.request import FinishReason, SamplingParams
+from peftserve.engine.request import AdapterRef, FinishReason, SamplingParams
 
 
 class SeqStatus(enum.Enum):
@@ -26,10 +26,8 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
-    adapter_key: tuple = ()
-    """Identifies the adapters whose deltas this sequence needs (one device slot each)."""
-    slot_adapters: tuple[str, ...] = ()
-    """Adapter ids that need a device slot while the sequence runs."""
+    deltas: tuple[AdapterRef, ...] = ()
+    """LoRA / sparse adapters (with mixture weights) whose deltas the layers add; one slot each."""
     prefix_adapter: str | None = None
     """The prefix-tuning adapter whose virtual tokens lead the KV, if any."""
     num_virtual: int = 0
@@ -42,6 +40,11 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+
+    @property
+    def slot_adapters(self) -> tuple[str, ...]:
+        """Adapter ids that must hold a device slot while the sequence runs."""
+        return tuple(ref.adapter_id for ref in self.deltas)
 
     @property
     def token_ids(self) -> list[int]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from peftserve.engine.adapter_binding import AdapterBinding
 from peftserve.engine.scheduler import StepPlan
 from peftserve.engine.sequence import Sequence
 from peftserve.runner.attention import ATTENTION_NAME, AttentionMetadata, PrefillChunk
@@ -25,7 +26,9 @@ class Sampled:
 class ModelRunner:
     """Owns the model's tensors for serving: the paged KV cache and the per-request generators."""
 
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, adapters=None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, num_blocks: int, block_size: int, adapters: AdapterBinding | None = None
+    ) -> None:
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
