@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -63,17 +62,22 @@ class Row:
         return None if self.peft_ms is None else self.peft_ms / self.ours_ms
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def interleaved_min_ms(fns: dict[str, Callable[[], object]], device: str, repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` wall time of each fn, run round-robin so every variant sees the same machine load.
+
+    The minimum, not the median: on a shared 2-core machine other processes only ever add time.
+    """
+    for fn in fns.values():
         fn()
     synchronize(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: min(t) for name, t in times.items()}
 
 
 def make_adapters(peft_model: PeftModel, names_ranks: list[tuple[str, int]], seed: int) -> None:
@@ -117,13 +121,14 @@ def run_shape(shape: Shape, ks: list[int], repeats: int, device: str, store: Pat
     with torch.inference_mode():
         for step, seq in STEPS.items():
             ids = torch.randint(3, shape.vocab, (BATCH, seq), generator=gen).to(device)  # [B, T]
-            base_ms = median_ms(lambda ids=ids: model(input_ids=ids, logits_to_keep=1), device, repeats)
-            print(f"  {shape.name} {step}: base {base_ms:.1f} ms", flush=True)
             for label, names in configs:
                 slots = [manager.acquire(n) for n in names]
                 per_seq = [names[i % len(names)] for i in range(BATCH)]
                 slot_of = dict(zip(names, slots, strict=True))
                 spans = [(i * seq, seq, ((slot_of[n], 1.0),)) for i, n in enumerate(per_seq)]
+
+                def base(ids=ids) -> None:
+                    model(input_ids=ids, logits_to_keep=1)
 
                 def ours(ids=ids, spans=spans) -> None:
                     manager.set_batch(AdapterBatch.build(spans, ids.numel(), device))
@@ -133,8 +138,8 @@ def run_shape(shape: Shape, ks: list[int], repeats: int, device: str, store: Pat
                 def peft(ids=ids, per_seq=per_seq) -> None:
                     peft_model(input_ids=ids, adapter_names=per_seq, logits_to_keep=1)
 
-                ours_ms = median_ms(ours, device, repeats)
-                peft_ms = median_ms(peft, device, repeats)
+                ms = interleaved_min_ms({"base": base, "ours": ours, "peft": peft}, device, repeats)
+                base_ms, ours_ms, peft_ms = ms["base"], ms["ours"], ms["peft"]
                 adapter_bytes = sum(manager.info(n).nbytes for n in names) * dtype.itemsize // 4
                 row = Row(shape.name, step, label, base_ms, ours_ms, peft_ms, adapter_bytes, block_bytes)
                 rows.append(row)
@@ -150,7 +155,8 @@ def run_shape(shape: Shape, ks: list[int], repeats: int, device: str, store: Pat
 
 def format_rows(rows: list[Row]) -> str:
     head = (
-        "| shape | step | adapters | base ms | peftserve ms | vs base | PEFT ms | PEFT vs base | PEFT / peftserve "
+        "| shape | step | adapters | base ms | peftserve ms | vs base | PEFT ms | PEFT vs base "
+        "| PEFT / peftserve "
         "| adapter MB/step | % of block weights |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]

@@ -57,13 +57,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             metrics_port=args.metrics_port,
             grace_s=args.grace_s,
-            engine=EngineConfig(**engine_kwargs),
+            engine=EngineConfig(**engine_kwargs, adapters=tuple(args.adapters), store=args.store or None),
         )
     except InvalidRequest as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.adapters or args.store:
-        logging.getLogger(__name__).warning("--adapter/--store are parsed but not yet passed to the engine")
 
     import asyncio
 
@@ -185,7 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID=DIR",
         help="register a PEFT adapter directory under ID (repeatable)",
     )
-    serve.add_argument("--store", default=None, metavar="DIR", help="adapter store directory")
+    serve.add_argument(
+        "--store",
+        default="adapters_store",
+        metavar="DIR",
+        help="adapter store scanned at start: every PEFT directory below it is served under its relative"
+        " path as id (default: %(default)s; '' for none)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     serve.set_defaults(run=_cmd_serve)
 

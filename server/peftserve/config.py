@@ -35,11 +35,18 @@ class EngineConfig:
     """Longest prompt plus completion; None takes the model's max_position_embeddings."""
     threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's default."""
+    adapter_slots: int = 32
+    """LoRA / sparse adapters resident on the device at once (prefix adapters need no slot)."""
+    adapters: tuple[tuple[str, str], ...] = ()
+    """Adapters registered at start: (id, PEFT directory) pairs."""
+    store: str | None = None
+    """Adapter store root scanned at start (every PEFT directory below it); None skips it."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InvalidRequest(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_batched_tokens", "max_running", "max_queue", "max_new_tokens_limit"):
+        positive = ("block_size", "max_batched_tokens", "max_running", "max_queue", "max_new_tokens_limit", "adapter_slots")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidRequest(f"{name} must be > 0, got {getattr(self, name)}")
         if self.kv_cache_mb <= 0:

@@ -14,7 +14,9 @@ IN, OUT, T = 24, 40, 30
 def _lora_slots(ranks: list[int | None], seed: int = 0) -> list[LoraDelta | None]:
     gen = torch.Generator().manual_seed(seed)
     return [
-        None if r is None else LoraDelta(a=torch.randn(r, IN, generator=gen), b=torch.randn(OUT, r, generator=gen))
+        None
+        if r is None
+        else LoraDelta(a=torch.randn(r, IN, generator=gen), b=torch.randn(OUT, r, generator=gen))
         for r in ranks
     ]
 
@@ -48,8 +50,18 @@ def _per_token(x: torch.Tensor, spans, delta_of) -> torch.Tensor:
 SPAN_CASES = {
     "empty": [],
     "one-slot-all-tokens": [(0, T, ((2, 1.0),))],
-    "mixed-ranks-contiguous": [(0, 5, ((0, 1.0),)), (5, 1, ((1, 1.0),)), (9, 8, ((2, 1.0),)), (20, 3, ((3, 1.0),))],
-    "same-slot-scattered": [(0, 4, ((1, 1.0),)), (4, 3, ((0, 1.0),)), (10, 2, ((1, 1.0),)), (29, 1, ((1, 1.0),))],
+    "mixed-ranks-contiguous": [
+        (0, 5, ((0, 1.0),)),
+        (5, 1, ((1, 1.0),)),
+        (9, 8, ((2, 1.0),)),
+        (20, 3, ((3, 1.0),)),
+    ],
+    "same-slot-scattered": [
+        (0, 4, ((1, 1.0),)),
+        (4, 3, ((0, 1.0),)),
+        (10, 2, ((1, 1.0),)),
+        (29, 1, ((1, 1.0),)),
+    ],
     "mixtures": [
         (0, 6, ((0, 0.5), (1, -1.5))),
         (6, 6, ((1, 1.0),)),
@@ -72,7 +84,9 @@ def test_lora_grouped_equals_reference(case: str) -> None:
     REFERENCE.lora(y_ref, x, batch, slots)
     GROUPED.lora(y_fast, x, batch, slots)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
-    expected = base.double() + _per_token(x, spans, lambda s: None if slots[s] is None else slots[s].b @ slots[s].a)
+    expected = base.double() + _per_token(
+        x, spans, lambda s: None if slots[s] is None else slots[s].b @ slots[s].a
+    )
     torch.testing.assert_close(y_ref.double(), expected, rtol=1e-5, atol=1e-4)
     untouched = torch.ones(T, dtype=torch.bool)
     for start, length, _ in spans:
@@ -98,7 +112,9 @@ def test_sparse_grouped_equals_reference(case: str) -> None:
             return None
         return torch.zeros(OUT, IN).index_put_((d.rows, d.cols), d.values, accumulate=True)
 
-    torch.testing.assert_close(y_ref.double(), base.double() + _per_token(x, spans, dense), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        y_ref.double(), base.double() + _per_token(x, spans, dense), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_batch_groups_once_per_slot() -> None:
@@ -130,3 +146,16 @@ def test_batch_rejects_bad_spans(spans) -> None:
 def test_kernels_selected_per_device() -> None:
     assert select_kernels("cpu") is GROUPED
     assert select_kernels(torch.device("meta")) is REFERENCE
+
+
+@pytest.mark.parametrize("case", ["one-slot-all-tokens", "mixtures"])
+def test_sparse_grouped_in_chunks(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("peftserve.adapters.sparse.kernels.GATHER_BUDGET", 100)  # chunks of 1-2 tokens
+    spans = SPAN_CASES[case]
+    slots = _sparse_slots([50, 3, 200, 17, None])
+    x, base = torch.randn(T, IN), torch.randn(T, OUT)
+    batch = AdapterBatch.build(spans, T, "cpu")
+    y_ref, y_fast = base.clone(), base.clone()
+    REFERENCE.sparse(y_ref, x, batch, slots)
+    GROUPED.sparse(y_fast, x, batch, slots)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)

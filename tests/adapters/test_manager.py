@@ -1,4 +1,4 @@
-"""AdapterManager bookkeeping: ids, store scan, resolve, slots (LRU, holds), normalization vs peft's deltas."""
+"""AdapterManager: ids, store scan, resolve, slots (LRU, holds), normalized deltas vs peft's own."""
 
 from __future__ import annotations
 

@@ -92,7 +92,9 @@ def test_peft_made_unserved_adapters(base, manager, tmp_path, peft_config, needl
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "lora_ga", "corda", "loftq"])
 def test_unconverted_initializations(manager, lora_dir, tmp_path, init) -> None:
-    _reject(manager, _edited(lora_dir, tmp_path / "a", config={"init_lora_weights": init}), "init_lora_weights")
+    _reject(
+        manager, _edited(lora_dir, tmp_path / "a", config={"init_lora_weights": init}), "init_lora_weights"
+    )
 
 
 def _rename_layer(state: dict[str, torch.Tensor]) -> None:

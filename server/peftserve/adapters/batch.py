@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 SlotWeights = tuple[tuple[int, float], ...]
-"""((slot, weight), ...) of one sequence: one pair with weight 1.0 for a single adapter, several for a mixture."""
+"""((slot, weight), ...) of one sequence: one pair (weight 1.0) for an adapter, several for a mixture."""
 Span = tuple[int, int, SlotWeights]
 """(token_start, token_len, slot_weights) of one sequence in the flattened tokens of the step."""
 
@@ -80,7 +80,8 @@ class AdapterBatch:
         # Gathered groups share one index tensor and one weight tensor, copied to the device once.
         index_parts: list[torch.Tensor] = []
         weight_parts: list[torch.Tensor] = []
-        plans: list[tuple[int, int, int, float, bool, bool]] = []  # (slot, start, n, scale, gathered, varying)
+        # One plan per slot: (slot, start, n, scale, gathered, weights vary within the group).
+        plans: list[tuple[int, int, int, float, bool, bool]] = []
         for slot in sorted(runs):
             slot_runs = runs[slot]
             n = sum(length for _, length, _ in slot_runs)

@@ -36,5 +36,6 @@ def load_adapter(path: str | Path) -> NormalizedAdapter:
     check_finite(tensors)
     try:
         return loader(config, tensors)
-    except (TypeError, ValueError, RuntimeError, KeyError) as exc:  # malformed fields the loader did not foresee
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        # A malformed field the loader did not foresee is still the adapter's fault, not the server's.
         raise AdapterRejected(f"{path}: malformed {peft_type} adapter ({type(exc).__name__}: {exc})") from exc

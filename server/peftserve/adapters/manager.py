@@ -1,4 +1,4 @@
-"""AdapterManager: the runner-facing API: registry, validation against the base, device slots, side channel."""
+"""AdapterManager, the runner-facing API: registry, validation against the base, slots, side channel."""
 
 from __future__ import annotations
 
@@ -154,14 +154,16 @@ def check_against_base(adapter: NormalizedAdapter, base: BaseSpec, model_paths: 
             cols_ok = bool(((delta.cols >= 0) & (delta.cols < in_features)).all())
             if not (rows_ok and cols_ok):
                 raise AdapterRejected(
-                    f"module {path!r}: shira_indices fall outside the base module's {(out_features, in_features)}"
+                    f"module {path!r}: shira_indices fall outside the base module's "
+                    f"{(out_features, in_features)}"
                 )
     if adapter.prefix is not None:
         num_layers, _, kv_heads, _, head_dim = adapter.prefix.kv.shape
         expected = (base.num_layers, base.kv_heads, base.head_dim)
         if (num_layers, kv_heads, head_dim) != expected:
             raise AdapterRejected(
-                f"prefix shape (num_layers, num_attention_heads, head_dim) = {(num_layers, kv_heads, head_dim)} "
+                f"prefix shape (num_layers, num_attention_heads, head_dim) = "
+                f"{(num_layers, kv_heads, head_dim)} "
                 f"does not match the base model's (layers, kv heads, head_dim) = {expected}"
             )
 
@@ -209,7 +211,13 @@ class AdapterManager:
                 raise InvalidRequest(f"adapter {adapter_id!r} is already registered")
             self._adapters[adapter_id] = adapter
             self._infos[adapter_id] = info
-        log.info("registered adapter %s (%s, %d modules) from %s", adapter_id, info.peft_type, info.num_modules, path)
+        log.info(
+            "registered adapter %s (%s, %d modules) from %s",
+            adapter_id,
+            info.peft_type,
+            info.num_modules,
+            path,
+        )
         return info
 
     def unregister(self, adapter_id: str) -> None:
@@ -278,13 +286,19 @@ class AdapterManager:
         if prefixes:
             if len(refs) > 1:
                 raise InvalidRequest(
-                    f"prefix adapter {prefixes[0].adapter_id!r} cannot be part of a mixture (only LoRA/sparse)"
+                    f"prefix adapter {prefixes[0].adapter_id!r} cannot be in a mixture (LoRA/sparse only)"
                 )
             if refs[0].weight != 1.0:
-                raise InvalidRequest(f"prefix adapter {refs[0].adapter_id!r} cannot be weighted (weight must be 1)")
-            return ResolvedAdapters(prefix=prefixes[0].adapter_id, num_virtual_tokens=prefixes[0].num_virtual_tokens)
+                raise InvalidRequest(
+                    f"prefix adapter {refs[0].adapter_id!r} cannot be weighted (weight must be 1)"
+                )
+            return ResolvedAdapters(
+                prefix=prefixes[0].adapter_id, num_virtual_tokens=prefixes[0].num_virtual_tokens
+            )
         if len(refs) > self.num_slots:
-            raise InvalidRequest(f"a mixture of {len(refs)} adapters exceeds the {self.num_slots} adapter slots")
+            raise InvalidRequest(
+                f"a mixture of {len(refs)} adapters exceeds the {self.num_slots} adapter slots"
+            )
         return ResolvedAdapters(deltas=tuple(refs))
 
     # -- slots ------------------------------------------------------------------------------------
@@ -326,7 +340,7 @@ class AdapterManager:
             return self._slot_of.get(adapter_id)
 
     def prefix_kv(self, adapter_id: str) -> torch.Tensor | None:
-        """[L, 2 (key, value), kv_heads, nvt, head_dim] in the model's dtype and device; None if not prefix."""
+        """[L, 2 (key, value), kv_heads, nvt, head_dim] in the model's dtype/device; None if not prefix."""
         with self._lock:
             adapter = self._get(adapter_id)
             if adapter.prefix is None:

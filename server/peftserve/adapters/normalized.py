@@ -81,7 +81,7 @@ class NormalizedAdapter:
     """The peft_type it was saved as (LORA, ADALORA, PREFIX_TUNING, SHIRA)."""
     kind: AdapterKind
     deltas: dict[str, Delta] = field(default_factory=dict)
-    """Module path in the base model (e.g. 'model.layers.0.self_attn.q_proj') to its delta; empty for prefix."""
+    """Module path in the base model (e.g. 'model.layers.0.mlp.up_proj') -> its delta; empty for prefix."""
     prefix: PrefixKV | None = None
 
     @property

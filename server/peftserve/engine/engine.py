@@ -93,12 +93,18 @@ class LLMEngine:
     @classmethod
     def create(cls, config: EngineConfig) -> LLMEngine:
         """Load the base model named by the config and build the engine on it."""
+        from peftserve.adapters.manager import AdapterManager
         from peftserve.model.loader import load_base_model
 
         if config.threads:
             torch.set_num_threads(config.threads)
         loaded = load_base_model(config.model, config.device, config.dtype)
-        return cls(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id)
+        manager = AdapterManager(loaded.model, config.adapter_slots, loaded.device, loaded.dtype)
+        for adapter_id, path in config.adapters:
+            manager.register(adapter_id, path)
+        if config.store is not None:
+            manager.scan_store(config.store)
+        return cls(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id, adapters=manager)
 
     @classmethod
     def from_model(cls, model, tokenizer, config: EngineConfig | None = None, **kwargs) -> LLMEngine:

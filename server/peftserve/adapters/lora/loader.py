@@ -42,7 +42,7 @@ def check_lora_family_config(config: Config) -> None:
     if isinstance(init, str) and init.lower().startswith(UNCONVERTED_INITS):
         raise AdapterRejected(
             f"init_lora_weights={init!r}: this initialization modifies the base weights; save the adapter "
-            "with save_pretrained(..., path_initial_model_for_weight_conversion=...) to convert it to plain LoRA"
+            "with save_pretrained(..., path_initial_model_for_weight_conversion=...) to get plain LoRA"
         )
 
 
@@ -92,7 +92,8 @@ def load_lora(config: Config, tensors: Tensors) -> NormalizedAdapter:
         b = params["lora_B.weight"]  # [out, r]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise AdapterRejected(
-                f"module {path!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form (r, in), (out, r)"
+                f"module {path!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                "do not form (r, in), (out, r)"
             )
         rank = a.shape[0]
         if rank == 0:

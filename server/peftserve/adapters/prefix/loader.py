@@ -50,7 +50,9 @@ def load_prefix(config: Config, tensors: Tensors) -> NormalizedAdapter:
         raise AdapterRejected(f"token_dim={token_dim} is not a multiple of num_attention_heads={kv_heads}")
     extra = sorted(set(tensors) - {EMBEDDINGS_KEY})
     if extra:
-        raise AdapterRejected(f"tensor {extra[0]!r} is not served (a prefix adapter holds only {EMBEDDINGS_KEY})")
+        raise AdapterRejected(
+            f"tensor {extra[0]!r} is not served (a prefix adapter holds only {EMBEDDINGS_KEY})"
+        )
     if EMBEDDINGS_KEY not in tensors:
         raise AdapterRejected(f"{EMBEDDINGS_KEY} is missing")
     embeddings = tensors[EMBEDDINGS_KEY]  # [nvt, L*2*token_dim]

@@ -32,6 +32,20 @@ def sparse_reference(
             y[start : start + length] += weight * (xs @ dense[slot].T)
 
 
+GATHER_BUDGET = 1 << 22
+"""Most elements of the [n, k] gathered-columns temporary; larger token groups go in chunks."""
+
+
+def _add_sparse(y: torch.Tensor, x: torch.Tensor, d: SparseDelta, scale: float) -> None:
+    """y [n, out] += scale * x [n, in] @ dW.T, through the k entries, in token chunks of bounded memory."""
+    chunk = max(1, GATHER_BUDGET // max(1, d.nnz))
+    for start in range(0, x.shape[0], chunk):
+        contrib = x[start : start + chunk].index_select(1, d.cols) * d.values  # [c, k]
+        if scale != 1.0:
+            contrib.mul_(scale)
+        y[start : start + chunk].index_add_(1, d.rows, contrib)
+
+
 def sparse_grouped(
     y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, slots: Sequence[SparseDelta | None]
 ) -> None:
@@ -44,13 +58,12 @@ def sparse_grouped(
         d = slots[g.slot]
         if d is None:
             continue
-        xs = x[g.start : g.stop] if g.index is None else x.index_select(0, g.index)  # [n, in]
-        contrib = xs.index_select(1, d.cols) * d.values  # [n, k]
-        if g.weight is not None:
-            contrib.mul_(g.weight)
-        elif g.scale != 1.0:
-            contrib.mul_(g.scale)
         if g.index is None:
-            y[g.start : g.stop].index_add_(1, d.rows, contrib)
-        else:
-            y.index_add_(0, g.index, torch.zeros_like(y[: g.num_tokens]).index_add_(1, d.rows, contrib))
+            _add_sparse(y[g.start : g.stop], x[g.start : g.stop], d, g.scale)
+            continue
+        xs = x.index_select(0, g.index)  # [n, in]
+        if g.weight is not None:
+            xs.mul_(g.weight)
+        ys = torch.zeros(g.num_tokens, y.shape[1], dtype=y.dtype, device=y.device)  # [n, out]
+        _add_sparse(ys, xs, d, g.scale)
+        y.index_add_(0, g.index, ys)
