@@ -1,0 +1,56 @@
+"""`peftserve serve --adapter ID=DIR` on a tiny model: adapters by id over gRPC, mixed in one batch."""
+
+from __future__ import annotations
+
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from peft import PeftModel
+from peftserve_client import Client, NotFound
+
+from tests.adapters import peft_factory as pf
+from tests.engine.test_adapter_fidelity import reference_run
+from tests.helpers.tiny_models import build_tiny_model
+
+from .serve_process import ServeProcess, python, source_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_adapters_by_id_in_one_batch_equal_peft(tiny_llama_dir, tmp_path):
+    base, tokenizer = build_tiny_model("llama")
+    lora = pf.make_lora_patterns(base, "llama", tmp_path / "lora")
+    prefix = pf.make_prefix(base, tmp_path / "prefix", projection=True)
+    argv = python(
+        "-m", "peftserve.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0", "--store", "",
+        "--adapter", f"acme/lora={lora}", "--adapter", f"acme/prefix={prefix}",
+    )
+    server = ServeProcess(argv, source_env())
+    try:
+        address = server.wait_ready(240)
+        prompt = "The quick brown fox"
+        ids = tokenizer(prompt)["input_ids"]
+        with Client(address, timeout=60) as client:
+            with ThreadPoolExecutor(4) as pool:
+                calls = {
+                    name: pool.submit(client.generate, prompt, adapter_id=name, max_new_tokens=12, ignore_eos=True)
+                    for name in ("acme/lora", "acme/prefix", "")
+                }
+                results = {name: call.result() for name, call in calls.items()}
+            with pytest.raises(NotFound, match="acme/missing"):
+                client.generate(prompt, adapter_id="acme/missing")
+            mixed = client.generate(prompt, adapters={"acme/lora": 0.5}, max_new_tokens=12, ignore_eos=True)
+    finally:
+        server.stop()
+
+    references = {
+        "acme/lora": PeftModel.from_pretrained(copy.deepcopy(base), lora).eval(),
+        "acme/prefix": PeftModel.from_pretrained(copy.deepcopy(base), prefix).eval(),
+        "": base,
+    }
+    for name, result in results.items():
+        want, _ = reference_run(references[name], ids, 12)
+        assert list(result.token_ids) == want, name
+    half, _ = reference_run(pf.merged_mixture(base, [(lora, 0.5)]), ids, 12)
+    assert list(mixed.token_ids) == half
