@@ -5,7 +5,8 @@ a full-model forward on [B, T] (plain transformers, sdpa, logits at the last pos
 LoRA on all 7 projections: 1, 4, 8, 16, 32 distinct adapters (sequence i uses adapter i % k), and 32
 distinct adapters of mixed ranks {8, 16, 32, 64}. Compared in the same run against the base model alone
 and against PEFT's own mixed batch (`adapter_names=`). Adapters are made by peft, saved, and loaded by
-peftserve's AdapterManager from the saved directories.
+peftserve's AdapterManager from the saved directories. "base" is the same wrapped model with no adapter
+batch set (the wrappers then only call their base layer). Times are best-of-N, variants interleaved.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_adapters.py --shape bench-1b
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_adapters.py --quick
@@ -121,6 +122,9 @@ def run_shape(shape: Shape, ks: list[int], repeats: int, device: str, store: Pat
     with torch.inference_mode():
         for step, seq in STEPS.items():
             ids = torch.randint(3, shape.vocab, (BATCH, seq), generator=gen).to(device)  # [B, T]
+            for _ in range(2):  # first-touch effects (allocator, page faults) stay out of the first row
+                model(input_ids=ids, logits_to_keep=1)
+                peft_model(input_ids=ids, adapter_names=[uniform[0][0]] * BATCH, logits_to_keep=1)
             for label, names in configs:
                 slots = [manager.acquire(n) for n in names]
                 per_seq = [names[i % len(names)] for i in range(BATCH)]
