@@ -67,3 +67,79 @@ class EngineClient(Protocol):
     def shutdown(self) -> None:
         """Release the engine's resources (its thread) after drain."""
         ...
+
+
+# -- adapter administration (issue 4): what the admin API needs from the adapter registry --------
+
+Tier = str
+"""Where an adapter version lives now: "disk", "host" (CPU memory cache) or "device" (a slot)."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    """The stored description of one adapter version (written beside its files as manifest.json)."""
+
+    adapter_id: str
+    """Full id: '<tenant>/<name>'."""
+    version: str
+    """'v1', 'v2', ... increasing per adapter id."""
+    kind: str
+    """'lora' (LORA, ADALORA), 'sparse' (SHIRA) or 'prefix' (PREFIX_TUNING)."""
+    peft_type: str
+    base_fingerprint: str
+    """Identifies the base model architecture the adapter was validated against."""
+    ranks: tuple[int, ...]
+    target_modules: tuple[str, ...]
+    num_virtual_tokens: int
+    nbytes: int
+    """Bytes of all stored files."""
+    files: tuple[FileEntry, ...]
+    created_at: float
+    """Unix time of the commit."""
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """A registered adapter's current version and where it is."""
+
+    manifest: AdapterManifest
+    tier: Tier
+    pinned: bool
+    active_requests: int
+
+
+class AdapterAdmin(Protocol):
+    """Adapter lifecycle, always scoped to one tenant. Ids here are names inside that tenant.
+
+    Errors: InvalidRequest (bad id, bad files), AdapterNotFound (missing, or another tenant's: the
+    same message), FailedPrecondition (trained for another base model), CapacityExceeded (quota).
+    """
+
+    async def upload(self, tenant: str, name: str, files: dict[str, bytes]) -> AdapterManifest:
+        """Validate completely, then commit a new version atomically; it serves new requests at once."""
+        ...
+
+    async def load(self, tenant: str, name: str, pin: bool = False) -> AdapterStatus:
+        """Bring the current version to a device slot (pinned: never evicted until unloaded)."""
+        ...
+
+    async def unload(self, tenant: str, name: str) -> AdapterStatus:
+        """Drop it from device and host memory (in-flight requests finish first); the store keeps it."""
+        ...
+
+    async def delete(self, tenant: str, name: str) -> None:
+        """Remove every version from the store; in-flight requests finish on what they started with."""
+        ...
+
+    async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[AdapterStatus], str]:
+        """The tenant's adapters sorted by name; returns the page and the next page token ('' at the end)."""
+        ...
+
+    async def get(self, tenant: str, name: str) -> AdapterStatus: ...
