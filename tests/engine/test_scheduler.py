@@ -1,0 +1,73 @@
+"""The scheduling policy on its own (plain Python): budgets, FCFS admission, preemption."""
+
+from __future__ import annotations
+
+from peftserve.engine.request import AdapterRef, FinishReason, SamplingParams
+from peftserve.engine.scheduler import Scheduler
+from peftserve.engine.sequence import SeqStatus, Sequence
+
+
+def seq(rid: str, n: int, adapters: tuple[str, ...] = ()) -> Sequence:
+    return Sequence(rid, list(range(n)), SamplingParams(), deltas=tuple(AdapterRef(a) for a in adapters))
+
+
+def run(plan) -> None:
+    """What the engine does after a step: count computed tokens, append one sampled token."""
+    for chunk in plan.chunks:
+        chunk.seq.num_computed += chunk.num_tokens
+        if chunk.sample:
+            chunk.seq.output_ids.append(0)
+
+
+def test_prefill_is_chunked_under_the_token_budget_and_decodes_go_first():
+    s = Scheduler(num_blocks=100, block_size=4, max_batched_tokens=8, max_running=4, max_slot_adapters=0)
+    a, b = seq("a", 3), seq("b", 20)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule()
+    assert [(c.seq.request_id, c.num_tokens, c.sample) for c in plan.chunks] == [
+        ("a", 3, True),
+        ("b", 5, False),
+    ]
+    run(plan)
+    plan = s.schedule()
+    assert [(c.seq.request_id, c.num_tokens, c.sample) for c in plan.chunks] == [
+        ("a", 1, True),
+        ("b", 7, False),
+    ]
+    assert plan.num_tokens == 8
+
+
+def test_admission_is_fcfs_and_needs_blocks_for_the_whole_prompt():
+    s = Scheduler(num_blocks=5, block_size=4, max_batched_tokens=64, max_running=8, max_slot_adapters=0)
+    big, small = seq("big", 24), seq("small", 2)  # big needs 6 blocks: more than there are free
+    s.add(seq("first", 8))
+    s.add(big)
+    s.add(small)
+    plan = s.schedule()
+    assert [c.seq.request_id for c in plan.chunks] == ["first"]  # small waits behind big
+    assert s.allocator.num_free == 3
+
+
+def test_the_youngest_is_preempted_and_resumes_first():
+    s = Scheduler(num_blocks=4, block_size=4, max_batched_tokens=64, max_running=8, max_slot_adapters=0)
+    old, young = seq("old", 8), seq("young", 7)
+    s.add(old)
+    s.add(young)
+    run(s.schedule())  # old: 2 blocks, young: 2 blocks, all taken
+    plan = s.schedule()  # old's 9th token needs a third block: young is preempted
+    assert plan.preempted == [young] and young.status is SeqStatus.WAITING and young.num_computed == 0
+    assert [c.seq.request_id for c in plan.chunks] == ["old"]
+    assert s.waiting[0] is young and s.num_preemptions == 1
+    run(plan)
+    s.finish(old, FinishReason.LENGTH)
+    plan = s.schedule()  # young recomputes its prompt and its sampled token
+    assert plan.admitted == [young] and plan.chunks[0].num_tokens == 8
+
+
+def test_distinct_adapters_among_running_sequences_never_exceed_the_slots():
+    s = Scheduler(num_blocks=100, block_size=4, max_batched_tokens=64, max_running=8, max_slot_adapters=2)
+    for rid, adapters in [("a", ("x",)), ("b", ("y",)), ("c", ("x", "y")), ("d", ("z",)), ("e", ())]:
+        s.add(seq(rid, 3, adapters))
+    plan = s.schedule()
+    assert [c.seq.request_id for c in plan.chunks] == ["a", "b", "c"]  # d would be a third adapter

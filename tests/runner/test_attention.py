@@ -1,0 +1,92 @@
+"""Ragged paged attention against plain per-sequence attention (its reference semantics)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from peftserve.runner.attention import AttentionMetadata, PrefillChunk, paged_attention
+from peftserve.runner.kv_cache import PagedKVCache
+
+HQ, HKV, D, BS = 4, 2, 8, 4
+
+
+class _Layer(torch.nn.Module):
+    layer_idx = 0
+
+
+def reference(q, k, v, window=None):
+    """Causal attention of one sequence whose last q.shape[1] keys are the queries'. q: [H, n, D]."""
+    n, ctx = q.shape[1], k.shape[1]
+    qpos = torch.arange(ctx - n, ctx)[:, None]
+    kpos = torch.arange(ctx)[None]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    k = k.repeat_interleave(HQ // HKV, 0)
+    v = v.repeat_interleave(HQ // HKV, 0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [H, n, D]
+
+
+def run_case(seqs, window=None):
+    """seqs: (context already cached, new tokens) per sequence; new tokens of 1 with context > 0 decode."""
+    g = torch.Generator().manual_seed(0)
+    cache = PagedKVCache(1, 64, BS, HKV, D, torch.float32, torch.device("cpu"))
+    blocks = iter(torch.randperm(64, generator=g).tolist())
+    full_k, full_v, queries, tables = [], [], [], []
+    for cached, new in seqs:
+        ctx = cached + new
+        table = [next(blocks) for _ in range(-(-ctx // BS))]
+        slots = torch.tensor([table[i // BS] * BS + i % BS for i in range(ctx)])
+        k = torch.randn(HKV, ctx, D, generator=g)
+        v = torch.randn(HKV, ctx, D, generator=g)
+        cache.keys[0, slots[:cached]] = k[:, :cached].transpose(0, 1)
+        cache.values[0, slots[:cached]] = v[:, :cached].transpose(0, 1)
+        full_k.append(k), full_v.append(v), tables.append(slots)
+        queries.append(torch.randn(HQ, new, D, generator=g))
+
+    slot_map, decode_idx, decode_slots, decode_lens, prefills = [], [], [], [], []
+    start = 0
+    for (cached, new), slots in zip(seqs, tables, strict=True):
+        slot_map.append(slots[cached:])
+        if new == 1 and cached > 0:
+            decode_idx.append(start)
+            decode_slots.append(slots)
+            decode_lens.append(cached + 1)
+        else:
+            prefills.append(PrefillChunk(start, new, cached + new, slots if cached else None))
+        start += new
+    lmax = max((len(s) for s in decode_slots), default=0)
+    meta = AttentionMetadata(
+        cache=cache,
+        slot_mapping=torch.cat(slot_map),
+        decode_token_idx=torch.tensor(decode_idx) if decode_idx else None,
+        decode_slots=torch.stack([F.pad(s, (0, lmax - len(s))) for s in decode_slots])
+        if decode_idx
+        else None,
+        decode_ctx_lens=torch.tensor(decode_lens) if decode_idx else None,
+        prefills=prefills,
+    )
+    q = torch.cat(queries, dim=1)[None]  # [1, HQ, T, D]
+    k_new = torch.cat([k[:, c:] for k, (c, _) in zip(full_k, seqs, strict=True)], dim=1)[None]
+    v_new = torch.cat([v[:, c:] for v, (c, _) in zip(full_v, seqs, strict=True)], dim=1)[None]
+    cache.update(k_new, v_new, 0, kwargs={"peftserve_attn": meta})
+    out, _ = paged_attention(_Layer(), q, k_new, v_new, None, sliding_window=window, peftserve_attn=meta)
+
+    start = 0
+    for (cached, new), q_i, k, v in zip(seqs, queries, full_k, full_v, strict=True):
+        want = reference(q_i, k, v, window).transpose(0, 1)  # [n, H, D]
+        torch.testing.assert_close(out[0, start : start + new], want, atol=1e-5, rtol=1e-5)
+        start += new
+
+
+def test_decode_rows_fresh_prefills_and_chunks_with_context():
+    run_case([(0, 7), (9, 1), (5, 6), (13, 1), (0, 1), (3, 1)])
+
+
+def test_sliding_window_in_every_path():
+    run_case([(0, 11), (14, 1), (6, 9)], window=4)
+
+
+def test_only_decode_rows():
+    run_case([(1, 1), (30, 1), (17, 1)])
