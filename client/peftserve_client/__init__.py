@@ -3,9 +3,12 @@
 Needs grpcio and protobuf only; results are plain frozen dataclasses, failures one exception tree::
 
     with Client("127.0.0.1:50051", timeout=30) as client:
-        print(client.generate("Hello", adapter_id="acme/support/v1", max_new_tokens=32).text)
+        print(client.generate("Hello", adapter_id="acme/support", max_new_tokens=32).text)
         for chunk in client.generate_stream("Hello", temperature=0.7, seed=1):
             print(chunk.text, end="")
+        client.upload_adapter("out/support-lora", "support")  # admin scope: the caller's tenant
+        for status in client.iter_adapters():
+            print(status.adapter_id, status.manifest.version, status.tier)
 """
 
 from peftserve_client.async_client import AsyncClient
@@ -25,10 +28,15 @@ from peftserve_client.errors import (
     Unavailable,
 )
 from peftserve_client.types import (
+    AdapterFile,
+    AdapterManifest,
+    AdapterPage,
+    AdapterStatus,
     FinishReason,
     GenerateResult,
     ModelInfo,
     StreamChunk,
+    Tier,
     TokenizeResult,
     Usage,
 )
@@ -36,6 +44,10 @@ from peftserve_client.types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFile",
+    "AdapterManifest",
+    "AdapterPage",
+    "AdapterStatus",
     "AlreadyExists",
     "AsyncClient",
     "Cancelled",
@@ -52,6 +64,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "StreamChunk",
+    "Tier",
     "TokenizeResult",
     "Unauthenticated",
     "Unavailable",

@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TypedDict
 
 from google.protobuf import wrappers_pb2
 
 from peftserve_client._proto import peftserve_pb2 as pb
 from peftserve_client.types import (
+    AdapterFile,
+    AdapterManifest,
+    AdapterPage,
+    AdapterStatus,
     FinishReason,
     GenerateResult,
     ModelInfo,
     StreamChunk,
+    Tier,
     TokenizeResult,
     Usage,
 )
 
 API_KEY_HEADER = "x-api-key"
 HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+UPLOAD_CHUNK_BYTES = 1 << 20
+"""Upload message size: well under gRPC's default 4 MiB message limit."""
 
 AdapterMixture = Mapping[str, float] | Sequence[tuple[str, float]]
 
@@ -50,6 +59,12 @@ _FINISH_REASONS = {
     pb.FINISH_REASON_STOP: FinishReason.STOP,
     pb.FINISH_REASON_EOS: FinishReason.EOS,
     pb.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+}
+
+_TIERS = {
+    pb.RESIDENCY_TIER_DISK: Tier.DISK,
+    pb.RESIDENCY_TIER_HOST: Tier.HOST,
+    pb.RESIDENCY_TIER_DEVICE: Tier.DEVICE,
 }
 
 
@@ -148,6 +163,78 @@ def to_model_info(msg: pb.ModelInfoResponse) -> ModelInfo:
         server_version=msg.server_version,
         eos_token_ids=tuple(msg.eos_token_ids),
     )
+
+
+def adapter_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """The regular files at the top of a PEFT adapter directory, by name; folders are skipped.
+
+    Raises ValueError for a symbolic link (never followed) or another non-regular entry, and when
+    there is no file at all.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory")
+    files = []
+    with os.scandir(root) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.is_symlink():
+                raise ValueError(f"{entry.path} is a symbolic link: upload regular files only")
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            if not entry.is_file(follow_symlinks=False):
+                raise ValueError(f"{entry.path} is not a regular file")
+            files.append(Path(entry.path))
+    if not files:
+        raise ValueError(f"{root} holds no files to upload")
+    return files
+
+
+def upload_requests(
+    adapter_id: str, files: Iterable[Path], chunk_size: int = UPLOAD_CHUNK_BYTES
+) -> Iterator[pb.UploadAdapterRequest]:
+    """The UploadAdapter stream: the id, then each file in chunks, read as the stream is sent."""
+    yield pb.UploadAdapterRequest(adapter_id=adapter_id)
+    for path in files:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # a file swapped for a link fails
+        with open(fd, "rb") as f:
+            data = f.read(chunk_size)
+            while True:  # an empty file still sends one (empty) chunk
+                yield pb.UploadAdapterRequest(file_name=path.name, data=data)
+                data = f.read(chunk_size)
+                if not data:
+                    break
+
+
+def to_adapter_manifest(msg: pb.AdapterManifest) -> AdapterManifest:
+    """The typed form of an AdapterManifest."""
+    return AdapterManifest(
+        adapter_id=msg.adapter_id,
+        version=msg.version,
+        kind=msg.kind,
+        peft_type=msg.peft_type,
+        base_fingerprint=msg.base_fingerprint,
+        ranks=tuple(msg.ranks),
+        target_modules=tuple(msg.target_modules),
+        num_virtual_tokens=msg.num_virtual_tokens,
+        nbytes=msg.nbytes,
+        files=tuple(AdapterFile(f.name, f.size, f.sha256) for f in msg.files),
+        created_at=msg.created_at,
+    )
+
+
+def to_adapter_status(msg: pb.AdapterStatus) -> AdapterStatus:
+    """The typed form of an AdapterStatus."""
+    return AdapterStatus(
+        manifest=to_adapter_manifest(msg.manifest),
+        tier=_TIERS.get(msg.tier),
+        pinned=msg.pinned,
+        active_requests=msg.active_requests,
+    )
+
+
+def to_adapter_page(msg: pb.ListAdaptersResponse) -> AdapterPage:
+    """The typed form of a ListAdaptersResponse."""
+    return AdapterPage(tuple(to_adapter_status(s) for s in msg.adapters), msg.next_page_token)
 
 
 # grpc.health.v1 without grpcio-health-checking: HealthCheckRequest is {string service = 1} and

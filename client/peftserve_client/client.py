@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -11,10 +12,20 @@ from peftserve_client import _core
 from peftserve_client._proto import peftserve_pb2 as pb
 from peftserve_client._proto import peftserve_pb2_grpc as pb_grpc
 from peftserve_client.errors import from_rpc_error
-from peftserve_client.types import GenerateResult, ModelInfo, StreamChunk, TokenizeResult
+from peftserve_client.types import (
+    AdapterManifest,
+    AdapterPage,
+    AdapterStatus,
+    GenerateResult,
+    ModelInfo,
+    StreamChunk,
+    TokenizeResult,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+Response = TypeVar("Response")
 
 
 class Client:
@@ -23,6 +34,7 @@ class Client:
     def __init__(self, address: str, timeout: float | None = None, api_key: str | None = None) -> None:
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.InferenceStub(self._channel)
+        self._admin = pb_grpc.AdaptersStub(self._channel)
         self._health_check = self._channel.unary_unary(
             _core.HEALTH_CHECK_METHOD,
             request_serializer=_core.HEALTH_REQUEST.SerializeToString,
@@ -30,6 +42,8 @@ class Client:
         )
         self._timeout = timeout
         self._metadata = _core.metadata(api_key)
+
+    # -- Inference ---------------------------------------------------------------------------
 
     def generate(
         self,
@@ -40,11 +54,7 @@ class Client:
     ) -> GenerateResult:
         """Generate a completion and return it whole."""
         request = _core.build_generate_request(prompt, options)
-        try:
-            response = self._stub.Generate(request, **self._call_kwargs(timeout))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return _core.to_generate_result(response)
+        return _core.to_generate_result(self._call(self._stub.Generate, request, timeout))
 
     def generate_stream(
         self,
@@ -66,27 +76,67 @@ class Client:
 
     def tokenize(self, text: str, *, timeout: float | None = None) -> TokenizeResult:
         """Token ids of text under the served model's tokenizer."""
-        try:
-            response = self._stub.Tokenize(pb.TokenizeRequest(text=text), **self._call_kwargs(timeout))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return _core.to_tokenize_result(response)
+        return _core.to_tokenize_result(
+            self._call(self._stub.Tokenize, pb.TokenizeRequest(text=text), timeout)
+        )
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served base model and the server's limits."""
-        try:
-            response = self._stub.ModelInfo(pb.ModelInfoRequest(), **self._call_kwargs(timeout))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return _core.to_model_info(response)
+        return _core.to_model_info(self._call(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status of service ('' is the whole server), e.g. 'SERVING'."""
-        try:
-            response = self._health_check(_core.HEALTH_REQUEST(value=service), **self._call_kwargs(timeout))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return _core.serving_status_name(response)
+        request = _core.HEALTH_REQUEST(value=service)
+        return _core.serving_status_name(self._call(self._health_check, request, timeout))
+
+    # -- Adapters (admin scope) ---------------------------------------------------------------
+
+    def upload_adapter(
+        self, directory: str | os.PathLike[str], adapter_id: str, *, timeout: float | None = None
+    ) -> AdapterManifest:
+        """Upload the top-level files of a PEFT directory as the adapter's next version."""
+        requests = _core.upload_requests(adapter_id, _core.adapter_files(directory))
+        return _core.to_adapter_manifest(self._call(self._admin.UploadAdapter, requests, timeout))
+
+    def load_adapter(
+        self, adapter_id: str, pin: bool = False, *, timeout: float | None = None
+    ) -> AdapterStatus:
+        """Bring the adapter to a device slot now; pinned, it stays there until unloaded."""
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id, pin=pin)
+        return _core.to_adapter_status(self._call(self._admin.LoadAdapter, request, timeout))
+
+    def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> AdapterStatus:
+        """Drop the adapter from device and host memory; the server's store keeps it."""
+        request = pb.UnloadAdapterRequest(adapter_id=adapter_id)
+        return _core.to_adapter_status(self._call(self._admin.UnloadAdapter, request, timeout))
+
+    def delete_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:
+        """Remove every version of the adapter."""
+        self._call(self._admin.DeleteAdapter, pb.DeleteAdapterRequest(adapter_id=adapter_id), timeout)
+
+    def get_adapter(self, adapter_id: str, *, timeout: float | None = None) -> AdapterStatus:
+        """The adapter's current manifest and where it is."""
+        request = pb.GetAdapterRequest(adapter_id=adapter_id)
+        return _core.to_adapter_status(self._call(self._admin.GetAdapter, request, timeout))
+
+    def list_adapters(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> AdapterPage:
+        """One page of the caller's adapters, sorted by id (page_size 0: the server's default)."""
+        request = pb.ListAdaptersRequest(page_size=page_size, page_token=page_token)
+        return _core.to_adapter_page(self._call(self._admin.ListAdapters, request, timeout))
+
+    def iter_adapters(self, *, page_size: int = 0, timeout: float | None = None) -> Iterator[AdapterStatus]:
+        """Every adapter of the caller, fetching page after page."""
+        token = ""
+        while True:
+            page = self.list_adapters(page_size=page_size, page_token=token, timeout=timeout)
+            yield from page.adapters
+            token = page.next_page_token
+            if not token:
+                return
+
+    # -- plumbing -----------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""
@@ -97,6 +147,13 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _call(self, rpc: Callable[..., Response], request: Any, timeout: float | None) -> Response:
+        """One unary-response call, its failure raised from the client's exception tree."""
+        try:
+            return rpc(request, **self._call_kwargs(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
 
     def _call_kwargs(self, timeout: float | None) -> dict:
         return {"timeout": _core.deadline(timeout, self._timeout), "metadata": self._metadata}

@@ -106,3 +106,69 @@ class ModelInfo:
     kv_block_size: int
     server_version: str
     eos_token_ids: tuple[int, ...]
+
+
+class Tier(str, enum.Enum):
+    """Where an adapter's current version is."""
+
+    DISK = "disk"
+    """Only in the server's store."""
+    HOST = "host"
+    """In the server's host memory cache."""
+    DEVICE = "device"
+    """In a device slot, ready for the next step."""
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """One stored file of an adapter version."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    """One stored version of an adapter."""
+
+    adapter_id: str
+    """Full id: 'tenant/name'."""
+    version: str
+    """'v1', 'v2', ... increasing per adapter id."""
+    kind: str
+    """'lora', 'sparse' or 'prefix'."""
+    peft_type: str
+    base_fingerprint: str
+    ranks: tuple[int, ...]
+    target_modules: tuple[str, ...]
+    num_virtual_tokens: int
+    nbytes: int
+    """Bytes of all stored files."""
+    files: tuple[AdapterFile, ...]
+    created_at: float
+    """Unix time of the commit."""
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """An adapter's current version and where it is."""
+
+    manifest: AdapterManifest
+    tier: Tier | None
+    """None when the server reports a tier this SDK does not know."""
+    pinned: bool
+    active_requests: int
+
+    @property
+    def adapter_id(self) -> str:
+        return self.manifest.adapter_id
+
+
+@dataclass(frozen=True)
+class AdapterPage:
+    """One page of list_adapters()."""
+
+    adapters: tuple[AdapterStatus, ...]
+    next_page_token: str
+    """Pass it to the next call; empty on the last page."""

@@ -1,6 +1,7 @@
-"""The `peftserve` command: serve a model, locate the default model, and call a running server.
+"""The `peftserve` command: serve a model, locate the default model, manage API keys, call a server.
 
-Client-side commands (generate, info, health) import only the client SDK, never torch.
+Client-side commands (generate, info, health, adapters) import only the client SDK, never torch;
+they send the API key of the PEFTSERVE_API_KEY environment variable.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftserve.config import DTYPES, EngineConfig, ServerConfig
 from peftserve.errors import InvalidRequest, PeftServeError
 
+if TYPE_CHECKING:
+    from peftserve_client import AdapterManifest, AdapterStatus, Client
+
 DEFAULT_ADDRESS = os.environ.get("PEFTSERVE_ADDRESS", "127.0.0.1:50051")
+API_KEY_ENV = "PEFTSERVE_API_KEY"
 
 # (flag, EngineConfig field, type, help): flags left out keep EngineConfig's own default.
 _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
@@ -49,9 +55,12 @@ def configure_logging(level: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from peftserve.auth import KeyRing
+
     configure_logging(args.log_level)
     engine_kwargs = {f: getattr(args, f) for _, f, _, _ in _ENGINE_FLAGS if getattr(args, f) is not None}
     try:
+        keys = KeyRing.load(args.keys_file) if args.keys_file else None
         config = ServerConfig(
             host=args.host,
             port=args.port,
@@ -68,7 +77,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from peftserve.api.server import serve  # server-only: grpc health/reflection, later torch
 
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, keys=keys))
     except PeftServeError as e:  # raised while loading the engine: bad model directory, too little memory ...
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -90,7 +99,7 @@ def _cmd_model_path(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from peftserve_client import Client, GenerateResult
+    from peftserve_client import GenerateResult
 
     options = {
         "adapter_id": args.adapter,
@@ -101,7 +110,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "stop": args.stop or None,
     }
-    with Client(args.address, timeout=args.timeout) as client:
+    with _client(args) as client:
         if args.stream:
             chunks = []
             for chunk in client.generate_stream(args.prompt, **options):
@@ -132,9 +141,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from peftserve_client import Client
-
-    with Client(args.address, timeout=args.timeout) as client:
+    with _client(args) as client:
         info = dataclasses.asdict(client.model_info())
     if args.json:
         print(json.dumps(info))
@@ -145,12 +152,103 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from peftserve_client import Client
-
-    with Client(args.address, timeout=args.timeout) as client:
+    with _client(args) as client:
         status = client.health(args.service)
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _adapter_upload(client: Client, args: argparse.Namespace) -> AdapterManifest:
+    return client.upload_adapter(args.directory, args.id)
+
+
+def _adapter_list(client: Client, args: argparse.Namespace) -> list[AdapterStatus]:
+    return list(client.iter_adapters())
+
+
+def _adapter_get(client: Client, args: argparse.Namespace) -> AdapterStatus:
+    return client.get_adapter(args.id)
+
+
+def _adapter_load(client: Client, args: argparse.Namespace) -> AdapterStatus:
+    return client.load_adapter(args.id, pin=args.pin)
+
+
+def _adapter_unload(client: Client, args: argparse.Namespace) -> AdapterStatus:
+    return client.unload_adapter(args.id)
+
+
+def _adapter_delete(client: Client, args: argparse.Namespace) -> dict[str, object]:
+    client.delete_adapter(args.id)
+    return {"adapter_id": args.id, "deleted": True}
+
+
+def _describe(result: AdapterManifest | AdapterStatus | dict[str, object]) -> str:
+    """One line for a person."""
+    from peftserve_client import AdapterManifest
+
+    if isinstance(result, dict):
+        return f"deleted {result['adapter_id']}"
+    manifest = result if isinstance(result, AdapterManifest) else result.manifest
+    line = f"{manifest.adapter_id} {manifest.version}: {manifest.kind} ({manifest.peft_type})"
+    if isinstance(result, AdapterManifest):
+        return f"{line}, {len(manifest.files)} files, {manifest.nbytes} bytes"
+    tier = result.tier.value if result.tier else "unknown"
+    pinned = ", pinned" if result.pinned else ""
+    return f"{line}, tier {tier}{pinned}, {result.active_requests} active requests"
+
+
+def _cmd_adapters(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            result = args.action(client, args)
+    except (OSError, ValueError) as e:  # the directory to upload: missing, a symlink in it, no files
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    items = result if isinstance(result, list) else [result]
+    if args.json:
+        rows = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in items]
+        print(json.dumps(rows if isinstance(result, list) else rows[0]))
+    else:
+        for item in items:
+            print(_describe(item))
+    return 0
+
+
+def _cmd_keys_add(args: argparse.Namespace) -> int:
+    from peftserve.auth import KeyRing
+
+    path = Path(args.keys_file)
+    try:
+        ring, key = (KeyRing.load(path) if path.exists() else KeyRing()).add(args.tenant, args.scopes)
+    except InvalidRequest as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ring.save(path)
+    print(key)
+    print(
+        f"stored the hash of a new key for tenant {args.tenant!r} in {path}; the key is shown only once",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from peftserve.auth import KeyRing
+
+    try:
+        KeyRing.load(args.keys_file).revoke(args.key_id).save(args.keys_file)
+    except InvalidRequest as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"revoked key {args.key_id}; restart the server to apply", file=sys.stderr)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from peftserve_client import Client
+
+    return Client(args.address, timeout=args.timeout, api_key=os.environ.get(API_KEY_ENV))
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="adapter store scanned at start: every PEFT directory below it is served under its relative"
         " path as id (default: %(default)s; '' for none)",
     )
+    serve.add_argument(
+        "--keys-file",
+        default=None,
+        metavar="FILE",
+        help="API keys (see `peftserve keys add`): every Inference and Adapters call needs one;"
+        " without it, single-tenant local mode",
+    )
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     serve.set_defaults(run=_cmd_serve)
 
@@ -222,7 +327,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(health)
     health.add_argument("--service", default="", help="service name; default: the whole server")
     health.set_defaults(run=_cmd_health)
+
+    _add_adapters_parser(commands)
+    _add_keys_parser(commands)
     return parser
+
+
+def _add_adapters_parser(commands: argparse._SubParsersAction) -> None:
+    adapters = commands.add_parser("adapters", help="manage the adapters of a running server (admin scope)")
+    adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True)
+
+    def add(name: str, action: Callable, text: str) -> argparse.ArgumentParser:
+        parser = adapter_commands.add_parser(name, help=text)
+        _add_client_args(parser)
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.set_defaults(run=_cmd_adapters, action=action)
+        return parser
+
+    upload = add("upload", _adapter_upload, "upload a PEFT directory's files as the adapter's next version")
+    upload.add_argument("directory", metavar="DIR")
+    upload.add_argument("--id", required=True, metavar="ID", help="name, or tenant/name")
+    add("list", _adapter_list, "list the caller's adapters")
+    for name, action, text in (
+        ("get", _adapter_get, "show an adapter's manifest and where it is"),
+        ("load", _adapter_load, "bring an adapter to a device slot"),
+        ("unload", _adapter_unload, "drop an adapter from memory; the store keeps it"),
+        ("delete", _adapter_delete, "remove every version of an adapter"),
+    ):
+        parser = add(name, action, text)
+        parser.add_argument("id", metavar="ID", help="name, or tenant/name")
+        if name == "load":
+            parser.add_argument("--pin", action="store_true", help="keep it in its slot until unloaded")
+
+
+def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
+    from peftserve.auth import parse_scopes
+
+    keys = commands.add_parser("keys", help="manage the API keys of a keys file (serve --keys-file)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    add = key_commands.add_parser("add", help="create a key; print it once and store only its hash")
+    add.add_argument("--tenant", required=True)
+    add.add_argument("--scopes", type=parse_scopes, default="infer", help="comma-separated: infer, admin")
+    add.add_argument("--keys-file", required=True, metavar="FILE", help="created if missing")
+    add.set_defaults(run=_cmd_keys_add)
+    revoke = key_commands.add_parser("revoke", help="remove a key by its id (the hex after 'psk_')")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.add_argument("--keys-file", required=True, metavar="FILE")
+    revoke.set_defaults(run=_cmd_keys_revoke)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,8 +17,13 @@ MAX_NEW_TOKENS_LIMIT = 64
 class FakeEngine:
     """Echoes prompt tokens cyclically; knobs make it slow, fail, or full, and it records aborts."""
 
-    def __init__(self, adapters: tuple[str, ...] = ("tenant-a",), token_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        adapters: tuple[str, ...] = ("default/lora-a", "acme/lora-a", "globex/lora-g"),
+        token_delay_s: float = 0.0,
+    ) -> None:
         self.adapters = set(adapters)
+        """Full ids (tenant/name): the servicer resolves what callers write before the engine sees it."""
         self.token_delay_s = token_delay_s
         """Sleep before each token, so streams can be cancelled mid-way."""
         self.fail_with: Exception | None = None

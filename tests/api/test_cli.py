@@ -44,7 +44,7 @@ def test_generate_stream_prints_the_text(served: Served) -> None:
 def test_failed_call_exits_1_with_the_status(served: Served) -> None:
     run = _peftserve("generate", "--address", served.address, "--prompt", "x", "--adapter", "nobody")
     assert run.returncode == 1
-    assert run.stderr.startswith("error: NOT_FOUND: adapter 'nobody' not found"), run.stderr
+    assert run.stderr.startswith("error: NOT_FOUND: adapter 'default/nobody' not found"), run.stderr
 
 
 def test_info_json_and_health(served: Served) -> None:

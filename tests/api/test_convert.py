@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from peftserve.api import convert
+from peftserve.api import adapter_ids, convert
+from peftserve.auth import LOCAL_CALLER
+from peftserve.engine.protocol import AdapterManifest, AdapterStatus, FileEntry
 from peftserve.engine.request import AdapterRef, FinishReason, RequestOutput, SamplingParams
 from peftserve.errors import InvalidRequest
 from peftserve_client._proto import peftserve_pb2 as pb
@@ -33,21 +35,28 @@ def test_explicit_zero_is_not_the_default() -> None:
     assert convert.to_sampling_params(pb.SamplingParams(max_new_tokens=0)).max_new_tokens == 0
 
 
-def test_request_with_prompt_and_adapter() -> None:
-    req = convert.to_generation_request(pb.GenerateRequest(prompt="hi", adapter_id="a", request_id="x"))
+def _local(text: str) -> str:
+    return adapter_ids.resolve(text, LOCAL_CALLER)
+
+
+def test_request_with_prompt_and_adapter_by_full_id() -> None:
+    msg = pb.GenerateRequest(prompt="hi", adapter_id="a", request_id="x")
+    req = convert.to_generation_request(msg, _local)
     assert req.request_id == "x" and req.prompt == "hi" and req.prompt_token_ids is None
-    assert req.adapters == (AdapterRef("a"),)
+    assert req.adapters == (AdapterRef("default/a"),)
 
 
 def test_request_id_is_generated_when_absent() -> None:
-    a = convert.to_generation_request(pb.GenerateRequest(prompt_token_ids=[1, 2]))
-    b = convert.to_generation_request(pb.GenerateRequest(prompt_token_ids=[1, 2]))
+    a = convert.to_generation_request(pb.GenerateRequest(prompt_token_ids=[1, 2]), _local)
+    b = convert.to_generation_request(pb.GenerateRequest(prompt_token_ids=[1, 2]), _local)
     assert a.request_id and a.request_id != b.request_id and a.prompt_token_ids == [1, 2]
 
 
-def test_mixture_keeps_weights() -> None:
-    msg = pb.GenerateRequest(prompt="p", adapters=[pb.AdapterWeight(adapter_id="a", weight=0.3)])
-    assert convert.to_generation_request(msg).adapters == (AdapterRef("a", 0.3),)
+def test_mixture_keeps_weights_and_version_pins() -> None:
+    weights = [pb.AdapterWeight(adapter_id="a", weight=0.3), pb.AdapterWeight(adapter_id="t/b@v2", weight=1)]
+    msg = pb.GenerateRequest(prompt="p", adapters=weights)
+    refs = convert.to_generation_request(msg, _local).adapters
+    assert refs == (AdapterRef("default/a", 0.3), AdapterRef("t/b@v2", 1.0))
 
 
 @pytest.mark.parametrize(
@@ -69,12 +78,20 @@ def test_mixture_keeps_weights() -> None:
         ),
         (pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(weight=1.0)]), "adapter_id"),
         (pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(adapter_id="y")] * 2), "once"),
+        (
+            pb.GenerateRequest(
+                prompt="a",
+                adapters=[pb.AdapterWeight(adapter_id="y"), pb.AdapterWeight(adapter_id="default/y")],
+            ),
+            "once",
+        ),
+        (pb.GenerateRequest(prompt="a", adapter_id="../etc"), "not valid"),
         (pb.GenerateRequest(prompt="a", request_id="r" * 200), "request_id"),
     ],
 )
 def test_malformed_requests_are_invalid(msg: pb.GenerateRequest, match: str) -> None:
     with pytest.raises(InvalidRequest, match=match):
-        convert.to_generation_request(msg)
+        convert.to_generation_request(msg, _local)
 
 
 def test_generate_response_merges_increments() -> None:
@@ -95,3 +112,34 @@ def test_stream_response_has_usage_on_the_last_message_only() -> None:
 def test_every_finish_reason_has_a_wire_value() -> None:
     for reason in FinishReason:
         assert convert.to_stream_response(_out("", (), 0, reason)).finish_reason != 0
+
+
+def test_status_message_mirrors_the_domain_status() -> None:
+    manifest = AdapterManifest(
+        adapter_id="acme/x",
+        version="v3",
+        kind="lora",
+        peft_type="LORA",
+        base_fingerprint="llama-64",
+        ranks=(4, 8),
+        target_modules=("q_proj", "v_proj"),
+        num_virtual_tokens=0,
+        nbytes=12,
+        files=(FileEntry("adapter_config.json", 12, "ab" * 32),),
+        created_at=1700000000.5,
+    )
+    msg = convert.to_status_message(AdapterStatus(manifest, "host", pinned=True, active_requests=2))
+    assert (msg.tier, msg.pinned, msg.active_requests) == (pb.RESIDENCY_TIER_HOST, True, 2)
+    m = msg.manifest
+    assert (m.adapter_id, m.version, list(m.ranks), list(m.target_modules)) == (
+        "acme/x",
+        "v3",
+        [4, 8],
+        ["q_proj", "v_proj"],
+    )
+    assert (m.files[0].name, m.files[0].size, m.created_at) == ("adapter_config.json", 12, 1700000000.5)
+
+
+@pytest.mark.parametrize(("requested", "used"), [(0, 100), (1, 1), (1000, 1000), (5000, 1000)])
+def test_page_size_defaults_and_caps(requested: int, used: int) -> None:
+    assert convert.page_size(requested) == used

@@ -23,8 +23,19 @@ def test_adapters_by_id_in_one_batch_equal_peft(tiny_llama_dir, tmp_path):
     lora = pf.make_lora_patterns(base, "llama", tmp_path / "lora")
     prefix = pf.make_prefix(base, tmp_path / "prefix", projection=True)
     argv = python(
-        "-m", "peftserve.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0", "--store", "",
-        "--adapter", f"acme/lora={lora}", "--adapter", f"acme/prefix={prefix}",
+        "-m",
+        "peftserve.cli",
+        "serve",
+        "--model",
+        str(tiny_llama_dir),
+        "--port",
+        "0",
+        "--store",
+        "",
+        "--adapter",
+        f"acme/lora={lora}",
+        "--adapter",
+        f"acme/prefix={prefix}",
     )
     server = ServeProcess(argv, source_env())
     try:
@@ -34,7 +45,9 @@ def test_adapters_by_id_in_one_batch_equal_peft(tiny_llama_dir, tmp_path):
         with Client(address, timeout=60) as client:
             with ThreadPoolExecutor(4) as pool:
                 calls = {
-                    name: pool.submit(client.generate, prompt, adapter_id=name, max_new_tokens=12, ignore_eos=True)
+                    name: pool.submit(
+                        client.generate, prompt, adapter_id=name, max_new_tokens=12, ignore_eos=True
+                    )
                     for name in ("acme/lora", "acme/prefix", "")
                 }
                 results = {name: call.result() for name, call in calls.items()}

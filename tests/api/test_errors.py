@@ -35,7 +35,7 @@ from .conftest import Served
         ({"top_k": -1}, "top_k must be >= 0"),
         ({"stop": ["x"] * 17}, "at most 16 stop strings"),
         ({"stop_token_ids": [300]}, "outside the vocabulary"),
-        ({"adapter_id": "tenant-a", "adapters": {"tenant-a": 1.0}}, "not both"),
+        ({"adapter_id": "lora-a", "adapters": {"lora-a": 1.0}}, "not both"),
         ({"prompt_token_ids": [1, 2]}, "not both"),
     ],
 )

@@ -23,7 +23,7 @@ def test_unset_options_reach_the_engine_as_defaults_and_set_ones_as_given(served
         client.generate("ab", max_new_tokens=1)
         client.generate(
             prompt_token_ids=[104, 105],
-            adapters={"tenant-a": 0.5},
+            adapters={"lora-a": 0.5},
             max_new_tokens=2,
             temperature=0.7,
             top_k=5,
@@ -44,8 +44,8 @@ def test_unset_options_reach_the_engine_as_defaults_and_set_ones_as_given(served
 
 def test_sync_stream_deltas_concatenate_to_the_unary_text(served: Served) -> None:
     with Client(served.address, timeout=5) as client:
-        chunks = list(client.generate_stream("stream me", max_new_tokens=6, adapter_id="tenant-a"))
-        whole = client.generate("stream me", max_new_tokens=6, adapter_id="tenant-a")
+        chunks = list(client.generate_stream("stream me", max_new_tokens=6, adapter_id="lora-a"))
+        whole = client.generate("stream me", max_new_tokens=6, adapter_id="lora-a")
     assert "".join(c.text for c in chunks) == whole.text == "stream"
     assert [t for c in chunks for t in c.token_ids] == list(whole.token_ids)
     assert all(c.finish_reason is None and c.usage is None for c in chunks[:-1])

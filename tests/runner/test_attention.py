@@ -74,7 +74,7 @@ def run_case(seqs, window=None):
     out, _ = paged_attention(_Layer(), q, k_new, v_new, None, sliding_window=window, peftserve_attn=meta)
 
     start = 0
-    for (cached, new), q_i, k, v in zip(seqs, queries, full_k, full_v, strict=True):
+    for (_, new), q_i, k, v in zip(seqs, queries, full_k, full_v, strict=True):
         want = reference(q_i, k, v, window).transpose(0, 1)  # [n, H, D]
         torch.testing.assert_close(out[0, start : start + new], want, atol=1e-5, rtol=1e-5)
         start += new

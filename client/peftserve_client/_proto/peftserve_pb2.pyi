@@ -14,11 +14,22 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_EOS: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+
+class ResidencyTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESIDENCY_TIER_UNSPECIFIED: _ClassVar[ResidencyTier]
+    RESIDENCY_TIER_DISK: _ClassVar[ResidencyTier]
+    RESIDENCY_TIER_HOST: _ClassVar[ResidencyTier]
+    RESIDENCY_TIER_DEVICE: _ClassVar[ResidencyTier]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
+RESIDENCY_TIER_UNSPECIFIED: ResidencyTier
+RESIDENCY_TIER_DISK: ResidencyTier
+RESIDENCY_TIER_HOST: ResidencyTier
+RESIDENCY_TIER_DEVICE: ResidencyTier
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "prompt_token_ids", "adapter_id", "adapters", "sampling", "request_id")
@@ -155,3 +166,107 @@ class ModelInfoResponse(_message.Message):
     server_version: str
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, model_id: _Optional[str] = ..., family: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., server_version: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UploadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "file_name", "data")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    file_name: str
+    data: bytes
+    def __init__(self, adapter_id: _Optional[str] = ..., file_name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class AdapterFile(_message.Message):
+    __slots__ = ("name", "size", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class AdapterManifest(_message.Message):
+    __slots__ = ("adapter_id", "version", "kind", "peft_type", "base_fingerprint", "ranks", "target_modules", "num_virtual_tokens", "nbytes", "files", "created_at")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PEFT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    NUM_VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    version: str
+    kind: str
+    peft_type: str
+    base_fingerprint: str
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    num_virtual_tokens: int
+    nbytes: int
+    files: _containers.RepeatedCompositeFieldContainer[AdapterFile]
+    created_at: float
+    def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., peft_type: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., nbytes: _Optional[int] = ..., files: _Optional[_Iterable[_Union[AdapterFile, _Mapping]]] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class AdapterStatus(_message.Message):
+    __slots__ = ("manifest", "tier", "pinned", "active_requests")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    manifest: AdapterManifest
+    tier: ResidencyTier
+    pinned: bool
+    active_requests: int
+    def __init__(self, manifest: _Optional[_Union[AdapterManifest, _Mapping]] = ..., tier: _Optional[_Union[ResidencyTier, str]] = ..., pinned: _Optional[bool] = ..., active_requests: _Optional[int] = ...) -> None: ...
+
+class LoadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "pin")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    pin: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., pin: _Optional[bool] = ...) -> None: ...
+
+class UnloadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class DeleteAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class DeleteAdapterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAdaptersResponse(_message.Message):
+    __slots__ = ("adapters", "next_page_token")
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterStatus]
+    next_page_token: str
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...

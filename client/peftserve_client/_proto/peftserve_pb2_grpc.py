@@ -232,3 +232,302 @@ class Inference:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdaptersStub:
+    """Adapter administration, always within the caller's tenant.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UploadAdapter = channel.stream_unary(
+                '/peftserve.v1.Adapters/UploadAdapter',
+                request_serializer=peftserve_dot_v1_dot_peftserve__pb2.UploadAdapterRequest.SerializeToString,
+                response_deserializer=peftserve_dot_v1_dot_peftserve__pb2.AdapterManifest.FromString,
+                _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/peftserve.v1.Adapters/LoadAdapter',
+                request_serializer=peftserve_dot_v1_dot_peftserve__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=peftserve_dot_v1_dot_peftserve__pb2.AdapterStatus.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/peftserve.v1.Adapters/UnloadAdapter',
+                request_serializer=peftserve_dot_v1_dot_peftserve__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=peftserve_dot_v1_dot_peftserve__pb2.AdapterStatus.FromString,
+                _registered_method=True)
+        self.DeleteAdapter = channel.unary_unary(
+                '/peftserve.v1.Adapters/DeleteAdapter',
+                request_serializer=peftserve_dot_v1_dot_peftserve__pb2.DeleteAdapterRequest.SerializeToString,
+                response_deserializer=peftserve_dot_v1_dot_peftserve__pb2.DeleteAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/peftserve.v1.Adapters/ListAdapters',
+                request_serializer=peftserve_dot_v1_dot_peftserve__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=peftserve_dot_v1_dot_peftserve__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+        self.GetAdapter = channel.unary_unary(
+                '/peftserve.v1.Adapters/GetAdapter',
+                request_serializer=peftserve_dot_v1_dot_peftserve__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=peftserve_dot_v1_dot_peftserve__pb2.AdapterStatus.FromString,
+                _registered_method=True)
+
+
+class AdaptersServicer:
+    """Adapter administration, always within the caller's tenant.
+    """
+
+    def UploadAdapter(self, request_iterator, context):
+        """Uploads a PEFT adapter directory as the adapter's next version. The first
+        message names the adapter; the files follow in chunks. The server checks
+        the whole adapter before it commits it and serves it to new requests at
+        once; an upload over the server's size limit is RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadAdapter(self, request, context):
+        """Brings the adapter's current version to a device slot, optionally pinned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Drops the adapter from device and host memory; the store keeps it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAdapter(self, request, context):
+        """Removes every version of the adapter; requests in flight finish first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """The caller's adapters, sorted by id, one page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAdapter(self, request, context):
+        """One adapter's manifest and where it is now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdaptersServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UploadAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadAdapter,
+                    request_deserializer=peftserve_dot_v1_dot_peftserve__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=peftserve_dot_v1_dot_peftserve__pb2.AdapterManifest.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=peftserve_dot_v1_dot_peftserve__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=peftserve_dot_v1_dot_peftserve__pb2.AdapterStatus.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=peftserve_dot_v1_dot_peftserve__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=peftserve_dot_v1_dot_peftserve__pb2.AdapterStatus.SerializeToString,
+            ),
+            'DeleteAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAdapter,
+                    request_deserializer=peftserve_dot_v1_dot_peftserve__pb2.DeleteAdapterRequest.FromString,
+                    response_serializer=peftserve_dot_v1_dot_peftserve__pb2.DeleteAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=peftserve_dot_v1_dot_peftserve__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=peftserve_dot_v1_dot_peftserve__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'GetAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdapter,
+                    request_deserializer=peftserve_dot_v1_dot_peftserve__pb2.GetAdapterRequest.FromString,
+                    response_serializer=peftserve_dot_v1_dot_peftserve__pb2.AdapterStatus.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'peftserve.v1.Adapters', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('peftserve.v1.Adapters', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Adapters:
+    """Adapter administration, always within the caller's tenant.
+    """
+
+    @staticmethod
+    def UploadAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/peftserve.v1.Adapters/UploadAdapter',
+            peftserve_dot_v1_dot_peftserve__pb2.UploadAdapterRequest.SerializeToString,
+            peftserve_dot_v1_dot_peftserve__pb2.AdapterManifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peftserve.v1.Adapters/LoadAdapter',
+            peftserve_dot_v1_dot_peftserve__pb2.LoadAdapterRequest.SerializeToString,
+            peftserve_dot_v1_dot_peftserve__pb2.AdapterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peftserve.v1.Adapters/UnloadAdapter',
+            peftserve_dot_v1_dot_peftserve__pb2.UnloadAdapterRequest.SerializeToString,
+            peftserve_dot_v1_dot_peftserve__pb2.AdapterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peftserve.v1.Adapters/DeleteAdapter',
+            peftserve_dot_v1_dot_peftserve__pb2.DeleteAdapterRequest.SerializeToString,
+            peftserve_dot_v1_dot_peftserve__pb2.DeleteAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peftserve.v1.Adapters/ListAdapters',
+            peftserve_dot_v1_dot_peftserve__pb2.ListAdaptersRequest.SerializeToString,
+            peftserve_dot_v1_dot_peftserve__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/peftserve.v1.Adapters/GetAdapter',
+            peftserve_dot_v1_dot_peftserve__pb2.GetAdapterRequest.SerializeToString,
+            peftserve_dot_v1_dot_peftserve__pb2.AdapterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from peftserve import __version__
-from peftserve.engine.protocol import ModelInfo
+from peftserve.engine.protocol import AdapterManifest, AdapterStatus, ModelInfo
 from peftserve.engine.request import (
     AdapterRef,
     FinishReason,
@@ -20,6 +20,8 @@ from peftserve_client._proto import peftserve_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_MIXTURE_ADAPTERS = 8
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 
 _OPTIONAL_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "repetition_penalty")
 _FLOAT_SAMPLING = frozenset({"temperature", "top_p", "repetition_penalty"})
@@ -30,6 +32,15 @@ _FINISH_REASONS = {
     FinishReason.EOS: pb.FINISH_REASON_EOS,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
+
+_TIERS = {
+    "disk": pb.RESIDENCY_TIER_DISK,
+    "host": pb.RESIDENCY_TIER_HOST,
+    "device": pb.RESIDENCY_TIER_DEVICE,
+}
+
+IdResolver = Callable[[str], str]
+"""The full id of an adapter id as the caller wrote it (api/adapter_ids.resolve for one caller)."""
 
 
 def _from_float32(value: float) -> float:
@@ -51,12 +62,12 @@ def to_sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def to_adapters(msg: pb.GenerateRequest) -> tuple[AdapterRef, ...]:
-    """The adapters a request names: none, adapter_id, or a weighted mixture."""
+def to_adapters(msg: pb.GenerateRequest, resolve: IdResolver) -> tuple[AdapterRef, ...]:
+    """The adapters a request names, by full id: none, adapter_id, or a weighted mixture."""
     if msg.adapter_id and msg.adapters:
         raise InvalidRequest("give either adapter_id or adapters, not both")
     if msg.adapter_id:
-        return (AdapterRef(msg.adapter_id),)
+        return (AdapterRef(resolve(msg.adapter_id)),)
     if len(msg.adapters) > MAX_MIXTURE_ADAPTERS:
         raise InvalidRequest(f"at most {MAX_MIXTURE_ADAPTERS} adapters in a mixture, got {len(msg.adapters)}")
     refs = []
@@ -65,13 +76,13 @@ def to_adapters(msg: pb.GenerateRequest) -> tuple[AdapterRef, ...]:
             raise InvalidRequest("adapters: every entry needs an adapter_id")
         if not math.isfinite(a.weight):
             raise InvalidRequest(f"adapters: weight of {a.adapter_id!r} must be finite, got {a.weight}")
-        refs.append(AdapterRef(a.adapter_id, _from_float32(a.weight)))
+        refs.append(AdapterRef(resolve(a.adapter_id), _from_float32(a.weight)))
     if len({r.adapter_id for r in refs}) != len(refs):
         raise InvalidRequest("adapters: each adapter_id may appear once")
     return tuple(refs)
 
 
-def to_generation_request(msg: pb.GenerateRequest) -> GenerationRequest:
+def to_generation_request(msg: pb.GenerateRequest, resolve: IdResolver) -> GenerationRequest:
     """The engine's request for a GenerateRequest; sampling values are validated by the engine."""
     if msg.prompt and msg.prompt_token_ids:
         raise InvalidRequest("give either prompt or prompt_token_ids, not both")
@@ -84,7 +95,7 @@ def to_generation_request(msg: pb.GenerateRequest) -> GenerationRequest:
         prompt=msg.prompt,
         prompt_token_ids=list(msg.prompt_token_ids) if msg.prompt_token_ids else None,
         sampling=to_sampling_params(msg.sampling),
-        adapters=to_adapters(msg),
+        adapters=to_adapters(msg, resolve),
     )
 
 
@@ -146,3 +157,42 @@ def to_model_info_response(info: ModelInfo) -> pb.ModelInfoResponse:
         server_version=__version__,
         eos_token_ids=info.eos_token_ids,
     )
+
+
+def to_manifest_message(manifest: AdapterManifest) -> pb.AdapterManifest:
+    """The wire form of a stored adapter version."""
+    return pb.AdapterManifest(
+        adapter_id=manifest.adapter_id,
+        version=manifest.version,
+        kind=manifest.kind,
+        peft_type=manifest.peft_type,
+        base_fingerprint=manifest.base_fingerprint,
+        ranks=manifest.ranks,
+        target_modules=manifest.target_modules,
+        num_virtual_tokens=manifest.num_virtual_tokens,
+        nbytes=manifest.nbytes,
+        files=[pb.AdapterFile(name=f.name, size=f.size, sha256=f.sha256) for f in manifest.files],
+        created_at=manifest.created_at,
+    )
+
+
+def to_status_message(status: AdapterStatus) -> pb.AdapterStatus:
+    """The wire form of an adapter's status."""
+    return pb.AdapterStatus(
+        manifest=to_manifest_message(status.manifest),
+        tier=_TIERS[status.tier],
+        pinned=status.pinned,
+        active_requests=status.active_requests,
+    )
+
+
+def to_list_response(statuses: Sequence[AdapterStatus], next_page_token: str) -> pb.ListAdaptersResponse:
+    """One page of adapters."""
+    return pb.ListAdaptersResponse(
+        adapters=[to_status_message(s) for s in statuses], next_page_token=next_page_token
+    )
+
+
+def page_size(requested: int) -> int:
+    """The page size to use: 0 takes the default, larger than the maximum takes the maximum."""
+    return min(requested, MAX_PAGE_SIZE) if requested else DEFAULT_PAGE_SIZE

@@ -11,17 +11,23 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from peftserve.api.admin_servicer import AdminServicer
 from peftserve.api.health import INFERENCE_SERVICE, ServingHealth
 from peftserve.api.servicer import InferenceServicer
+from peftserve.api.upload import MAX_UPLOAD_BYTES
+from peftserve.auth import Authenticator, KeyRing
 from peftserve.config import EngineConfig, ServerConfig
-from peftserve.engine.protocol import EngineClient
+from peftserve.engine.protocol import AdapterAdmin, EngineClient
 from peftserve.metrics import ServerMetrics, start_metrics_server
+from peftserve_client._proto import peftserve_pb2 as pb
 from peftserve_client._proto import peftserve_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[EngineConfig], EngineClient]
 """Builds a loaded engine; it blocks (model load), so serve() runs it in a thread."""
+
+ADAPTERS_SERVICE = pb.DESCRIPTOR.services_by_name["Adapters"].full_name
 
 
 async def create_server(
@@ -30,18 +36,27 @@ async def create_server(
     *,
     health: ServingHealth | None = None,
     metrics: ServerMetrics | None = None,
+    admin: AdapterAdmin | None = None,
+    keys: KeyRing | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
 ) -> tuple[grpc.aio.Server, int]:
-    """A bound, not yet started server with Inference, health (NOT_SERVING) and reflection; and its port."""
+    """A bound, not yet started server and its port.
+
+    It serves Inference, Adapters (when there is an admin), health (NOT_SERVING) and reflection.
+    With keys, Inference and Adapters need an API key; without, every caller is the local tenant.
+    Health and reflection are always open.
+    """
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics), server)
+    auth = Authenticator(keys)
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics, auth), server)
+    services = [INFERENCE_SERVICE]
+    if admin is not None:
+        pb_grpc.add_AdaptersServicer_to_server(AdminServicer(admin, auth, max_upload_bytes), server)
+        services.append(ADAPTERS_SERVICE)
     health = health if health is not None else ServingHealth()
     await health.mark_not_serving()
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    services = (
-        INFERENCE_SERVICE,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
+    services += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(services, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
@@ -56,8 +71,10 @@ def load_engine(config: EngineConfig) -> EngineClient:
     return AsyncEngine.create(config)
 
 
-async def serve(config: ServerConfig, engine_factory: EngineFactory = load_engine) -> None:
-    """Serve until SIGTERM or SIGINT, then drain the engine and stop gracefully."""
+async def serve(
+    config: ServerConfig, engine_factory: EngineFactory = load_engine, *, keys: KeyRing | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain the engine and stop gracefully; keys: see create_server."""
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, engine_factory, config.engine)
     metrics = ServerMetrics(engine)
@@ -65,7 +82,9 @@ async def serve(config: ServerConfig, engine_factory: EngineFactory = load_engin
         http = start_metrics_server(config.metrics_port, metrics.registry, host=config.host)
         logger.info("metrics on http://%s:%d/metrics", config.host, http.server_port)
     health = ServingHealth()
-    server, port = await create_server(engine, config, health=health, metrics=metrics)
+    # TODO(lead): read engine.admin directly once EngineClient declares it (issue 4).
+    admin = getattr(engine, "admin", None)
+    server, port = await create_server(engine, config, health=health, metrics=metrics, admin=admin, keys=keys)
     await server.start()
 
     stopping = asyncio.Event()
@@ -73,6 +92,10 @@ async def serve(config: ServerConfig, engine_factory: EngineFactory = load_engin
     for sig in signals:
         loop.add_signal_handler(sig, stopping.set)
     await health.mark_serving()
+    if keys is None:
+        logger.info("no keys file: single-tenant local mode (every caller is tenant 'default')")
+    else:
+        logger.info("API keys required: %d keys", len(keys.entries))
     logger.info("peftserve serving %s on %s:%d", engine.model_info.model_id, config.host, port)
 
     await stopping.wait()

@@ -1,4 +1,4 @@
-"""The Inference servicer: protobuf in, engine call, protobuf out; errors mapped by api/status.py."""
+"""The Inference servicer: infer scope, protobuf in, engine call, protobuf out; errors by api/status.py."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from peftserve.api import convert
+from peftserve.api import adapter_ids, convert
 from peftserve.api.status import status_of
+from peftserve.auth import Authenticator, Caller, Scope
 from peftserve.engine.protocol import EngineClient
 from peftserve.engine.request import RequestOutput
 from peftserve.metrics import RequestTrace, ServerMetrics
@@ -28,9 +29,15 @@ def _interrupted_status(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 class InferenceServicer(pb_grpc.InferenceServicer):
     """Serves peftserve.v1.Inference on top of an EngineClient."""
 
-    def __init__(self, engine: EngineClient, metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        metrics: ServerMetrics | None = None,
+        auth: Authenticator | None = None,
+    ) -> None:
         self._engine = engine
         self._metrics = metrics if metrics is not None else ServerMetrics()
+        self._auth = auth if auth is not None else Authenticator()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -54,6 +61,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.TokenizeResponse:
         """Token ids of the text and the text of each token."""
         try:
+            self._caller(context)
             token_ids = self._engine.tokenize(request.text)
             return convert.to_tokenize_response(token_ids, self._engine.token_strings(token_ids))
         except Exception as e:
@@ -64,6 +72,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.ModelInfoResponse:
         """The served model and the engine's limits."""
         try:
+            self._caller(context)
             return convert.to_model_info_response(self._engine.model_info)
         except Exception as e:
             await context.abort(*status_of(e))
@@ -80,7 +89,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         status = grpc.StatusCode.OK
         outputs: AsyncIterator[RequestOutput] | None = None
         try:
-            outputs = self._engine.generate(convert.to_generation_request(request))
+            caller = self._caller(context)
+            generation = convert.to_generation_request(
+                request, lambda text: adapter_ids.resolve(text, caller)
+            )
+            outputs = self._engine.generate(generation)
             async for output in outputs:
                 trace.observe(output)
                 yield output
@@ -95,3 +108,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if aclose is not None:
                 await aclose()
             self._metrics.record(trace, status.name)
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        """Every Inference RPC needs the infer scope."""
+        return self._auth.authorize(context.invocation_metadata(), Scope.INFER)
