@@ -1,7 +1,7 @@
 """Shared benchmark code: seeded prompts, results, tables, JSON.
 
 Shapes, model building, the matmul rate and useful-FLOP counting live in the package
-(`peftserve.bench.shapes`, `peftserve.bench.machine`, where `peftserve bench` uses them) and are
+(`peftserve.bench.shapes`, `.models`, `.machine`, where `peftserve bench` uses them) and are
 re-exported here under their old names; the FLOP formula is in `peftserve.bench.shapes`.
 MFU = useful FLOPs/s divided by the dense matmul rate measured in the same run on the same device.
 """
@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from peftserve.bench.machine import environment, matmul_rate, synchronize
-from peftserve.bench.shapes import SHAPES, Shape, bench_tokenizer, build_model, llama_config, useful_flops
+from peftserve.bench.models import bench_tokenizer, build_model, llama_config
+from peftserve.bench.shapes import SHAPES, Shape, useful_flops
 
 __all__ = [
     "SHAPES",

@@ -16,8 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peftserve.bench.cli import add_bench_parser
 from peftserve.config import DTYPES, EngineConfig, ServerConfig
 from peftserve.errors import InvalidRequest, PeftServeError
+from peftserve.training.cli import add_train_parser
 
 if TYPE_CHECKING:
     from peftserve_client import AdapterManifest, AdapterStatus, Client
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     path = model_commands.add_parser("path", help="print the model directory, building the default if absent")
     path.add_argument("--model", default="default")
     path.set_defaults(run=_cmd_model_path)
+    add_train_parser(commands)
 
     generate = commands.add_parser("generate", help="generate a completion on a running server")
     _add_client_args(generate)
@@ -330,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_adapters_parser(commands)
     _add_keys_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -361,13 +365,11 @@ def _add_adapters_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
-    from peftserve.auth import parse_scopes
-
     keys = commands.add_parser("keys", help="manage the API keys of a keys file (serve --keys-file)")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     add = key_commands.add_parser("add", help="create a key; print it once and store only its hash")
     add.add_argument("--tenant", required=True)
-    add.add_argument("--scopes", type=parse_scopes, default="infer", help="comma-separated: infer, admin")
+    add.add_argument("--scopes", default="infer", help="comma-separated: infer, admin (default: %(default)s)")
     add.add_argument("--keys-file", required=True, metavar="FILE", help="created if missing")
     add.set_defaults(run=_cmd_keys_add)
     revoke = key_commands.add_parser("revoke", help="remove a key by its id (the hex after 'psk_')")

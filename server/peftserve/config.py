@@ -38,19 +38,47 @@ class EngineConfig:
     adapter_slots: int = 32
     """LoRA / sparse adapters resident on the device at once (prefix adapters need no slot)."""
     adapters: tuple[tuple[str, str], ...] = ()
-    """Adapters registered at start: (id, PEFT directory) pairs."""
+    """Adapters registered at start: (id, PEFT directory) pairs; a bare name is the default tenant's."""
     store: str | None = None
-    """Adapter store root scanned at start (every PEFT directory below it); None skips it."""
+    """Adapter store root (<root>/<tenant>/<name>/vN/); its manifests are read at start; None: no store."""
+    host_cache_mb: float = 1024.0
+    """CPU memory for adapters loaded from disk (LRU; versions in use by requests are never evicted)."""
+    adapter_load_threads: int = 2
+    """Threads loading adapters from disk, off the engine thread."""
+    adapter_max_rank: int = 256
+    """Largest LoRA rank accepted (sparse adapters: max_rank * (out + in) entries per module)."""
+    adapter_versions_kept: int = 3
+    """Versions of each adapter kept in the store; older ones go once no request uses them."""
+    max_adapters_per_tenant: int = 1000
+    """Adapters one tenant may hold in the store; beyond it uploads are RESOURCE_EXHAUSTED."""
+    max_upload_bytes: int = 256 << 20
+    """Bytes of all files of one upload; beyond it RESOURCE_EXHAUSTED."""
+    adapter_metrics_top_n: int = 20
+    """Adapters exported with their own label in per-adapter metrics; the rest count as 'other'."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InvalidRequest(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        positive = ("block_size", "max_batched_tokens", "max_running", "max_queue", "max_new_tokens_limit", "adapter_slots")
+        positive = (
+            "block_size",
+            "max_batched_tokens",
+            "max_running",
+            "max_queue",
+            "max_new_tokens_limit",
+            "adapter_slots",
+            "kv_cache_mb",
+            "host_cache_mb",
+            "adapter_load_threads",
+            "adapter_max_rank",
+            "adapter_versions_kept",
+            "max_adapters_per_tenant",
+            "max_upload_bytes",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidRequest(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.kv_cache_mb <= 0:
-            raise InvalidRequest(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        if self.adapter_metrics_top_n < 0:
+            raise InvalidRequest(f"adapter_metrics_top_n must be >= 0, got {self.adapter_metrics_top_n}")
 
 
 @dataclass(frozen=True)

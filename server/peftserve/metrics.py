@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from peftserve.engine.protocol import EngineClient
@@ -19,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+OTHER_ADAPTERS = "other"
+"""The label of every adapter outside the top N by traffic."""
 
 
 @dataclass
@@ -60,6 +64,116 @@ class EngineStatsCollector(Collector):
         yield GaugeMetricFamily("peftserve_kv_blocks_free", "KV cache blocks free.", stats.kv_blocks_free)
 
 
+@dataclass(frozen=True)
+class AdapterSnapshot:
+    """The adapter tiers' plain counters and sizes, taken at scrape time (tier: disk, host, device)."""
+
+    loads: dict[str, int]
+    load_failures: dict[str, int]
+    evictions: dict[str, int]
+    resident: dict[str, int]
+    host_bytes: int
+    cache_hits: int
+    cache_misses: int
+
+
+class AdapterTraffic:
+    """Requests and generated tokens per adapter id; exported as the top N by requests plus 'other'.
+
+    Every id is counted exactly (the registry bounds how many there are); the export bounds the labels.
+    'other' is the remainder, so it can step down when an adapter enters the top N.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}  # id -> [requests, tokens]
+        self._forgotten = [0, 0]
+
+    def record(self, adapter_id: str, tokens: int) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(adapter_id, [0, 0])
+            counts[0] += 1
+            counts[1] += tokens
+
+    def forget(self, adapter_id: str) -> None:
+        """A deleted adapter's counts move to 'other'."""
+        with self._lock:
+            counts = self._counts.pop(adapter_id, [0, 0])
+            self._forgotten = [self._forgotten[0] + counts[0], self._forgotten[1] + counts[1]]
+
+    def top(self, n: int) -> list[tuple[str, int, int]]:
+        """(id, requests, tokens) of the n busiest adapters, then ('other', requests, tokens)."""
+        with self._lock:
+            ranked = sorted(self._counts.items(), key=lambda kv: (-kv[1][0], kv[0]))
+            rest = [sum(c[i] for _, c in ranked[n:]) + self._forgotten[i] for i in (0, 1)]
+            return [(i, c[0], c[1]) for i, c in ranked[:n]] + [(OTHER_ADAPTERS, rest[0], rest[1])]
+
+
+class AdapterMetrics(Collector):
+    """Adapter loads, latency per tier, host-cache hits/misses, evictions, residency and traffic.
+
+    Counters come from the tiers' own plain counters at scrape time (snapshot); only the load latency
+    is observed as it happens. Register it in a server's registry (ServerMetrics does).
+    """
+
+    def __init__(self, snapshot: Callable[[], AdapterSnapshot], top_n: int = 20) -> None:
+        self._snapshot = snapshot
+        self.top_n = top_n
+        self.traffic = AdapterTraffic()
+        self.load_seconds = Histogram(
+            "peftserve_adapter_load_seconds",
+            "Time to load an adapter version into a tier: host (disk to CPU memory), device (into a slot).",
+            ["tier"],
+            buckets=_LOAD_BUCKETS,
+            registry=None,
+        )
+
+    def observe_load(self, tier: str, seconds: float) -> None:
+        self.load_seconds.labels(tier=tier).observe(seconds)
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        per_tier = (
+            ("peftserve_adapter_loads", "Adapter versions loaded into a tier.", snap.loads),
+            ("peftserve_adapter_load_failures", "Adapter loads that failed, per tier.", snap.load_failures),
+            ("peftserve_adapter_evictions", "Adapter versions evicted from a tier.", snap.evictions),
+        )
+        for name, text, values in per_tier:
+            family = CounterMetricFamily(name, text, labels=["tier"])
+            for tier, value in values.items():
+                family.add_metric([tier], value)
+            yield family
+        resident = GaugeMetricFamily(
+            "peftserve_adapters_resident", "Adapter versions per tier (disk: registered).", labels=["tier"]
+        )
+        for tier, value in snap.resident.items():
+            resident.add_metric([tier], value)
+        yield resident
+        yield GaugeMetricFamily(
+            "peftserve_adapter_host_cache_bytes", "Bytes of adapters in the host cache.", snap.host_bytes
+        )
+        yield CounterMetricFamily(
+            "peftserve_adapter_cache_hits", "Requests whose adapter was in host memory.", snap.cache_hits
+        )
+        yield CounterMetricFamily(
+            "peftserve_adapter_cache_misses", "Requests that waited for an adapter load.", snap.cache_misses
+        )
+        yield from self.load_seconds.collect()
+        requests = CounterMetricFamily(
+            "peftserve_adapter_requests", f"Finished requests per adapter (top {self.top_n}, other).", labels=["adapter"]
+        )
+        tokens = CounterMetricFamily(
+            "peftserve_adapter_generated_tokens",
+            f"Generated tokens per adapter (top {self.top_n} by requests, other).",
+            labels=["adapter"],
+        )
+        for adapter_id, n_requests, n_tokens in self.traffic.top(self.top_n):
+            requests.add_metric([adapter_id], n_requests)
+            tokens.add_metric([adapter_id], n_tokens)
+        yield requests
+        yield tokens
+
+
 class ServerMetrics:
     """The request metrics the servicer records, plus the engine's gauges."""
 
@@ -94,6 +208,9 @@ class ServerMetrics:
         )
         if engine is not None:
             r.register(EngineStatsCollector(engine))
+            adapters = getattr(engine, "adapter_metrics", None)
+            if adapters is not None:
+                r.register(adapters)
 
     def record(self, trace: RequestTrace, status: str) -> None:
         """Record a finished request with its gRPC status code name (OK, INVALID_ARGUMENT, ...)."""

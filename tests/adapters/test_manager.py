@@ -1,10 +1,8 @@
-"""AdapterManager: ids, store scan, resolve, slots (LRU, holds), normalized deltas vs peft's own."""
+"""AdapterManager: versions and default tenant, resolve and holds, slots (LRU, holds, pins), the store scan."""
 
 from __future__ import annotations
 
 import copy
-import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,8 @@ from transformers import PreTrainedModel
 
 from peftserve.adapters import AdapterManager, LoraDelta, MultiAdapterLayer, load_adapter
 from peftserve.engine.request import AdapterRef
-from peftserve.errors import AdapterNotFound, CapacityExceeded, FailedPrecondition, InvalidRequest
+from peftserve.errors import AdapterNotFound, AdapterRejected, CapacityExceeded, FailedPrecondition, InvalidRequest
+from peftserve.store import AdapterStore
 from tests.adapters import peft_factory as pf
 from tests.helpers.tiny_models import build_tiny_model
 
@@ -25,96 +24,159 @@ def base() -> PreTrainedModel:
 
 
 @pytest.fixture(scope="module")
-def store(base: PreTrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """<root>/acme/lora-a, acme/lora-b, acme/layers, acme/prefix, globex/shira/v1 and two bad dirs."""
-    root = tmp_path_factory.mktemp("store")
-    pf.make_lora_patterns(base, "llama", root / "acme" / "lora-a", seed=1)
-    pf.make_lora_patterns(base, "llama", root / "acme" / "lora-b", seed=7)
-    pf.make_lora_layers(base, "llama", root / "acme" / "layers")
-    pf.make_prefix(base, root / "acme" / "prefix", projection=True)
-    pf.make_shira(base, "llama", root / "globex" / "shira" / "v1")
-    shutil.copytree(root / "acme" / "lora-a", root / "acme" / "Bad_Name")
-    (root / "acme" / "broken").mkdir()
-    (root / "acme" / "broken" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
-    return root
+def dirs(base: PreTrainedModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "lora-a": pf.make_lora_patterns(base, "llama", root / "lora-a", seed=1),
+        "lora-b": pf.make_lora_patterns(base, "llama", root / "lora-b", seed=7),
+        "layers": pf.make_lora_layers(base, "llama", root / "layers"),
+        "prefix": pf.make_prefix(base, root / "prefix", projection=True),
+        "shira": pf.make_shira(base, "llama", root / "shira"),
+    }
 
 
 @pytest.fixture
-def manager(base: PreTrainedModel, store: Path) -> AdapterManager:
-    mgr = AdapterManager(copy.deepcopy(base), num_slots=2, device="cpu", dtype=torch.float32)
-    mgr.scan_store(store)
-    return mgr
+def manager(base: PreTrainedModel, dirs: dict[str, Path]) -> AdapterManager:
+    mgr = AdapterManager(copy.deepcopy(base), num_slots=4, device="cpu", dtype=torch.float32)
+    for name, path in dirs.items():
+        mgr.register(name, path)
+    yield mgr
+    mgr.close()
 
 
-def test_scan_store_registers_good_dirs_and_skips_bad(manager: AdapterManager) -> None:
-    ids = [info.adapter_id for info in manager.registered()]
-    assert ids == ["acme/layers", "acme/lora-a", "acme/lora-b", "acme/prefix", "globex/shira/v1"]
-    assert manager.info("globex/shira/v1").kind == "sparse" and manager.info("globex/shira/v1").nnz > 0
-    assert manager.info("acme/prefix").num_virtual_tokens == 5
-    assert manager.info("acme/lora-a").ranks == (2, 4, 6)
-
-
-def test_scan_store_logs_skipped(base: PreTrainedModel, store: Path, caplog) -> None:
-    mgr = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
-    with caplog.at_level(logging.WARNING):
-        mgr.scan_store(store)
-    assert "Bad_Name" in caplog.text and "broken" in caplog.text
-
-
-@pytest.mark.parametrize("bad_id", ["", "UPPER", "a//b", "../x", ".hidden", "a/" + "x" * 65, "sp ace"])
-def test_invalid_ids(manager: AdapterManager, store: Path, bad_id: str) -> None:
+def test_register_makes_versions_of_the_default_tenant(manager: AdapterManager, dirs: dict[str, Path]) -> None:
+    assert manager.info("lora-a").adapter_id == "default/lora-a" and manager.info("lora-a").version == "v1"
+    assert manager.info("lora-a").ranks == (2, 4, 6)
+    assert manager.info("prefix").num_virtual_tokens == 5 and manager.info("shira").kind == "sparse"
+    again = manager.register("default/lora-a", dirs["lora-b"])
+    assert again.version == "v2" and manager.info("lora-a").version == "v2"
+    assert manager.resolve((AdapterRef("lora-a"),)).deltas == (AdapterRef("default/lora-a@v2"),)
+    assert manager.resolve((AdapterRef("default/lora-a@v1"),)).deltas == (AdapterRef("default/lora-a@v1"),)
+    with pytest.raises(AdapterNotFound, match="'default/lora-a@v3' not found"):
+        manager.resolve((AdapterRef("lora-a@v3"),))
     with pytest.raises(InvalidRequest):
-        manager.register(bad_id, store / "acme" / "lora-a")
+        manager.register("Bad Name", dirs["lora-a"])
 
 
-def test_duplicate_registration(manager: AdapterManager, store: Path) -> None:
-    with pytest.raises(InvalidRequest, match="already registered"):
-        manager.register("acme/lora-a", store / "acme" / "lora-a")
-
-
-def test_resolve(manager: AdapterManager) -> None:
+def test_resolve_checks_and_holds(manager: AdapterManager) -> None:
     assert manager.resolve(()).is_base
-    single = manager.resolve((AdapterRef("acme/lora-a"),))
-    assert single.deltas == (AdapterRef("acme/lora-a"),) and single.prefix is None
-    prefix = manager.resolve((AdapterRef("acme/prefix"),))
-    assert prefix.prefix == "acme/prefix" and prefix.num_virtual_tokens == 5 and not prefix.deltas
-    mix = (AdapterRef("acme/lora-a", 0.5), AdapterRef("globex/shira/v1", 0.5))
-    assert manager.resolve(mix).deltas == mix
-    with pytest.raises(AdapterNotFound):
-        manager.resolve((AdapterRef("acme/nope"),))
+    prefix = manager.resolve((AdapterRef("prefix"),))
+    assert prefix.prefix == "default/prefix@v1" and prefix.num_virtual_tokens == 5 and not prefix.deltas
+    mix = manager.resolve((AdapterRef("lora-a", 0.5), AdapterRef("shira", 0.5)))
+    assert [r.adapter_id for r in mix.deltas] == ["default/lora-a@v1", "default/shira@v1"]
+    assert manager.registry.record("default/lora-a@v1").holds == 1
+    manager.release_holds(mix.keys)
+    manager.release_holds(prefix.keys)
+    assert manager.registry.holds("default/lora-a") == 0
+    with pytest.raises(AdapterNotFound, match="adapter 'default/nope' not found"):
+        manager.resolve((AdapterRef("nope"),))
     with pytest.raises(InvalidRequest, match="mixture"):
-        manager.resolve((AdapterRef("acme/lora-a", 0.5), AdapterRef("acme/prefix", 0.5)))
+        manager.resolve((AdapterRef("lora-a", 0.5), AdapterRef("prefix", 0.5)))
     with pytest.raises(InvalidRequest, match="not finite"):
-        manager.resolve((AdapterRef("acme/lora-a", float("inf")),))
+        manager.resolve((AdapterRef("lora-a", float("inf")),))
     with pytest.raises(InvalidRequest, match="twice"):
-        manager.resolve((AdapterRef("acme/lora-a"), AdapterRef("acme/lora-a")))
-    with pytest.raises(InvalidRequest, match="slots"):  # 3 distinct adapters, 2 slots
-        manager.resolve((AdapterRef("acme/lora-a"), AdapterRef("acme/lora-b"), AdapterRef("acme/layers")))
+        manager.resolve((AdapterRef("lora-a"), AdapterRef("default/lora-a")))
+    with pytest.raises(InvalidRequest, match="slots"):  # 4 slots, at most 2 pinned: mixtures of 2
+        manager.resolve((AdapterRef("lora-a"), AdapterRef("lora-b"), AdapterRef("layers")))
+    assert manager.registry.holds("default/lora-a") == 0  # failed resolves hold nothing
 
 
-def test_slots_lru_and_holds(manager: AdapterManager) -> None:
-    a = manager.acquire("acme/lora-a")
-    b = manager.acquire("acme/lora-b")
+def test_slots_lru_holds_and_pins(base: PreTrainedModel, dirs: dict[str, Path]) -> None:
+    manager = AdapterManager(copy.deepcopy(base), num_slots=2, device="cpu", dtype=torch.float32)
+    for name in ("lora-a", "lora-b", "layers", "prefix"):
+        manager.register(name, dirs[name])
+    a = manager.acquire("lora-a")
+    b = manager.acquire("lora-b")
     assert {a, b} == {0, 1}
-    assert manager.acquire("acme/lora-a") == a  # resident: same slot, second hold
-    assert manager.acquire("acme/prefix") is None  # prefix adapters take no slot
+    assert manager.acquire("lora-a") == a  # resident: same slot, second hold
+    assert manager.acquire("prefix") is None  # prefix adapters take no slot
     with pytest.raises(CapacityExceeded):
-        manager.acquire("acme/layers")
-    manager.release("acme/lora-b")
-    c = manager.acquire("acme/layers")  # evicts lora-b, the only unheld one
-    assert c == b and manager.slot_of("acme/lora-b") is None
-    layer = manager.layers["model.layers.0.self_attn.k_proj"]
-    assert layer.lora_slots[b] is None  # lora-b's modules were cleared; 'layers' does not target k_proj
-    manager.release("acme/lora-a")
-    manager.release("acme/lora-a")
+        manager.acquire("layers")
+    manager.release("lora-b")
+    c = manager.acquire("layers")  # evicts lora-b, the only unheld one
+    assert c == b and manager.slot_of("lora-b") is None
+    assert manager.layers["model.layers.0.self_attn.k_proj"].lora_slots[b] is None  # lora-b's modules cleared
+    manager.release("lora-a")
+    manager.release("lora-a")
     with pytest.raises(FailedPrecondition):
-        manager.release("acme/lora-a")
-    with pytest.raises(FailedPrecondition):
-        manager.unregister("acme/layers")  # still held
-    manager.release("acme/layers")
-    manager.unregister("acme/layers")
+        manager.release("lora-a")
+    manager.load_to_device("default/lora-a@v1", pin=True)
+    assert manager.slots.pinned_slot_keys == {"default/lora-a@v1"}
+    with pytest.raises(CapacityExceeded, match="pinned"):  # 2 slots: at most 1 pinned
+        manager.load_to_device("default/lora-b@v1", pin=True)
+    manager.release("layers")
+    manager.acquire("lora-b")  # evicts 'layers', never the pinned lora-a
+    assert manager.slot_of("lora-a") == a and manager.slot_of("layers") is None
+    manager.drop_from_device("default/lora-a@v1")
+    manager.apply_drops()
+    assert manager.slot_of("lora-a") is None and not manager.slots.pinned_slot_keys
+    manager.close()
+
+
+def test_superseded_version_stays_while_held_then_leaves_memory(manager: AdapterManager, dirs: dict[str, Path]) -> None:
+    old = manager.resolve((AdapterRef("lora-a"),))
+    (key,) = old.keys
+    manager.acquire(key)
+    manager.register("lora-a", dirs["lora-b"])  # v2 becomes current
+    assert manager.tier(key) == "device" and manager.resolve((AdapterRef("lora-a"),)).keys == ("default/lora-a@v2",)
+    manager.release(key)
+    manager.release_holds(old.keys)  # the last request on v1 ends
+    manager.apply_drops()
+    assert manager.tier(key) == "disk"
+    assert manager.resolve((AdapterRef("lora-a@v1"),)).keys == (key,)  # still addressable by version
+
+
+def test_unload_and_remove(manager: AdapterManager) -> None:
+    held = manager.resolve((AdapterRef("lora-b"),))
+    manager.acquire("default/lora-b@v1")
+    manager.unload("default/lora-b")
+    manager.apply_drops()
+    assert manager.tier("default/lora-b@v1") == "device"  # in use: it stays
+    manager.release("default/lora-b@v1")
+    manager.release_holds(held.keys)
+    manager.apply_drops()
+    assert manager.tier("default/lora-b@v1") == "disk"
+    held = manager.resolve((AdapterRef("layers"),))
+    removal = manager.remove("default/layers")
+    assert [r.key for r in removal.held] == ["default/layers@v1"] and not removal.freed
     with pytest.raises(AdapterNotFound):
-        manager.acquire("acme/layers")
+        manager.resolve((AdapterRef("layers"),))
+    assert manager.tier("default/layers@v1") == "host"  # the request holding it keeps it
+    manager.release_holds(held.keys)
+    assert manager.tier("default/layers@v1") == "disk"
+    with pytest.raises(AdapterNotFound):
+        manager.unload("default/layers")
+
+
+def test_scan_is_lazy_verifies_hashes_and_skips_other_bases(
+    base: PreTrainedModel, dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    store = AdapterStore(tmp_path)
+    writer = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
+    for adapter_id, name in (("acme/a", "lora-a"), ("acme/b", "lora-b")):
+        files = {p.name: p.read_bytes() for p in dirs[name].iterdir()}
+        staged = store.stage(files)
+        store.commit(staged, writer.manifest_for(adapter_id, 1, writer.validate(staged), files))
+    manifest = tmp_path / "acme" / "b" / "v1" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace(writer.base.fingerprint, "llama-ffffffffffffffff"))
+
+    manager = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
+    assert manager.scan(AdapterStore(tmp_path)) == 1
+    assert manager.names("acme") == ["a"] and manager.tier("acme/a@v1") == "disk"
+    held = manager.resolve((AdapterRef("acme/a"),))
+    (adapter,) = [f.result() for f in manager.ensure_host(held.keys)]
+    assert manager.host.stats.loads == 1 and manager.tier("acme/a@v1") == "host"
+    expected = load_adapter(dirs["lora-a"])
+    assert torch.equal(adapter.deltas["model.layers.0.mlp.up_proj"].b, expected.deltas["model.layers.0.mlp.up_proj"].b)
+
+    damaged = tmp_path / "acme" / "a" / "v1" / "adapter_model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-4] + b"\0\0\0\0")
+    fresh = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
+    fresh.scan(AdapterStore(tmp_path))
+    with pytest.raises(AdapterRejected, match="sha256"):
+        fresh.ensure_host(fresh.resolve((AdapterRef("acme/a"),)).keys)[0].result()
+    for mgr in (writer, manager, fresh):
+        mgr.close()
 
 
 def test_wraps_projections_not_head_and_keeps_base(base: PreTrainedModel) -> None:
@@ -124,17 +186,17 @@ def test_wraps_projections_not_head_and_keeps_base(base: PreTrainedModel) -> Non
     assert not isinstance(model.lm_head, MultiAdapterLayer)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, MultiAdapterLayer)
-    assert q.base_layer.weight is base.model.layers[0].self_attn.q_proj.weight or torch.equal(
-        q.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight
-    )
+    assert torch.equal(q.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
-def test_prefix_kv_in_model_dtype(manager: AdapterManager, base: PreTrainedModel) -> None:
+def test_prefix_kv_in_model_dtype(manager: AdapterManager, base: PreTrainedModel, dirs: dict[str, Path]) -> None:
     bf16 = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.bfloat16)
-    bf16.register("p", Path(manager.info("acme/prefix").path))
+    bf16.register("p", dirs["prefix"])
     kv = bf16.prefix_kv("p")
     assert kv is not None and kv.dtype == torch.bfloat16 and kv.shape == (2, 2, 2, 5, 16)
-    assert manager.prefix_kv("acme/lora-a") is None
+    assert bf16.tier("default/p@v1") == "device"
+    assert manager.prefix_kv("lora-a") is None
+    bf16.close()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

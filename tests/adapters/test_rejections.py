@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from peftserve.adapters import AdapterManager
-from peftserve.errors import AdapterRejected
+from peftserve.errors import AdapterRejected, FailedPrecondition
 from tests.adapters import peft_factory as pf
 from tests.helpers.tiny_models import build_tiny_model
 
@@ -163,6 +163,11 @@ def test_pickle_only_directory_is_never_loaded(manager, lora_dir, tmp_path) -> N
     _reject(manager, out, "adapter_model.bin", "pickle")
 
 
-def test_prefix_for_another_architecture(manager, tmp_path) -> None:
+def test_adapters_for_another_architecture(manager, tmp_path) -> None:
     gpt2, _ = build_tiny_model("gpt2", seed=0)  # 4 KV heads of 16 vs the llama base's 2 of 16
-    _reject(manager, pf.make_prefix(gpt2, tmp_path / "p", projection=False), "prefix shape")
+    for adapter_dir in (
+        pf.make_prefix(gpt2, tmp_path / "p", projection=False),
+        pf.make_lora_patterns(gpt2, "gpt2", tmp_path / "l"),
+    ):
+        with pytest.raises(FailedPrecondition, match="another base model"):
+            manager.register("bad", adapter_dir)

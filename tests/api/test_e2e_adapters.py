@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from peft import PeftModel
-from peftserve_client import Client, NotFound
 
+from peftserve_client import Client, NotFound
 from tests.adapters import peft_factory as pf
 from tests.engine.test_adapter_fidelity import reference_run
 from tests.helpers.tiny_models import build_tiny_model

@@ -1,19 +1,21 @@
-"""Adapters: PEFT directories normalized at load, a multi-adapter layer over the frozen base, device slots.
+"""Adapters: PEFT directories normalized at load, a multi-adapter layer over the frozen base, memory tiers.
 
-The runner-facing API is AdapterManager; AdapterBatch is what the runner builds each step.
+The engine-facing API is AdapterManager (registry, host cache, device slots); AdapterAdminService
+implements the admin protocol over it and the store; AdapterBatch is what the runner builds each step.
 """
 
+from .admin import AdapterAdminService
 from .batch import AdapterBatch, AdapterContext, SlotGroup, Span
 from .kernels import DeltaKernels, select_kernels
 from .layer import MultiAdapterLayer
 from .loading import load_adapter
-from .manager import AdapterInfo, AdapterManager, ResolvedAdapters, validate_adapter_id
+from .manager import AdapterManager, ResolvedAdapters, canonical_id
 from .normalized import LoraDelta, NormalizedAdapter, PrefixKV, SparseDelta
 
 __all__ = [
+    "AdapterAdminService",
     "AdapterBatch",
     "AdapterContext",
-    "AdapterInfo",
     "AdapterManager",
     "DeltaKernels",
     "LoraDelta",
@@ -24,7 +26,7 @@ __all__ = [
     "SlotGroup",
     "SparseDelta",
     "Span",
+    "canonical_id",
     "load_adapter",
     "select_kernels",
-    "validate_adapter_id",
 ]

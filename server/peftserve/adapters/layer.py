@@ -77,3 +77,29 @@ class MultiAdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={len(self.lora_slots)}"
+
+
+def wrap_model(
+    model: nn.Module, context: AdapterContext, kernels: DeltaKernels, num_slots: int
+) -> dict[str, MultiAdapterLayer]:
+    """Wrap every Linear/Conv1D of the model except the output head, once, at start.
+
+    Wrapping everything up front keeps the module tree fixed while serving (registering an adapter never
+    mutates the model under a running forward); an unused wrapper costs one attribute check per call.
+    The output head is left alone: the runner computes logits only at kept positions, so its rows are
+    not the step's tokens.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, WRAPPABLE) and module is not head and not isinstance(module, MultiAdapterLayer)
+    ]
+    layers: dict[str, MultiAdapterLayer] = {}
+    for path, module in targets:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        wrapper = MultiAdapterLayer(module, context, kernels, num_slots)
+        setattr(parent, name, wrapper)
+        layers[path] = wrapper
+    return layers

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from peftserve.errors import AdapterRejected
@@ -25,9 +25,14 @@ LOADERS: dict[str, Loader] = {
 """peft_type -> loader; adding a kind is adding a folder and a line here."""
 
 
-def load_adapter(path: str | Path) -> NormalizedAdapter:
-    """Read and normalize one PEFT directory; AdapterRejected names the field or tensor at fault."""
-    config, tensors = read_adapter_dir(path)
+def load_adapter(
+    path: str | Path, expected_sha256: Mapping[str, str] | None = None, follow_symlinks: bool = True
+) -> NormalizedAdapter:
+    """Read and normalize one PEFT directory; AdapterRejected names the field or tensor at fault.
+
+    expected_sha256 and follow_symlinks: see read_adapter_dir (the store passes a manifest's hashes).
+    """
+    config, tensors = read_adapter_dir(path, expected_sha256, follow_symlinks)
     peft_type = config.get("peft_type")
     loader = LOADERS.get(peft_type) if isinstance(peft_type, str) else None
     if loader is None:
@@ -38,4 +43,4 @@ def load_adapter(path: str | Path) -> NormalizedAdapter:
         return loader(config, tensors)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         # A malformed field the loader did not foresee is still the adapter's fault, not the server's.
-        raise AdapterRejected(f"{path}: malformed {peft_type} adapter ({type(exc).__name__}: {exc})") from exc
+        raise AdapterRejected(f"malformed {peft_type} adapter ({type(exc).__name__}: {exc})") from exc

@@ -1,357 +1,304 @@
-"""AdapterManager, the runner-facing API: registry, validation against the base, slots, side channel."""
+"""AdapterManager: the engine's one object for adapters: versions, disk -> host -> device, holds.
+
+It composes the registry (versions and holds, plain bookkeeping), the host cache (normalized adapters
+in CPU memory, loaded on a thread pool) and the device slots (the layers' slots). Threads: resolve,
+release_holds, ensure_host and the registration calls may run on any thread (one lock keeps a hold and
+its host protection together); acquire, release, prefix_kv, apply_drops and load_to_device run on the
+engine thread only.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import re
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from peftserve.engine.protocol import AdapterManifest, AdapterStatus, Tier
 from peftserve.engine.request import AdapterRef
-from peftserve.errors import (
-    AdapterNotFound,
-    AdapterRejected,
-    CapacityExceeded,
-    FailedPrecondition,
-    InvalidRequest,
+from peftserve.errors import AdapterNotFound, InvalidRequest
+from peftserve.metrics import AdapterMetrics, AdapterSnapshot
+from peftserve.store import AdapterStore, StoredVersion
+from peftserve.store.files import read_regular_file
+from peftserve.store.ids import (
+    DEFAULT_TENANT,
+    full_adapter_id,
+    parse_version,
+    split_version,
+    version_key,
+    version_name,
 )
+from peftserve.store.manifest import file_entries
+from peftserve.store.peft_files import CONFIG_NAME, WEIGHTS_NAME
 
+from .base_spec import base_spec, validate_for_base
 from .batch import AdapterBatch, AdapterContext, Span
-from .kernels import DeltaKernels, select_kernels
-from .layer import WRAPPABLE, MultiAdapterLayer
+from .host_cache import HostCache
+from .kernels import select_kernels
+from .layer import wrap_model
 from .loading import load_adapter
-from .normalized import AdapterKind, LoraDelta, NormalizedAdapter, SparseDelta
-from .peft_format import CONFIG_NAME
+from .normalized import LoraDelta, NormalizedAdapter
+from .registry import AdapterRegistry, Removal, VersionRecord
+from .slots import DeviceSlots
 
 log = logging.getLogger(__name__)
 
-ID_PART = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-MAX_ID_PARTS = 8
 
+def canonical_id(text: str) -> str:
+    """The full id of what a request names, as the engine sees it: bare names are the default tenant's.
 
-def validate_adapter_id(adapter_id: str) -> None:
-    """Ids are '/'-separated parts of [a-z0-9][a-z0-9._-]{0,63}; InvalidRequest otherwise."""
-    parts = adapter_id.split("/") if isinstance(adapter_id, str) else []
-    if not parts or len(parts) > MAX_ID_PARTS or not all(ID_PART.fullmatch(p) for p in parts):
-        raise InvalidRequest(
-            f"adapter id {adapter_id!r} is not valid: up to {MAX_ID_PARTS} '/'-separated parts, each "
-            "1-64 characters of a-z 0-9 . _ - starting with a letter or digit"
-        )
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What the engine and the API may know about a registered adapter."""
-
-    adapter_id: str
-    kind: AdapterKind
-    """'lora' (LORA, ADALORA), 'sparse' (SHIRA) or 'prefix' (PREFIX_TUNING)."""
-    peft_type: str
-    path: str
-    num_modules: int
-    """Modules the adapter updates (0 for prefix)."""
-    ranks: tuple[int, ...]
-    """Distinct per-module ranks, ascending (lora only)."""
-    nnz: int
-    """Sparse entries over all modules (sparse only)."""
-    num_virtual_tokens: int
-    """Prefix length: KV positions taken before the prompt (prefix only)."""
-    nbytes: int
-    """Bytes of the normalized tensors in float32."""
+    The API resolves ids per caller before they reach the engine, so there this is the identity; direct
+    engine users (tests, benchmarks, `serve --adapter NAME=DIR`) may name adapters without a tenant.
+    """
+    return full_adapter_id(text, DEFAULT_TENANT, local_mode=True)
 
 
 @dataclass(frozen=True)
 class ResolvedAdapters:
-    """A request's adapters after validation: delta adapters (with weights) or one prefix, or neither."""
+    """A request's adapters bound to versions, one hold each, released with release_holds(keys)."""
 
     deltas: tuple[AdapterRef, ...] = ()
-    """LoRA/AdaLoRA/sparse adapters and their mixture weights; each needs a slot (acquire)."""
+    """LoRA/AdaLoRA/sparse version keys and their mixture weights; each needs a slot (acquire)."""
     prefix: str | None = None
-    """The prefix adapter; its K/V (prefix_kv) fill the first num_virtual_tokens KV positions."""
+    """The prefix adapter's version key; its K/V (prefix_kv) fill the first num_virtual_tokens positions."""
     num_virtual_tokens: int = 0
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(r.adapter_id for r in self.deltas) + ((self.prefix,) if self.prefix else ())
 
     @property
     def is_base(self) -> bool:
         return not self.deltas and self.prefix is None
 
 
-@dataclass(frozen=True)
-class BaseSpec:
-    """The base model facts adapters are validated against."""
-
-    modules: dict[str, tuple[int, int]]
-    """Wrapped module path -> (out, in)."""
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-
-
-def _base_spec(model: nn.Module, layers: dict[str, MultiAdapterLayer]) -> BaseSpec:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return BaseSpec(
-        modules={path: (m.out_features, m.in_features) for path, m in layers.items()},
-        num_layers=config.num_hidden_layers,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-    )
-
-
-def wrap_model(
-    model: nn.Module, context: AdapterContext, kernels: DeltaKernels, num_slots: int
-) -> dict[str, MultiAdapterLayer]:
-    """Wrap every Linear/Conv1D of the model except the output head, once, at start.
-
-    Wrapping everything up front keeps the module tree fixed while serving (registering an adapter never
-    mutates the model under a running forward); an unused wrapper costs one attribute check per call.
-    The output head is left alone: the runner computes logits only at kept positions, so its rows are
-    not the step's tokens.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = [
-        (path, module)
-        for path, module in model.named_modules()
-        if isinstance(module, WRAPPABLE) and module is not head and not isinstance(module, MultiAdapterLayer)
-    ]
-    layers: dict[str, MultiAdapterLayer] = {}
-    for path, module in targets:
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        wrapper = MultiAdapterLayer(module, context, kernels, num_slots)
-        setattr(parent, name, wrapper)
-        layers[path] = wrapper
-    return layers
-
-
-def check_against_base(adapter: NormalizedAdapter, base: BaseSpec, model_paths: set[str]) -> None:
-    """Targets exist and are served, shapes match: AdapterRejected otherwise, before any request sees it."""
-    for path, delta in adapter.deltas.items():
-        if path not in base.modules:
-            if path in model_paths:
-                raise AdapterRejected(
-                    f"target module {path!r} is not served (only Linear/Conv1D modules below the output head)"
-                )
-            raise AdapterRejected(f"target module {path!r} does not exist in the base model")
-        out_features, in_features = base.modules[path]
-        if isinstance(delta, LoraDelta):
-            if delta.shape != (out_features, in_features):
-                raise AdapterRejected(
-                    f"module {path!r}: lora_B/lora_A give shape (out, in) = {delta.shape}, the base module "
-                    f"is {(out_features, in_features)}"
-                )
-        elif isinstance(delta, SparseDelta):
-            rows_ok = bool(((delta.rows >= 0) & (delta.rows < out_features)).all())
-            cols_ok = bool(((delta.cols >= 0) & (delta.cols < in_features)).all())
-            if not (rows_ok and cols_ok):
-                raise AdapterRejected(
-                    f"module {path!r}: shira_indices fall outside the base module's "
-                    f"{(out_features, in_features)}"
-                )
-    if adapter.prefix is not None:
-        num_layers, _, kv_heads, _, head_dim = adapter.prefix.kv.shape
-        expected = (base.num_layers, base.kv_heads, base.head_dim)
-        if (num_layers, kv_heads, head_dim) != expected:
-            raise AdapterRejected(
-                f"prefix shape (num_layers, num_attention_heads, head_dim) = "
-                f"{(num_layers, kv_heads, head_dim)} "
-                f"does not match the base model's (layers, kv heads, head_dim) = {expected}"
-            )
-
-
 class AdapterManager:
-    """Registers PEFT adapters against one frozen base model and keeps a bounded set resident in slots.
+    """Serves PEFT adapters on one frozen base model."""
 
-    Threads: register/scan_store may run beside the engine thread; every bookkeeping change holds a lock.
-    acquire/release/set_batch are called by the engine/runner thread only.
-    """
-
-    def __init__(self, model: nn.Module, num_slots: int, device: torch.device | str, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_slots: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        *,
+        host_cache_bytes: int = 1 << 30,
+        max_rank: int = 256,
+        load_threads: int = 2,
+        metrics_top_n: int = 20,
+    ) -> None:
         if num_slots <= 0:
             raise InvalidRequest(f"num_slots must be > 0, got {num_slots}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.num_slots = num_slots
+        self.max_rank = max_rank
         self.context = AdapterContext()
         self.kernels = select_kernels(self.device)
-        self._model_paths = {path for path, _ in model.named_modules()}
         self.layers = wrap_model(model, self.context, self.kernels, num_slots)
-        self.base = _base_spec(model, self.layers)
-        self._lock = threading.Lock()
-        self._adapters: dict[str, NormalizedAdapter] = {}
-        self._infos: dict[str, AdapterInfo] = {}
-        self._slot_of: dict[str, int] = {}
-        self._owner: list[str | None] = [None] * num_slots
-        self._refs: dict[str, int] = {}
-        self._idle: OrderedDict[str, None] = OrderedDict()  # resident, unreferenced; oldest first
-        self._prefix_cache: dict[str, torch.Tensor] = {}
-
-    # -- registry ---------------------------------------------------------------------------------
-
-    def register(self, adapter_id: str, path: str | Path) -> AdapterInfo:
-        """Load, normalize and validate an adapter against the base; it is servable once this returns."""
-        validate_adapter_id(adapter_id)
-        with self._lock:
-            if adapter_id in self._adapters:
-                raise InvalidRequest(f"adapter {adapter_id!r} is already registered")
-        adapter = load_adapter(path)
-        check_against_base(adapter, self.base, self._model_paths)
-        info = _info(adapter_id, adapter, str(path))
-        with self._lock:
-            if adapter_id in self._adapters:
-                raise InvalidRequest(f"adapter {adapter_id!r} is already registered")
-            self._adapters[adapter_id] = adapter
-            self._infos[adapter_id] = info
-        log.info(
-            "registered adapter %s (%s, %d modules) from %s",
-            adapter_id,
-            info.peft_type,
-            info.num_modules,
-            path,
+        self.base = base_spec(model, self.layers)
+        self.metrics = AdapterMetrics(self.snapshot, metrics_top_n)
+        self.registry = AdapterRegistry()
+        self._pool = ThreadPoolExecutor(load_threads, thread_name_prefix="peftserve-adapter-load")
+        self.host: HostCache[NormalizedAdapter] = HostCache(host_cache_bytes, self._pool)
+        self.slots = DeviceSlots(
+            self.layers, num_slots, self.device, dtype, on_load=lambda s: self.metrics.observe_load("device", s)
         )
-        return info
+        self._lock = threading.Lock()
 
-    def unregister(self, adapter_id: str) -> None:
-        """Forget an adapter; FailedPrecondition while a request holds it."""
-        with self._lock:
-            self._get(adapter_id)
-            if self._refs.get(adapter_id, 0) > 0:
-                raise FailedPrecondition(f"adapter {adapter_id!r} is in use by running requests")
-            if adapter_id in self._slot_of:
-                self._evict(adapter_id)
-            self._prefix_cache.pop(adapter_id, None)
-            del self._adapters[adapter_id], self._infos[adapter_id]
+    @property
+    def max_mixture(self) -> int:
+        """Adapters one request may mix: the slots pins can never take."""
+        return self.num_slots - self.slots.max_pins
 
-    def scan_store(self, root: str | Path) -> list[AdapterInfo]:
-        """Register every <root>/<a>/<b>/... directory holding adapter_config.json, id 'a/b/...'.
+    def close(self) -> None:
+        """Stop the load threads (pending loads are cancelled)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-        Bad adapters (invalid id, rejected files) are logged and skipped; directories are not followed
-        through symlinks, so nothing outside the store is read.
+    # -- registration ---------------------------------------------------------------------------
+
+    def validate(self, path: str | Path, follow_symlinks: bool = False) -> NormalizedAdapter:
+        """Normalize a PEFT folder and check it against the base; InvalidRequest / FailedPrecondition."""
+        adapter = load_adapter(path, follow_symlinks=follow_symlinks)
+        validate_for_base(adapter, self.base, self.max_rank)
+        return adapter
+
+    def manifest_for(
+        self, adapter_id: str, number: int, adapter: NormalizedAdapter, files: Mapping[str, bytes]
+    ) -> AdapterManifest:
+        """The manifest of a validated adapter's files as version `number` of adapter_id."""
+        ranks = sorted({d.rank for d in adapter.deltas.values() if isinstance(d, LoraDelta)})
+        return AdapterManifest(
+            adapter_id=adapter_id,
+            version=version_name(number),
+            kind=adapter.kind,
+            peft_type=adapter.peft_type,
+            base_fingerprint=self.base.fingerprint,
+            ranks=tuple(ranks),
+            target_modules=tuple(sorted(adapter.deltas)),
+            num_virtual_tokens=adapter.prefix.num_virtual_tokens if adapter.prefix is not None else 0,
+            nbytes=sum(len(data) for data in files.values()),
+            files=file_entries(files),
+            created_at=time.time(),
+        )
+
+    def register(self, adapter_id: str, path: str | Path) -> AdapterManifest:
+        """Serve a PEFT folder from outside the store (serve --adapter) as the newest version of adapter_id.
+
+        Validated and loaded now, so a bad folder fails at start; 'name' means the default tenant's.
         """
-        root_path = Path(root).resolve()
-        found: list[AdapterInfo] = []
-        for dirpath, dirnames, filenames in os.walk(root_path, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            if CONFIG_NAME not in filenames:
+        full = canonical_id(adapter_id)
+        if "@" in full:
+            raise InvalidRequest(f"adapter id {adapter_id!r}: a registration takes no @version")
+        folder = Path(path)
+        adapter = self.validate(folder, follow_symlinks=True)
+        files = {n: read_regular_file(folder / n, follow_symlinks=True) for n in (CONFIG_NAME, WEIGHTS_NAME)}
+        with self._lock:
+            manifest = self.manifest_for(full, self.registry.next_version(full), adapter, files)
+            self._add(manifest, folder, in_store=False, adapter=adapter)
+        log.info("registered adapter %s@%s (%s) from %s", full, manifest.version, manifest.peft_type, folder)
+        return manifest
+
+    def add_stored(self, stored: StoredVersion, adapter: NormalizedAdapter | None = None) -> None:
+        """Register a committed store version (adapter: already normalized, e.g. by an upload)."""
+        with self._lock:
+            self._add(stored.manifest, stored.path, in_store=True, adapter=adapter)
+
+    def scan(self, store: AdapterStore) -> int:
+        """Register every version in the store from its manifest (loaded on first use); returns the count."""
+        count = 0
+        for stored in store.scan():
+            if stored.manifest.base_fingerprint != self.base.fingerprint:
+                log.warning(
+                    "store: %s@%s was validated against another base model (%s, serving %s); not served",
+                    stored.manifest.adapter_id,
+                    stored.manifest.version,
+                    stored.manifest.base_fingerprint,
+                    self.base.fingerprint,
+                )
                 continue
-            dirnames[:] = []  # an adapter directory holds no further adapters
-            adapter_dir = Path(dirpath)
-            adapter_id = adapter_dir.relative_to(root_path).as_posix()
-            try:
-                if adapter_id in self._infos:
-                    continue
-                found.append(self.register(adapter_id, adapter_dir))
-            except InvalidRequest as exc:
-                log.warning("skipping adapter directory %s: %s", adapter_dir, exc)
-            except Exception:
-                log.exception("skipping adapter directory %s: unexpected error", adapter_dir)
-        return found
+            self.add_stored(stored)
+            count += 1
+        log.info("store %s: %d adapter versions of %d adapters", store.root, count, len(self.registry))
+        return count
 
-    def info(self, adapter_id: str) -> AdapterInfo:
+    def next_version(self, adapter_id: str) -> int:
         with self._lock:
-            self._get(adapter_id)
-            return self._infos[adapter_id]
+            return self.registry.next_version(adapter_id)
 
-    def registered(self) -> list[AdapterInfo]:
-        with self._lock:
-            return [self._infos[i] for i in sorted(self._infos)]
+    # -- requests (any thread) ------------------------------------------------------------------
 
-    def resolve(self, refs: tuple[AdapterRef, ...]) -> ResolvedAdapters:
-        """Check a request's adapters before admission: known ids, a prefix alone, finite weights."""
+    def resolve(self, refs: Sequence[AdapterRef]) -> ResolvedAdapters:
+        """Bind a request's adapters to their current (or pinned) versions and hold them.
+
+        Checks: known ids, a prefix alone and unweighted, finite weights, no adapter twice, a mixture
+        within max_mixture slots. Holds are taken only when every check passes.
+        """
         if not refs:
             return ResolvedAdapters()
-        seen: set[str] = set()
         for ref in refs:
-            validate_adapter_id(ref.adapter_id)
-            if ref.adapter_id in seen:
-                raise InvalidRequest(f"adapter {ref.adapter_id!r} is named twice in one request")
-            seen.add(ref.adapter_id)
             if not math.isfinite(ref.weight):
                 raise InvalidRequest(f"adapter {ref.adapter_id!r}: weight {ref.weight} is not finite")
+        full_ids = [canonical_id(ref.adapter_id) for ref in refs]
         with self._lock:
-            infos = [self._infos[r.adapter_id] if r.adapter_id in self._infos else None for r in refs]
-        for ref, info in zip(refs, infos, strict=True):
-            if info is None:
-                raise AdapterNotFound(f"adapter {ref.adapter_id!r} is not registered")
-        prefixes = [info for info in infos if info is not None and info.kind == "prefix"]
-        if prefixes:
-            if len(refs) > 1:
-                raise InvalidRequest(
-                    f"prefix adapter {prefixes[0].adapter_id!r} cannot be in a mixture (LoRA/sparse only)"
+            records = [self.registry.lookup(full) for full in full_ids]
+            keys = [r.key for r in records]
+            if len(set(keys)) != len(keys):
+                raise InvalidRequest("an adapter is named twice in one request")
+            prefixes = [r for r in records if r.manifest.kind == "prefix"]
+            if prefixes:
+                if len(refs) > 1:
+                    raise InvalidRequest(
+                        f"prefix adapter {prefixes[0].adapter_id!r} cannot be in a mixture (LoRA/sparse only)"
+                    )
+                if refs[0].weight != 1.0:
+                    raise InvalidRequest(
+                        f"prefix adapter {prefixes[0].adapter_id!r} cannot be weighted (weight must be 1)"
+                    )
+                resolved = ResolvedAdapters(
+                    prefix=keys[0], num_virtual_tokens=prefixes[0].manifest.num_virtual_tokens
                 )
-            if refs[0].weight != 1.0:
+            elif len(refs) > self.max_mixture:
                 raise InvalidRequest(
-                    f"prefix adapter {refs[0].adapter_id!r} cannot be weighted (weight must be 1)"
+                    f"a mixture of {len(refs)} adapters exceeds the {self.max_mixture} adapter slots a "
+                    "request may use"
                 )
-            return ResolvedAdapters(
-                prefix=prefixes[0].adapter_id, num_virtual_tokens=prefixes[0].num_virtual_tokens
-            )
-        if len(refs) > self.num_slots:
-            raise InvalidRequest(
-                f"a mixture of {len(refs)} adapters exceeds the {self.num_slots} adapter slots"
-            )
-        return ResolvedAdapters(deltas=tuple(refs))
+            else:
+                resolved = ResolvedAdapters(
+                    deltas=tuple(AdapterRef(k, ref.weight) for k, ref in zip(keys, refs, strict=True))
+                )
+            for key in keys:
+                self._hold(key)
+        return resolved
 
-    # -- slots ------------------------------------------------------------------------------------
-
-    def acquire(self, adapter_id: str) -> int | None:
-        """Make a delta adapter resident and hold it; its slot, or None for a prefix adapter (no slot).
-
-        Loads into a free slot or evicts the least recently released unheld adapter; CapacityExceeded
-        when every slot is held.
-        """
+    def hold_current(self, adapter_id: str) -> str:
+        """Hold adapter_id's current version for an admin operation (and cancel a pending unload of it)."""
         with self._lock:
-            adapter = self._get(adapter_id)
-            if adapter.kind == "prefix":
-                return None
-            slot = self._slot_of.get(adapter_id)
-            if slot is None:
-                slot = self._free_slot()
-                self._load(adapter_id, adapter, slot)
-            self._refs[adapter_id] = self._refs.get(adapter_id, 0) + 1
-            self._idle.pop(adapter_id, None)
-            return slot
+            record = self.registry.lookup(adapter_id)
+            record.free_when_idle = False
+            self._hold(record.key)
+            return record.key
 
-    def release(self, adapter_id: str) -> None:
-        """Drop one hold from acquire; the adapter stays resident until its slot is needed."""
+    def release_holds(self, keys: Iterable[str]) -> None:
+        """End holds from resolve/hold_current; versions that must leave memory leave it now."""
         with self._lock:
-            adapter = self._get(adapter_id)
-            if adapter.kind == "prefix":
-                return
-            refs = self._refs.get(adapter_id, 0)
-            if refs <= 0:
-                raise FailedPrecondition(f"adapter {adapter_id!r} is released more often than acquired")
-            self._refs[adapter_id] = refs - 1
-            if refs == 1:
-                self._idle[adapter_id] = None
+            for key in keys:
+                idle, free = self.registry.release(key)
+                if idle:
+                    self.host.unprotect(key)
+                if free:
+                    self._free(key)
 
-    def slot_of(self, adapter_id: str) -> int | None:
-        """The slot an adapter is resident in, or None."""
-        with self._lock:
-            return self._slot_of.get(adapter_id)
+    def ensure_host(self, keys: Iterable[str]) -> list[Future]:
+        """Futures of the held versions' host copies: done at once if resident, else loading off-thread."""
+        return [self.host.load(key, lambda key=key: self._load_version(key)) for key in keys]
 
-    def prefix_kv(self, adapter_id: str) -> torch.Tensor | None:
+    def missing_from_host(self, keys: Iterable[str]) -> list[str]:
+        return [key for key in keys if key not in self.host]
+
+    def record_traffic(self, keys: Iterable[str], tokens: int) -> None:
+        """Count one finished request and its generated tokens for each adapter it used."""
+        for key in keys:
+            self.metrics.traffic.record(split_version(key)[0], tokens)
+
+    # -- device tier (engine thread) ------------------------------------------------------------
+
+    def acquire(self, ref: str) -> int | None:
+        """Hold a slot for a version key (or an id's current version); None for prefix adapters."""
+        key = self._key(ref)
+        return self.slots.acquire(key, self._host_copy(key))
+
+    def release(self, ref: str) -> None:
+        """Drop one slot hold from acquire."""
+        self.slots.release(self._key(ref))
+
+    def prefix_kv(self, ref: str) -> torch.Tensor | None:
         """[L, 2 (key, value), kv_heads, nvt, head_dim] in the model's dtype/device; None if not prefix."""
-        with self._lock:
-            adapter = self._get(adapter_id)
-            if adapter.prefix is None:
-                return None
-            kv = self._prefix_cache.get(adapter_id)
-            if kv is None:
-                kv = adapter.prefix.kv.to(device=self.device, dtype=self.dtype)
-                self._prefix_cache[adapter_id] = kv
-            return kv
+        key = self._key(ref)
+        adapter = self._host_copy(key)
+        return self.slots.prefix_kv(key, adapter) if adapter.prefix is not None else None
 
-    # -- per step ---------------------------------------------------------------------------------
+    def load_to_device(self, key: str, pin: bool) -> None:
+        """Make a held version resident on the device (LoadAdapter), optionally pinned."""
+        self.slots.load(key, self._host_copy(key), pin)
+
+    def drop_from_device(self, key: str) -> None:
+        """Unpin a version and evict it once idle (any thread; applied by apply_drops)."""
+        self.slots.request_drop(key)
+
+    def apply_drops(self) -> None:
+        """Apply requested device drops (engine thread, between steps)."""
+        self.slots.apply_drops()
+
+    def slot_of(self, ref: str) -> int | None:
+        return self.slots.slot_of(self._key(ref))
 
     def set_batch(self, batch: AdapterBatch | None) -> None:
         """Set the step's batch before the forward, and None after it."""
@@ -361,52 +308,113 @@ class AdapterManager:
         """AdapterBatch.build on this manager's device."""
         return AdapterBatch.build(spans, num_tokens, self.device)
 
-    # -- internals (lock held) --------------------------------------------------------------------
+    # -- administration -------------------------------------------------------------------------
 
-    def _get(self, adapter_id: str) -> NormalizedAdapter:
-        adapter = self._adapters.get(adapter_id)
-        if adapter is None:
-            raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+    def unload(self, adapter_id: str) -> None:
+        """Every version leaves device and host memory, held ones when their last request ends."""
+        with self._lock:
+            versions = self.registry.versions(adapter_id)
+            if not versions:
+                raise AdapterNotFound(f"adapter {adapter_id!r} not found")
+            for key in self.registry.unload(adapter_id):
+                self._free(key)
+            for record in versions:
+                self.slots.request_drop(record.key)  # unpins now; a held slot leaves at its release
+
+    def remove(self, adapter_id: str, keep: int = 0) -> Removal:
+        """Make all but the newest `keep` versions unaddressable (0: delete); their memory goes when idle."""
+        with self._lock:
+            removal = self.registry.remove(adapter_id, keep)
+            for key in removal.freed:
+                self._free(key)
+            for record in removal.held:
+                self.slots.request_drop(record.key)
+        if keep == 0:
+            self.metrics.traffic.forget(adapter_id)
+        return removal
+
+    def status(self, adapter_id: str) -> AdapterStatus:
+        """The current version's manifest, tier and pin, and the requests holding any version."""
+        with self._lock:
+            record = self.registry.lookup(adapter_id)
+            holds = self.registry.holds(adapter_id)
+        key = record.key
+        return AdapterStatus(
+            manifest=record.manifest, tier=self.tier(key), pinned=self.slots.is_pinned(key), active_requests=holds
+        )
+
+    def names(self, tenant: str) -> list[str]:
+        with self._lock:
+            return self.registry.names(tenant)
+
+    def pinned_versions(self, adapter_id: str) -> list[str]:
+        with self._lock:
+            return [r.key for r in self.registry.versions(adapter_id) if self.slots.is_pinned(r.key)]
+
+    def info(self, ref: str) -> AdapterManifest:
+        """The manifest of a version key, or of an id's current version."""
+        with self._lock:
+            return self.registry.record(self._key_locked(ref)).manifest
+
+    def tier(self, key: str) -> Tier:
+        if self.slots.is_resident(key):
+            return "device"
+        return "host" if key in self.host else "disk"
+
+    def snapshot(self) -> AdapterSnapshot:
+        host, device = self.host.stats, self.slots.stats
+        return AdapterSnapshot(
+            loads={"host": host.loads, "device": device.loads},
+            load_failures={"host": host.load_failures},
+            evictions={"host": host.evictions, "device": device.evictions},
+            resident={"disk": len(self.registry), "host": len(self.host), "device": len(self.slots)},
+            host_bytes=self.host.nbytes,
+            cache_hits=host.hits,
+            cache_misses=host.misses,
+        )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _add(self, manifest: AdapterManifest, source: Path, in_store: bool, adapter: NormalizedAdapter | None) -> None:
+        for key in self.registry.add(manifest, source, in_store):
+            self._free(key)
+        if adapter is not None:
+            self.host.put(version_key(manifest.adapter_id, parse_version(manifest.version)), adapter)
+
+    def _hold(self, key: str) -> None:
+        self.registry.hold(key)
+        self.host.protect(key)
+
+    def _free(self, key: str) -> None:
+        self.host.discard(key)
+        self.slots.request_drop(key)
+
+    def _key(self, ref: str) -> str:
+        if "@" in ref:
+            return ref
+        with self._lock:
+            return self._key_locked(ref)
+
+    def _key_locked(self, ref: str) -> str:
+        return ref if "@" in ref else self.registry.lookup(canonical_id(ref)).key
+
+    def _load_version(self, key: str) -> NormalizedAdapter:
+        """Disk -> host (a load thread): read, verify sha256 against the manifest, normalize, check."""
+        with self._lock:
+            record: VersionRecord = self.registry.record(key)
+        start = time.perf_counter()
+        expected = {f.name: f.sha256 for f in record.manifest.files}
+        adapter = load_adapter(record.source, expected, follow_symlinks=not record.in_store)
+        validate_for_base(adapter, self.base, self.max_rank)
+        self.metrics.observe_load("host", time.perf_counter() - start)
         return adapter
 
-    def _free_slot(self) -> int:
-        for slot, owner in enumerate(self._owner):
-            if owner is None:
-                return slot
-        if not self._idle:
-            raise CapacityExceeded(f"all {self.num_slots} adapter slots are held by running requests")
-        victim = next(iter(self._idle))
-        slot = self._slot_of[victim]
-        self._evict(victim)
-        return slot
-
-    def _evict(self, adapter_id: str) -> None:
-        slot = self._slot_of.pop(adapter_id)
-        for path in self._adapters[adapter_id].deltas:
-            self.layers[path].clear(slot)
-        self._owner[slot] = None
-        self._idle.pop(adapter_id, None)
-        self._refs.pop(adapter_id, None)
-
-    def _load(self, adapter_id: str, adapter: NormalizedAdapter, slot: int) -> None:
-        for path, delta in adapter.deltas.items():
-            self.layers[path].load(slot, delta.to(self.device, self.dtype))
-        self._owner[slot] = adapter_id
-        self._slot_of[adapter_id] = slot
-
-
-def _info(adapter_id: str, adapter: NormalizedAdapter, path: str) -> AdapterInfo:
-    ranks = sorted({d.rank for d in adapter.deltas.values() if isinstance(d, LoraDelta)})
-    nnz = sum(d.nnz for d in adapter.deltas.values() if isinstance(d, SparseDelta))
-    nvt = adapter.prefix.num_virtual_tokens if adapter.prefix is not None else 0
-    return AdapterInfo(
-        adapter_id=adapter_id,
-        kind=adapter.kind,
-        peft_type=adapter.peft_type,
-        path=path,
-        num_modules=len(adapter.deltas),
-        ranks=tuple(ranks),
-        nnz=nnz,
-        num_virtual_tokens=nvt,
-        nbytes=adapter.nbytes,
-    )
+    def _host_copy(self, key: str) -> NormalizedAdapter:
+        """The held version's host copy; loads it here (blocking) only if nobody ensured it first."""
+        adapter = self.host.get(key)
+        if adapter is None:
+            log.warning("adapter %s was not in host memory at admission; loading it on the engine thread", key)
+            futures = self.ensure_host([key])
+            wait(futures)
+            adapter = futures[0].result()
+        return adapter

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
-from peftserve.errors import AdapterRejected
+from peftserve.errors import AdapterRejected, FailedPrecondition
+from peftserve.store.files import read_regular_file, sha256_hex
+from peftserve.store.peft_files import (
+    CONFIG_NAME,
+    MAX_CONFIG_BYTES,
+    PICKLE_SUFFIXES,
+    WEIGHTS_NAME,
+    parse_config,
+)
+from peftserve.store.safetensors_header import check_safetensors
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 STATE_PREFIX = "base_model.model."
 """PEFT saves tensor keys relative to the PeftModel; stripping this leaves the path in the base model."""
 
@@ -24,33 +30,48 @@ Config = Mapping[str, Any]
 Tensors = dict[str, torch.Tensor]
 
 
-def read_adapter_dir(path: str | Path) -> tuple[dict[str, Any], Tensors]:
-    """The parsed adapter_config.json and the tensors of adapter_model.safetensors (on CPU)."""
+def _read(file: Path, max_bytes: int | None, follow_symlinks: bool) -> bytes:
+    try:
+        return read_regular_file(file, max_bytes, follow_symlinks)
+    except (OSError, FailedPrecondition) as exc:
+        raise AdapterRejected(f"{file.name}: cannot be read ({exc})") from exc
+
+
+def read_adapter_dir(
+    path: str | Path, expected_sha256: Mapping[str, str] | None = None, follow_symlinks: bool = True
+) -> tuple[dict[str, Any], Tensors]:
+    """The parsed adapter_config.json and the tensors of adapter_model.safetensors (on CPU).
+
+    The safetensors bytes pass the hand-written header check before the library parses them. With
+    expected_sha256 (a manifest's), both files must hash to it. The store reads with follow_symlinks=False.
+    """
     root = Path(path)
     if not root.is_dir():
-        raise AdapterRejected(f"{root}: not a directory")
+        raise AdapterRejected(f"{root.name}: not a directory")
     config_file = root / CONFIG_NAME
     if not config_file.is_file():
-        raise AdapterRejected(f"{root}: no {CONFIG_NAME}")
+        raise AdapterRejected(f"no {CONFIG_NAME}")
     weights_file = root / WEIGHTS_NAME
     if not weights_file.is_file():
-        pickled = [n for n in PICKLE_NAMES if (root / n).exists()]
+        pickled = sorted(n for n in os.listdir(root) if n.lower().endswith(PICKLE_SUFFIXES))
         if pickled:
             raise AdapterRejected(
-                f"{root}: only {pickled[0]} (pickle) was found; pickled weights are never loaded, "
+                f"only {pickled[0]} (pickle) was found; pickled weights are never loaded, "
                 f"save the adapter with safe_serialization=True to get {WEIGHTS_NAME}"
             )
-        raise AdapterRejected(f"{root}: no {WEIGHTS_NAME}")
+        raise AdapterRejected(f"no {WEIGHTS_NAME}")
+    config_bytes = _read(config_file, MAX_CONFIG_BYTES, follow_symlinks)
+    weights = _read(weights_file, None, follow_symlinks)
+    if expected_sha256 is not None:
+        for name, data in ((CONFIG_NAME, config_bytes), (WEIGHTS_NAME, weights)):
+            if sha256_hex(data) != expected_sha256.get(name):
+                raise AdapterRejected(f"{name}: contents differ from the manifest's sha256 (damaged or changed)")
+    config = parse_config(config_bytes)
+    check_safetensors(weights, WEIGHTS_NAME)
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterRejected(f"{config_file}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise AdapterRejected(f"{config_file}: expected a JSON object")
-    try:
-        tensors = load_file(str(weights_file), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise AdapterRejected(f"{weights_file}: unreadable safetensors file ({exc})") from exc
+        tensors = load_safetensors(weights)
+    except (SafetensorError, ValueError) as exc:
+        raise AdapterRejected(f"{WEIGHTS_NAME}: unreadable safetensors file ({exc})") from exc
     return config, tensors
 
 

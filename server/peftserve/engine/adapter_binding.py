@@ -1,11 +1,15 @@
-"""Ties sequences to adapters: resolved at submission, slots held while running, routed per step.
+"""Ties sequences to adapter versions: bound at submission, slots held while running, routed per step.
 
-Plain Python over the AdapterManager (which owns the tensors): the engine calls ``bind`` when a
-request arrives, ``on_plan`` after each schedule (slots for admitted sequences, released for
-preempted ones) and ``unbind`` when a sequence ends; the runner calls ``build_batch``.
+Plain Python over the AdapterManager (which owns the tensors). The engine calls ``bind`` when a request
+arrives (the request then holds the versions it resolved to, whatever is uploaded or deleted later),
+``on_plan`` after each schedule (slots for admitted sequences, released for preempted ones) and
+``unbind`` when a sequence ends or is dropped before it ran; the runner calls ``build_batch``.
 """
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
 
 from peftserve.engine.request import AdapterRef
 from peftserve.engine.scheduler import StepPlan
@@ -17,33 +21,63 @@ class AdapterBinding:
 
     def __init__(self, manager) -> None:
         self.manager = manager
-        self._slots: dict[str, tuple[tuple[int, float], ...]] = {}  # request id -> held (slot, weight)
+        self._slots: dict[Sequence, tuple[tuple[int, float], ...]] = {}  # engine thread: held (slot, weight)
+        self._bound: set[Sequence] = set()  # sequences holding versions (bound on any thread)
+        self._lock = threading.Lock()
 
     @property
     def num_slots(self) -> int:
         return self.manager.num_slots
 
+    def pinned_keys(self) -> frozenset[str]:
+        """Versions pinned in slots (the scheduler reserves their slots)."""
+        return self.manager.slots.pinned_slot_keys
+
+    # -- submission (any thread) ----------------------------------------------------------------
+
     def bind(self, seq: Sequence, refs: tuple[AdapterRef, ...]) -> None:
-        """Validate a request's adapters (AdapterNotFound / InvalidRequest) and record them on seq."""
+        """Resolve a request's adapters to versions and hold them (AdapterNotFound / InvalidRequest)."""
         resolved = self.manager.resolve(refs)
         seq.deltas = resolved.deltas
         seq.prefix_adapter = resolved.prefix
         seq.num_virtual = resolved.num_virtual_tokens
+        with self._lock:
+            self._bound.add(seq)
+
+    def host_loads(self, seq: Sequence) -> list[Future]:
+        """Futures of the sequence's versions in host memory (the async front awaits them off-thread)."""
+        return self.manager.ensure_host(seq.adapter_keys)
+
+    def wait_host(self, seq: Sequence) -> None:
+        """Block until the sequence's versions are in host memory (at once when the front awaited them)."""
+        missing = self.manager.missing_from_host(seq.adapter_keys)
+        for future in self.manager.ensure_host(missing) if missing else ():
+            future.result()
+
+    def unbind(self, seq: Sequence, finished: bool = True) -> None:
+        """Release the sequence's slots (engine thread) and version holds; count its traffic if it ran."""
+        self._release_slots(seq)
+        with self._lock:
+            if seq not in self._bound:
+                return
+            self._bound.discard(seq)
+        self.manager.release_holds(seq.adapter_keys)
+        if finished:
+            self.manager.record_traffic(seq.adapter_keys, len(seq.output_ids))
+
+    # -- steps (engine thread) ------------------------------------------------------------------
 
     def on_plan(self, plan: StepPlan) -> None:
+        """Apply pending device drops, release preempted sequences' slots, acquire admitted ones'."""
+        self.manager.apply_drops()
         for seq in plan.preempted:
-            self._release(seq)
+            self._release_slots(seq)
         for seq in plan.admitted:
             if seq.deltas:
-                self._slots[seq.request_id] = tuple(
-                    (self.manager.acquire(ref.adapter_id), ref.weight) for ref in seq.deltas
-                )
+                self._slots[seq] = tuple((self.manager.acquire(ref.adapter_id), ref.weight) for ref in seq.deltas)
 
-    def unbind(self, seq: Sequence) -> None:
-        self._release(seq)
-
-    def _release(self, seq: Sequence) -> None:
-        if self._slots.pop(seq.request_id, None) is not None:
+    def _release_slots(self, seq: Sequence) -> None:
+        if self._slots.pop(seq, None) is not None:
             for ref in seq.deltas:
                 self.manager.release(ref.adapter_id)
 
@@ -54,7 +88,7 @@ class AdapterBinding:
         spans = []
         start = 0
         for chunk in plan.chunks:
-            pairs = self._slots.get(chunk.seq.request_id)
+            pairs = self._slots.get(chunk.seq)
             if pairs:
                 spans.append((start, chunk.num_tokens, pairs))
             start += chunk.num_tokens
@@ -63,5 +97,5 @@ class AdapterBinding:
     def set_batch(self, batch) -> None:
         self.manager.set_batch(batch)
 
-    def prefix_kv(self, adapter_id: str):
-        return self.manager.prefix_kv(adapter_id)
+    def prefix_kv(self, key: str):
+        return self.manager.prefix_kv(key)

@@ -2,7 +2,10 @@
 
 Requests and aborts cross into the engine thread through an inbox processed between steps, so a
 cancelled request leaves the batch (and frees its KV blocks) before the next step runs. Outputs
-cross back with ``loop.call_soon_threadsafe`` into one asyncio.Queue per request.
+cross back with ``loop.call_soon_threadsafe`` into one asyncio.Queue per request. A request whose
+adapter is not in host memory awaits its load (on the manager's load threads) before it enters the
+inbox, so the engine keeps stepping everyone else meanwhile. Adapter administration (``admin``)
+runs its device changes on the engine thread through the same inbox (``run_on_engine``).
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
+from peftserve.adapters.admin import AdapterAdminService
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.protocol import EngineStats, ModelInfo
@@ -23,6 +29,8 @@ from peftserve.engine.sequence import Sequence
 from peftserve.errors import InvalidRequest, PeftServeError, Unavailable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class EngineFailure(PeftServeError):
@@ -49,6 +57,13 @@ class AsyncEngine:
         self._in_flight: set[str] = set()  # event-loop side
         self._accepting = True
         self._stopped = False
+        self.admin: AdapterAdminService | None = None
+        """The AdapterAdmin of the served adapters (engine/protocol.py), or None without adapters."""
+        adapters = engine.adapters
+        if adapters is not None:
+            self.admin = AdapterAdminService(
+                adapters.manager, engine.store, self.run_on_engine, keep_versions=engine.config.adapter_versions_kept
+            )
         self._thread = threading.Thread(target=self._run, name="peftserve-engine", daemon=True)
         self._thread.start()
 
@@ -74,14 +89,35 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    @property
+    def adapter_metrics(self):
+        """The adapter tiers' prometheus collector (ServerMetrics registers it), or None."""
+        adapters = self.engine.adapters
+        return adapters.manager.metrics if adapters is not None else None
+
+    async def run_on_engine(self, fn: Callable[[], T]) -> T:
+        """Run fn on the engine thread between two steps and return its result (device changes)."""
+        if self._stopped:
+            raise Unavailable("the engine is stopped")
+        future: Future = Future()
+        self._submit(("call", fn, future))
+        return await asyncio.wrap_future(future)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if not self._accepting:
             raise Unavailable("the server is shutting down; retry on another replica")
         if request.request_id in self._in_flight:
             raise InvalidRequest(f"request_id {request.request_id!r} is already in flight; use a unique id")
         seq = self.engine.prepare(request)
-        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._in_flight.add(request.request_id)
+        try:
+            await self._load_adapters(seq)
+        except BaseException:
+            self._in_flight.discard(request.request_id)
+            self.engine.discard(seq)
+            self._wakeup.set()  # device drops the release may have asked for
+            raise
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._submit(("add", seq, sink))
         finished = False
         try:
@@ -99,6 +135,12 @@ class AsyncEngine:
             if not finished:
                 self._submit(("abort", request.request_id))
 
+    async def _load_adapters(self, seq: Sequence) -> None:
+        """Wait (off the engine thread) until the sequence's adapter versions are in host memory."""
+        if self.engine.adapters is not None and seq.adapter_keys:
+            futures = self.engine.adapters.host_loads(seq)
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+
     async def drain(self, grace_s: float) -> None:
         self._accepting = False
         deadline = time.monotonic() + grace_s
@@ -111,10 +153,12 @@ class AsyncEngine:
                 await asyncio.sleep(0.01)
 
     def shutdown(self) -> None:
-        """Stop the engine thread (after drain)."""
+        """Stop the engine thread (after drain) and the adapter load threads."""
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+        if self.engine.adapters is not None:
+            self.engine.adapters.manager.close()
 
     # -- engine thread ----------------------------------------------------------------------
 
@@ -138,11 +182,24 @@ class AsyncEngine:
             elif kind == "abort_all":
                 for out in self.engine.abort_all():
                     self._deliver(out)
+            elif kind == "call":
+                _, fn, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+        if self.engine.adapters is not None:
+            self.engine.adapters.manager.apply_drops()
 
     def _add(self, seq: Sequence, sink: _Sink) -> None:
         try:
             self.engine.add_sequence(seq)
-        except PeftServeError as exc:
+        except Exception as exc:
+            self.engine.discard(seq)
+            if not isinstance(exc, PeftServeError):
+                log.exception("could not queue request %s", seq.request_id)
+                exc = EngineFailure("the engine failed while queueing this request")
             sink.put(exc)
             return
         self._sinks[seq.request_id] = sink

@@ -42,13 +42,19 @@ class Completion:
 class LLMEngine:
     """One frozen base model served with continuous batching over a paged KV cache."""
 
-    def __init__(self, model, tokenizer, config: EngineConfig, model_id: str = "custom", adapters=None):
-        """adapters: an AdapterManager already wrapped around model, or None to serve the base only."""
+    def __init__(
+        self, model, tokenizer, config: EngineConfig, model_id: str = "custom", adapters=None, store=None
+    ):
+        """adapters: an AdapterManager already wrapped around model, or None to serve the base only.
+
+        store: the AdapterStore the manager's versions come from (for the admin API), or None.
+        """
         model.eval().requires_grad_(False)
         hf = model.config
         self.config = config
         self.tokenizer = tokenizer
         self.adapters = AdapterBinding(adapters) if adapters is not None else None
+        self.store = store
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
         num_heads = hf.num_attention_heads
@@ -95,16 +101,28 @@ class LLMEngine:
         """Load the base model named by the config and build the engine on it."""
         from peftserve.adapters.manager import AdapterManager
         from peftserve.model.loader import load_base_model
+        from peftserve.store import AdapterStore
 
         if config.threads:
             torch.set_num_threads(config.threads)
         loaded = load_base_model(config.model, config.device, config.dtype)
-        manager = AdapterManager(loaded.model, config.adapter_slots, loaded.device, loaded.dtype)
-        for adapter_id, path in config.adapters:
-            manager.register(adapter_id, path)
+        manager = AdapterManager(
+            loaded.model,
+            config.adapter_slots,
+            loaded.device,
+            loaded.dtype,
+            host_cache_bytes=int(config.host_cache_mb * 2**20),
+            max_rank=config.adapter_max_rank,
+            load_threads=config.adapter_load_threads,
+            metrics_top_n=config.adapter_metrics_top_n,
+        )
+        store = None
         if config.store is not None:
-            manager.scan_store(config.store)
-        return cls(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id, adapters=manager)
+            store = AdapterStore(config.store, config.max_adapters_per_tenant, config.max_upload_bytes)
+            manager.scan(store)
+        for adapter_id, path in config.adapters:  # after the store: these are the newest versions
+            manager.register(adapter_id, path)
+        return cls(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id, adapters=manager, store=store)
 
     @classmethod
     def from_model(cls, model, tokenizer, config: EngineConfig | None = None, **kwargs) -> LLMEngine:
@@ -154,9 +172,18 @@ class LLMEngine:
         seq = Sequence(request_id=request.request_id, prompt_ids=prompt_ids, sampling=params)
         if request.adapters:
             if self.adapters is None:
-                raise AdapterNotFound(f"adapter {request.adapters[0].adapter_id!r} is not registered")
+                raise AdapterNotFound(f"adapter {request.adapters[0].adapter_id!r} not found")
             self.adapters.bind(seq, request.adapters)
-        context = seq.num_virtual + len(prompt_ids)
+        try:
+            self._check_context(seq, params)
+        except BaseException:
+            self.discard(seq)
+            raise
+        return seq
+
+    def _check_context(self, seq: Sequence, params: SamplingParams) -> None:
+        """The prompt (with prefix virtual tokens) and max_new_tokens fit the context."""
+        context = seq.num_virtual + len(seq.prompt_ids)
         if context >= self.max_context:
             raise InvalidRequest(
                 f"prompt is {context} tokens but the context holds {self.max_context}; shorten the prompt"
@@ -167,19 +194,35 @@ class LLMEngine:
                 f" context of {self.max_context} tokens; lower max_new_tokens to at most"
                 f" {self.max_context - context}"
             )
-        return seq
 
     def add_request(self, request: GenerationRequest) -> None:
-        self.add_sequence(self.prepare(request))
+        """prepare, then add_sequence (blocking while a cold adapter loads)."""
+        seq = self.prepare(request)
+        try:
+            self.add_sequence(seq)
+        except BaseException:
+            self.discard(seq)
+            raise
+
+    def discard(self, seq: Sequence) -> None:
+        """Release what prepare bound for a sequence that will not be (or could not be) queued."""
+        if self.adapters is not None:
+            self.adapters.unbind(seq, finished=False)
 
     def add_sequence(self, seq: Sequence) -> None:
-        """Queue a prepared sequence; raises CapacityExceeded when the queue is full."""
+        """Queue a prepared sequence; raises CapacityExceeded when the queue is full (then discard it).
+
+        Its adapters must be in host memory: the async front awaits them off-thread first; otherwise
+        this blocks while they load.
+        """
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise CapacityExceeded(
                 f"the request queue is full ({self.config.max_queue} waiting); retry later"
             )
         if self.scheduler.get(seq.request_id) is not None:
             raise InvalidRequest(f"request_id {seq.request_id!r} is already in flight; use a unique id")
+        if self.adapters is not None and seq.adapter_keys:
+            self.adapters.wait_host(seq)
         self._detok[seq.request_id] = IncrementalDetokenizer(
             self.tokenizer, seq.prompt_ids, stop=seq.sampling.stop
         )
@@ -201,6 +244,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every sequence that sampled a token."""
+        if self.adapters is not None:
+            self.scheduler.reserved_slot_adapters = self.adapters.pinned_keys()
         plan = self.scheduler.schedule()
         if self.adapters is not None:
             self.adapters.on_plan(plan)

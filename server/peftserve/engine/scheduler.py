@@ -10,8 +10,8 @@ Plain Python, no torch. The policy, per step:
    take the next chunk of what is left of the token budget.
 3. **Admit from the queue, in arrival order,** while the token budget, the running limit, the
    free blocks (enough for the whole prompt, prefix-tuning virtual tokens included) and the adapter
-   slots (distinct adapters among running sequences) allow. The queue is strict FCFS: when its
-   head does not fit, nothing behind it is admitted this step.
+   slots (distinct adapters among running sequences, plus the pinned ones the engine reserves)
+   allow. The queue is strict FCFS: when its head does not fit, nothing behind it is admitted this step.
 4. **Pack by adapter.** The step's chunks are ordered by adapter, so each adapter's tokens are
    contiguous in the packed batch.
 
@@ -72,6 +72,8 @@ class Scheduler:
         self._by_id: dict[str, Sequence] = {}
         self.num_preemptions = 0
         """Preemptions since start (for metrics and tests)."""
+        self.reserved_slot_adapters: frozenset[str] = frozenset()
+        """Adapters pinned in slots, set by the engine before each schedule: their slots are taken."""
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -169,5 +171,5 @@ class Scheduler:
     def _slots_allow(self, seq: Sequence) -> bool:
         if not seq.slot_adapters:
             return True
-        in_use = {a for s in self.running for a in s.slot_adapters}
+        in_use = {a for s in self.running for a in s.slot_adapters} | self.reserved_slot_adapters
         return len(in_use | set(seq.slot_adapters)) <= self.max_slot_adapters

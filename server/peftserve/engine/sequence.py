@@ -27,9 +27,9 @@ class Sequence:
     prompt_ids: list[int]
     sampling: SamplingParams
     deltas: tuple[AdapterRef, ...] = ()
-    """LoRA / sparse adapters (with mixture weights) whose deltas the layers add; one slot each."""
+    """LoRA / sparse adapter versions ('tenant/name@vN', with mixture weights) the layers add; one slot each."""
     prefix_adapter: str | None = None
-    """The prefix-tuning adapter whose virtual tokens lead the KV, if any."""
+    """The prefix-tuning adapter version whose virtual tokens lead the KV, if any."""
     num_virtual: int = 0
     """Prefix-tuning virtual tokens written into the first KV entries at admission."""
     arrival: float = field(default_factory=time.monotonic)
@@ -45,6 +45,12 @@ class Sequence:
     def slot_adapters(self) -> tuple[str, ...]:
         """Adapter ids that must hold a device slot while the sequence runs."""
         return tuple(ref.adapter_id for ref in self.deltas)
+
+    @property
+    def adapter_keys(self) -> tuple[str, ...]:
+        """Every adapter version the sequence holds (deltas, then the prefix)."""
+        prefix = (self.prefix_adapter,) if self.prefix_adapter is not None else ()
+        return self.slot_adapters + prefix
 
     @property
     def token_ids(self) -> list[int]:

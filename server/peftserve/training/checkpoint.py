@@ -57,7 +57,12 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, keep: int) ->
     tensors |= {f"rng/{name}": value for name, value in checkpoint.rng.items()}
     tensors |= {f"method/{name}": value for name, value in checkpoint.method.tensors.items()}
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp / TENSORS))
-    state = {"format": FORMAT, "step": checkpoint.step, "method": checkpoint.method.meta, "meta": checkpoint.meta}
+    state = {
+        "format": FORMAT,
+        "step": checkpoint.step,
+        "method": checkpoint.method.meta,
+        "meta": checkpoint.meta,
+    }
     (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
@@ -76,7 +81,7 @@ def checkpoint_dirs(directory: str | Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> Checkpoint:
-    """Read a checkpoint directory; method tensors go to `device`, the rest stays on the CPU until restored."""
+    """Read a checkpoint directory; method tensors go to `device`, the rest stays on the CPU for now."""
     path = Path(path)
     try:
         state = json.loads((path / STATE).read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import ClassVar
 
 from peftserve.errors import InvalidRequest
 
@@ -145,14 +145,15 @@ class SparseOptions:
         _positive(self, "budget", "calibration_examples")
         if not (0.0 < self.budget < 1.0 or float(self.budget).is_integer()):
             raise InvalidRequest(
-                f"sparse budget must be an integer rank equivalent >= 1 or a fraction in (0, 1), got {self.budget}"
+                "sparse budget must be an integer rank equivalent >= 1 or a fraction in (0, 1), "
+                f"got {self.budget}"
             )
         if self.rule not in SPARSE_RULES:
             raise InvalidRequest(f"sparse rule must be one of {', '.join(SPARSE_RULES)}, got {self.rule!r}")
         _targets(self.target_modules)
 
 
-MethodOptions = Union[LoraOptions, AdaLoraOptions, PrefixOptions, SparseOptions]
+MethodOptions = LoraOptions | AdaLoraOptions | PrefixOptions | SparseOptions
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
     options.name: options for options in (LoraOptions, AdaLoraOptions, PrefixOptions, SparseOptions)
 }
@@ -219,7 +220,9 @@ class TrainConfig:
         if self.lr is not None and not math.isfinite(self.lr):
             raise InvalidRequest(f"lr must be finite, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise InvalidRequest(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+            raise InvalidRequest(
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
         if self.dtype not in TRAIN_DTYPES:
             raise InvalidRequest(f"dtype must be one of {', '.join(TRAIN_DTYPES)}, got {self.dtype!r}")
         if self.resume and not self.checkpoint_dir:

@@ -76,7 +76,9 @@ def load_dataset(path: str | Path, tokenizer: PreTrainedTokenizerBase, max_lengt
     """Read, validate and tokenize a JSONL file; InvalidRequest says which line is wrong and why."""
     file = Path(path)
     if not file.is_file():
-        raise InvalidRequest(f"data file {str(path)!r} does not exist" if not file.exists() else f"{path} is not a file")
+        raise InvalidRequest(
+            f"data file {str(path)!r} does not exist" if not file.exists() else f"{path} is not a file"
+        )
     raw = file.read_bytes()
     records = parse_jsonl(raw, str(path))
     if not records:
@@ -121,7 +123,9 @@ def parse_jsonl(raw: bytes, where: str) -> list[tuple[int, Any]]:
         try:
             records.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"{where}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+            raise InvalidRequest(
+                f"{where}:{number}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from exc
     return records
 
 
@@ -199,7 +203,9 @@ def chat_segments(messages: Any, tokenizer: PreTrainedTokenizerBase, where: str)
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list, generation_prompt: bool, where: str) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
     except Exception as exc:  # jinja raises its own errors from the template (e.g. on role order)
         raise InvalidRequest(f"{where}: the chat template failed on these messages: {exc}") from exc
     return text if isinstance(text, str) else str(text)

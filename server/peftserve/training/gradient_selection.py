@@ -42,7 +42,7 @@ def resolve_targets(model: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Li
 
 
 def rank_equivalent(budget: float, shapes: dict[str, tuple[int, int]]) -> int:
-    """The r whose r·(out+in) entries per module meet the budget (an integer r, or a fraction of all entries)."""
+    """The r whose r·(out+in) entries per module meet the budget (an integer r, or a fraction of entries)."""
     if budget >= 1:
         r = int(budget)
     else:
@@ -69,7 +69,7 @@ def gradient_scores(
     """Per-entry scores [out, in] of every target weight over `examples`, one example per backward pass."""
     weights = [module.weight for module in targets.values()]
     sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights]  # [out, in] each
-    was_training = model.training
+    was_training, needed_grad = model.training, [w.requires_grad for w in weights]
     model.eval()  # no dropout: the scores are a property of the data and the frozen base
     for w in weights:
         w.requires_grad_(True)
@@ -81,8 +81,8 @@ def gradient_scores(
             for total, grad in zip(sums, grads, strict=True):
                 total.add_(grad.float().square() if rule == "fisher" else grad.float())
     finally:
-        for w in weights:
-            w.requires_grad_(False)
+        for w, needed in zip(weights, needed_grad, strict=True):
+            w.requires_grad_(needed)
         model.train(was_training)
     if rule == "gps":
         sums = [total.abs_() for total in sums]
@@ -122,7 +122,7 @@ def select_masks(
     pad_id: int,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Path -> bool mask [out, in] with exactly r·(out+in) entries chosen by `rule` from calibration gradients."""
+    """Path -> bool mask [out, in] of exactly r·(out+in) entries that `rule` picks from the gradients."""
     scores = gradient_scores(model, targets, examples, rule, pad_id, device)
     masks = {}
     for path, score in scores.items():

@@ -96,8 +96,7 @@ def run(
 ) -> LoopStats:
     """Train from state.step to schedule.total_steps; `on_step` runs after each step (checkpoints)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if state.recent_losses is None:
-        state.recent_losses = deque(maxlen=order.steps_per_epoch)
+    state.recent_losses = deque(state.recent_losses or (), maxlen=order.steps_per_epoch)
     model.train()
     start_step, start_tokens, started = state.step, state.tokens, time.perf_counter()
     bar = tqdm(
@@ -139,7 +138,9 @@ def evaluate(
         batch = collate(list(examples[start : start + batch_size]), pad_id, device)
         labels = batch.pop("labels")[:, 1:]  # [B, S-1]: token t+1 is predicted at t
         logits = model(**batch).logits[:, :-1].float()  # [B, S-1, V]
-        total += float(F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"))
+        total += float(
+            F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        )
         count += int((labels != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(count, 1)

@@ -38,7 +38,9 @@ def adalora_schedule(options: AdaLoraOptions, total_steps: int) -> AdaLoraSchedu
     gives way to a given one, two given values that leave no pruning phase are an error.
     """
     if total_steps < 2:
-        raise InvalidRequest(f"AdaLoRA needs at least 2 optimizer steps to prune ranks, the run has {total_steps}")
+        raise InvalidRequest(
+            f"AdaLoRA needs at least 2 optimizer steps to prune ranks, the run has {total_steps}"
+        )
     tinit = options.tinit if options.tinit is not None else total_steps // 10
     tfinal = options.tfinal if options.tfinal is not None else max(1, total_steps // 5)
     derived = [name for name in ("tinit", "tfinal") if getattr(options, name) is None]
@@ -76,7 +78,9 @@ class AdaLoraMethod(TrainingMethod[AdaLoraOptions]):
             f" ({', '.join(schedule.derived)} derived from the run length)" if schedule.derived else "",
         )
         if schedule.tfinal == 0:
-            log.warning("AdaLoRA tfinal=0: the final rank budget is never enforced (peft forces it at step total-tfinal)")
+            log.warning(
+                "AdaLoRA tfinal=0: the final rank budget is never enforced (peft forces it at total - tfinal)"
+            )
         config = AdaLoraConfig(
             task_type="CAUSAL_LM",
             init_r=options.init_r,

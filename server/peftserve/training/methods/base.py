@@ -76,4 +76,3 @@ def target_modules(names: tuple[str, ...]) -> str | list[str]:
 def number(value: float) -> int | float:
     """An integral float as int, so adapter_config.json says 16 rather than 16.0."""
     return int(value) if float(value).is_integer() else value
-

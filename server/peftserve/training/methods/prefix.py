@@ -11,7 +11,7 @@ from .base import BuildContext, TrainingMethod, wrap
 
 
 class PrefixMethod(TrainingMethod[PrefixOptions]):
-    """peft's prefix tuning; with projection the saved prefix is the MLP's output (peft applies it at save)."""
+    """peft's prefix tuning; with projection, the saved prefix is the MLP's output (applied at save)."""
 
     def build(self, base: PreTrainedModel, context: BuildContext) -> PeftModel:
         options = self.options

@@ -1,0 +1,127 @@
+"""The served base model's facts, and every check of a normalized adapter against them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from torch import nn
+
+from peftserve.errors import AdapterRejected, FailedPrecondition
+
+from .layer import MultiAdapterLayer
+from .normalized import LoraDelta, NormalizedAdapter, SparseDelta
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """The base model facts adapters are validated against."""
+
+    model_type: str
+    modules: dict[str, tuple[int, int]]
+    """Wrapped module path -> (out, in)."""
+    model_paths: frozenset[str]
+    """Every module path of the model (wrapped or not), to tell 'not served' from 'does not exist'."""
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the architecture (type, layer geometry, served module shapes): '<type>-<16 hex>'."""
+        facts = [self.model_type, self.num_layers, self.kv_heads, self.head_dim, sorted(self.modules.items())]
+        digest = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+        return f"{self.model_type}-{digest}"
+
+
+def base_spec(model: nn.Module, layers: dict[str, MultiAdapterLayer]) -> BaseSpec:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return BaseSpec(
+        model_type=str(getattr(config, "model_type", "unknown")),
+        modules={path: (m.out_features, m.in_features) for path, m in layers.items()},
+        model_paths=frozenset(path for path, _ in model.named_modules()),
+        num_layers=config.num_hidden_layers,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+    )
+
+
+def _misfit(path: str, delta: LoraDelta | SparseDelta, base: BaseSpec) -> str | None:
+    """Why one delta does not fit the base, or None when it does."""
+    if path not in base.modules:
+        if path in base.model_paths:
+            return f"target module {path!r} is not served (only Linear/Conv1D modules below the output head)"
+        return f"target module {path!r} does not exist in the base model"
+    out_features, in_features = base.modules[path]
+    if isinstance(delta, LoraDelta):
+        if delta.shape != (out_features, in_features):
+            return (
+                f"module {path!r}: lora_B/lora_A give shape (out, in) = {delta.shape}, the base module "
+                f"is {(out_features, in_features)}"
+            )
+    else:
+        rows_ok = bool(((delta.rows >= 0) & (delta.rows < out_features)).all())
+        cols_ok = bool(((delta.cols >= 0) & (delta.cols < in_features)).all())
+        if not (rows_ok and cols_ok):
+            return f"module {path!r}: shira_indices fall outside the base module's {(out_features, in_features)}"
+    return None
+
+
+def check_same_base(adapter: NormalizedAdapter, base: BaseSpec) -> None:
+    """FailedPrecondition when the adapter was made for another base model.
+
+    The evidence: a prefix of another layer geometry, or deltas none of which fits (every target is
+    unknown to this model or has another shape). When some fit, the misfits are the adapter's own fault
+    and check_against_base rejects them as invalid.
+    """
+    if adapter.prefix is not None:
+        num_layers, _, kv_heads, _, head_dim = adapter.prefix.kv.shape
+        expected = (base.num_layers, base.kv_heads, base.head_dim)
+        if (num_layers, kv_heads, head_dim) != expected:
+            raise FailedPrecondition(
+                f"the adapter was trained for another base model: prefix shape (num_layers, "
+                f"num_attention_heads, head_dim) = {(num_layers, kv_heads, head_dim)}, the served base has "
+                f"(layers, kv heads, head_dim) = {expected}"
+            )
+    first: str | None = None
+    for path, delta in adapter.deltas.items():
+        reason = _misfit(path, delta, base)
+        unknown = path not in base.model_paths
+        misshaped = path in base.modules and reason is not None
+        if not (unknown or misshaped):
+            return  # one target fits (or merely is not served): this base, with a fault of its own
+        first = first or reason
+    if first is not None:
+        raise FailedPrecondition(f"the adapter was trained for another base model: {first}")
+
+
+def check_against_base(adapter: NormalizedAdapter, base: BaseSpec) -> None:
+    """Every delta's target exists, is served and has the delta's shape: AdapterRejected otherwise."""
+    for path, delta in adapter.deltas.items():
+        reason = _misfit(path, delta, base)
+        if reason is not None:
+            raise AdapterRejected(reason)
+
+
+def check_limits(adapter: NormalizedAdapter, base: BaseSpec, max_rank: int) -> None:
+    """LoRA ranks at most max_rank; sparse deltas at most max_rank * (out + in) entries per module."""
+    for path, delta in adapter.deltas.items():
+        if isinstance(delta, LoraDelta) and delta.rank > max_rank:
+            raise AdapterRejected(f"module {path!r}: rank {delta.rank} exceeds the server's max rank {max_rank}")
+        if isinstance(delta, SparseDelta) and path in base.modules:
+            limit = max_rank * sum(base.modules[path])
+            if delta.nnz > limit:
+                raise AdapterRejected(
+                    f"module {path!r}: {delta.nnz} sparse entries exceed max_rank * (out + in) = {limit}"
+                )
+
+
+def validate_for_base(adapter: NormalizedAdapter, base: BaseSpec, max_rank: int) -> None:
+    """Every check a normalized adapter passes before it is served: same base, fits, within limits."""
+    check_same_base(adapter, base)
+    check_against_base(adapter, base)
+    check_limits(adapter, base, max_rank)

@@ -1,0 +1,120 @@
+"""A real `peftserve serve` in a subprocess on free ports, its readiness, its Prometheus endpoint.
+
+The benchmark talks to it like any user would: gRPC through the SDK, metrics over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+import peftserve
+import peftserve_client
+
+READY = re.compile(r"peftserve serving \S+ on (\S+):(\d+)")
+METRICS = re.compile(r"metrics on (http://\S+/metrics)")
+ADAPTER_COUNTER = re.compile(r"adapter.*(load|evict)")
+"""Counter families counted as adapter loads/evictions, e.g. peftserve_adapter_loads_total."""
+
+
+def _source_env() -> dict[str, str]:
+    """This environment, with the sources of the server and the SDK importable by the subprocess."""
+    roots = [Path(m.__file__).resolve().parents[1] for m in (peftserve, peftserve_client)]
+    existing = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys([*map(str, roots), *existing]))}
+
+
+class ServerProcess:
+    """`python -m peftserve.cli serve ...` on port 0 with metrics on port 0; its log goes to a file."""
+
+    def __init__(self, serve_args: Sequence[str], log_path: Path) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "peftserve.cli",
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            *serve_args,
+        ]
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_source_env()
+        )
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._tail: list[str] = []
+        self.address: str | None = None
+        self.metrics_url: str | None = None
+        self._reader = threading.Thread(target=self._read, name="bench-server-log", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        """Copy the server's log into log_path, keeping a tail for errors and lines for wait_ready."""
+        assert self.proc.stderr is not None
+        with self.log_path.open("w") as log:
+            for line in self.proc.stderr:
+                log.write(line)
+                self._tail = [*self._tail[-39:], line]
+                self._lines.put(line)
+
+    def wait_ready(self, timeout_s: float) -> str:
+        """Block until the server logs that it serves; its gRPC address. RuntimeError with the log tail."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if m := METRICS.search(line):
+                self.metrics_url = m.group(1)
+            if m := READY.search(line):
+                self.address = f"{m.group(1)}:{m.group(2)}"
+                return self.address
+        self.stop()
+        raise RuntimeError("the peftserve server did not become ready:\n" + "".join(self._tail))
+
+    def adapter_counters(self) -> dict[str, float] | None:
+        """Adapter load/eviction counters from /metrics, by family name; None when the server has none."""
+        if self.metrics_url is None:
+            return None
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        counters = {
+            family.name: sum(s.value for s in family.samples if s.name.endswith("_total"))
+            for family in text_string_to_metric_families(text)
+            if family.type == "counter" and ADAPTER_COUNTER.search(family.name)
+        }
+        return counters or None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM (the server drains), then SIGKILL after grace_s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,360 @@
+"""One benchmark run: build the model and adapters, start the server, run every scenario, collect runs.
+
+Scenarios (each system of a scenario gets the identical trace):
+
+    main      the configured workload: peftserve, base (the limit), PEFT static batches, PEFT one at a time
+    adapters  the sweep: peftserve (and PEFT batches up to peft_max_adapters) per adapter count, the base
+              once, and peftserve with mixed ranks at the largest count
+    load      peftserve and base at arrival rates that are fractions of peftserve's saturated req/s
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from peftserve.bench import grpc_system
+from peftserve.bench.adapters import PublishedPool, publish_pool, registration_flags
+from peftserve.bench.config import BenchConfig, WorkloadSpec
+from peftserve.bench.machine import CpuSample, cpu_sample, environment, matmul_rate, other_cores
+from peftserve.bench.models import bench_tokenizer, build_model
+from peftserve.bench.peft_system import PeftBaseline
+from peftserve.bench.records import RequestRecord, RunMetrics, summarize
+from peftserve.bench.server import ServerProcess
+from peftserve.bench.shapes import SHAPES, Shape, useful_flops
+from peftserve.bench.workload import TraceRequest, describe, make_trace
+from peftserve.model.tokenizer import save_tokenizer
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Run:
+    """One system on one trace."""
+
+    scenario: str
+    system: str
+    num_adapters: int | None
+    """Adapters the trace spreads over (None: every request on the base model)."""
+    rate: float
+    """Mean arrival rate of the trace in req/s (inf: all at once)."""
+    pool: str | None
+    """Tenant of the adapter pool served (None for the base model)."""
+    metrics: RunMetrics
+    useful_flops: float
+    records: list[RequestRecord] = field(repr=False)
+    adapter_events: dict[str, float] | None = None
+    """Adapter load/eviction counters of the server during the run; None where it exports none."""
+    other_cores: float | None = None
+    """CPU cores other processes on the machine kept busy during the run (noise); None if unknown."""
+    note: str = ""
+
+    def mfu(self, peak_flops: float) -> float | None:
+        seconds = self.metrics.makespan_s
+        return self.useful_flops / seconds / peak_flops if seconds > 0 and peak_flops > 0 else None
+
+
+@dataclass
+class SuiteResult:
+    """Everything a report needs: what ran where, and every run's raw records and metrics."""
+
+    config: BenchConfig
+    environment: dict[str, object]
+    matmul_flops_per_s: float
+    pools: dict[str, dict[str, object]]
+    traces: dict[str, dict[str, object]]
+    runs: list[Run]
+    seconds: float = 0.0
+
+    def find(self, scenario: str, system: str, num_adapters: int | None = None) -> Run | None:
+        for run in self.runs:
+            if run.scenario == scenario and run.system == system:
+                if num_adapters is None or run.num_adapters == num_adapters:
+                    return run
+        return None
+
+
+def _torch_dtype(device: str) -> tuple[torch.dtype, str]:
+    """The serving dtype: float32 on CPU, bfloat16 on CUDA (as the server's 'auto')."""
+    return (torch.float32, "float32") if torch.device(device).type == "cpu" else (torch.bfloat16, "bfloat16")
+
+
+def prepare_model(shape: Shape, directory: Path, device: str, seed: int) -> torch.nn.Module:
+    """The seeded base model in memory, saved once per shape and seed (with a tokenizer) for the server."""
+    dtype, dtype_name = _torch_dtype(device)
+    model = build_model(shape, device=device, dtype=dtype, seed=seed)
+    stamp = {"shape": asdict(shape), "seed": seed, "dtype": dtype_name}
+    stamp_file = directory / "bench_stamp.json"
+    if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
+        directory.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(directory)
+        save_tokenizer(bench_tokenizer(), directory)
+        stamp_file.write_text(json.dumps(stamp, indent=2) + "\n")
+    return model
+
+
+def serve_args(
+    config: BenchConfig, shape: Shape, model_dir: Path, pools: Sequence[PublishedPool]
+) -> list[str]:
+    """Flags of `peftserve serve`: the pools' adapters, a KV budget for max_running longest requests."""
+    longest = config.workload.max_tokens + 16
+    kv_mb = (
+        config.max_running
+        * longest
+        * shape.kv_bytes_per_token(_torch_dtype(config.device)[0].itemsize)
+        / 2**20
+    )
+    args = [
+        "--model", str(model_dir),
+        "--device", config.device,
+        "--dtype", _torch_dtype(config.device)[1],
+        "--kv-cache-mb", f"{max(64.0, 1.25 * kv_mb):.0f}",
+        "--max-running", str(config.max_running),
+        "--max-batched-tokens", str(config.max_batched_tokens),
+        "--max-queue", str(max(1024, config.workload.requests, config.sweep_requests)),
+        "--grace-s", "5",
+    ]  # fmt: skip
+    if config.threads:
+        args += ["--threads", str(config.threads)]
+    return args + registration_flags(pools)
+
+
+class Bench:
+    """Runs the scenarios of one config against one server and one PEFT baseline."""
+
+    def __init__(self, config: BenchConfig, work_dir: Path, log: Log) -> None:
+        self.config = config
+        self.work_dir = work_dir
+        self.log = log
+        self.shape = SHAPES[config.shape]
+        self.runs: list[Run] = []
+        self.traces: dict[str, dict[str, object]] = {}
+        self.id_range = (3, min(len(bench_tokenizer()), self.shape.vocab))
+        self.server: ServerProcess | None = None
+        self.address = ""
+        self.peft: PeftBaseline | None = None
+        self.published: dict[str, PublishedPool] = {}
+
+    def trace(self, key: str, spec: WorkloadSpec) -> list[TraceRequest]:
+        trace = make_trace(spec, self.id_range)
+        self.traces[key] = {**describe(trace), "spec": asdict(spec)}
+        return trace
+
+    # -- systems --------------------------------------------------------------------------------
+
+    def _cpu(self) -> CpuSample | None:
+        """CPU counters of the machine, of this process and of the server."""
+        return cpu_sample([os.getpid()] + ([self.server.proc.pid] if self.server else []))
+
+    def _start(self) -> tuple[float, CpuSample | None]:
+        return time.perf_counter(), self._cpu()
+
+    def _finish(
+        self,
+        scenario: str,
+        system: str,
+        trace: Sequence[TraceRequest],
+        pool: str | None,
+        n: int | None,
+        records: list[RequestRecord],
+        start: tuple[float, CpuSample | None],
+        events: dict[str, float] | None = None,
+        note: str = "",
+    ) -> Run:
+        """Summarize and log one try."""
+        started, cpu_before = start
+        noise = other_cores(cpu_before, self._cpu())
+        done = [r for r in records if r.error is None]
+        errors = sorted({r.error for r in records if r.error})
+        if errors:
+            note = "; ".join(filter(None, [note, f"{len(records) - len(done)} failed: {errors[0]}"]))
+        flops = useful_flops(self.shape, [r.prompt_tokens for r in done], [r.output_tokens for r in done])
+        metrics = summarize(records, self.config.slo_ttft_s)
+        rate = _rate_of(trace)
+        run = Run(scenario, system, n, rate, pool, metrics, flops, records, events, noise, note)
+        where = f"{n} adapters" if n else "base"
+        shown_rate = "saturating" if math.isinf(rate) else f"{rate:.2f} req/s"
+        busy = "" if noise is None else f", other processes {noise:.1f} cores"
+        self.log(
+            f"[{scenario}] {system} ({where}, {shown_rate}): {metrics.tokens_per_s:.1f} tok/s, "
+            f"{metrics.requests_per_s:.2f} req/s, TTFT p50 {metrics.ttft_p50 or 0:.2f}s"
+            f"{', ' + note if note else ''} ({time.perf_counter() - started:.0f}s{busy})"
+        )
+        return run
+
+    def _keep(self, measure: Callable[[], Run]) -> Run:
+        """Measure `repeats` times and keep the try other processes disturbed least."""
+        tries = [measure() for _ in range(self.config.repeats)]
+        run = min(tries, key=lambda r: (r.other_cores or 0.0, -r.metrics.tokens_per_s))
+        if len(tries) > 1:
+            run.note = "; ".join(filter(None, [run.note, f"least disturbed of {len(tries)}"]))
+        self.runs.append(run)
+        return run
+
+    def peftserve(
+        self, scenario: str, trace: Sequence[TraceRequest], pool: str | None, n: int | None, system: str = ""
+    ) -> Run:
+        """The trace over gRPC: on the pool's adapters, or on the base model when pool is None."""
+        system = system or ("base" if pool is None else "peftserve")
+        ids = self.published[pool].ids if pool else None
+        server = self.server
+        assert server is not None
+
+        def measure() -> Run:
+            start = self._start()
+            before = server.adapter_counters()
+            records = grpc_system.run_trace(self.address, trace, ids)
+            after = server.adapter_counters()
+            events = {k: v - (before or {}).get(k, 0.0) for k, v in after.items()} if after else None
+            return self._finish(scenario, system, trace, pool, n, records, start, events)
+
+        return self._keep(measure)
+
+    def peft_run(self, scenario: str, system: str, trace: Sequence[TraceRequest], pool: str, n: int) -> Run:
+        """One of the PEFT policies on the trace (peft-batched or peft-sequential)."""
+        peft = self.peft
+        assert peft is not None
+        published = self.published[pool]
+        names = [published.peft_name(i) for i in range(published.pool.count)]
+        limit = self.config.peft_sequential_limit
+        if system == "peft-sequential" and limit is not None and limit < len(trace):
+            trace, note = trace[:limit], f"first {limit} requests only"
+        else:
+            note = f"batches of {self.config.peft_batch_size}" if system == "peft-batched" else ""
+
+        def measure() -> Run:
+            start = self._start()
+            if system == "peft-batched":
+                records = peft.static_batches(trace, names, self.config.peft_batch_size)
+            else:
+                records = peft.one_at_a_time(trace, names)
+            return self._finish(scenario, system, trace, pool, n, records, start, note=note)
+
+        return self._keep(measure)
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def setup(self, model: torch.nn.Module, peft_traces: dict[str, list[list[TraceRequest]]]) -> None:
+        """Start the server; while it loads, load into PEFT the adapters its traces use; then warm both."""
+        config = self.config
+        self.server = ServerProcess(
+            serve_args(config, self.shape, self.work_dir / "model", list(self.published.values())),
+            self.work_dir / "server.log",
+        )
+        if any(s.startswith("peft") for s in config.systems):
+            self.peft = PeftBaseline(model)
+            for tenant, traces in peft_traces.items():
+                self.peft.load(self.published[tenant], [r.adapter for t in traces for r in t])
+        self.address = self.server.wait_ready(config.server_timeout_s)
+        main = self.published[config.main_pool.tenant]
+        grpc_system.warm_up(self.address, main.ids[:2])
+        if self.peft is not None:
+            warm = [TraceRequest(i, 0.0, 0, (5, 6, 7, 8), 3) for i in range(2)]
+            names = [min(self.peft.names)]
+            self.peft.static_batches(warm, names, 2)
+            self.peft.one_at_a_time(warm[:1], names)
+
+
+def _rate_of(trace: Sequence[TraceRequest]) -> float:
+    """The trace's arrival rate in req/s (inf when every request arrives at once)."""
+    span = max(r.arrival for r in trace)
+    return (len(trace) - 1) / span if span > 0 else math.inf
+
+
+def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteResult:
+    """Run every scenario of the config; the server is stopped whatever happens."""
+    began = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    bench = Bench(config, work_dir, log)
+    shape = bench.shape
+    model = prepare_model(shape, work_dir / "model", config.device, seed=config.workload.seed)
+    store = work_dir / "store"
+    for pool in config.pools:
+        bench.published[pool.tenant] = publish_pool(
+            store, pool, shape, config.workload.seed, work_dir / "stamps"
+        )
+    adapters = sum(p.count for p in config.pools)
+    log(f"model and {adapters} adapters ready in {work_dir} ({time.perf_counter() - began:.0f}s)")
+
+    main_trace = bench.trace("main", config.workload)
+    sweep_traces = {
+        n: bench.trace(f"adapters/{n}", replace(config.sweep_workload, num_adapters=n))
+        for n in config.sweep_adapters
+    }
+    peft_traces: dict[str, list[list[TraceRequest]]] = {config.main_pool.tenant: [main_trace]}
+    if config.sweep_pool is not None and "peft-batched" in config.systems:
+        peft_traces[config.sweep_pool.tenant] = [
+            t for n, t in sweep_traces.items() if n <= config.peft_max_adapters
+        ]
+
+    peak = matmul_rate(config.device, _torch_dtype(config.device)[0], seconds=1.0)
+    log(f"dense matmul rate: {peak / 1e9:.1f} GFLOP/s")
+    try:
+        bench.setup(model, peft_traces)
+        _main(bench, main_trace)
+        _adapter_sweep(bench, sweep_traces)
+        _load_sweep(bench)
+    finally:
+        if bench.server is not None:
+            bench.server.stop()
+    pools = {
+        tenant: {
+            "label": p.pool.label,
+            "count": p.pool.count,
+            "mean_adapter_mb": sum(p.adapter_bytes) / len(p.adapter_bytes) / 2**20,
+        }
+        for tenant, p in bench.published.items()
+    }
+    env = environment(config.device)
+    return SuiteResult(config, env, peak, pools, bench.traces, bench.runs, time.perf_counter() - began)
+
+
+def _main(bench: Bench, trace: list[TraceRequest]) -> None:
+    config, tenant = bench.config, bench.config.main_pool.tenant
+    n = config.workload.num_adapters
+    bench.peftserve("main", trace, tenant, n)
+    if "base" in config.systems:
+        bench.peftserve("main", trace, None, None)
+    for system in ("peft-batched", "peft-sequential"):
+        if system in config.systems:
+            bench.peft_run("main", system, trace, tenant, n)
+
+
+def _adapter_sweep(bench: Bench, traces: dict[int, list[TraceRequest]]) -> None:
+    config = bench.config
+    if not traces:
+        return
+    sweep, mixed = config.sweep_pool, config.mixed_pool
+    assert sweep is not None
+    for n, trace in traces.items():
+        bench.peftserve("adapters", trace, sweep.tenant, n)
+        if "peft-batched" in config.systems and n <= config.peft_max_adapters:
+            bench.peft_run("adapters", "peft-batched", trace, sweep.tenant, n)
+    largest = max(traces)
+    if "base" in config.systems:
+        bench.peftserve("adapters", traces[largest], None, None)
+    if mixed is not None:
+        bench.peftserve("adapters", traces[largest], mixed.tenant, largest, system="peftserve-mixed")
+
+
+def _load_sweep(bench: Bench) -> None:
+    """Rates as fractions of the saturated req/s peftserve reached on the sweep's workload."""
+    config = bench.config
+    saturated = [r for r in bench.runs if r.system == "peftserve" and r.scenario == "adapters"]
+    saturated = saturated or [r for r in bench.runs if r.system == "peftserve"]
+    capacity = max(r.metrics.requests_per_s for r in saturated)
+    tenant, n = config.main_pool.tenant, config.workload.num_adapters
+    for fraction in config.load_fractions:
+        spec = replace(config.sweep_workload, num_adapters=n, rate=fraction * capacity)
+        trace = bench.trace(f"load/{fraction:g}", spec)
+        bench.peftserve("load", trace, tenant, n)
+        if "base" in config.systems:
+            bench.peftserve("load", trace, None, None)

@@ -1,0 +1,92 @@
+"""manifest.json: an AdapterManifest as JSON, written last into a version folder before it is committed."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+from peftserve.engine.protocol import AdapterManifest, FileEntry
+
+from .files import sha256_hex
+from .ids import ID_PART, VERSION
+
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 1 << 20
+FORMAT = 1
+"""Bumped when the manifest's fields change incompatibly."""
+
+
+def file_entries(files: Mapping[str, bytes]) -> tuple[FileEntry, ...]:
+    """Name, size and sha256 of every file, sorted by name."""
+    return tuple(FileEntry(name, len(data), sha256_hex(data)) for name, data in sorted(files.items()))
+
+
+def manifest_to_json(manifest: AdapterManifest) -> bytes:
+    body = {
+        "format": FORMAT,
+        "adapter_id": manifest.adapter_id,
+        "version": manifest.version,
+        "kind": manifest.kind,
+        "peft_type": manifest.peft_type,
+        "base_fingerprint": manifest.base_fingerprint,
+        "ranks": list(manifest.ranks),
+        "target_modules": list(manifest.target_modules),
+        "num_virtual_tokens": manifest.num_virtual_tokens,
+        "nbytes": manifest.nbytes,
+        "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in manifest.files],
+        "created_at": manifest.created_at,
+    }
+    return (json.dumps(body, indent=1) + "\n").encode()
+
+
+def _field(body: dict, name: str, kind: type) -> object:
+    value = body.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"manifest field {name!r} is missing or not {kind.__name__}")
+    return value
+
+
+def _ints(body: dict, name: str) -> tuple[int, ...]:
+    values = _field(body, name, list)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"manifest field {name!r} must list non-negative integers")
+    return tuple(values)
+
+
+def manifest_from_json(data: bytes) -> AdapterManifest:
+    """Parse and check a manifest; ValueError says what is wrong (the version is then not served)."""
+    body = json.loads(data.decode("utf-8"))
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise ValueError(f"not a format-{FORMAT} manifest")
+    adapter_id = _field(body, "adapter_id", str)
+    parts = adapter_id.split("/")
+    if len(parts) != 2 or not all(ID_PART.fullmatch(p) for p in parts):
+        raise ValueError(f"adapter_id {adapter_id!r} is not a full id")
+    version = _field(body, "version", str)
+    if not VERSION.fullmatch(version):
+        raise ValueError(f"version {version!r} is not vN")
+    files = []
+    for entry in _field(body, "files", list):
+        if not isinstance(entry, dict):
+            raise ValueError("manifest files must be objects")
+        files.append(FileEntry(_field(entry, "name", str), _field(entry, "size", int), _field(entry, "sha256", str)))
+    targets = _field(body, "target_modules", list)
+    if not all(isinstance(t, str) for t in targets):
+        raise ValueError("target_modules must be strings")
+    created = body.get("created_at")
+    if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
+        raise ValueError("created_at must be a number")
+    return AdapterManifest(
+        adapter_id=adapter_id,
+        version=version,
+        kind=_field(body, "kind", str),
+        peft_type=_field(body, "peft_type", str),
+        base_fingerprint=_field(body, "base_fingerprint", str),
+        ranks=_ints(body, "ranks"),
+        target_modules=tuple(targets),
+        num_virtual_tokens=_field(body, "num_virtual_tokens", int),
+        nbytes=_field(body, "nbytes", int),
+        files=tuple(files),
+        created_at=float(created),
+    )

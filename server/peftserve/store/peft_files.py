@@ -1,0 +1,100 @@
+"""The files a PEFT adapter upload may hold, checked on raw bytes before anything is written or parsed.
+
+Plain Python: names, sizes, the config's JSON shape and the safetensors header. What the tensors mean
+(kinds, ranks, the base model) is checked afterwards by normalizing the staged folder (adapters package).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from peftserve.errors import AdapterRejected
+
+from .safetensors_header import check_safetensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+README_NAME = "README.md"
+ALLOWED_NAMES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_CONFIG_BYTES = 64 << 10
+MAX_README_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32
+FORBIDDEN_NAME_CHARS = ("/", "\\", "\0", ":")
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of objects/arrays in JSON text (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_config(data: bytes) -> dict[str, Any]:
+    """adapter_config.json as a dict: at most 64 KiB, UTF-8, nested at most 32 levels, a JSON object."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterRejected(f"{CONFIG_NAME}: {len(data)} bytes exceeds the limit of {MAX_CONFIG_BYTES}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AdapterRejected(f"{CONFIG_NAME}: not UTF-8 text") from exc
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise AdapterRejected(f"{CONFIG_NAME}: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise AdapterRejected(f"{CONFIG_NAME}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterRejected(f"{CONFIG_NAME}: expected a JSON object")
+    return config
+
+
+def check_file_name(name: object) -> str:
+    """A plain file name: no separators, no '..', not absolute, no NUL, not a pickle."""
+    if not isinstance(name, str) or not name or name in (".", ".."):
+        raise AdapterRejected(f"file name {name!r} is not valid")
+    if any(ch in name for ch in FORBIDDEN_NAME_CHARS) or name.startswith("."):
+        raise AdapterRejected(
+            f"file name {name!r}: path separators, '..', absolute paths and hidden files are not allowed"
+        )
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise AdapterRejected(
+            f"file {name!r}: pickle files are never accepted ({' '.join(PICKLE_SUFFIXES)}); "
+            f"save the adapter with safetensors ({WEIGHTS_NAME})"
+        )
+    if name not in ALLOWED_NAMES:
+        raise AdapterRejected(f"unexpected file {name!r} (an upload holds {', '.join(ALLOWED_NAMES)})")
+    return name
+
+
+def check_upload_files(files: Mapping[str, bytes]) -> dict[str, Any]:
+    """Every check on an upload's raw bytes; returns the parsed config. AdapterRejected names the problem."""
+    if not files:
+        raise AdapterRejected("the upload has no files")
+    for name in files:
+        check_file_name(name)
+    for required in (CONFIG_NAME, WEIGHTS_NAME):
+        if required not in files:
+            raise AdapterRejected(f"the upload has no {required}")
+    if len(files.get(README_NAME, b"")) > MAX_README_BYTES:
+        raise AdapterRejected(f"{README_NAME}: larger than {MAX_README_BYTES} bytes")
+    config = parse_config(files[CONFIG_NAME])
+    check_safetensors(files[WEIGHTS_NAME], WEIGHTS_NAME)
+    return config

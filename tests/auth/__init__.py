@@ -1,0 +1,1 @@
+"""Tests of server/peftserve/auth: keys file, hashing, callers."""

@@ -1,0 +1,34 @@
+"""Store test helpers (plain Python, no torch: the crash writer imports them in a bare subprocess)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from peftserve.engine.protocol import AdapterManifest
+from peftserve.store import AdapterStore, StoredVersion
+from peftserve.store.manifest import file_entries
+
+
+def manifest_of(adapter_id: str, version: int, files: Mapping[str, bytes]) -> AdapterManifest:
+    """A manifest for arbitrary files (the store does not look inside them)."""
+    return AdapterManifest(
+        adapter_id=adapter_id,
+        version=f"v{version}",
+        kind="lora",
+        peft_type="LORA",
+        base_fingerprint="test-0000",
+        ranks=(2,),
+        target_modules=("model.layers.0.self_attn.q_proj",),
+        num_virtual_tokens=0,
+        nbytes=sum(len(d) for d in files.values()),
+        files=file_entries(files),
+        created_at=time.time(),
+    )
+
+
+def put(store: AdapterStore, adapter_id: str, files: Mapping[str, bytes]) -> StoredVersion:
+    """Stage and commit files as the next version of adapter_id."""
+    tenant, name = adapter_id.split("/")
+    staged = store.stage(files)
+    return store.commit(staged, manifest_of(adapter_id, store.next_version(tenant, name), files))
