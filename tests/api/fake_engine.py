@@ -30,6 +30,8 @@ class FakeEngine:
         """Raised at the first iteration of the next generate() calls."""
         self.queue_full = False
         self.draining = False
+        self.admin = None
+        """No Adapters service: admin tests use tests/api/fake_admin.py with create_server directly."""
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []
         """Ids of requests whose stream was closed before they finished."""

@@ -82,9 +82,7 @@ async def serve(
         http = start_metrics_server(config.metrics_port, metrics.registry, host=config.host)
         logger.info("metrics on http://%s:%d/metrics", config.host, http.server_port)
     health = ServingHealth()
-    # TODO(lead): read engine.admin directly once EngineClient declares it (issue 4).
-    admin = getattr(engine, "admin", None)
-    server, port = await create_server(engine, config, health=health, metrics=metrics, admin=admin, keys=keys)
+    server, port = await create_server(engine, config, health=health, metrics=metrics, admin=engine.admin, keys=keys)
     await server.start()
 
     stopping = asyncio.Event()

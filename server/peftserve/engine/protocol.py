@@ -40,6 +40,9 @@ class EngineStats:
 class EngineClient(Protocol):
     """The engine as the servicer sees it."""
 
+    admin: AdapterAdmin | None
+    """Adapter lifecycle (the Adapters service), or None when the engine serves no adapters."""
+
     @property
     def model_info(self) -> ModelInfo: ...
 
