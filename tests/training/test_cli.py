@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -69,20 +70,27 @@ def test_push_without_the_upload_api_fails_before_training(monkeypatch, tiny_lla
     assert "no Client.upload_adapter" in capsys.readouterr().err
 
 
+def test_push_to_an_unreachable_server_fails_before_training(tiny_llama_dir, task_file, capsys):
+    args = ["--base", str(tiny_llama_dir), "--data", str(task_file), "--max-steps", "500"]
+    assert run_cli(*args, "--push", "127.0.0.1:1", "--adapter-id", "acme/faq") == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
 def test_push_uploads_the_trained_directory(monkeypatch, tiny_llama_dir, task_file, capsys):
     calls = []
 
     def upload_adapter(self, directory, adapter_id):
         files = sorted(p.name for p in Path(directory).iterdir())
         calls.append((self, adapter_id, files))
-        return "manifest"
+        return SimpleNamespace(version="v3")
 
     monkeypatch.setattr(Client, "upload_adapter", upload_adapter, raising=False)
+    monkeypatch.setattr(Client, "health", lambda self, service="": "SERVING")
     args = ["--base", str(tiny_llama_dir), "--data", str(task_file), "--max-steps", "2", "--rank", "2"]
-    assert run_cli(*args, "--push", "127.0.0.1:1", "--adapter-id", "acme/faq/v1") == 0
+    assert run_cli(*args, "--push", "127.0.0.1:1", "--adapter-id", "acme/faq") == 0
     ((client, adapter_id, files),) = calls
-    assert adapter_id == "acme/faq/v1" and {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
-    assert "pushed to 127.0.0.1:1 as acme/faq/v1: manifest" in capsys.readouterr().out
+    assert adapter_id == "acme/faq" and {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert "pushed to 127.0.0.1:1 as acme/faq (v3)" in capsys.readouterr().out
 
 
 def test_cli_in_a_new_process_writes_the_same_bytes_as_train(tmp_path, tiny_llama_dir, task_file):

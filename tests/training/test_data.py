@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from peftserve.errors import InvalidRequest
 from peftserve.training.data import IGNORE_INDEX, BatchOrder, collate, load_dataset
@@ -40,8 +41,8 @@ def test_text_records_train_on_every_token(tmp_path, tokenizer):
     assert example.labels == example.input_ids and example.input_ids[-1] == tokenizer.eos_token_id
 
 
-def test_messages_use_the_chat_template_and_train_on_assistant_turns(tmp_path, tokenizer):
-    tokenizer = tiny_tokenizer()
+def test_messages_use_the_chat_template_and_train_on_assistant_turns(tmp_path):
+    tokenizer = tiny_tokenizer()  # its own copy: the module's tokenizer has no template
     tokenizer.chat_template = CHAT_TEMPLATE
     messages = [
         {"role": "user", "content": "Hi"},
@@ -120,7 +121,7 @@ def test_batch_order_is_a_seeded_shuffle_per_epoch():
 def test_collate_right_pads_and_masks_labels(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "longer text"}])
     examples = list(load_dataset(path, tokenizer, 64).examples)
-    batch = collate(examples, pad_id=0, device=__import__("torch").device("cpu"))
+    batch = collate(examples, pad_id=0, device=torch.device("cpu"))
     short = len(examples[0].input_ids)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert (

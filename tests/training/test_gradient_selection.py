@@ -88,6 +88,8 @@ def test_scores_are_summed_per_example_gradients_and_masks_follow_them(tmp_path)
 
 
 def test_sparse_tuning_refuses_non_linear_targets():
-    model = nn.Sequential(nn.Conv1d(2, 2, 1))
     with pytest.raises(InvalidRequest, match="nn.Linear weights only"):
-        resolve_targets(model, ("0",))
+        resolve_targets(nn.Sequential(nn.Conv1d(2, 2, 1)), ("0",))
+    gpt2, _ = build_tiny_model("gpt2")
+    with pytest.raises(InvalidRequest, match="Conv1D"):
+        resolve_targets(gpt2, ("all-linear",))

@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftserve.errors import InvalidRequest, PeftServeError
 from peftserve.training.config import (
@@ -23,6 +23,9 @@ from peftserve.training.config import (
     MethodOptions,
     TrainConfig,
 )
+
+if TYPE_CHECKING:
+    from peftserve.training.trainer import TrainResult
 
 METHOD_FLAGS: dict[str, dict[str, str]] = {
     "rank": {"lora": "rank"},
@@ -198,35 +201,42 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*rank_pattern keys did not match.*")  # AdaLoRA reload noise
 
 
+def check_output_flags(args: argparse.Namespace) -> None:
+    """--data, and --out and/or --push with --adapter-id; InvalidRequest otherwise."""
+    if not args.data:
+        raise InvalidRequest("--data FILE is required (a JSONL file of prompt/completion, text or messages)")
+    if not args.out and not args.push:
+        raise InvalidRequest("give --out DIR, or --push HOST:PORT with --adapter-id NAME (or both)")
+    if bool(args.push) != bool(args.adapter_id):
+        raise InvalidRequest("--push HOST:PORT and --adapter-id NAME go together")
+
+
+def train_and_push(args: argparse.Namespace) -> tuple[TrainResult, Any]:
+    """Train as the flags say; then upload when --push (into a temporary directory without --out)."""
+    check_output_flags(args)
+    if args.push:
+        from peftserve.training.push import check_server
+
+        check_server(args.push, args.api_key)  # before spending the training time
+    _quiet_libraries()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from peftserve.training.push import push_adapter
+    from peftserve.training.trainer import train
+
+    with tempfile.TemporaryDirectory(prefix="peftserve-train-") as scratch:
+        result = train(train_config(args, args.out or str(Path(scratch) / "adapter")))
+        pushed = (
+            push_adapter(result.output_dir, args.push, args.adapter_id, args.api_key) if args.push else None
+        )
+    return result, pushed
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     try:
-        if not args.data:
-            raise InvalidRequest(
-                "--data FILE is required (a JSONL file of prompt/completion, text or messages)"
-            )
-        if not args.out and not args.push:
-            raise InvalidRequest("give --out DIR, or --push HOST:PORT with --adapter-id NAME (or both)")
-        if bool(args.push) != bool(args.adapter_id):
-            raise InvalidRequest("--push HOST:PORT and --adapter-id NAME go together")
-        if args.push:
-            from peftserve.training.push import require_upload
-
-            require_upload()
-        with tempfile.TemporaryDirectory(prefix="peftserve-train-") as scratch:
-            config = train_config(args, args.out or str(Path(scratch) / "adapter"))
-            _quiet_libraries()
-            if args.threads:
-                import torch
-
-                torch.set_num_threads(args.threads)
-            from peftserve.training.trainer import train
-
-            result = train(config)
-            pushed = None
-            if args.push:
-                from peftserve.training.push import push_adapter
-
-                pushed = push_adapter(result.output_dir, args.push, args.adapter_id, args.api_key)
+        result, pushed = train_and_push(args)
     except InvalidRequest as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -235,14 +245,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 1
     saved = str(result.output_dir) if args.out else None
     if args.json:
-        record = {**dataclasses.asdict(result), "output_dir": saved, "pushed": args.adapter_id}
-        print(json.dumps(record))
+        print(json.dumps({**dataclasses.asdict(result), "output_dir": saved, "pushed": args.adapter_id}))
         return 0
     print(result.summary())
     if saved:
         print(f"saved to {saved}")
     if args.push:
-        print(f"pushed to {args.push} as {args.adapter_id}" + (f": {pushed}" if pushed is not None else ""))
+        version = getattr(pushed, "version", None)  # the SDK's AdapterManifest
+        print(f"pushed to {args.push} as {args.adapter_id}" + (f" ({version})" if version else ""))
     return 0
 
 
@@ -270,6 +280,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"\nserve them:  peftserve serve {flags}\n"
         f"then ask:    peftserve generate --adapter {adapters[0].adapter_id} "
-        f"--prompt {json.dumps(prompt_of(QUESTIONS[0]))} --max-new-tokens 40"
+        f"--prompt {_shell_quoted(prompt_of(QUESTIONS[0]))} --max-new-tokens 40"
     )
     return 0
+
+
+def _shell_quoted(text: str) -> str:
+    """bash $'...' quoting, so the prompt's newline reaches the server as a newline."""
+    return "$'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"

@@ -36,6 +36,11 @@ def resolve_targets(model: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Li
                 f"sparse tuning targets nn.Linear weights only; {path} is a {type(module).__name__}"
             )
         found[path] = module
+    if not found and names == ("all-linear",):
+        raise InvalidRequest(
+            "sparse tuning needs nn.Linear layers (peft's SHiRA wraps only those), and this model has none "
+            "besides its output head (GPT-2 style models use Conv1D)"
+        )
     if not found:
         raise InvalidRequest(f"no module of the model matches target_modules {list(names)}")
     return found

@@ -21,6 +21,13 @@ def require_upload() -> type:
     return Client
 
 
+def check_server(address: str, api_key: str | None = None) -> None:
+    """Fail before training if the server cannot be reached (the SDK's own error says why)."""
+    client_class = require_upload()
+    with client_class(address, api_key=api_key) as client:
+        client.health()
+
+
 def push_adapter(directory: str | Path, address: str, adapter_id: str, api_key: str | None = None) -> Any:
     """Upload `directory` as `adapter_id` with `Client(address).upload_adapter`; returns what it returns."""
     client_class = require_upload()

@@ -7,19 +7,20 @@ import json
 import logging
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
 from peftserve.errors import InvalidRequest
 from peftserve.model.loader import load_base_model
 from peftserve.training import checkpoint as ckpt
 from peftserve.training.config import PrefixOptions, TrainConfig
-from peftserve.training.data import BatchOrder, Dataset, load_dataset
+from peftserve.training.data import BatchOrder, Dataset, Example, load_dataset
 from peftserve.training.loop import LoopState, Schedule, evaluate, run
 from peftserve.training.methods import BuildContext, TrainingMethod, method_for
 
@@ -69,21 +70,92 @@ class TrainResult:
         )
 
 
+@dataclass(frozen=True)
+class RunData:
+    """The tokenized data of a run and what is derived from it."""
+
+    train_set: Dataset
+    eval_set: Dataset | None
+    eval_examples: Sequence[Example]
+    """The eval file's examples, or the first TRAIN_EVAL_EXAMPLES training examples."""
+    eval_source: str
+    pad_id: int
+    order: BatchOrder
+    schedule: Schedule
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train one adapter as `config` says; RNG state of the caller is left as it was."""
     loaded = load_base_model(config.base, config.device, config.dtype)
-    tokenizer, device = loaded.tokenizer, loaded.device
-    max_length = _max_length(config, loaded.max_context)
+    data = prepare_data(config, loaded.tokenizer, loaded.max_context)
+    fingerprint = _fingerprint(config, data)
+    resumed = _resume_point(config, fingerprint, loaded.device)
+    method = method_for(config.method)
+    device, batch_size = loaded.device, config.batch_size
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        if resumed is None:
+            eval_before = evaluate(loaded.model, data.eval_examples, batch_size, data.pad_id, device)
+        else:
+            eval_before = resumed.meta["eval_before"]
+        context = BuildContext(
+            data.schedule.total_steps,
+            data.train_set.examples,
+            data.pad_id,
+            device,
+            resumed.method if resumed else None,
+        )
+        model = method.build(loaded.model, context)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=data.schedule.peak_lr, weight_decay=config.weight_decay)
+        state = _restore(model, optimizer, method, resumed) if resumed else LoopState()
+        meta = {"eval_before": eval_before, **fingerprint}
+        stats = run(
+            model,
+            method,
+            optimizer,
+            data.train_set.examples,
+            data.order,
+            data.schedule,
+            state,
+            pad_id=data.pad_id,
+            device=device,
+            max_grad_norm=config.max_grad_norm,
+            progress=config.progress,
+            on_step=_checkpointer(config, data.schedule.total_steps, model, optimizer, method, meta),
+        )
+        eval_after = evaluate(model, data.eval_examples, batch_size, data.pad_id, device)
+    output_dir = save_adapter(model, config.out_dir) if config.out_dir else None
+    losses = state.recent_losses or [float("nan")]
+    return TrainResult(
+        method=config.method.name,
+        output_dir=output_dir,
+        steps=state.step,
+        examples=len(data.train_set),
+        skipped_examples=data.train_set.skipped,
+        trainable_params=sum(p.numel() for p in params),
+        total_params=sum(p.numel() for p in model.parameters()),
+        train_loss=sum(losses) / len(losses),
+        eval_loss_before=eval_before,
+        eval_loss_after=eval_after,
+        eval_source=data.eval_source,
+        tokens=stats.tokens,
+        seconds=stats.seconds,
+        tokens_per_s=stats.tokens_per_s,
+    )
+
+
+def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, max_context: int) -> RunData:
+    """Load and check the training and eval files; fix the batch order and the run's length."""
+    max_length = _max_length(config, max_context)
     train_set = load_dataset(config.data, tokenizer, max_length)
     if config.eval_data:
         eval_set = load_dataset(config.eval_data, tokenizer, max_length)
         eval_examples, eval_source = eval_set.examples, config.eval_data
     else:
         eval_set, eval_examples = None, train_set.examples[:TRAIN_EVAL_EXAMPLES]
-        eval_source = "training data" + (
-            f", first {TRAIN_EVAL_EXAMPLES}" if len(train_set) > TRAIN_EVAL_EXAMPLES else ""
-        )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        more = len(train_set) > TRAIN_EVAL_EXAMPLES
+        eval_source = "training data" + (f", first {TRAIN_EVAL_EXAMPLES}" if more else "")
     order = BatchOrder(len(train_set), config.batch_size, config.seed)
     schedule = Schedule(
         total_steps=config.max_steps or config.epochs * order.steps_per_epoch,
@@ -91,67 +163,8 @@ def train(config: TrainConfig) -> TrainResult:
         warmup_steps=config.warmup_steps,
         kind=config.lr_schedule,
     )
-    fingerprint = _fingerprint(config, train_set, eval_set)
-    resumed = _resume_point(config, fingerprint, device)
-    method = method_for(config.method)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        if resumed is None:
-            eval_before = evaluate(loaded.model, eval_examples, config.batch_size, pad_id, device)
-        else:
-            eval_before = resumed.meta["eval_before"]
-        context = BuildContext(
-            schedule.total_steps, train_set.examples, pad_id, device, resumed.method if resumed else None
-        )
-        model = method.build(loaded.model, context)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=schedule.peak_lr, weight_decay=config.weight_decay)
-        state = LoopState()
-        if resumed is not None:
-            ckpt.restore(model, optimizer, resumed)
-            method.load_state(model, resumed.method)
-            state = LoopState(resumed.step, resumed.meta["tokens"], deque(resumed.meta["recent_losses"]))
-            log.info("resumed from step %d of %d", resumed.step, schedule.total_steps)
-        stats = run(
-            model,
-            method,
-            optimizer,
-            train_set.examples,
-            order,
-            schedule,
-            state,
-            pad_id=pad_id,
-            device=device,
-            max_grad_norm=config.max_grad_norm,
-            progress=config.progress,
-            on_step=_checkpointer(
-                config,
-                schedule.total_steps,
-                model,
-                optimizer,
-                method,
-                {"eval_before": eval_before, **fingerprint},
-            ),
-        )
-        eval_after = evaluate(model, eval_examples, config.batch_size, pad_id, device)
-    output_dir = save_adapter(model, config.out_dir) if config.out_dir else None
-    losses = state.recent_losses or [float("nan")]
-    return TrainResult(
-        method=config.method.name,
-        output_dir=output_dir,
-        steps=state.step,
-        examples=len(train_set),
-        skipped_examples=train_set.skipped,
-        trainable_params=sum(p.numel() for p in params),
-        total_params=sum(p.numel() for p in model.parameters()),
-        train_loss=sum(losses) / len(losses),
-        eval_loss_before=eval_before,
-        eval_loss_after=eval_after,
-        eval_source=eval_source,
-        tokens=stats.tokens,
-        seconds=stats.seconds,
-        tokens_per_s=stats.tokens_per_s,
-    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return RunData(train_set, eval_set, eval_examples, eval_source, pad_id, order, schedule)
 
 
 def save_adapter(model: PeftModel, out_dir: str | Path) -> Path:
@@ -179,15 +192,15 @@ def _max_length(config: TrainConfig, max_context: int) -> int:
     return min(config.max_length, room)
 
 
-def _fingerprint(config: TrainConfig, train_set: Dataset, eval_set: Dataset | None) -> dict[str, Any]:
+def _fingerprint(config: TrainConfig, data: RunData) -> dict[str, Any]:
     """Everything that shapes the trajectory; a checkpoint resumes only a run with the same fingerprint."""
     fields = ("base", "epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "weight_decay")
     fields += ("max_grad_norm", "batch_size", "max_length", "seed", "dtype")
     return {
         "run": {name: getattr(config, name) for name in fields},
         "method": {"name": config.method.name, **dataclasses.asdict(config.method)},
-        "data": train_set.digest,
-        "eval": eval_set.digest if eval_set else None,
+        "data": data.train_set.digest,
+        "eval": data.eval_set.digest if data.eval_set else None,
     }
 
 
@@ -209,6 +222,16 @@ def _resume_point(
             "resume with the same settings and data, or use another --checkpoint-dir"
         )
     return checkpoint
+
+
+def _restore(
+    model: PeftModel, optimizer: torch.optim.Optimizer, method: TrainingMethod, checkpoint: ckpt.Checkpoint
+) -> LoopState:
+    """Parameters, optimizer, RNG and method state as checkpointed; the loop's state to continue from."""
+    ckpt.restore(model, optimizer, checkpoint)
+    method.load_state(model, checkpoint.method)
+    log.info("resumed from step %d", checkpoint.step)
+    return LoopState(checkpoint.step, checkpoint.meta["tokens"], deque(checkpoint.meta["recent_losses"]))
 
 
 def _canonical(value: Any) -> str:
