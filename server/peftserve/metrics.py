@@ -160,7 +160,9 @@ class AdapterMetrics(Collector):
         )
         yield from self.load_seconds.collect()
         requests = CounterMetricFamily(
-            "peftserve_adapter_requests", f"Finished requests per adapter (top {self.top_n}, other).", labels=["adapter"]
+            "peftserve_adapter_requests",
+            f"Finished requests per adapter (top {self.top_n}, other).",
+            labels=["adapter"],
         )
         tokens = CounterMetricFamily(
             "peftserve_adapter_generated_tokens",

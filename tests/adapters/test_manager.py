@@ -1,4 +1,4 @@
-"""AdapterManager: versions and default tenant, resolve and holds, slots (LRU, holds, pins), the store scan."""
+"""AdapterManager: versions, the default tenant, resolve and holds, slots (LRU, holds, pins), store scans."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from transformers import PreTrainedModel
 
 from peftserve.adapters import AdapterManager, LoraDelta, MultiAdapterLayer, load_adapter
 from peftserve.engine.request import AdapterRef
-from peftserve.errors import AdapterNotFound, AdapterRejected, CapacityExceeded, FailedPrecondition, InvalidRequest
+from peftserve.errors import (
+    AdapterNotFound,
+    AdapterRejected,
+    CapacityExceeded,
+    FailedPrecondition,
+    InvalidRequest,
+)
 from peftserve.store import AdapterStore
 from tests.adapters import peft_factory as pf
 from tests.helpers.tiny_models import build_tiny_model
@@ -44,7 +50,9 @@ def manager(base: PreTrainedModel, dirs: dict[str, Path]) -> AdapterManager:
     mgr.close()
 
 
-def test_register_makes_versions_of_the_default_tenant(manager: AdapterManager, dirs: dict[str, Path]) -> None:
+def test_register_makes_versions_of_the_default_tenant(
+    manager: AdapterManager, dirs: dict[str, Path]
+) -> None:
     assert manager.info("lora-a").adapter_id == "default/lora-a" and manager.info("lora-a").version == "v1"
     assert manager.info("lora-a").ranks == (2, 4, 6)
     assert manager.info("prefix").num_virtual_tokens == 5 and manager.info("shira").kind == "sparse"
@@ -113,12 +121,16 @@ def test_slots_lru_holds_and_pins(base: PreTrainedModel, dirs: dict[str, Path]) 
     manager.close()
 
 
-def test_superseded_version_stays_while_held_then_leaves_memory(manager: AdapterManager, dirs: dict[str, Path]) -> None:
+def test_superseded_version_stays_while_held_then_leaves_memory(
+    manager: AdapterManager, dirs: dict[str, Path]
+) -> None:
     old = manager.resolve((AdapterRef("lora-a"),))
     (key,) = old.keys
     manager.acquire(key)
     manager.register("lora-a", dirs["lora-b"])  # v2 becomes current
-    assert manager.tier(key) == "device" and manager.resolve((AdapterRef("lora-a"),)).keys == ("default/lora-a@v2",)
+    assert manager.tier(key) == "device" and manager.resolve((AdapterRef("lora-a"),)).keys == (
+        "default/lora-a@v2",
+    )
     manager.release(key)
     manager.release_holds(old.keys)  # the last request on v1 ends
     manager.apply_drops()
@@ -167,7 +179,9 @@ def test_scan_is_lazy_verifies_hashes_and_skips_other_bases(
     (adapter,) = [f.result() for f in manager.ensure_host(held.keys)]
     assert manager.host.stats.loads == 1 and manager.tier("acme/a@v1") == "host"
     expected = load_adapter(dirs["lora-a"])
-    assert torch.equal(adapter.deltas["model.layers.0.mlp.up_proj"].b, expected.deltas["model.layers.0.mlp.up_proj"].b)
+    assert torch.equal(
+        adapter.deltas["model.layers.0.mlp.up_proj"].b, expected.deltas["model.layers.0.mlp.up_proj"].b
+    )
 
     damaged = tmp_path / "acme" / "a" / "v1" / "adapter_model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-4] + b"\0\0\0\0")
@@ -189,7 +203,9 @@ def test_wraps_projections_not_head_and_keeps_base(base: PreTrainedModel) -> Non
     assert torch.equal(q.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
-def test_prefix_kv_in_model_dtype(manager: AdapterManager, base: PreTrainedModel, dirs: dict[str, Path]) -> None:
+def test_prefix_kv_in_model_dtype(
+    manager: AdapterManager, base: PreTrainedModel, dirs: dict[str, Path]
+) -> None:
     bf16 = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.bfloat16)
     bf16.register("p", dirs["prefix"])
     kv = bf16.prefix_kv("p")
@@ -225,3 +241,20 @@ def test_normalized_delta_equals_peft_delta_weight(family: str, kind: str, tmp_p
         torch.testing.assert_close(delta.b @ delta.a, expected, rtol=1e-6, atol=1e-7)
         seen += 1
     assert seen > 0
+
+
+def test_a_version_folder_swapped_for_a_symlink_is_refused(
+    base: PreTrainedModel, dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    store = AdapterStore(tmp_path / "store")
+    manager = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
+    files = {p.name: p.read_bytes() for p in dirs["lora-a"].iterdir()}
+    staged = store.stage(files)
+    stored = store.commit(staged, manager.manifest_for("acme/a", 1, manager.validate(staged), files))
+    manager.scan(store)
+    stored.path.rename(tmp_path / "elsewhere")
+    stored.path.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    held = manager.resolve((AdapterRef("acme/a"),))
+    with pytest.raises(FailedPrecondition, match="symlink"):
+        manager.ensure_host(held.keys)[0].result()
+    manager.close()

@@ -1,4 +1,4 @@
-"""The plain bookkeeping tiers: registry versions and holds, and the host cache (LRU, protection, one load)."""
+"""Plain bookkeeping: registry versions and holds; the host cache (LRU, protection, one load per key)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ FILES = {"adapter_model.safetensors": b"x"}
 
 
 def add(registry: AdapterRegistry, adapter_id: str, version: int) -> list[str]:
-    return registry.add(manifest_of(adapter_id, version, FILES), Path("/nowhere"), in_store=True)
+    return registry.add(manifest_of(adapter_id, version, FILES), Path("/nowhere"), Path("/"))
 
 
 def test_versions_current_and_pins() -> None:

@@ -34,7 +34,9 @@ async def inline(fn):
 
 
 def peft_files(base: PreTrainedModel, out: Path, r: int) -> Files:
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=r, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(out)
     return {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -58,7 +60,10 @@ def rank12(base: PreTrainedModel, tmp_path_factory: pytest.TempPathFactory) -> F
 def foreign(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Files]:
     gpt2, _ = build_tiny_model("gpt2", seed=0)
     root = tmp_path_factory.mktemp("gpt2")
-    dirs = {"lora": pf.make_lora_layers(gpt2, "gpt2", root / "l"), "prefix": pf.make_prefix(gpt2, root / "p", False)}
+    dirs = {
+        "lora": pf.make_lora_layers(gpt2, "gpt2", root / "l"),
+        "prefix": pf.make_prefix(gpt2, root / "p", False),
+    }
     return {kind: {p.name: p.read_bytes() for p in d.iterdir()} for kind, d in dirs.items()}
 
 
@@ -75,7 +80,9 @@ def upload(admin: AdapterAdminService, files: Files, name: str = "lora", tenant:
 
 
 def tree(root: Path) -> list[tuple[str, int]]:
-    return sorted((p.relative_to(root).as_posix(), p.stat().st_size if p.is_file() else -1) for p in root.rglob("*"))
+    return sorted(
+        (p.relative_to(root).as_posix(), p.stat().st_size if p.is_file() else -1) for p in root.rglob("*")
+    )
 
 
 def with_tensors(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Files], Files]:
@@ -138,32 +145,90 @@ CORPUS: list[tuple[str, Callable[[Files], Files], type[Exception], str]] = [
     ("header-absurd", with_weights(lambda d: _header_len(d, 1 << 40)), InvalidRequest, "exceeds the limit"),
     ("header-not-json", with_weights(lambda d: raw_file(b"{]", b"")), InvalidRequest, "not valid"),
     ("garbage", with_weights(lambda d: bytes(range(7, 256)) * 16), InvalidRequest, "safetensors"),
-    ("out-of-range", with_weights(lambda d: raw_file({"a": entry("F32", [4], 0, 16)}, b"\0" * 8)), InvalidRequest, "past the data"),
-    ("reversed", with_weights(lambda d: raw_file({"a": entry("F32", [2], 8, 0)}, b"\0" * 8)), InvalidRequest, "reversed"),
+    (
+        "out-of-range",
+        with_weights(lambda d: raw_file({"a": entry("F32", [4], 0, 16)}, b"\0" * 8)),
+        InvalidRequest,
+        "past the data",
+    ),
+    (
+        "reversed",
+        with_weights(lambda d: raw_file({"a": entry("F32", [2], 8, 0)}, b"\0" * 8)),
+        InvalidRequest,
+        "reversed",
+    ),
     (
         "overlap",
         with_weights(lambda d: raw_file({**F32x2, "b": entry("F32", [2], 4, 12)}, b"\0" * 12)),
         InvalidRequest,
         "overlaps",
     ),
-    ("gap", with_weights(lambda d: raw_file({"a": entry("F32", [1], 4, 8)}, b"\0" * 8)), InvalidRequest, "gap"),
-    ("size-vs-shape", with_weights(lambda d: raw_file({"a": entry("F32", [3], 0, 8)}, b"\0" * 8)), InvalidRequest, "needs 12"),
-    ("dtype-f64", with_tensors(_set(f"{Q0}.lora_A.weight", torch.zeros(4, 64, dtype=torch.float64))), InvalidRequest, "F64"),
-    ("dtype-int", with_tensors(_set(f"{Q0}.lora_A.weight", torch.zeros(4, 64, dtype=torch.int32))), InvalidRequest, "I32"),
+    (
+        "gap",
+        with_weights(lambda d: raw_file({"a": entry("F32", [1], 4, 8)}, b"\0" * 8)),
+        InvalidRequest,
+        "gap",
+    ),
+    (
+        "size-vs-shape",
+        with_weights(lambda d: raw_file({"a": entry("F32", [3], 0, 8)}, b"\0" * 8)),
+        InvalidRequest,
+        "needs 12",
+    ),
+    (
+        "dtype-f64",
+        with_tensors(_set(f"{Q0}.lora_A.weight", torch.zeros(4, 64, dtype=torch.float64))),
+        InvalidRequest,
+        "F64",
+    ),
+    (
+        "dtype-int",
+        with_tensors(_set(f"{Q0}.lora_A.weight", torch.zeros(4, 64, dtype=torch.int32))),
+        InvalidRequest,
+        "I32",
+    ),
     (
         "duplicate-name",
-        with_weights(lambda d: raw_file(b'{"a": %s, "a": %s}' % (json.dumps(entry("F32", [1], 0, 4)).encode(), json.dumps(entry("F32", [1], 4, 8)).encode()), b"\0" * 8)),
+        with_weights(
+            lambda d: raw_file(
+                b'{"a": %s, "a": %s}'
+                % (
+                    json.dumps(entry("F32", [1], 0, 4)).encode(),
+                    json.dumps(entry("F32", [1], 4, 8)).encode(),
+                ),
+                b"\0" * 8,
+            )
+        ),
         InvalidRequest,
         "duplicate",
     ),
-    ("missing-b", with_tensors(lambda s: s.pop(f"{Q0}.lora_B.weight")), InvalidRequest, "lora_B.weight is missing"),
-    ("missing-a", with_tensors(lambda s: s.pop(f"{Q0}.lora_A.weight")), InvalidRequest, "lora_A.weight is missing"),
+    (
+        "missing-b",
+        with_tensors(lambda s: s.pop(f"{Q0}.lora_B.weight")),
+        InvalidRequest,
+        "lora_B.weight is missing",
+    ),
+    (
+        "missing-a",
+        with_tensors(lambda s: s.pop(f"{Q0}.lora_A.weight")),
+        InvalidRequest,
+        "lora_A.weight is missing",
+    ),
     ("wrong-shape", with_tensors(_set(f"{Q0}.lora_A.weight", torch.ones(4, 32))), InvalidRequest, "shape"),
-    ("transposed", with_tensors(_set(f"{Q0}.lora_B.weight", torch.ones(4, 64))), InvalidRequest, "do not form"),
+    (
+        "transposed",
+        with_tensors(_set(f"{Q0}.lora_B.weight", torch.ones(4, 64))),
+        InvalidRequest,
+        "do not form",
+    ),
     ("unknown-module", with_tensors(_rename_layer), InvalidRequest, "does not exist"),
     (
         "rank-0",
-        with_tensors(lambda s: s.update({f"{Q0}.lora_A.weight": torch.zeros(0, 64), f"{Q0}.lora_B.weight": torch.zeros(64, 0)})),
+        with_tensors(
+            lambda s: s.update(
+                {f"{Q0}.lora_A.weight": torch.zeros(0, 64), f"{Q0}.lora_B.weight": torch.zeros(64, 0)}
+            )
+        ),
         InvalidRequest,
         "rank 0",
     ),
@@ -233,13 +298,18 @@ def test_versions_prune_list_get_delete_and_tenant_scope(admin, good) -> None:
     manifests = [upload(admin, good) for _ in range(3)]
     assert [m.version for m in manifests] == ["v1", "v2", "v3"]
     m = manifests[-1]
-    assert (m.kind, m.peft_type, m.ranks, m.base_fingerprint) == ("lora", "LORA", (4,), admin.manager.base.fingerprint)
+    assert (m.kind, m.peft_type, m.ranks, m.base_fingerprint) == (
+        "lora",
+        "LORA",
+        (4,),
+        admin.manager.base.fingerprint,
+    )
     assert {f.name: f.sha256 for f in m.files}[WEIGHTS] == sha256_hex(good[WEIGHTS])
     assert len(m.target_modules) == 4 and m.nbytes == sum(map(len, good.values()))
     versions = sorted(p.name for p in (admin.store.root / "acme" / "lora").iterdir())
     assert versions == ["v2", "v3"]  # keep_versions=2: v1 pruned from disk and registry
     with pytest.raises(AdapterNotFound):
-        admin.manager.resolve.__self__.registry.lookup("acme/lora@v1")
+        admin.manager.registry.lookup("acme/lora@v1")
 
     for name in ("b", "c"):
         upload(admin, good, name=name)

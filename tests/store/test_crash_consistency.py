@@ -32,9 +32,9 @@ def run_writer(root: Path, seed: int, rng: random.Random) -> list[str]:
     assert proc.stdout.readline() == b"READY\n"
     time.sleep(rng.uniform(0.0, 0.35))
     proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    return [line for line in out.decode().split("\n")[:-1]]  # the last piece may be cut mid-line
+    out = proc.stdout.read()  # the same buffered reader as readline: nothing it read ahead is lost
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    return out.decode().split("\n")[:-1]  # the last piece may be cut mid-line
 
 
 def test_sigkill_during_uploads_leaves_whole_versions_or_nothing(tmp_path: Path) -> None:

@@ -17,7 +17,13 @@ B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
 
 def test_library_files_pass() -> None:
-    data = save({A: torch.zeros(2, 8), B: torch.zeros(8, 2, dtype=torch.bfloat16), "x.shira_indices": torch.zeros(2, 3, dtype=torch.int32)})
+    data = save(
+        {
+            A: torch.zeros(2, 8),
+            B: torch.zeros(8, 2, dtype=torch.bfloat16),
+            "x.shira_indices": torch.zeros(2, 3, dtype=torch.int32),
+        }
+    )
     assert {e.name for e in check_safetensors(data)} == {A, B, "x.shira_indices"}
 
 

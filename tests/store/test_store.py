@@ -26,10 +26,17 @@ def test_commit_scan_and_layout(tmp_path: Path) -> None:
     second = put(store, "acme/lora", {**FILES, "adapter_model.safetensors": b"\1" * 64})
     assert (first.manifest.version, second.manifest.version) == ("v1", "v2")
     assert second.path == tmp_path / "acme" / "lora" / "v2"
-    assert sorted(os.listdir(second.path)) == ["adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME]
+    assert sorted(os.listdir(second.path)) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        MANIFEST_NAME,
+    ]
     assert os.listdir(tmp_path / ".tmp") == []
     scanned = AdapterStore(tmp_path).scan()
-    assert [(s.manifest.adapter_id, s.manifest.version) for s in scanned] == [("acme/lora", "v1"), ("acme/lora", "v2")]
+    assert [(s.manifest.adapter_id, s.manifest.version) for s in scanned] == [
+        ("acme/lora", "v1"),
+        ("acme/lora", "v2"),
+    ]
     entry = {f.name: f for f in scanned[1].manifest.files}["adapter_model.safetensors"]
     assert entry.sha256 == sha256_hex(b"\1" * 64) and entry.size == 64
     assert store.next_version("acme", "lora") == 3 and store.next_version("acme", "new") == 1

@@ -11,7 +11,7 @@ from concurrent.futures import Future, wait
 from typing import TypeVar
 
 from peftserve.engine.protocol import AdapterManifest, AdapterStatus
-from peftserve.errors import AdapterNotFound, CapacityExceeded, FailedPrecondition, InvalidRequest
+from peftserve.errors import AdapterNotFound, FailedPrecondition, InvalidRequest, PeftServeError
 from peftserve.store import AdapterStore, StoredVersion
 from peftserve.store.ids import check_part, join_id, parse_version, split_id, version_key
 from peftserve.store.peft_files import check_upload_files
@@ -62,7 +62,9 @@ class AdapterAdminService:
         self._require_store().check_quota(tenant, name, sum(len(data) for data in files.values()))
         stored = await asyncio.to_thread(self._commit, adapter_id, files)
         await self._after_commit(adapter_id, stored)
-        log.info("uploaded adapter %s@%s (%d bytes)", adapter_id, stored.manifest.version, stored.manifest.nbytes)
+        log.info(
+            "uploaded adapter %s@%s (%d bytes)", adapter_id, stored.manifest.version, stored.manifest.nbytes
+        )
         return stored.manifest
 
     async def load(self, tenant: str, name: str, pin: bool = False) -> AdapterStatus:
@@ -143,7 +145,7 @@ class AdapterAdminService:
             if self.store is not None:
                 tenant, name = split_id(adapter_id)
                 for record in removal.removed:
-                    if record.in_store:
+                    if record.store_root is not None:
                         self.store.delete_version(tenant, name, record.manifest.version)
 
     def _keep_held_in_memory(self, removal: Removal) -> None:
@@ -169,10 +171,12 @@ class AdapterAdminService:
         if old_pins:
             try:
                 await self.load(*split_id(adapter_id), pin=True)
-            except (CapacityExceeded, FailedPrecondition, InvalidRequest) as exc:
+            except PeftServeError as exc:  # the upload itself is committed: report, do not fail it
                 log.warning("%s: the pin could not move to the new version: %s", adapter_id, exc)
 
     def _require_store(self) -> AdapterStore:
         if self.store is None:
-            raise FailedPrecondition("this server runs without an adapter store (--store); uploads are disabled")
+            raise FailedPrecondition(
+                "this server runs without an adapter store (--store); uploads are disabled"
+            )
         return self.store

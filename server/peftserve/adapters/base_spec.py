@@ -67,7 +67,9 @@ def _misfit(path: str, delta: LoraDelta | SparseDelta, base: BaseSpec) -> str | 
         rows_ok = bool(((delta.rows >= 0) & (delta.rows < out_features)).all())
         cols_ok = bool(((delta.cols >= 0) & (delta.cols < in_features)).all())
         if not (rows_ok and cols_ok):
-            return f"module {path!r}: shira_indices fall outside the base module's {(out_features, in_features)}"
+            return (
+                f"module {path!r}: shira_indices fall outside the base module's {(out_features, in_features)}"
+            )
     return None
 
 
@@ -111,7 +113,9 @@ def check_limits(adapter: NormalizedAdapter, base: BaseSpec, max_rank: int) -> N
     """LoRA ranks at most max_rank; sparse deltas at most max_rank * (out + in) entries per module."""
     for path, delta in adapter.deltas.items():
         if isinstance(delta, LoraDelta) and delta.rank > max_rank:
-            raise AdapterRejected(f"module {path!r}: rank {delta.rank} exceeds the server's max rank {max_rank}")
+            raise AdapterRejected(
+                f"module {path!r}: rank {delta.rank} exceeds the server's max rank {max_rank}"
+            )
         if isinstance(delta, SparseDelta) and path in base.modules:
             limit = max_rank * sum(base.modules[path])
             if delta.nnz > limit:

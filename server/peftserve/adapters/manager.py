@@ -26,7 +26,7 @@ from peftserve.engine.request import AdapterRef
 from peftserve.errors import AdapterNotFound, InvalidRequest
 from peftserve.metrics import AdapterMetrics, AdapterSnapshot
 from peftserve.store import AdapterStore, StoredVersion
-from peftserve.store.files import read_regular_file
+from peftserve.store.files import inside, read_regular_file
 from peftserve.store.ids import (
     DEFAULT_TENANT,
     full_adapter_id,
@@ -109,7 +109,11 @@ class AdapterManager:
         self._pool = ThreadPoolExecutor(load_threads, thread_name_prefix="peftserve-adapter-load")
         self.host: HostCache[NormalizedAdapter] = HostCache(host_cache_bytes, self._pool)
         self.slots = DeviceSlots(
-            self.layers, num_slots, self.device, dtype, on_load=lambda s: self.metrics.observe_load("device", s)
+            self.layers,
+            num_slots,
+            self.device,
+            dtype,
+            on_load=lambda s: self.metrics.observe_load("device", s),
         )
         self._lock = threading.Lock()
 
@@ -162,14 +166,14 @@ class AdapterManager:
         files = {n: read_regular_file(folder / n, follow_symlinks=True) for n in (CONFIG_NAME, WEIGHTS_NAME)}
         with self._lock:
             manifest = self.manifest_for(full, self.registry.next_version(full), adapter, files)
-            self._add(manifest, folder, in_store=False, adapter=adapter)
+            self._add(manifest, folder, None, adapter)
         log.info("registered adapter %s@%s (%s) from %s", full, manifest.version, manifest.peft_type, folder)
         return manifest
 
     def add_stored(self, stored: StoredVersion, adapter: NormalizedAdapter | None = None) -> None:
         """Register a committed store version (adapter: already normalized, e.g. by an upload)."""
         with self._lock:
-            self._add(stored.manifest, stored.path, in_store=True, adapter=adapter)
+            self._add(stored.manifest, stored.path, stored.root, adapter)
 
     def scan(self, store: AdapterStore) -> int:
         """Register every version in the store from its manifest (loaded on first use); returns the count."""
@@ -340,7 +344,10 @@ class AdapterManager:
             holds = self.registry.holds(adapter_id)
         key = record.key
         return AdapterStatus(
-            manifest=record.manifest, tier=self.tier(key), pinned=self.slots.is_pinned(key), active_requests=holds
+            manifest=record.manifest,
+            tier=self.tier(key),
+            pinned=self.slots.is_pinned(key),
+            active_requests=holds,
         )
 
     def names(self, tenant: str) -> list[str]:
@@ -375,8 +382,14 @@ class AdapterManager:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _add(self, manifest: AdapterManifest, source: Path, in_store: bool, adapter: NormalizedAdapter | None) -> None:
-        for key in self.registry.add(manifest, source, in_store):
+    def _add(
+        self,
+        manifest: AdapterManifest,
+        source: Path,
+        store_root: Path | None,
+        adapter: NormalizedAdapter | None,
+    ) -> None:
+        for key in self.registry.add(manifest, source, store_root):
             self._free(key)
         if adapter is not None:
             self.host.put(version_key(manifest.adapter_id, parse_version(manifest.version)), adapter)
@@ -404,7 +417,9 @@ class AdapterManager:
             record: VersionRecord = self.registry.record(key)
         start = time.perf_counter()
         expected = {f.name: f.sha256 for f in record.manifest.files}
-        adapter = load_adapter(record.source, expected, follow_symlinks=not record.in_store)
+        if record.store_root is not None:
+            inside(record.store_root, record.source)  # no folder on the way was swapped for a symlink
+        adapter = load_adapter(record.source, expected, follow_symlinks=record.store_root is None)
         validate_for_base(adapter, self.base, self.max_rank)
         self.metrics.observe_load("host", time.perf_counter() - start)
         return adapter
@@ -413,7 +428,9 @@ class AdapterManager:
         """The held version's host copy; loads it here (blocking) only if nobody ensured it first."""
         adapter = self.host.get(key)
         if adapter is None:
-            log.warning("adapter %s was not in host memory at admission; loading it on the engine thread", key)
+            log.warning(
+                "adapter %s was not in host memory at admission; loading it on the engine thread", key
+            )
             futures = self.ensure_host([key])
             wait(futures)
             adapter = futures[0].result()

@@ -65,7 +65,9 @@ def read_adapter_dir(
     if expected_sha256 is not None:
         for name, data in ((CONFIG_NAME, config_bytes), (WEIGHTS_NAME, weights)):
             if sha256_hex(data) != expected_sha256.get(name):
-                raise AdapterRejected(f"{name}: contents differ from the manifest's sha256 (damaged or changed)")
+                raise AdapterRejected(
+                    f"{name}: contents differ from the manifest's sha256 (damaged or changed)"
+                )
     config = parse_config(config_bytes)
     check_safetensors(weights, WEIGHTS_NAME)
     try:

@@ -25,8 +25,8 @@ class VersionRecord:
     manifest: AdapterManifest
     source: Path
     """The folder holding its PEFT files."""
-    in_store: bool
-    """False for a folder registered from outside the store (`serve --adapter`): never deleted from disk."""
+    store_root: Path | None
+    """The store it is in; None for a folder registered from outside (`serve --adapter`), never deleted."""
     holds: int = 0
     """Requests (and admin operations) bound to this version right now."""
     free_when_idle: bool = False
@@ -63,14 +63,14 @@ class AdapterRegistry:
         live = self._live.get(adapter_id, {})
         return max(self._next.get(adapter_id, 1), max(live, default=0) + 1)
 
-    def add(self, manifest: AdapterManifest, source: Path, in_store: bool) -> list[str]:
+    def add(self, manifest: AdapterManifest, source: Path, store_root: Path | None) -> list[str]:
         """Register a version; if it is the newest it becomes current. Returns keys to free now."""
         number = parse_version(manifest.version)
         versions = self._live.setdefault(manifest.adapter_id, {})
         if number in versions or version_key(manifest.adapter_id, number) in self._gone:
             raise InvalidRequest(f"adapter {manifest.adapter_id!r} already has version {manifest.version}")
         current = versions[max(versions)] if versions else None
-        record = VersionRecord(manifest.adapter_id, number, manifest, source, in_store)
+        record = VersionRecord(manifest.adapter_id, number, manifest, source, store_root)
         versions[number] = record
         self._next[manifest.adapter_id] = max(self._next.get(manifest.adapter_id, 1), number + 1)
         if current is None:

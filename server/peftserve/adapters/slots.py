@@ -157,7 +157,7 @@ class DeviceSlots:
                 self._idle.move_to_end(key)
 
     def request_drop(self, key: str) -> None:
-        """Ask for key to leave the device (unpinned, evicted once idle); any thread, applied by apply_drops."""
+        """Ask for key to leave the device (unpinned, evicted once idle); any thread; see apply_drops."""
         self._drops.append(key)
 
     def apply_drops(self) -> None:
@@ -193,7 +193,9 @@ class DeviceSlots:
             if owner is None:
                 return slot
         if not self._idle:
-            raise CapacityExceeded(f"all {self.num_slots} adapter slots are held by running requests or pinned")
+            raise CapacityExceeded(
+                f"all {self.num_slots} adapter slots are held by running requests or pinned"
+            )
         victim = next(iter(self._idle))
         slot = self._slot_of[victim]
         self._evict(victim)

@@ -35,6 +35,11 @@ def matmul_rate(
             return 2 * n**3 * reps / elapsed
 
 
+def peak_matmul_rate(device: str, dtype: torch.dtype, bursts: int = 5, seconds: float = 0.4) -> float:
+    """The best matmul_rate of several short bursts: on a shared machine one burst usually runs alone."""
+    return max(matmul_rate(device, dtype, seconds=seconds) for _ in range(bursts))
+
+
 def environment(device: str) -> dict[str, object]:
     """What the numbers were measured on, including how busy the machine was when they were."""
     import peft

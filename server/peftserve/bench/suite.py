@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from peftserve.bench import grpc_system
 from peftserve.bench.adapters import PublishedPool, publish_pool, registration_flags
 from peftserve.bench.config import BenchConfig, WorkloadSpec
-from peftserve.bench.machine import CpuSample, cpu_sample, environment, matmul_rate, other_cores
+from peftserve.bench.machine import CpuSample, cpu_sample, environment, other_cores, peak_matmul_rate
 from peftserve.bench.models import bench_tokenizer, build_model
 from peftserve.bench.peft_system import PeftBaseline
 from peftserve.bench.records import RequestRecord, RunMetrics, summarize
@@ -54,11 +55,18 @@ class Run:
     """Adapter load/eviction counters of the server during the run; None where it exports none."""
     other_cores: float | None = None
     """CPU cores other processes on the machine kept busy during the run (noise); None if unknown."""
+    own_cpu_s: float | None = None
+    """CPU-seconds the system itself used (server and client, or the PEFT process); None if unknown."""
     note: str = ""
 
     def mfu(self, peak_flops: float) -> float | None:
         seconds = self.metrics.makespan_s
         return self.useful_flops / seconds / peak_flops if seconds > 0 and peak_flops > 0 else None
+
+    @property
+    def tokens_per_cpu_s(self) -> float | None:
+        """Generated tokens per CPU-second of the system's own processes: what other load barely moves."""
+        return self.metrics.generated_tokens / self.own_cpu_s if self.own_cpu_s else None
 
 
 @dataclass
@@ -81,21 +89,23 @@ class SuiteResult:
         return None
 
 
-def _torch_dtype(device: str) -> tuple[torch.dtype, str]:
-    """The serving dtype: float32 on CPU, bfloat16 on CUDA (as the server's 'auto')."""
-    return (torch.float32, "float32") if torch.device(device).type == "cpu" else (torch.bfloat16, "bfloat16")
+def serving_dtype(device: str) -> str:
+    """float32 on CPU, bfloat16 on CUDA (the server's 'auto'), named so the server and PEFT agree."""
+    return "float32" if torch.device(device).type == "cpu" else "bfloat16"
 
 
-def prepare_model(shape: Shape, directory: Path, device: str, seed: int) -> torch.nn.Module:
-    """The seeded base model in memory, saved once per shape and seed (with a tokenizer) for the server."""
-    dtype, dtype_name = _torch_dtype(device)
-    model = build_model(shape, device=device, dtype=dtype, seed=seed)
-    stamp = {"shape": asdict(shape), "seed": seed, "dtype": dtype_name}
+def prepare_model(
+    shape: Shape, tokenizer: PreTrainedTokenizerFast, directory: Path, device: str, seed: int
+) -> torch.nn.Module:
+    """The seeded base model in memory, saved once per shape and seed (with the tokenizer) for the server."""
+    dtype = serving_dtype(device)
+    model = build_model(shape, device=device, dtype=getattr(torch, dtype), seed=seed)
+    stamp = {"shape": asdict(shape), "seed": seed, "dtype": dtype}
     stamp_file = directory / "bench_stamp.json"
     if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
         directory.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(directory)
-        save_tokenizer(bench_tokenizer(), directory)
+        save_tokenizer(tokenizer, directory)
         stamp_file.write_text(json.dumps(stamp, indent=2) + "\n")
     return model
 
@@ -104,17 +114,13 @@ def serve_args(
     config: BenchConfig, shape: Shape, model_dir: Path, pools: Sequence[PublishedPool]
 ) -> list[str]:
     """Flags of `peftserve serve`: the pools' adapters, a KV budget for max_running longest requests."""
-    longest = config.workload.max_tokens + 16
-    kv_mb = (
-        config.max_running
-        * longest
-        * shape.kv_bytes_per_token(_torch_dtype(config.device)[0].itemsize)
-        / 2**20
-    )
+    dtype = serving_dtype(config.device)
+    per_token = shape.kv_bytes_per_token(getattr(torch, dtype).itemsize)
+    kv_mb = config.max_running * (config.workload.max_tokens + 16) * per_token / 2**20
     args = [
         "--model", str(model_dir),
         "--device", config.device,
-        "--dtype", _torch_dtype(config.device)[1],
+        "--dtype", dtype,
         "--kv-cache-mb", f"{max(64.0, 1.25 * kv_mb):.0f}",
         "--max-running", str(config.max_running),
         "--max-batched-tokens", str(config.max_batched_tokens),
@@ -129,14 +135,15 @@ def serve_args(
 class Bench:
     """Runs the scenarios of one config against one server and one PEFT baseline."""
 
-    def __init__(self, config: BenchConfig, work_dir: Path, log: Log) -> None:
+    def __init__(self, config: BenchConfig, vocab: int, work_dir: Path, log: Log) -> None:
         self.config = config
         self.work_dir = work_dir
         self.log = log
         self.shape = SHAPES[config.shape]
         self.runs: list[Run] = []
         self.traces: dict[str, dict[str, object]] = {}
-        self.id_range = (3, min(len(bench_tokenizer()), self.shape.vocab))
+        self.id_range = (3, min(vocab, self.shape.vocab))
+        """Prompt ids: past the tokenizer's specials, known to both the tokenizer and the model."""
         self.server: ServerProcess | None = None
         self.address = ""
         self.peft: PeftBaseline | None = None
@@ -170,7 +177,9 @@ class Bench:
     ) -> Run:
         """Summarize and log one try."""
         started, cpu_before = start
-        noise = other_cores(cpu_before, self._cpu())
+        cpu_after = self._cpu()
+        noise = other_cores(cpu_before, cpu_after)
+        own_cpu = cpu_after.own_s - cpu_before.own_s if cpu_before and cpu_after else None
         done = [r for r in records if r.error is None]
         errors = sorted({r.error for r in records if r.error})
         if errors:
@@ -178,7 +187,7 @@ class Bench:
         flops = useful_flops(self.shape, [r.prompt_tokens for r in done], [r.output_tokens for r in done])
         metrics = summarize(records, self.config.slo_ttft_s)
         rate = _rate_of(trace)
-        run = Run(scenario, system, n, rate, pool, metrics, flops, records, events, noise, note)
+        run = Run(scenario, system, n, rate, pool, metrics, flops, records, events, noise, own_cpu, note)
         where = f"{n} adapters" if n else "base"
         shown_rate = "saturating" if math.isinf(rate) else f"{rate:.2f} req/s"
         busy = "" if noise is None else f", other processes {noise:.1f} cores"
@@ -273,9 +282,10 @@ def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteRes
     began = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    bench = Bench(config, work_dir, log)
+    tokenizer = bench_tokenizer()
+    bench = Bench(config, len(tokenizer), work_dir, log)
     shape = bench.shape
-    model = prepare_model(shape, work_dir / "model", config.device, seed=config.workload.seed)
+    model = prepare_model(shape, tokenizer, work_dir / "model", config.device, seed=config.workload.seed)
     store = work_dir / "store"
     for pool in config.pools:
         bench.published[pool.tenant] = publish_pool(
@@ -295,8 +305,9 @@ def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteRes
             t for n, t in sweep_traces.items() if n <= config.peft_max_adapters
         ]
 
-    peak = matmul_rate(config.device, _torch_dtype(config.device)[0], seconds=1.0)
-    log(f"dense matmul rate: {peak / 1e9:.1f} GFLOP/s")
+    dtype = getattr(torch, serving_dtype(config.device))
+    before = peak_matmul_rate(config.device, dtype)
+    log(f"dense matmul rate: {before / 1e9:.1f} GFLOP/s")
     try:
         bench.setup(model, peft_traces)
         _main(bench, main_trace)
@@ -305,6 +316,10 @@ def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteRes
     finally:
         if bench.server is not None:
             bench.server.stop()
+    # Measured again at the end: on a shared machine the better of the two is the closer to its peak.
+    after = peak_matmul_rate(config.device, dtype)
+    log(f"dense matmul rate at the end: {after / 1e9:.1f} GFLOP/s")
+    peak = max(before, after)
     pools = {
         tenant: {
             "label": p.pool.label,

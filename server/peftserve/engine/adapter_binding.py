@@ -74,7 +74,9 @@ class AdapterBinding:
             self._release_slots(seq)
         for seq in plan.admitted:
             if seq.deltas:
-                self._slots[seq] = tuple((self.manager.acquire(ref.adapter_id), ref.weight) for ref in seq.deltas)
+                self._slots[seq] = tuple(
+                    (self.manager.acquire(ref.adapter_id), ref.weight) for ref in seq.deltas
+                )
 
     def _release_slots(self, seq: Sequence) -> None:
         if self._slots.pop(seq, None) is not None:

@@ -62,7 +62,10 @@ class AsyncEngine:
         adapters = engine.adapters
         if adapters is not None:
             self.admin = AdapterAdminService(
-                adapters.manager, engine.store, self.run_on_engine, keep_versions=engine.config.adapter_versions_kept
+                adapters.manager,
+                engine.store,
+                self.run_on_engine,
+                keep_versions=engine.config.adapter_versions_kept,
             )
         self._thread = threading.Thread(target=self._run, name="peftserve-engine", daemon=True)
         self._thread.start()

@@ -122,7 +122,9 @@ class LLMEngine:
             manager.scan(store)
         for adapter_id, path in config.adapters:  # after the store: these are the newest versions
             manager.register(adapter_id, path)
-        return cls(loaded.model, loaded.tokenizer, config, model_id=loaded.model_id, adapters=manager, store=store)
+        return cls(
+            loaded.model, loaded.tokenizer, config, model_id=loaded.model_id, adapters=manager, store=store
+        )
 
     @classmethod
     def from_model(cls, model, tokenizer, config: EngineConfig | None = None, **kwargs) -> LLMEngine:

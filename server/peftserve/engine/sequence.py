@@ -27,7 +27,7 @@ class Sequence:
     prompt_ids: list[int]
     sampling: SamplingParams
     deltas: tuple[AdapterRef, ...] = ()
-    """LoRA / sparse adapter versions ('tenant/name@vN', with mixture weights) the layers add; one slot each."""
+    """LoRA / sparse adapter versions ('tenant/name@vN') with mixture weights; one slot each."""
     prefix_adapter: str | None = None
     """The prefix-tuning adapter version whose virtual tokens lead the KV, if any."""
     num_virtual: int = 0

@@ -48,7 +48,9 @@ def full_adapter_id(text: str, tenant: str, local_mode: bool = False) -> str:
         parse_version(version)
     parts = base.split("/")
     if len(parts) > 2:
-        raise InvalidRequest(f"adapter id {text!r} is not valid: expected name or tenant/name, optionally @vN")
+        raise InvalidRequest(
+            f"adapter id {text!r} is not valid: expected name or tenant/name, optionally @vN"
+        )
     for part in parts:
         check_part(part, "adapter id part")
     if len(parts) == 1:

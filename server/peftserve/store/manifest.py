@@ -70,7 +70,9 @@ def manifest_from_json(data: bytes) -> AdapterManifest:
     for entry in _field(body, "files", list):
         if not isinstance(entry, dict):
             raise ValueError("manifest files must be objects")
-        files.append(FileEntry(_field(entry, "name", str), _field(entry, "size", int), _field(entry, "sha256", str)))
+        files.append(
+            FileEntry(_field(entry, "name", str), _field(entry, "size", int), _field(entry, "sha256", str))
+        )
     targets = _field(body, "target_modules", list)
     if not all(isinstance(t, str) for t in targets):
         raise ValueError("target_modules must be strings")

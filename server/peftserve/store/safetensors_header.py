@@ -57,7 +57,9 @@ def _entry(file: str, name: str, raw: object, data_len: int) -> TensorEntry:
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
     allowed = FLOAT_DTYPES | (INDEX_DTYPES if name.endswith(INDEX_TENSOR_SUFFIXES) else {})
     if dtype not in allowed:
-        raise _reject(file, f"tensor {name!r}: dtype {dtype!r} is not allowed (allowed: {', '.join(allowed)})")
+        raise _reject(
+            file, f"tensor {name!r}: dtype {dtype!r} is not allowed (allowed: {', '.join(allowed)})"
+        )
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) for d in shape):
         raise _reject(file, f"tensor {name!r}: shape {shape!r} is not a list of at most 8 sizes")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
@@ -67,7 +69,8 @@ def _entry(file: str, name: str, raw: object, data_len: int) -> TensorEntry:
         raise _reject(file, f"tensor {name!r}: data_offsets [{begin}, {end}] are reversed")
     if end > data_len:
         raise _reject(
-            file, f"tensor {name!r}: data_offsets [{begin}, {end}] run past the data buffer ({data_len} bytes)"
+            file,
+            f"tensor {name!r}: data_offsets [{begin}, {end}] run past the data buffer ({data_len} bytes)",
         )
     expected = math.prod(shape) * allowed[dtype]
     if end - begin != expected:

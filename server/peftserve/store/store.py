@@ -37,6 +37,8 @@ class StoredVersion:
 
     manifest: AdapterManifest
     path: Path
+    root: Path
+    """The store's root (resolved)."""
 
 
 class AdapterStore:
@@ -63,13 +65,15 @@ class AdapterStore:
                 for version in self._entries(self.root / tenant / name, versions=True):
                     path = self.root / tenant / name / version
                     try:
-                        manifest = manifest_from_json(read_regular_file(path / MANIFEST_NAME, MAX_MANIFEST_BYTES))
+                        manifest = manifest_from_json(
+                            read_regular_file(path / MANIFEST_NAME, MAX_MANIFEST_BYTES)
+                        )
                         if (manifest.adapter_id, manifest.version) != (f"{tenant}/{name}", version):
                             raise ValueError(f"it names {manifest.adapter_id}@{manifest.version}")
                     except (OSError, ValueError, FailedPrecondition) as exc:
                         log.warning("store: skipping %s/%s/%s: bad manifest (%s)", tenant, name, version, exc)
                         continue
-                    found.append(StoredVersion(manifest, path))
+                    found.append(StoredVersion(manifest, path, self.root))
         return found
 
     def adapter_names(self, tenant: str) -> list[str]:
@@ -126,11 +130,13 @@ class AdapterStore:
         ensure_plain_dir(adapter_dir)
         target = adapter_dir / manifest.version
         if os.path.lexists(target):
-            raise FailedPrecondition(f"adapter {manifest.adapter_id!r} already has version {manifest.version}")
+            raise FailedPrecondition(
+                f"adapter {manifest.adapter_id!r} already has version {manifest.version}"
+            )
         os.rename(staged, target)
         fsync_dir(adapter_dir)
         fsync_dir(self._tmp)
-        return StoredVersion(manifest, target)
+        return StoredVersion(manifest, target, self.root)
 
     def delete_adapter(self, tenant: str, name: str) -> bool:
         """Remove every version of an adapter (atomically: one rename into .trash/); False if absent."""
@@ -185,7 +191,9 @@ class AdapterStore:
                 else:
                     os.unlink(entry.path)
             if leftovers:
-                log.info("store: removed %d leftovers of interrupted writes in %s", len(leftovers), folder.name)
+                log.info(
+                    "store: removed %d leftovers of interrupted writes in %s", len(leftovers), folder.name
+                )
                 fsync_dir(folder)
         for tenant in self._entries(self.root):
             for name in self._entries(self.root / tenant):
