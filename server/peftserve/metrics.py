@@ -144,7 +144,9 @@ class AdapterMetrics(Collector):
                 family.add_metric([tier], value)
             yield family
         resident = GaugeMetricFamily(
-            "peftserve_adapters_resident", "Adapter versions per tier (disk: registered).", labels=["tier"]
+            "peftserve_adapters_resident",
+            "Adapters per tier: disk counts registered adapters, host and device resident versions.",
+            labels=["tier"],
         )
         for tier, value in snap.resident.items():
             resident.add_metric([tier], value)
