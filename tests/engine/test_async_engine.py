@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -66,8 +67,15 @@ def test_validation_errors_raise_before_any_output(async_engine):
     asyncio.run(main())
 
 
-def test_drain_finishes_short_requests_and_cancels_long_ones(async_engine):
+def test_drain_finishes_short_requests_and_cancels_long_ones(async_engine, monkeypatch):
     front, _ = async_engine
+    real_step = front.engine.step
+
+    def slow_step():  # 5 ms a step: the long request needs seconds, the short one milliseconds
+        time.sleep(0.005)
+        return real_step()
+
+    monkeypatch.setattr(front.engine, "step", slow_step)
 
     async def collect(rid, n):
         outs = [o async for o in front.generate(request(rid, [7, 8, 9], max_new_tokens=n))]
