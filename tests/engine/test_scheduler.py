@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from peftserve.engine.request import AdapterRef, FinishReason, SamplingParams
-from peftserve.engine.scheduler import Scheduler
+from peftserve.engine.scheduler import MAX_SLOT_WAITS, Scheduler
 from peftserve.engine.sequence import SeqStatus, Sequence
 
 
@@ -70,5 +70,20 @@ def test_distinct_adapters_among_running_sequences_never_exceed_the_slots():
     for rid, adapters in [("a", ("x",)), ("b", ("y",)), ("c", ("x", "y")), ("d", ("z",)), ("e", ())]:
         s.add(seq(rid, 3, adapters))
     plan = s.schedule()
-    assert sorted(c.seq.request_id for c in plan.chunks) == ["a", "b", "c"]  # d would be a third adapter
-    assert [c.seq.request_id for c in plan.chunks] == ["a", "c", "b"]  # packed by adapter
+    # d would need a third slot: it is passed over, and e behind it (no adapter) still runs.
+    assert sorted(c.seq.request_id for c in plan.chunks) == ["a", "b", "c", "e"]
+    assert [c.seq.request_id for c in plan.chunks] == ["e", "a", "c", "b"]  # packed by adapter
+    assert [w.request_id for w in s.waiting] == ["d"]
+
+
+def test_a_request_passed_over_for_slots_eventually_holds_the_queue():
+    s = Scheduler(num_blocks=200, block_size=4, max_batched_tokens=64, max_running=64, max_slot_adapters=1)
+    s.add(seq("a", 3, ("x",)))
+    s.add(seq("b", 3, ("y",)))
+    s.schedule()  # b's first wait: x holds the only slot
+    for i in range(MAX_SLOT_WAITS - 1):
+        s.add(seq(f"x{i}", 3, ("x",)))
+        assert f"x{i}" in [c.seq.request_id for c in s.schedule().chunks]
+    s.add(seq("late", 3, ("x",)))
+    assert "late" not in [c.seq.request_id for c in s.schedule().chunks]  # b now holds the line
+    assert [w.request_id for w in s.waiting] == ["b", "late"]

@@ -28,6 +28,10 @@ from peftserve.engine.request import FinishReason
 from peftserve.engine.sequence import SeqStatus, Sequence
 
 
+MAX_SLOT_WAITS = 16
+"""Steps a request waiting for adapter slots may be passed over before it holds the queue."""
+
+
 @dataclass(frozen=True)
 class ScheduledChunk:
     """Feed the sequence's next ``num_tokens`` pending tokens; sample after the last if ``sample``."""
@@ -125,12 +129,18 @@ class Scheduler:
                 plan.chunks.append(ScheduledChunk(seq, n, sample=n == seq.num_pending))
                 budget -= n
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            seq = self.waiting[0]
-            need = blocks_needed(seq.kv_len, self.block_size)
-            if need > self.allocator.num_free or not self._slots_allow(seq):
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_running:
                 break
-            self.waiting.popleft()
+            need = blocks_needed(seq.kv_len, self.block_size)
+            if need > self.allocator.num_free:
+                break
+            if not self._slots_allow(seq):
+                seq.slot_waits += 1
+                if seq.slot_waits > MAX_SLOT_WAITS:
+                    break  # it has been passed over long enough: admit nobody behind it
+                continue
+            self.waiting.remove(seq)
             seq.blocks = self.allocator.allocate(need)
             seq.num_computed = seq.num_virtual
             seq.status = SeqStatus.RUNNING

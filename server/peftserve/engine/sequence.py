@@ -40,6 +40,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    slot_waits: int = 0
+    """Steps the scheduler passed this sequence over because its adapters had no free slots."""
 
     @property
     def slot_adapters(self) -> tuple[str, ...]:
