@@ -6,8 +6,10 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# Demo adapters of two tenants, trained once on the default model (cached) and served by `make run`.
+DEMO_DIR ?= $(or $(PEFTSERVE_CACHE),$(HOME)/.cache/peftserve)/demo-adapters
 
-.PHONY: install model run test lint protos bench clean
+.PHONY: install model demo run test lint protos bench clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +23,13 @@ install: $(STAMP)
 model: install
 	$(VENV)/bin/peftserve model path
 
-run: model
-	$(VENV)/bin/peftserve serve $(ARGS)
+demo: model
+	$(VENV)/bin/peftserve train demo --out $(DEMO_DIR)
+
+# Every <tenant>/<name> folder of the demo is served under that id.
+run: demo
+	$(VENV)/bin/peftserve serve $$(cd $(DEMO_DIR) && for d in */*/; do \
+	    printf -- '--adapter %s=%s ' "$${d%/}" "$(DEMO_DIR)/$${d%/}"; done) $(ARGS)
 
 test: model
 	$(PY) -m pytest -q $(ARGS)

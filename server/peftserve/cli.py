@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--store",
         default="adapters_store",
         metavar="DIR",
-        help="adapter store scanned at start: every PEFT directory below it is served under its relative"
-        " path as id (default: %(default)s; '' for none)",
+        help="adapter store (<tenant>/<name>/v<N>/ folders), scanned at start; uploads are committed"
+        " here (default: %(default)s; '' for none)",
     )
     serve.add_argument(
         "--keys-file",
