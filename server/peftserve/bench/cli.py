@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from peftserve.bench.config import POPULARITIES, SYSTEMS, BenchConfig, quick
-from peftserve.bench.shapes import PROJECTIONS, SHAPES
+from peftserve.bench.shapes import BENCH_SHAPES, PROJECTIONS
 
 DESCRIPTION = """\
 Serving benchmark: a seeded many-adapter trace served by peftserve over gRPC (a real server in a
@@ -65,7 +65,7 @@ _CONFIG_FLAGS: tuple[tuple[str, str, Callable[[str], object], int | str | None, 
 )
 _CHOICES: dict[str, Sequence[str]] = {
     "--popularity": POPULARITIES,
-    "--shape": tuple(SHAPES),
+    "--shape": tuple(BENCH_SHAPES),
     "--targets": PROJECTIONS,
     "--sweep-targets": PROJECTIONS,
     "--systems": SYSTEMS,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from peftserve.bench.shapes import PROJECTIONS, SHAPES
+from peftserve.bench.shapes import BENCH_SHAPES, PROJECTIONS
 
 POPULARITIES = ("uniform", "power", "zipf", "single")
 SYSTEMS = ("peftserve", "base", "peft-batched", "peft-sequential")
@@ -94,7 +94,7 @@ class BenchConfig:
     """One `peftserve bench` run: a main comparison, an adapter-count sweep and a load sweep."""
 
     shape: str = "bench-1b"
-    """DESIGN.md shape of the random-weight Llama base model."""
+    """Shape of the random-weight Llama base model (DESIGN.md's, or bench-tiny for smoke tests)."""
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     """The main trace, served by every system."""
     ranks: tuple[int, ...] = (16,)
@@ -108,10 +108,11 @@ class BenchConfig:
     sweep_targets: tuple[str, ...] = ("q_proj", "v_proj")
     """Projections of the sweep's adapters: fewer than the main scenario's, so 1,000 adapters fit."""
     mixed_ranks: tuple[int, ...] = (8, 16, 32, 64)
-    """Ranks of the mixed-rank run at the sweep's largest adapter count ('' to skip it)."""
+    """Ranks of the mixed-rank run at the sweep's largest adapter count (empty: skip it)."""
     load_fractions: tuple[float, ...] = (0.5, 1.0)
     """Arrival rates of the load sweep, as fractions of peftserve's saturated req/s in the sweep."""
     systems: tuple[str, ...] = SYSTEMS
+    """Systems to run (peftserve always); base and PEFT batches also run in the sweeps."""
     peft_batch_size: int = 16
     """Rows of a PEFT static batch."""
     peft_sequential_limit: int | None = 8
@@ -127,13 +128,16 @@ class BenchConfig:
     max_batched_tokens: int = 512
     """Server: prefill and decode tokens per engine step."""
     threads: int | None = None
-    """torch CPU threads of the server and of the PEFT baselines; None keeps torch's default."""
+    """torch CPU threads of the server and of the PEFT baselines; None keeps torch's default. On a shared
+    machine use 1: with more, every parallel region waits for threads other processes descheduled."""
     device: str = "cpu"
+    """Where the server and PEFT run: cpu or cuda."""
     server_timeout_s: float = 600.0
     """How long the server may take to load the model and register every adapter."""
 
     def __post_init__(self) -> None:
-        _check(self.shape in SHAPES, f"shape must be one of {', '.join(SHAPES)}, got {self.shape!r}")
+        shapes = ", ".join(BENCH_SHAPES)
+        _check(self.shape in BENCH_SHAPES, f"shape must be one of {shapes}, got {self.shape!r}")
         unknown = set(self.systems) - set(SYSTEMS)
         _check(not unknown, f"unknown systems {sorted(unknown)}; expected some of {', '.join(SYSTEMS)}")
         _check("peftserve" in self.systems, "peftserve must be among the systems (ratios are against it)")
@@ -175,7 +179,11 @@ class BenchConfig:
 
 
 def quick() -> BenchConfig:
-    """About a minute on 2 cores: bench-mid, 16 short requests, 8 adapters, 3 sweep points, 1 load point."""
+    """About a minute on 2 cores: bench-mid, 16 short requests, 8 adapters, 3 sweep and 2 load points.
+
+    One torch thread per process: the server and PEFT never run at once, so the other core takes the
+    client and whatever else the machine runs, and shared CI machines give stable numbers.
+    """
     return BenchConfig(
         shape="bench-mid",
         workload=WorkloadSpec(requests=16, num_adapters=8, prompt_len=(8, 64), output_len=(8, 32)),
@@ -187,4 +195,5 @@ def quick() -> BenchConfig:
         peft_max_adapters=8,
         max_running=16,
         max_batched_tokens=512,
+        threads=1,
     )

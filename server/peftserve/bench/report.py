@@ -232,7 +232,7 @@ def report_text(result: SuiteResult) -> str:
         for t, p in result.pools.items()
     )
     machine = (
-        f"{env.get('device')}, {env.get('cpus')} CPUs, {env.get('threads')} threads,"
+        f"{env.get('device')}, {env.get('cpus')} CPUs, {env.get('threads')} torch thread(s) per process,"
         f" load average {env.get('load_average_1m', '?')} at the end"
     )
     header = [
@@ -247,6 +247,14 @@ def report_text(result: SuiteResult) -> str:
         " tok/CPU-s: generated tokens per CPU-second of the system's own processes (server and client,"
         " or the PEFT process), which other load barely moves.",
     ]
+    busy = [r.other_cores for r in result.runs if r.other_cores is not None]
+    threads = env.get("threads")
+    if busy and max(busy) > 0.5 and isinstance(threads, int) and threads > 1:
+        header.append(
+            f"WARNING: other processes kept up to {max(busy):.1f} cores busy while each process ran"
+            f" {threads} torch threads; parallel regions then wait for descheduled threads, and systems"
+            " made of many small ops (PEFT) slow down most. Rerun with --threads 1 or on a quiet machine."
+        )
     parts = ["\n".join(header), "Main (ratios: tok/s against peftserve)\n" + main_table(result)]
     if any(r.scenario == "adapters" for r in result.runs):
         sweep = f"Adapter count sweep ({config.sweep_requests} requests each; ratios against the base model)"

@@ -72,10 +72,14 @@ class Shape:
 
 
 SHAPES = {
-    "bench-tiny": Shape("bench-tiny", hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2, vocab=1024),
     "bench-mid": Shape("bench-mid", hidden=512, intermediate=1408, heads=8, kv_heads=2, layers=8),
     "bench-1b": Shape("bench-1b", hidden=2048, intermediate=5632, heads=16, kv_heads=4, layers=4),
 }
+"""The shapes of DESIGN.md."""
+TINY = Shape("bench-tiny", hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2, vocab=1024)
+"""Not a DESIGN.md shape: for smoke tests of the harness."""
+BENCH_SHAPES = {TINY.name: TINY, **SHAPES}
+"""Every shape `peftserve bench --shape` takes."""
 
 
 def useful_flops(shape: Shape, prompt_lens: Sequence[int], generated: Sequence[int]) -> float:

@@ -29,11 +29,27 @@ from peftserve.bench.models import bench_tokenizer, build_model
 from peftserve.bench.peft_system import PeftBaseline
 from peftserve.bench.records import RequestRecord, RunMetrics, summarize
 from peftserve.bench.server import ServerProcess
-from peftserve.bench.shapes import SHAPES, Shape, useful_flops
+from peftserve.bench.shapes import BENCH_SHAPES, Shape, useful_flops
 from peftserve.bench.workload import TraceRequest, describe, make_trace
 from peftserve.model.tokenizer import save_tokenizer
 
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one run serves: a scenario's trace, on one system, over one adapter pool."""
+
+    scenario: str
+    system: str
+    trace: Sequence[TraceRequest]
+    pool: str | None
+    num_adapters: int | None
+    note: str = ""
+
+
+Measure = Callable[[], tuple[list[RequestRecord], dict[str, float] | None]]
+"""Serves a job's trace once: the records, and the server's adapter counters during it (or None)."""
 
 
 @dataclass
@@ -139,7 +155,7 @@ class Bench:
         self.config = config
         self.work_dir = work_dir
         self.log = log
-        self.shape = SHAPES[config.shape]
+        self.shape = BENCH_SHAPES[config.shape]
         self.runs: list[Run] = []
         self.traces: dict[str, dict[str, object]] = {}
         self.id_range = (3, min(vocab, self.shape.vocab))
@@ -160,71 +176,70 @@ class Bench:
         """CPU counters of the machine, of this process and of the server."""
         return cpu_sample([os.getpid()] + ([self.server.proc.pid] if self.server else []))
 
-    def _start(self) -> tuple[float, CpuSample | None]:
-        return time.perf_counter(), self._cpu()
-
-    def _finish(
-        self,
-        scenario: str,
-        system: str,
-        trace: Sequence[TraceRequest],
-        pool: str | None,
-        n: int | None,
-        records: list[RequestRecord],
-        start: tuple[float, CpuSample | None],
-        events: dict[str, float] | None = None,
-        note: str = "",
-    ) -> Run:
-        """Summarize and log one try."""
-        started, cpu_before = start
-        cpu_after = self._cpu()
-        noise = other_cores(cpu_before, cpu_after)
-        own_cpu = cpu_after.own_s - cpu_before.own_s if cpu_before and cpu_after else None
-        done = [r for r in records if r.error is None]
-        errors = sorted({r.error for r in records if r.error})
-        if errors:
-            note = "; ".join(filter(None, [note, f"{len(records) - len(done)} failed: {errors[0]}"]))
-        flops = useful_flops(self.shape, [r.prompt_tokens for r in done], [r.output_tokens for r in done])
-        metrics = summarize(records, self.config.slo_ttft_s)
-        rate = _rate_of(trace)
-        run = Run(scenario, system, n, rate, pool, metrics, flops, records, events, noise, own_cpu, note)
-        where = f"{n} adapters" if n else "base"
-        shown_rate = "saturating" if math.isinf(rate) else f"{rate:.2f} req/s"
-        busy = "" if noise is None else f", other processes {noise:.1f} cores"
-        self.log(
-            f"[{scenario}] {system} ({where}, {shown_rate}): {metrics.tokens_per_s:.1f} tok/s, "
-            f"{metrics.requests_per_s:.2f} req/s, TTFT p50 {metrics.ttft_p50 or 0:.2f}s"
-            f"{', ' + note if note else ''} ({time.perf_counter() - started:.0f}s{busy})"
-        )
-        return run
-
-    def _keep(self, measure: Callable[[], Run]) -> Run:
-        """Measure `repeats` times and keep the try other processes disturbed least."""
-        tries = [measure() for _ in range(self.config.repeats)]
+    def _run(self, job: Job, measure: Measure) -> Run:
+        """Measure the job `repeats` times, keep the try other processes disturbed least."""
+        tries = []
+        for _ in range(self.config.repeats):
+            started, cpu_before = time.perf_counter(), self._cpu()
+            records, events = measure()
+            tries.append(self._summarize(job, records, events, started, cpu_before))
         run = min(tries, key=lambda r: (r.other_cores or 0.0, -r.metrics.tokens_per_s))
         if len(tries) > 1:
             run.note = "; ".join(filter(None, [run.note, f"least disturbed of {len(tries)}"]))
         self.runs.append(run)
         return run
 
+    def _summarize(
+        self,
+        job: Job,
+        records: list[RequestRecord],
+        events: dict[str, float] | None,
+        started: float,
+        cpu_before: CpuSample | None,
+    ) -> Run:
+        """One try as a Run, logged."""
+        cpu_after = self._cpu()
+        noise = other_cores(cpu_before, cpu_after)
+        own_cpu = cpu_after.own_s - cpu_before.own_s if cpu_before and cpu_after else None
+        done = [r for r in records if r.error is None]
+        errors = sorted({r.error for r in records if r.error})
+        note = job.note
+        if errors:
+            note = "; ".join(filter(None, [note, f"{len(records) - len(done)} failed: {errors[0]}"]))
+        flops = useful_flops(self.shape, [r.prompt_tokens for r in done], [r.output_tokens for r in done])
+        metrics = summarize(records, self.config.slo_ttft_s)
+        rate = _rate_of(job.trace)
+        run = Run(
+            job.scenario, job.system, job.num_adapters, rate, job.pool, metrics, flops, records, events,
+            noise, own_cpu, note,
+        )  # fmt: skip
+        where = f"{job.num_adapters} adapters" if job.num_adapters else "base"
+        shown_rate = "saturating" if math.isinf(rate) else f"{rate:.2f} req/s"
+        busy = "" if noise is None else f", other processes {noise:.1f} cores"
+        self.log(
+            f"[{job.scenario}] {job.system} ({where}, {shown_rate}): {metrics.tokens_per_s:.1f} tok/s, "
+            f"{metrics.requests_per_s:.2f} req/s, TTFT p50 {metrics.ttft_p50 or 0:.2f}s"
+            f"{', ' + note if note else ''} ({time.perf_counter() - started:.0f}s{busy})"
+        )
+        return run
+
     def peftserve(
         self, scenario: str, trace: Sequence[TraceRequest], pool: str | None, n: int | None, system: str = ""
     ) -> Run:
         """The trace over gRPC: on the pool's adapters, or on the base model when pool is None."""
-        system = system or ("base" if pool is None else "peftserve")
+        job = Job(scenario, system or ("base" if pool is None else "peftserve"), trace, pool, n)
         ids = self.published[pool].ids if pool else None
         server = self.server
         assert server is not None
 
-        def measure() -> Run:
-            start = self._start()
+        def measure() -> tuple[list[RequestRecord], dict[str, float] | None]:
             before = server.adapter_counters()
             records = grpc_system.run_trace(self.address, trace, ids)
             after = server.adapter_counters()
             events = {k: v - (before or {}).get(k, 0.0) for k, v in after.items()} if after else None
-            return self._finish(scenario, system, trace, pool, n, records, start, events)
+            return records, events
 
-        return self._keep(measure)
+        return self._run(job, measure)
 
     def peft_run(self, scenario: str, system: str, trace: Sequence[TraceRequest], pool: str, n: int) -> Run:
         """One of the PEFT policies on the trace (peft-batched or peft-sequential)."""
@@ -232,21 +247,15 @@ class Bench:
         assert peft is not None
         published = self.published[pool]
         names = [published.peft_name(i) for i in range(published.pool.count)]
-        limit = self.config.peft_sequential_limit
-        if system == "peft-sequential" and limit is not None and limit < len(trace):
+        batch_size, limit = self.config.peft_batch_size, self.config.peft_sequential_limit
+        if system == "peft-batched":
+            job = Job(scenario, system, trace, pool, n, f"batches of {batch_size}")
+            return self._run(job, lambda: (peft.static_batches(trace, names, batch_size), None))
+        note = ""
+        if limit is not None and limit < len(trace):
             trace, note = trace[:limit], f"first {limit} requests only"
-        else:
-            note = f"batches of {self.config.peft_batch_size}" if system == "peft-batched" else ""
-
-        def measure() -> Run:
-            start = self._start()
-            if system == "peft-batched":
-                records = peft.static_batches(trace, names, self.config.peft_batch_size)
-            else:
-                records = peft.one_at_a_time(trace, names)
-            return self._finish(scenario, system, trace, pool, n, records, start, note=note)
-
-        return self._keep(measure)
+        job = Job(scenario, system, trace, pool, n, note)
+        return self._run(job, lambda: (peft.one_at_a_time(trace, names), None))
 
     # -- setup ----------------------------------------------------------------------------------
 
