@@ -82,7 +82,9 @@ async def serve(
         http = start_metrics_server(config.metrics_port, metrics.registry, host=config.host)
         logger.info("metrics on http://%s:%d/metrics", config.host, http.server_port)
     health = ServingHealth()
-    server, port = await create_server(engine, config, health=health, metrics=metrics, admin=engine.admin, keys=keys)
+    server, port = await create_server(
+        engine, config, health=health, metrics=metrics, admin=engine.admin, keys=keys
+    )
     await server.start()
 
     stopping = asyncio.Event()

@@ -27,7 +27,6 @@ from peftserve.engine.blocks import BlockAllocator, blocks_needed
 from peftserve.engine.request import FinishReason
 from peftserve.engine.sequence import SeqStatus, Sequence
 
-
 MAX_SLOT_WAITS = 16
 """Steps a request waiting for adapter slots may be passed over before it holds the queue."""
 
