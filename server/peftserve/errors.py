@@ -38,3 +38,7 @@ class Unauthenticated(PeftServeError):
 
 class PermissionDenied(PeftServeError):
     """The credentials lack the scope this call needs (PERMISSION_DENIED)."""
+
+
+class EngineFailure(PeftServeError):
+    """The engine failed for reasons that are not the caller's (INTERNAL; details in the server log)."""

@@ -20,6 +20,7 @@ _CODES: dict[type[errors.PeftServeError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.EngineFailure: grpc.StatusCode.INTERNAL,
 }
 
 

@@ -26,15 +26,11 @@ from peftserve.engine.engine import LLMEngine
 from peftserve.engine.protocol import EngineStats, ModelInfo
 from peftserve.engine.request import GenerationRequest, RequestOutput
 from peftserve.engine.sequence import Sequence
-from peftserve.errors import InvalidRequest, PeftServeError, Unavailable
+from peftserve.errors import EngineFailure, InvalidRequest, PeftServeError, Unavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class EngineFailure(PeftServeError):
-    """The engine step failed for reasons that are not the caller's (maps to INTERNAL)."""
 
 
 @dataclass

@@ -72,6 +72,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         decode_rows: list[int] = []
+        decode_seqs: list[Sequence] = []
         prefills: list[PrefillChunk] = []
         slot_parts: list[torch.Tensor] = []
         row_slots: list[int] = []  # decode slots not yet moved into slot_parts
@@ -85,6 +86,7 @@ class ModelRunner:
             positions += range(start, start + n)
             if n == 1 and start > 0:
                 decode_rows.append(q_start)
+                decode_seqs.append(seq)
                 row_slots.append(seq.blocks[start // bs] * bs + start % bs)
             else:
                 ctx = start + n
@@ -99,7 +101,7 @@ class ModelRunner:
             cache=self.cache,
             slot_mapping=torch.cat([*slot_parts, self._tensor(row_slots)]),
             prefills=prefills,
-            **self._decode_metadata(plan, decode_rows),
+            **self._decode_metadata(decode_seqs, decode_rows),
         )
         ids = torch.tensor(input_ids, device=self.device)[None]  # [1, T]
         pos = torch.tensor(positions, device=self.device)[None]  # [1, T]
@@ -131,10 +133,9 @@ class ModelRunner:
         tokens, logprobs = sample(logits, rows)
         return [Sampled(s, t, lp) for s, t, lp in zip(sampling, tokens, logprobs, strict=True)]
 
-    def _decode_metadata(self, plan: StepPlan, decode_rows: list[int]) -> dict:
+    def _decode_metadata(self, seqs: list[Sequence], decode_rows: list[int]) -> dict:
         if not decode_rows:
             return {"decode_token_idx": None, "decode_slots": None, "decode_ctx_lens": None}
-        seqs = [c.seq for c in plan.chunks if c.num_tokens == 1 and c.seq.num_computed > 0]
         ctx_lens = [s.num_computed + 1 for s in seqs]
         width = max(len(s.blocks) for s in seqs)
         table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=self.device)
