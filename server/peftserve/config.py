@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from peftserve.errors import InvalidRequest
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+CPU_LINEARS = ("onednn", "torch")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class EngineConfig:
     """Longest prompt plus completion; None takes the model's max_position_embeddings."""
     threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's default."""
+    cpu_linear: str = "onednn"
+    """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.5-2.5x faster on serving
+    shapes, one more copy of their weights in memory); torch: plain F.linear."""
     adapter_slots: int = 32
     """LoRA / sparse adapters resident on the device at once (prefix adapters need no slot)."""
     adapters: tuple[tuple[str, str], ...] = ()
@@ -59,6 +63,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InvalidRequest(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.cpu_linear not in CPU_LINEARS:
+            choices = ", ".join(CPU_LINEARS)
+            raise InvalidRequest(f"cpu_linear must be one of {choices}, got {self.cpu_linear!r}")
         positive = (
             "block_size",
             "max_batched_tokens",

@@ -179,3 +179,21 @@ def test_text_prompt_is_tokenized_with_the_models_tokenizer(make_engine):
     )["t"]
     assert text.prompt_tokens == len(ids)
     assert text.token_ids == reference_greedy(reference, ids, 6)
+
+
+@pytest.mark.parametrize("cpu_linear", ["onednn", "torch"])
+def test_cpu_linear_choice_and_exactness(make_engine, cpu_linear):
+    engine, reference, _ = make_engine(cpu_linear=cpu_linear)
+    packed = [m for m in engine.runner.model.modules() if "forward" in vars(m)]
+    assert bool(packed) == (cpu_linear == "onednn")
+    prompts = random_prompts([5, 19, 33], engine.model_info.vocab_size, seed=3)
+    done = engine.generate_all([request(str(i), p, max_new_tokens=12) for i, p in enumerate(prompts)])
+    for i, p in enumerate(prompts):
+        assert done[str(i)].token_ids == reference_greedy(reference, p, 12)
+
+
+def test_unknown_cpu_linear_is_rejected():
+    from peftserve.config import EngineConfig
+
+    with pytest.raises(InvalidRequest, match="cpu_linear must be one of onednn, torch"):
+        EngineConfig(cpu_linear="mkl")

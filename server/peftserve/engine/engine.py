@@ -77,7 +77,9 @@ class LLMEngine:
             max_running=config.max_running,
             max_slot_adapters=self.adapters.num_slots if self.adapters else 0,
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, adapters=self.adapters)
+        self.runner = ModelRunner(
+            model, num_blocks, config.block_size, adapters=self.adapters, cpu_linear=config.cpu_linear
+        )
         eos = _eos_ids(model, tokenizer)
         self.eos_ids = frozenset(eos)
         self._detok: dict[str, IncrementalDetokenizer] = {}

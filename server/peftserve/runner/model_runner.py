@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,10 @@ from peftserve.engine.scheduler import StepPlan
 from peftserve.engine.sequence import Sequence
 from peftserve.runner.attention import ATTENTION_NAME, AttentionMetadata, PrefillChunk
 from peftserve.runner.kv_cache import PagedKVCache
+from peftserve.runner.linear import pack_linears
 from peftserve.runner.sampler import SampleRow, sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,12 @@ class ModelRunner:
     """Owns the model's tensors for serving: the paged KV cache and the per-request generators."""
 
     def __init__(
-        self, model: torch.nn.Module, num_blocks: int, block_size: int, adapters: AdapterBinding | None = None
+        self,
+        model: torch.nn.Module,
+        num_blocks: int,
+        block_size: int,
+        adapters: AdapterBinding | None = None,
+        cpu_linear: str = "onednn",
     ) -> None:
         config = model.config
         self.model = model
@@ -47,6 +56,8 @@ class ModelRunner:
             device=self.device,
         )
         model.set_attn_implementation(ATTENTION_NAME)
+        if cpu_linear == "onednn" and self.device.type == "cpu":
+            log.info("%d Linear layers run on prepacked oneDNN weights", pack_linears(model))
         self._generators: dict[str, torch.Generator] = {}
         self._offsets = torch.arange(block_size, device=self.device)
 

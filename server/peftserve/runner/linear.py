@@ -1,0 +1,90 @@
+"""Faster dense layers on CPU: the model's Linear layers run oneDNN on weights packed once at start.
+
+torch sends a float32 `F.linear` on CPU to MKL's sgemm, which is slow on the skinny shapes of serving
+(decode steps multiply 4-64 rows by each weight). oneDNN on a weight reordered once into its blocked
+layout is 1.5-2.5x faster there and never slower from 4 rows up (measured on the 2-core dev box, one
+thread, bench-1b shapes: [32, 2048] x [2048, 5632] 55 -> 95 GFLOP/s, lm_head at 32 rows 41 -> 100;
+benchmarks/README.md). Below 4 rows MKL on the plain weight is faster, so both are kept: packing costs
+one more copy of every Linear weight in host memory (`--cpu-linear torch` turns it off).
+
+The ops are the ones inductor's CPU weight prepacking uses (torch.ops.mkldnn._reorder_linear_weight and
+_linear_pointwise): private to torch, hence a probe against F.linear at start and the fallback to plain
+torch wherever it fails, and torch's upper bound in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS = 4
+"""Fewer rows than this go to F.linear on the plain weight (MKL is faster for matrix-vector work)."""
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _ops() -> tuple[object, object] | None:
+    ops = getattr(torch.ops, "mkldnn", None)
+    try:
+        return ops._reorder_linear_weight, ops._linear_pointwise  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def onednn_usable(dtype: torch.dtype) -> bool:
+    """Whether packed oneDNN linears exist in this torch and agree with F.linear on a probe."""
+    ops = _ops()
+    if ops is None or dtype not in DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    reorder, linear = ops
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=gen).to(dtype)
+    bias = torch.randn(24, generator=gen).to(dtype)
+    x = torch.randn(2, 5, 40, generator=gen).to(dtype)
+    try:
+        with torch.inference_mode():
+            got = linear(x, reorder(weight, None), bias, "none", [], "")
+    except RuntimeError as exc:
+        log.warning("oneDNN linear unavailable (%s); using torch's", exc)
+        return False
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    return got.shape == (2, 5, 24) and torch.allclose(got, F.linear(x, weight, bias), atol=tolerance, rtol=0)
+
+
+def _forward(
+    weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    rows = x.numel() // weight.shape[1]
+    if rows < MIN_ROWS or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Run every CPU Linear of the model in `DTYPES` on a packed oneDNN weight; how many were packed.
+
+    The modules stay nn.Linear with their weights (shape checks, adapter wrapping and small batches use
+    them); only their forward changes. Weights must not be replaced afterwards: the packed copy would
+    not follow.
+    """
+    packed = 0
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    usable: dict[torch.dtype, bool] = {}
+    with torch.inference_mode():
+        for module in model.modules():
+            if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+                continue
+            dtype = module.weight.dtype
+            if dtype not in usable:
+                usable[dtype] = onednn_usable(dtype)
+            if not usable[dtype]:
+                continue
+            blocked = reorder(module.weight.detach(), None)
+            module.forward = partial(_forward, module.weight, module.bias, blocked)
+            packed += 1
+    return packed
