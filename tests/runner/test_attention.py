@@ -90,3 +90,14 @@ def test_sliding_window_in_every_path():
 
 def test_only_decode_rows():
     run_case([(1, 1), (30, 1), (17, 1)])
+
+
+def test_cache_gather_returns_the_slots_rows_whatever_came_before():
+    cache = PagedKVCache(2, num_blocks=6, block_size=4, num_kv_heads=2, head_dim=3, dtype=torch.float32,
+                         device=torch.device("cpu"))  # fmt: skip
+    cache.keys.copy_(torch.randn_like(cache.keys))
+    cache.values.copy_(torch.randn_like(cache.values))
+    for layer, slots in [(0, torch.tensor([[5, 0, 7], [1, 1, 2]])), (1, torch.tensor([3, 9])),
+                         (1, torch.arange(24).view(4, 6))]:  # fmt: skip
+        k, v = cache.gather(layer, slots)
+        assert torch.equal(k, cache.keys[layer][slots]) and torch.equal(v, cache.values[layer][slots])

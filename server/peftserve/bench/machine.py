@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,19 +20,33 @@ def synchronize(device: str) -> None:
 def matmul_rate(
     device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 2.0
 ) -> float:
-    """Dense n x n @ n x n FLOP/s on this device and dtype, repeated for about `seconds`."""
+    """Dense n x n @ n x n FLOP/s on this device and dtype, repeated for about `seconds`.
+
+    On CPU the faster of torch's matmul (MKL) and the prepacked oneDNN path the server's Linear
+    layers use: MFU is measured against the best dense rate the machine offers.
+    """
+    from peftserve.runner.linear import onednn_usable
+
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up: thread pools, kernel selection
+    kernels = [lambda: a @ b]
+    if torch.device(device).type == "cpu" and onednn_usable(dtype):
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    return max(_rate(kernel, device, 2 * n**3, seconds / len(kernels)) for kernel in kernels)
+
+
+def _rate(kernel: Callable[[], object], device: str, flops: float, seconds: float) -> float:
+    kernel()  # warm-up: thread pools, kernel selection
     synchronize(device)
     reps, start = 0, time.perf_counter()
     while True:
-        a @ b
+        kernel()
         reps += 1
         synchronize(device)
         elapsed = time.perf_counter() - start
         if elapsed >= seconds and reps >= 3:
-            return 2 * n**3 * reps / elapsed
+            return flops * reps / elapsed
 
 
 def peak_matmul_rate(device: str, dtype: torch.dtype, bursts: int = 5, seconds: float = 0.4) -> float:

@@ -106,8 +106,8 @@ def paged_attention(
 
     if meta.decode_token_idx is not None:
         q = query[0].index_select(1, meta.decode_token_idx).transpose(0, 1)[:, :, None]  # [Bd, Hq, 1, D]
-        k = meta.cache.keys[layer][meta.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
-        v = meta.cache.values[layer][meta.decode_slots].transpose(1, 2)  # [Bd, Hkv, Lmax, D]
+        k, v = meta.cache.gather(layer, meta.decode_slots)  # [Bd, Lmax, Hkv, D] each
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [Bd, Hkv, Lmax, D]
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=meta.decode_mask(sliding_window), scale=scaling, enable_gqa=gqa
         )  # [Bd, Hq, 1, D]
@@ -120,8 +120,8 @@ def paged_attention(
             k = key[:, :, chunk.q_start : end]  # [1, Hkv, q_len, D]
             v = value[:, :, chunk.q_start : end]
         else:
-            k = meta.cache.keys[layer][chunk.slots].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
-            v = meta.cache.values[layer][chunk.slots].transpose(0, 1)[None]
+            k, v = meta.cache.gather(layer, chunk.slots)  # [ctx, Hkv, D] each
+            k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, Hkv, ctx, D]
         mask = meta.prefill_mask(i, sliding_window)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
