@@ -41,6 +41,14 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-context", "max_context", int, "longest prompt plus completion (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
     ("--cpu-linear", "cpu_linear", str, "onednn (default: prepacked weights, faster) or torch (less memory)"),
+    ("--adapter-slots", "adapter_slots", int, "LoRA/sparse adapters resident on the device at once"),
+    ("--host-cache-mb", "host_cache_mb", float, "CPU memory for adapters loaded from disk (LRU)"),
+    ("--adapter-load-threads", "adapter_load_threads", int, "threads loading adapters from disk"),
+    ("--adapter-max-rank", "adapter_max_rank", int, "largest LoRA rank accepted"),
+    ("--adapter-versions-kept", "adapter_versions_kept", int, "versions of each adapter kept in the store"),
+    ("--max-adapters-per-tenant", "max_adapters_per_tenant", int, "adapters a tenant may hold in the store"),
+    ("--max-upload-bytes", "max_upload_bytes", int, "bytes of all files of one upload"),
+    ("--adapter-metrics-top-n", "adapter_metrics_top_n", int, "adapters with their own metrics label"),
 )
 
 

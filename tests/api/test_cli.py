@@ -76,6 +76,21 @@ def test_serve_flags_parse() -> None:
         build_parser().parse_args(["serve", "--adapter", "no-equals-sign"])
 
 
+def test_every_engine_flag_reaches_the_engine_config() -> None:
+    from dataclasses import fields
+
+    from peftserve.cli import _ENGINE_FLAGS
+    from peftserve.config import EngineConfig
+
+    flagged = {name for _, name, _, _ in _ENGINE_FLAGS}
+    set_elsewhere = {"adapters", "store"}  # --adapter ID=DIR (repeated) and --store
+    assert flagged | set_elsewhere == {f.name for f in fields(EngineConfig)}
+    args = build_parser().parse_args(
+        ["serve", "--adapter-slots", "8", "--cpu-linear", "torch", "--host-cache-mb", "64"]
+    )
+    assert (args.adapter_slots, args.cpu_linear, args.host_cache_mb) == (8, "torch", 64.0)
+
+
 def test_client_commands_do_not_import_torch() -> None:
     code = (
         "import sys; from peftserve.cli import main; "

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from peftserve.auth import KeyRing
+from peftserve.bench.server import source_env
 
 from .conftest import Served, serving
 from .fake_admin import write_peft_dir
-from .serve_process import python, source_env
 
 
 def _peftserve(*args: str, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -18,7 +19,7 @@ def _peftserve(*args: str, api_key: str | None = None) -> subprocess.CompletedPr
     env.pop("PEFTSERVE_API_KEY", None)
     if api_key is not None:
         env["PEFTSERVE_API_KEY"] = api_key
-    argv = python("-m", "peftserve.cli", *args)
+    argv = [sys.executable, "-m", "peftserve.cli", *args]
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
 
 
@@ -93,6 +94,8 @@ def test_adapters_commands_do_not_import_torch() -> None:
         "rc = main(['adapters', 'list', '--address', '127.0.0.1:1', '--timeout', '1']); "
         "assert rc == 1, rc; bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
     )
-    run = subprocess.run(python("-c", code), capture_output=True, text=True, env=source_env(), timeout=30)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=source_env(), timeout=30
+    )
     assert run.returncode == 0, run.stderr
     assert "error: UNAVAILABLE" in run.stderr

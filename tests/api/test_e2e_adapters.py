@@ -8,12 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from peft import PeftModel
 
+from peftserve.bench.server import ServerProcess
 from peftserve_client import Client, NotFound
 from tests.adapters import peft_factory as pf
 from tests.engine.test_adapter_fidelity import reference_run
 from tests.helpers.tiny_models import build_tiny_model
-
-from .serve_process import ServeProcess, python, source_env
 
 pytestmark = pytest.mark.slow
 
@@ -22,22 +21,10 @@ def test_adapters_by_id_in_one_batch_equal_peft(tiny_llama_dir, tmp_path):
     base, tokenizer = build_tiny_model("llama")
     lora = pf.make_lora_patterns(base, "llama", tmp_path / "lora")
     prefix = pf.make_prefix(base, tmp_path / "prefix", projection=True)
-    argv = python(
-        "-m",
-        "peftserve.cli",
-        "serve",
-        "--model",
-        str(tiny_llama_dir),
-        "--port",
-        "0",
-        "--store",
-        "",
-        "--adapter",
-        f"acme/lora={lora}",
-        "--adapter",
-        f"acme/prefix={prefix}",
-    )
-    server = ServeProcess(argv, source_env())
+    server = ServerProcess.serve(
+        ["--model", str(tiny_llama_dir), "--store", "", "--adapter", f"acme/lora={lora}",
+         "--adapter", f"acme/prefix={prefix}"]
+    )  # fmt: skip
     try:
         address = server.wait_ready(240)
         prompt = "The quick brown fox"

@@ -12,12 +12,11 @@ pytest.importorskip("peftserve.adapters.admin", reason="no AdapterAdmin implemen
 from peft import PeftModel  # noqa: E402
 
 from peftserve.auth import KeyRing, Scope  # noqa: E402
+from peftserve.bench.server import ServerProcess  # noqa: E402
 from peftserve_client import Client, NotFound  # noqa: E402
 from tests.adapters import peft_factory as pf  # noqa: E402
 from tests.engine.test_adapter_fidelity import reference_run  # noqa: E402
 from tests.helpers.tiny_models import build_tiny_model  # noqa: E402
-
-from .serve_process import ServeProcess, python, source_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +36,10 @@ def test_upload_generate_replace_delete(tiny_llama_dir: Path, tmp_path: Path) ->
     ring, globex = ring.add("globex", [Scope.INFER, Scope.ADMIN])
     ring.save(tmp_path / "keys.json")
 
-    argv = python(
-        *("-m", "peftserve.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0"),
-        *("--store", str(tmp_path / "store"), "--keys-file", str(tmp_path / "keys.json")),
-    )
-    server = ServeProcess(argv, source_env())
+    server = ServerProcess.serve(
+        ["--model", str(tiny_llama_dir), "--store", str(tmp_path / "store"),
+         "--keys-file", str(tmp_path / "keys.json")]
+    )  # fmt: skip
     prompt = "The quick brown fox"
     try:
         address = server.wait_ready(240)

@@ -10,9 +10,8 @@ import pytest
 pytest.importorskip("peftserve.engine.async_engine", reason="the real engine is not there yet")
 pytest.importorskip("peftserve.model.default_model", reason="the default model is not there yet")
 
+from peftserve.bench.server import ServerProcess  # noqa: E402
 from peftserve_client import Client, FinishReason, PeftServeError, Unavailable  # noqa: E402
-
-from .serve_process import ServeProcess, python, source_env  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -20,16 +19,15 @@ STARTUP_TIMEOUT_S = 240
 
 
 @pytest.fixture
-def real_server() -> Iterator[ServeProcess]:
-    argv = python("-m", "peftserve.cli", "serve", "--port", "0", "--metrics-port", "0", "--grace-s", "10")
-    server = ServeProcess([*argv, "--kv-cache-mb", "64"], source_env())
+def real_server() -> Iterator[ServerProcess]:
+    server = ServerProcess.serve(["--grace-s", "10", "--kv-cache-mb", "64"])
     try:
         yield server
     finally:
         server.stop()
 
 
-def test_serve_health_generate_and_drain_on_sigterm(real_server: ServeProcess) -> None:
+def test_serve_health_generate_and_drain_on_sigterm(real_server: ServerProcess) -> None:
     address = real_server.wait_ready(STARTUP_TIMEOUT_S)
     with Client(address, timeout=60) as client:
         assert client.health() == "SERVING"

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import signal
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from peftserve.bench.server import ServerProcess, source_env
 from peftserve_client import Client, FinishReason, Unavailable
-
-from .serve_process import ServeProcess, python, source_env
 
 SERVE_FAKE = """
 import asyncio
@@ -26,15 +26,15 @@ asyncio.run(serve(ServerConfig(port=0, metrics_port=0, grace_s=5), lambda _: Fak
 
 
 @pytest.fixture
-def fake_server() -> Iterator[ServeProcess]:
-    server = ServeProcess(python("-c", SERVE_FAKE), source_env(Path(__file__).parent))
+def fake_server() -> Iterator[ServerProcess]:
+    server = ServerProcess([sys.executable, "-c", SERVE_FAKE], env=source_env(Path(__file__).parent))
     try:
         yield server
     finally:
         server.stop()
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(fake_server: ServeProcess) -> None:
+def test_sigterm_drains_in_flight_requests_then_exits_0(fake_server: ServerProcess) -> None:
     address = fake_server.wait_ready(timeout_s=20)
     assert fake_server.metrics_url is not None
     with Client(address, timeout=10) as client:
@@ -50,7 +50,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(fake_server: ServeProces
     assert any("peftserve stopped" in line for line in fake_server.log)
 
 
-def test_metrics_endpoint_of_serve(fake_server: ServeProcess) -> None:
+def test_metrics_endpoint_of_serve(fake_server: ServerProcess) -> None:
     address = fake_server.wait_ready(timeout_s=20)
     with Client(address, timeout=10) as client:
         client.generate("abc", max_new_tokens=2)

@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("peftserve.adapters.admin", reason="no adapter upload API (issue 4) yet")
 
+from peftserve.bench.server import ServerProcess  # noqa: E402
 from peftserve.cli import main  # noqa: E402
 from peftserve_client import Client  # noqa: E402
-from tests.api.serve_process import ServeProcess, python, source_env  # noqa: E402
 
 from .conftest import TASK  # noqa: E402
 
@@ -18,11 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_pushed_adapter_is_served_without_restart(tiny_llama_dir: Path, task_file: Path, tmp_path: Path):
-    argv = python(
-        *("-m", "peftserve.cli", "serve", "--model", str(tiny_llama_dir), "--port", "0"),
-        *("--store", str(tmp_path / "store"), "--threads", "1"),
+    server = ServerProcess.serve(
+        ["--model", str(tiny_llama_dir), "--store", str(tmp_path / "store"), "--threads", "1"]
     )
-    server = ServeProcess(argv, source_env())
     try:
         address = server.wait_ready(240)
         train = ["train", "--base", str(tiny_llama_dir), "--data", str(task_file), "--no-progress"]

@@ -27,7 +27,7 @@ def _check(condition: bool, message: str) -> None:
 class WorkloadSpec:
     """What a trace looks like; the same spec and seed always give the same trace."""
 
-    requests: int = 32
+    requests: int = 64
     """Requests in the trace."""
     num_adapters: int = 100
     """Adapters the requests are spread over (drawn from the adapter pool's first num_adapters)."""
@@ -123,10 +123,10 @@ class BenchConfig:
     """SLO attainment bound on time to first token (S-LoRA's 6 s)."""
     repeats: int = 1
     """Tries per system and trace; the one other processes disturbed least is kept (noisy machines)."""
-    max_running: int = 16
-    """Server: requests decoding at once."""
-    max_batched_tokens: int = 512
-    """Server: prefill and decode tokens per engine step."""
+    max_running: int = 64
+    """Server: requests decoding at once (the engine's default)."""
+    max_batched_tokens: int = 1024
+    """Server: prefill and decode tokens per engine step (the engine's default)."""
     threads: int | None = None
     """torch CPU threads of the server and of the PEFT baselines; None keeps torch's default. On a shared
     machine use 1: with more, every parallel region waits for threads other processes descheduled."""
@@ -193,7 +193,5 @@ def quick() -> BenchConfig:
         peft_batch_size=8,
         peft_sequential_limit=4,
         peft_max_adapters=8,
-        max_running=16,
-        max_batched_tokens=512,
         threads=1,
     )

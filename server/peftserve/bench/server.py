@@ -28,48 +28,53 @@ ADAPTER_COUNTER = re.compile(r"adapter.*(load|evict)")
 """Counter families counted as adapter loads/evictions, e.g. peftserve_adapter_loads_total."""
 
 
-def _source_env() -> dict[str, str]:
-    """This environment, with the sources of the server and the SDK importable by the subprocess."""
+def source_env(*extra_paths: Path) -> dict[str, str]:
+    """This environment, with the server's and the SDK's sources (and extra_paths) importable."""
     roots = [Path(m.__file__).resolve().parents[1] for m in (peftserve, peftserve_client)]
     existing = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys([*map(str, roots), *existing]))}
+    paths = dict.fromkeys([*map(str, roots), *map(str, extra_paths), *existing])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 class ServerProcess:
-    """`python -m peftserve.cli serve ...` on port 0 with metrics on port 0; its log goes to a file."""
+    """A server subprocess whose log (stderr) is read on a thread: kept in `log`, copied to log_path.
 
-    def __init__(self, serve_args: Sequence[str], log_path: Path) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "peftserve.cli",
-            "serve",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            *serve_args,
-        ]
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+    `serve(...)` starts `python -m peftserve.cli serve` on free ports; the constructor runs any argv
+    that logs like it (tests start servers around fake engines that way).
+    """
+
+    def __init__(
+        self, argv: Sequence[str], log_path: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_source_env()
+            list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env or source_env()
         )
         self._lines: queue.Queue[str] = queue.Queue()
-        self._tail: list[str] = []
+        self.log: list[str] = []
         self.address: str | None = None
         self.metrics_url: str | None = None
-        self._reader = threading.Thread(target=self._read, name="bench-server-log", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)
         self._reader.start()
 
+    @classmethod
+    def serve(cls, serve_args: Sequence[str], log_path: Path | None = None) -> ServerProcess:
+        """`peftserve serve` on port 0 with metrics on port 0, plus serve_args."""
+        argv = [sys.executable, "-m", "peftserve.cli", "serve", "--port", "0", "--metrics-port", "0"]
+        return cls([*argv, *serve_args], log_path)
+
     def _read(self) -> None:
-        """Copy the server's log into log_path, keeping a tail for errors and lines for wait_ready."""
         assert self.proc.stderr is not None
-        with self.log_path.open("w") as log:
+        with open(self.log_path or os.devnull, "w") as copy:
             for line in self.proc.stderr:
-                log.write(line)
-                self._tail = [*self._tail[-39:], line]
+                copy.write(line)
+                self.log.append(line)
                 self._lines.put(line)
+
+    def tail(self, lines: int = 40) -> str:
+        return "".join(self.log[-lines:])
 
     def wait_ready(self, timeout_s: float) -> str:
         """Block until the server logs that it serves; its gRPC address. RuntimeError with the log tail."""
@@ -87,7 +92,7 @@ class ServerProcess:
                 self.address = f"{m.group(1)}:{m.group(2)}"
                 return self.address
         self.stop()
-        raise RuntimeError("the peftserve server did not become ready:\n" + "".join(self._tail))
+        raise RuntimeError("the peftserve server did not become ready:\n" + self.tail())
 
     def adapter_counters(self) -> dict[str, float] | None:
         """Adapter load/eviction counters from /metrics, by family name; None when the server has none."""

@@ -262,7 +262,7 @@ class Bench:
     def setup(self, model: torch.nn.Module, peft_traces: dict[str, list[list[TraceRequest]]]) -> None:
         """Start the server; while it loads, load into PEFT the adapters its traces use; then warm both."""
         config = self.config
-        self.server = ServerProcess(
+        self.server = ServerProcess.serve(
             serve_args(config, self.shape, self.work_dir / "model", list(self.published.values())),
             self.work_dir / "server.log",
         )
