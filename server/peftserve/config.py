@@ -37,7 +37,7 @@ class EngineConfig:
     threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's default."""
     cpu_linear: str = "onednn"
-    """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.5-2.5x faster on serving
+    """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.1-3.6x faster on serving
     shapes, one more copy of their weights in memory); torch: plain F.linear."""
     adapter_slots: int = 32
     """LoRA / sparse adapters resident on the device at once (prefix adapters need no slot)."""

@@ -2,10 +2,11 @@
 
 torch sends a float32 `F.linear` on CPU to MKL's sgemm, which is slow on the skinny shapes of serving
 (decode steps multiply 4-64 rows by each weight). oneDNN on a weight reordered once into its blocked
-layout is 1.5-2.5x faster there and never slower from 4 rows up (measured on the 2-core dev box, one
-thread, bench-1b shapes: [32, 2048] x [2048, 5632] 55 -> 95 GFLOP/s, lm_head at 32 rows 41 -> 100;
-benchmarks/README.md). Below 4 rows MKL on the plain weight is faster, so both are kept: packing costs
-one more copy of every Linear weight in host memory (`--cpu-linear torch` turns it off).
+layout is 1.1-3.6x faster there and never slower from 4 rows up (benchmarks/bench_linear.py on the
+2-core dev box, one thread, bench-1b shapes: gate_proj at 32 rows 55 -> 87 GFLOP/s, lm_head at 32 rows
+43 -> 96). At 1 row neither wins (0.8-1.5x), so rows below MIN_ROWS keep F.linear on the plain
+weight: packing costs one more copy of every Linear weight in host memory (`--cpu-linear torch`
+turns it off).
 
 The ops are the ones inductor's CPU weight prepacking uses (torch.ops.mkldnn._reorder_linear_weight and
 _linear_pointwise): private to torch, hence a probe against F.linear at start and the fallback to plain
@@ -24,7 +25,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MIN_ROWS = 4
-"""Fewer rows than this go to F.linear on the plain weight (MKL is faster for matrix-vector work)."""
+"""Fewer rows than this go to F.linear on the plain weight (oneDNN's blocked layout gains nothing there)."""
 DTYPES = (torch.float32, torch.bfloat16)
 
 
