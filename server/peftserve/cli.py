@@ -88,7 +88,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from peftserve.api.server import serve  # server-only: grpc health/reflection, later torch
 
     try:
-        asyncio.run(serve(config, keys=keys))
+        asyncio.run(serve(config, keys=keys, keys_file=Path(args.keys_file) if args.keys_file else None))
     except PeftServeError as e:  # raised while loading the engine: bad model directory, too little memory ...
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="API keys (see `peftserve keys add`): every Inference and Adapters call needs one;"
-        " without it, single-tenant local mode",
+        " without it, single-tenant local mode. SIGHUP re-reads the file (added or revoked keys"
+        " apply without a restart)",
     )
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     serve.set_defaults(run=_cmd_serve)

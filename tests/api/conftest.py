@@ -14,7 +14,7 @@ import pytest
 
 from peftserve.api.health import ServingHealth
 from peftserve.api.server import create_server
-from peftserve.auth import KeyRing, Scope
+from peftserve.auth import Authenticator, KeyRing, Scope
 from peftserve.config import ServerConfig
 from peftserve.metrics import ServerMetrics
 
@@ -71,7 +71,7 @@ def serving(keys: KeyRing | None = None) -> Iterator[Served]:
             health=health,
             metrics=metrics,
             admin=admin,
-            keys=keys,
+            auth=Authenticator(keys),
             max_upload_bytes=UPLOAD_LIMIT,
         )
         await server.start()

@@ -59,3 +59,61 @@ def test_metrics_endpoint_of_serve(fake_server: ServerProcess) -> None:
         body = response.read().decode()
     assert 'peftserve_requests_total{status="OK"} 1.0' in body
     assert "peftserve_running_requests 0.0" in body
+
+
+SERVE_FAKE_WITH_KEYS = """
+import asyncio, sys
+from pathlib import Path
+from fake_engine import FakeEngine
+from peftserve.api.server import serve
+from peftserve.auth import KeyRing
+from peftserve.cli import configure_logging
+from peftserve.config import ServerConfig
+
+configure_logging("INFO")
+path = Path(sys.argv[1])
+config = ServerConfig(port=0, grace_s=1)
+asyncio.run(serve(config, lambda _: FakeEngine(), keys=KeyRing.load(path), keys_file=path))
+"""
+
+
+def test_sighup_reloads_the_keys_file(tmp_path: Path) -> None:
+    from peftserve.auth import KeyRing, Scope
+    from peftserve_client import Unauthenticated
+
+    keys_file = tmp_path / "keys.json"
+    ring, old_key = KeyRing().add("acme", [Scope.INFER])
+    ring.save(keys_file)
+    server = ServerProcess(
+        [sys.executable, "-c", SERVE_FAKE_WITH_KEYS, str(keys_file)], env=source_env(Path(__file__).parent)
+    )
+    try:
+        address = server.wait_ready(timeout_s=20)
+        with Client(address, timeout=10, api_key=old_key) as client:
+            assert client.generate("hi", max_new_tokens=1).completion_tokens == 1
+
+        keys_file.write_text("{ not json")  # a broken file is refused; the keys in use stay
+        server.proc.send_signal(signal.SIGHUP)
+        _wait_for_log(server, "not reloaded")
+        with Client(address, timeout=10, api_key=old_key) as client:
+            assert client.generate("hi", max_new_tokens=1).completion_tokens == 1
+
+        ring, new_key = ring.revoke(ring.entries[0].key_id).add("acme", [Scope.INFER])
+        ring.save(keys_file)
+        server.proc.send_signal(signal.SIGHUP)
+        _wait_for_log(server, "reloaded: 1 keys")
+        with Client(address, timeout=10, api_key=new_key) as client:
+            assert client.generate("hi", max_new_tokens=1).completion_tokens == 1
+        with Client(address, timeout=10, api_key=old_key) as client, pytest.raises(Unauthenticated):
+            client.generate("hi", max_new_tokens=1)
+    finally:
+        server.stop()
+
+
+def _wait_for_log(server: ServerProcess, text: str, timeout_s: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not any(text in line for line in server.log):
+        assert time.monotonic() < deadline, f"no log line with {text!r}:\n{server.tail()}"
+        time.sleep(0.05)

@@ -41,3 +41,15 @@ def test_a_key_without_the_scope_is_permission_denied(keys: tuple[Authenticator,
     auth, _, infer_only = keys
     with pytest.raises(PermissionDenied, match="'admin' scope"):
         auth.authorize((("x-api-key", infer_only),), Scope.ADMIN)
+
+
+def test_replaced_keys_apply_to_the_next_call_and_local_mode_stays_local() -> None:
+    ring, old = KeyRing().add("acme", [Scope.INFER])
+    auth = Authenticator(ring)
+    ring2, new = KeyRing().add("globex", [Scope.INFER])
+    auth.replace_keys(ring2)
+    assert auth.authorize([("x-api-key", new)], Scope.INFER) == Caller("globex")
+    with pytest.raises(Unauthenticated):
+        auth.authorize([("x-api-key", old)], Scope.INFER)
+    with pytest.raises(ValueError, match="local mode"):
+        Authenticator().replace_keys(ring2)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +19,7 @@ from peftserve.api.upload import MAX_UPLOAD_BYTES
 from peftserve.auth import Authenticator, KeyRing
 from peftserve.config import EngineConfig, ServerConfig
 from peftserve.engine.protocol import AdapterAdmin, EngineClient
+from peftserve.errors import InvalidRequest
 from peftserve.metrics import ServerMetrics, start_metrics_server
 from peftserve_client._proto import peftserve_pb2 as pb
 from peftserve_client._proto import peftserve_pb2_grpc as pb_grpc
@@ -37,17 +39,17 @@ async def create_server(
     health: ServingHealth | None = None,
     metrics: ServerMetrics | None = None,
     admin: AdapterAdmin | None = None,
-    keys: KeyRing | None = None,
+    auth: Authenticator | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
 ) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started server and its port.
 
     It serves Inference, Adapters (when there is an admin), health (NOT_SERVING) and reflection.
-    With keys, Inference and Adapters need an API key; without, every caller is the local tenant.
-    Health and reflection are always open.
+    With an authenticator holding keys, Inference and Adapters need an API key; without one, every
+    caller is the local tenant. Health and reflection are always open.
     """
     server = grpc.aio.server()
-    auth = Authenticator(keys)
+    auth = auth if auth is not None else Authenticator()
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics, auth), server)
     services = [INFERENCE_SERVICE]
     if admin is not None:
@@ -72,9 +74,17 @@ def load_engine(config: EngineConfig) -> EngineClient:
 
 
 async def serve(
-    config: ServerConfig, engine_factory: EngineFactory = load_engine, *, keys: KeyRing | None = None
+    config: ServerConfig,
+    engine_factory: EngineFactory = load_engine,
+    *,
+    keys: KeyRing | None = None,
+    keys_file: Path | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain the engine and stop gracefully; keys: see create_server."""
+    """Serve until SIGTERM or SIGINT, then drain the engine and stop gracefully.
+
+    keys: the API keys (None: local mode). keys_file: where they came from; SIGHUP re-reads it, so keys
+    added or revoked with `peftserve keys` take effect without a restart.
+    """
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, engine_factory, config.engine)
     metrics = ServerMetrics(engine)
@@ -82,10 +92,13 @@ async def serve(
         http = start_metrics_server(config.metrics_port, metrics.registry, host=config.host)
         logger.info("metrics on http://%s:%d/metrics", config.host, http.server_port)
     health = ServingHealth()
+    auth = Authenticator(keys)
     server, port = await create_server(
-        engine, config, health=health, metrics=metrics, admin=engine.admin, keys=keys
+        engine, config, health=health, metrics=metrics, admin=engine.admin, auth=auth
     )
     await server.start()
+    if keys is not None and keys_file is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_keys, auth, keys_file)
 
     stopping = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -107,3 +120,16 @@ async def serve(
     await server.stop(config.grace_s)
     await loop.run_in_executor(None, engine.shutdown)
     logger.info("peftserve stopped")
+
+
+def reload_keys(auth: Authenticator, keys_file: Path) -> None:
+    """Re-read the keys file into auth; a file that does not load is logged and the old keys stay."""
+    in_use = auth.keys
+    try:
+        keys = KeyRing.load(keys_file)
+    except InvalidRequest as exc:  # unreadable, missing or malformed: load says which
+        kept = len(in_use.entries) if in_use else 0
+        logger.error("keys file %s not reloaded (%s); keeping the %d keys in use", keys_file, exc, kept)
+        return
+    auth.replace_keys(keys)
+    logger.info("keys file %s reloaded: %d keys", keys_file, len(keys.entries))

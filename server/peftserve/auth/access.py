@@ -45,6 +45,19 @@ class Authenticator:
     def __init__(self, keys: KeyRing | None = None) -> None:
         self._keys = keys
 
+    @property
+    def keys(self) -> KeyRing | None:
+        return self._keys
+
+    def replace_keys(self, keys: KeyRing) -> None:
+        """Use these keys from the next call on (a reloaded keys file); calls under way are not affected.
+
+        A server started without keys stays in local mode: turning authentication on needs a restart.
+        """
+        if self._keys is None:
+            raise ValueError("this server runs in local mode (no keys file); restart it with --keys-file")
+        self._keys = keys
+
     def authorize(self, metadata: Iterable[tuple[str, str | bytes]], scope: Scope) -> Caller:
         """The caller whose key grants scope; without a keys file, the local caller (keys ignored)."""
         if self._keys is None:

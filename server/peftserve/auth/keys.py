@@ -19,7 +19,7 @@ KDFs such as scrypt protect low-entropy passwords, not random keys). The keys fi
 
 ``scopes`` holds ``infer`` (the Inference service) and/or ``admin`` (the Adapters service);
 ``tenant`` follows the adapter id part rule (store/ids.py); ``created_at`` is informational.
-``peftserve keys add`` writes entries; the server reads the file once at start (restart to apply).
+``peftserve keys add`` writes entries; the server reads the file at start and again on SIGHUP.
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ _CONFIG_FLAGS: tuple[tuple[str, str, Callable[[str], object], int | str | None, 
     ("--repeats", "repeats", int, None, "tries per system and trace; the least disturbed is kept"),
     ("--max-running", "max_running", int, None, "server: requests decoding at once"),
     ("--max-batched-tokens", "max_batched_tokens", int, None, "server: tokens per engine step"),
+    ("--adapter-slots", "adapter_slots", int, None, "server: adapters resident on the device at once"),
     ("--threads", "threads", int, None, "torch CPU threads of the server and the PEFT baselines"),
     ("--device", "device", str, None, "cpu or cuda"),
 )

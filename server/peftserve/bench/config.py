@@ -127,6 +127,8 @@ class BenchConfig:
     """Server: requests decoding at once (the engine's default)."""
     max_batched_tokens: int = 1024
     """Server: prefill and decode tokens per engine step (the engine's default)."""
+    adapter_slots: int = 32
+    """Server: LoRA adapters resident on the device at once (the engine's default)."""
     threads: int | None = None
     """torch CPU threads of the server and of the PEFT baselines; None keeps torch's default. On a shared
     machine use 1: with more, every parallel region waits for threads other processes descheduled."""
@@ -145,6 +147,7 @@ class BenchConfig:
         _check(all(f > 0 for f in self.load_fractions), "load fractions must be > 0")
         _check(self.sweep_requests > 0, "sweep_requests must be > 0")
         _check(self.peft_batch_size > 0, "peft_batch_size must be > 0")
+        _check(self.adapter_slots > 0, "adapter_slots must be > 0")
         _check(self.slo_ttft_s > 0, "slo_ttft_s must be > 0")
         _check(self.repeats > 0, "repeats must be > 0")
         AdapterPool("check", 1, self.ranks, self.targets)

@@ -140,6 +140,7 @@ def serve_args(
         "--kv-cache-mb", f"{max(64.0, 1.25 * kv_mb):.0f}",
         "--max-running", str(config.max_running),
         "--max-batched-tokens", str(config.max_batched_tokens),
+        "--adapter-slots", str(config.adapter_slots),
         "--max-queue", str(max(1024, config.workload.requests, config.sweep_requests)),
         "--grace-s", "5",
     ]  # fmt: skip
