@@ -78,7 +78,10 @@ SHAPES = {
 """The shapes of DESIGN.md."""
 TINY = Shape("bench-tiny", hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2, vocab=1024)
 """Not a DESIGN.md shape: for smoke tests of the harness."""
-BENCH_SHAPES = {TINY.name: TINY, **SHAPES}
+LLAMA_7B = Shape("llama-7b", hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=32)
+"""Not a DESIGN.md shape: Llama-2-7B's, the realistic size for a GPU run (13.5 GB in bfloat16; its
+rank-16 LoRA on all 7 projections is 160 MB in float32, on q_proj,v_proj 34 MB)."""
+BENCH_SHAPES = {TINY.name: TINY, **SHAPES, LLAMA_7B.name: LLAMA_7B}
 """Every shape `peftserve bench --shape` takes."""
 
 
