@@ -252,3 +252,50 @@ def test_bad_ids_are_invalid_before_the_admin_is_called(served: Served) -> None:
         with pytest.raises(InvalidArgument, match="no @version"):
             client.load_adapter("x@v1")
     assert served.admin.calls == []
+
+
+def test_uploads_beyond_the_concurrency_limit_are_resource_exhausted(tmp_path: Path) -> None:
+    """Held uploads fill the limit; the next is refused at once, and admitted again once one ends."""
+    from peftserve.api.admin_servicer import AdminServicer
+    from peftserve.auth import Authenticator
+
+    from .fake_admin import FakeAdmin
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        def invocation_metadata(self) -> tuple:
+            return ()
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise Aborted(code, details)
+
+    files = list(_core.upload_requests("acme/x", _core.adapter_files(write_peft_dir(tmp_path / "x"))))
+
+    async def main() -> None:
+        servicer = AdminServicer(FakeAdmin(), Authenticator(), max_concurrent_uploads=2)
+        release = asyncio.Event()
+
+        async def held():
+            yield files[0]
+            await release.wait()
+            for request in files[1:]:
+                yield request
+
+        async def whole():
+            for request in files:
+                yield request
+
+        first = asyncio.create_task(servicer.UploadAdapter(held(), Context()))
+        second = asyncio.create_task(servicer.UploadAdapter(held(), Context()))
+        await asyncio.sleep(0.05)  # both are now waiting for their files
+        with pytest.raises(Aborted) as refused:
+            await servicer.UploadAdapter(whole(), Context())
+        assert refused.value.args[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 uploads are already in progress" in refused.value.args[1]
+        release.set()
+        assert [m.adapter_id for m in await asyncio.gather(first, second)] == ["acme/x", "acme/x"]
+        assert (await servicer.UploadAdapter(whole(), Context())).adapter_id == "acme/x"
+
+    asyncio.run(main())

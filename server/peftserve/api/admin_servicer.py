@@ -13,6 +13,7 @@ from peftserve.api.adapter_ids import admin_target
 from peftserve.api.status import status_of
 from peftserve.auth import Authenticator, Caller, Scope
 from peftserve.engine.protocol import AdapterAdmin
+from peftserve.errors import CapacityExceeded
 from peftserve_client._proto import peftserve_pb2 as pb
 from peftserve_client._proto import peftserve_pb2_grpc as pb_grpc
 
@@ -39,21 +40,40 @@ class AdminServicer(pb_grpc.AdaptersServicer):
     """Serves peftserve.v1.Adapters on top of an AdapterAdmin."""
 
     def __init__(
-        self, admin: AdapterAdmin, auth: Authenticator, max_upload_bytes: int = upload.MAX_UPLOAD_BYTES
+        self,
+        admin: AdapterAdmin,
+        auth: Authenticator,
+        max_upload_bytes: int = upload.MAX_UPLOAD_BYTES,
+        max_concurrent_uploads: int = upload.MAX_CONCURRENT_UPLOADS,
     ) -> None:
         self.admin = admin
         self.auth = auth
         self.max_upload_bytes = max_upload_bytes
+        self.max_concurrent_uploads = max_concurrent_uploads
+        self._uploads = 0
+        """Uploads being received now (one event loop: a plain counter is enough)."""
 
     @_admin_rpc
     async def UploadAdapter(
         self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], caller: Caller
     ) -> pb.AdapterManifest:
-        """The id is checked before any file is read; the size cap while the files arrive."""
-        messages = aiter(request_iterator)
-        tenant, name = admin_target(await upload.read_adapter_id(messages), caller)
-        files = await upload.read_files(messages, self.max_upload_bytes)
-        return convert.to_manifest_message(await self.admin.upload(tenant, name, files))
+        """The id is checked before any file is read; the size cap while the files arrive.
+
+        Files are held in memory until they are checked and committed, so at most
+        max_concurrent_uploads are received at once; more are RESOURCE_EXHAUSTED.
+        """
+        if self._uploads >= self.max_concurrent_uploads:
+            raise CapacityExceeded(
+                f"{self._uploads} uploads are already in progress (the limit); retry when one finishes"
+            )
+        self._uploads += 1
+        try:
+            messages = aiter(request_iterator)
+            tenant, name = admin_target(await upload.read_adapter_id(messages), caller)
+            files = await upload.read_files(messages, self.max_upload_bytes)
+            return convert.to_manifest_message(await self.admin.upload(tenant, name, files))
+        finally:
+            self._uploads -= 1
 
     @_admin_rpc
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, caller: Caller) -> pb.AdapterStatus:

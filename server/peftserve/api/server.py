@@ -94,7 +94,13 @@ async def serve(
     health = ServingHealth()
     auth = Authenticator(keys)
     server, port = await create_server(
-        engine, config, health=health, metrics=metrics, admin=engine.admin, auth=auth
+        engine,
+        config,
+        health=health,
+        metrics=metrics,
+        admin=engine.admin,
+        auth=auth,
+        max_upload_bytes=config.engine.max_upload_bytes,
     )
     await server.start()
     if keys is not None and keys_file is not None:

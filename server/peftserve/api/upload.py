@@ -13,6 +13,8 @@ from peftserve_client._proto import peftserve_pb2 as pb
 
 MAX_UPLOAD_BYTES = 2 << 30
 """Default cap on the bytes of all files of one upload."""
+MAX_CONCURRENT_UPLOADS = 4
+"""Uploads received at once; with the byte cap, this bounds the memory uploads take."""
 MAX_UPLOAD_FILES = 64
 MAX_FILE_NAME_CHARS = 255
 
