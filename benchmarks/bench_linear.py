@@ -23,7 +23,7 @@ from common import SHAPES, environment  # noqa: E402
 
 from peftserve.bench.report import format_rows  # noqa: E402
 from peftserve.bench.shapes import PROJECTIONS  # noqa: E402
-from peftserve.runner.linear import MIN_ROWS, onednn_usable  # noqa: E402
+from peftserve.runner.linear import MIN_ROWS, onednn_usable, pack, packed_linear  # noqa: E402
 
 ROWS = (1, 4, 16, 32, 64, 256, 1024)
 
@@ -57,17 +57,16 @@ def main() -> None:
     shape = SHAPES[args.shape]
     layers = {name: shape.projection_shape(name) for name in PROJECTIONS}
     layers["lm_head"] = (shape.vocab, shape.hidden)
-    reorder, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
 
     rows_out = []
     with torch.inference_mode():
         for name, (out_features, in_features) in layers.items():
             weight = torch.randn(out_features, in_features, dtype=dtype)
-            packed = reorder(weight, None)
+            packed = pack(weight)
             for rows in ROWS:
                 x = torch.randn(rows, in_features, dtype=dtype)
                 plain = best_seconds(lambda x=x, w=weight: F.linear(x, w))
-                onednn = best_seconds(lambda x=x, p=packed: linear(x, p, None, "none", [], ""))
+                onednn = best_seconds(lambda x=x, p=packed: packed_linear(x, p))
                 flops = 2 * rows * out_features * in_features
                 served = "onednn" if rows >= MIN_ROWS else "torch"
                 rows_out.append(

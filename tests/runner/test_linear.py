@@ -4,7 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from peftserve.runner import linear
 from peftserve.runner.linear import MIN_ROWS, onednn_usable, pack_linears
+
+_real_packed_linear = linear.packed_linear
 
 pytestmark = pytest.mark.skipif(not onednn_usable(torch.float32), reason="no oneDNN in this torch build")
 
@@ -23,7 +26,23 @@ def test_packed_model_matches_plain(rows):
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_small_batches_and_autograd_take_the_plain_weight():
+@pytest.mark.parametrize("rows", [1, MIN_ROWS - 1, MIN_ROWS, 40])
+def test_only_batches_of_min_rows_take_the_packed_weight(rows, monkeypatch):
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return _real_packed_linear(*args)
+
+    monkeypatch.setattr(linear, "packed_linear", counted)
+    model = _model()
+    pack_linears(model)
+    with torch.inference_mode():
+        model(torch.randn(rows, 64))
+    assert len(calls) == (2 if rows >= MIN_ROWS else 0)
+
+
+def test_autograd_takes_the_plain_weight():
     model = _model()
     pack_linears(model)
     x = torch.randn(MIN_ROWS + 3, 64, requires_grad=True)

@@ -25,14 +25,14 @@ def matmul_rate(
     On CPU the faster of torch's matmul (MKL) and the prepacked oneDNN path the server's Linear
     layers use: MFU is measured against the best dense rate the machine offers.
     """
-    from peftserve.runner.linear import onednn_usable
+    from peftserve.runner.linear import onednn_usable, pack, packed_linear
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     kernels = [lambda: a @ b]
     if torch.device(device).type == "cpu" and onednn_usable(dtype):
-        packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
-        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+        packed = pack(b.T.contiguous())  # a @ b == linear(a, b.T)
+        kernels.append(lambda: packed_linear(a, packed))
     return max(_rate(kernel, device, 2 * n**3, seconds / len(kernels)) for kernel in kernels)
 
 

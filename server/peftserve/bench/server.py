@@ -54,7 +54,6 @@ class ServerProcess:
         )
         self._lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
-        self.address: str | None = None
         self.metrics_url: str | None = None
         self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)
         self._reader.start()
@@ -89,8 +88,7 @@ class ServerProcess:
             if m := METRICS.search(line):
                 self.metrics_url = m.group(1)
             if m := READY.search(line):
-                self.address = f"{m.group(1)}:{m.group(2)}"
-                return self.address
+                return f"{m.group(1)}:{m.group(2)}"
         self.stop()
         raise RuntimeError("the peftserve server did not become ready:\n" + self.tail())
 

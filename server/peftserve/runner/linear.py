@@ -16,7 +16,7 @@ torch wherever it fails, and torch's upper bound in pyproject.toml.
 from __future__ import annotations
 
 import logging
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -29,28 +29,29 @@ MIN_ROWS = 4
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _ops() -> tuple[object, object] | None:
-    ops = getattr(torch.ops, "mkldnn", None)
-    try:
-        return ops._reorder_linear_weight, ops._linear_pointwise  # type: ignore[union-attr]
-    except (AttributeError, RuntimeError):
-        return None
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] reordered into oneDNN's blocked layout (an opaque tensor for packed_linear)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) on the packed weight: x [..., in] -> [..., out]."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@cache
 def onednn_usable(dtype: torch.dtype) -> bool:
-    """Whether packed oneDNN linears exist in this torch and agree with F.linear on a probe."""
-    ops = _ops()
-    if ops is None or dtype not in DTYPES or not torch.backends.mkldnn.is_available():
+    """Whether packed oneDNN linears exist in this torch and agree with F.linear on a probe (once)."""
+    if dtype not in DTYPES or not torch.backends.mkldnn.is_available():
         return False
-    reorder, linear = ops
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(24, 40, generator=gen).to(dtype)
     bias = torch.randn(24, generator=gen).to(dtype)
     x = torch.randn(2, 5, 40, generator=gen).to(dtype)
     try:
         with torch.inference_mode():
-            got = linear(x, reorder(weight, None), bias, "none", [], "")
-    except RuntimeError as exc:
+            got = packed_linear(x, pack(weight), bias)
+    except (AttributeError, RuntimeError) as exc:  # AttributeError: a torch without these ops
         log.warning("oneDNN linear unavailable (%s); using torch's", exc)
         return False
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
@@ -63,7 +64,7 @@ def _forward(
     rows = x.numel() // weight.shape[1]
     if rows < MIN_ROWS or torch.is_grad_enabled():
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return packed_linear(x, packed, bias)
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -74,18 +75,12 @@ def pack_linears(model: nn.Module) -> int:
     not follow.
     """
     packed = 0
-    reorder = torch.ops.mkldnn._reorder_linear_weight
-    usable: dict[torch.dtype, bool] = {}
     with torch.inference_mode():
         for module in model.modules():
             if type(module) is not nn.Linear or module.weight.device.type != "cpu":
                 continue
-            dtype = module.weight.dtype
-            if dtype not in usable:
-                usable[dtype] = onednn_usable(dtype)
-            if not usable[dtype]:
+            if not onednn_usable(module.weight.dtype):
                 continue
-            blocked = reorder(module.weight.detach(), None)
-            module.forward = partial(_forward, module.weight, module.bias, blocked)
+            module.forward = partial(_forward, module.weight, module.bias, pack(module.weight))
             packed += 1
     return packed
