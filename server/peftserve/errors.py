@@ -3,6 +3,20 @@
 Plain Python (no torch): the scheduler, the servicer and the registry raise these.
 """
 
+from __future__ import annotations
+
+QUOTE_CHARS = 64
+"""Most characters of a caller's input that an error message repeats."""
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """repr() of something a caller sent, cut to `limit` characters so errors never echo large input."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text) if isinstance(value, str) else text
+    shown = repr(text[:limit]) if isinstance(value, str) else text[:limit]
+    return f"{shown}... ({len(text)} characters)"
+
 
 class PeftServeError(Exception):
     """Base of every error the server reports to a caller on purpose."""
@@ -22,6 +36,11 @@ class AdapterRejected(InvalidRequest):
 
 class CapacityExceeded(PeftServeError):
     """A bounded resource (queue, slots, quota) is full; retry later (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        """When a retry may succeed, if known (gRPC `retry-after` trailer, HTTP Retry-After)."""
 
 
 class FailedPrecondition(PeftServeError):

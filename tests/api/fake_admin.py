@@ -8,8 +8,9 @@ import json
 import time
 from pathlib import Path
 
-from peftserve.engine.protocol import AdapterManifest, AdapterStatus, FileEntry
+from peftserve.engine.protocol import AdapterStatus
 from peftserve.errors import AdapterNotFound, AdapterRejected, CapacityExceeded, FailedPrecondition
+from peftserve.store.manifest import AdapterManifest, FileEntry
 
 QUOTA_BYTES = 8 * 1024
 """Bytes one tenant may store (all adapters, current versions)."""

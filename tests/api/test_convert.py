@@ -8,9 +8,10 @@ import pytest
 
 from peftserve.api import adapter_ids, convert
 from peftserve.auth import LOCAL_CALLER
-from peftserve.engine.protocol import AdapterManifest, AdapterStatus, FileEntry
+from peftserve.engine.protocol import AdapterStatus
 from peftserve.engine.request import AdapterRef, FinishReason, RequestOutput, SamplingParams
 from peftserve.errors import InvalidRequest
+from peftserve.store.manifest import AdapterManifest, FileEntry
 from peftserve_client._proto import peftserve_pb2 as pb
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from peftserve.engine.protocol import AdapterManifest
 from peftserve.store import AdapterStore, StoredVersion
-from peftserve.store.manifest import file_entries
+from peftserve.store.manifest import AdapterManifest, file_entries
 
 
 def manifest_of(adapter_id: str, version: int, files: Mapping[str, bytes]) -> AdapterManifest:

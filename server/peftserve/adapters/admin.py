@@ -10,10 +10,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future, wait
 from typing import TypeVar
 
-from peftserve.engine.protocol import AdapterManifest, AdapterStatus
+from peftserve.engine.protocol import AdapterStatus
 from peftserve.errors import AdapterNotFound, FailedPrecondition, InvalidRequest, PeftServeError
 from peftserve.store import AdapterStore, StoredVersion
 from peftserve.store.ids import check_part, join_id, parse_version, split_id, version_key
+from peftserve.store.manifest import AdapterManifest
 from peftserve.store.peft_files import check_upload_files
 
 from .manager import AdapterManager

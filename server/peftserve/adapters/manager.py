@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftserve.engine.protocol import AdapterManifest, AdapterStatus, Tier
+from peftserve.engine.protocol import AdapterStatus, Tier
 from peftserve.engine.request import AdapterRef
 from peftserve.errors import AdapterNotFound, InvalidRequest
 from peftserve.metrics import AdapterMetrics, AdapterSnapshot
@@ -35,7 +35,7 @@ from peftserve.store.ids import (
     version_key,
     version_name,
 )
-from peftserve.store.manifest import file_entries
+from peftserve.store.manifest import AdapterManifest, file_entries
 from peftserve.store.peft_files import CONFIG_NAME, WEIGHTS_NAME
 
 from .base_spec import base_spec, validate_for_base

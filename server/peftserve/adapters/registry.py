@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftserve.engine.protocol import AdapterManifest
 from peftserve.errors import AdapterNotFound, InvalidRequest
 from peftserve.store.ids import parse_version, split_id, split_version, version_key
+from peftserve.store.manifest import AdapterManifest
 
 
 @dataclass

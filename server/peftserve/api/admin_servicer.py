@@ -10,7 +10,7 @@ import grpc
 
 from peftserve.api import convert, upload
 from peftserve.api.adapter_ids import admin_target
-from peftserve.api.status import status_of
+from peftserve.api.status import abort
 from peftserve.auth import Authenticator, Caller, Scope
 from peftserve.engine.protocol import AdapterAdmin
 from peftserve.errors import CapacityExceeded
@@ -31,7 +31,7 @@ def _admin_rpc(method: Method[Request, Response]) -> Callable[..., Awaitable[Res
             caller = self.auth.authorize(context.invocation_metadata(), Scope.ADMIN)
             return await method(self, request, caller)
         except Exception as e:
-            await context.abort(*status_of(e))
+            await abort(context, e)
 
     return handler
 

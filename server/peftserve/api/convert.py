@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from peftserve import __version__
-from peftserve.engine.protocol import AdapterManifest, AdapterStatus, ModelInfo
+from peftserve.engine.protocol import AdapterStatus, ModelInfo
 from peftserve.engine.request import (
     AdapterRef,
     FinishReason,
@@ -16,6 +16,8 @@ from peftserve.engine.request import (
     SamplingParams,
 )
 from peftserve.errors import InvalidRequest
+from peftserve.store.ids import DEFAULT_TENANT
+from peftserve.store.manifest import AdapterManifest
 from peftserve_client._proto import peftserve_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
@@ -82,7 +84,9 @@ def to_adapters(msg: pb.GenerateRequest, resolve: IdResolver) -> tuple[AdapterRe
     return tuple(refs)
 
 
-def to_generation_request(msg: pb.GenerateRequest, resolve: IdResolver) -> GenerationRequest:
+def to_generation_request(
+    msg: pb.GenerateRequest, resolve: IdResolver, tenant: str = DEFAULT_TENANT
+) -> GenerationRequest:
     """The engine's request for a GenerateRequest; sampling values are validated by the engine."""
     if msg.prompt and msg.prompt_token_ids:
         raise InvalidRequest("give either prompt or prompt_token_ids, not both")
@@ -96,6 +100,7 @@ def to_generation_request(msg: pb.GenerateRequest, resolve: IdResolver) -> Gener
         prompt_token_ids=list(msg.prompt_token_ids) if msg.prompt_token_ids else None,
         sampling=to_sampling_params(msg.sampling),
         adapters=to_adapters(msg, resolve),
+        tenant=tenant,
     )
 
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from peftserve.api import adapter_ids, convert
-from peftserve.api.status import status_of
+from peftserve.api.status import abort, code_of
 from peftserve.auth import Authenticator, Caller, Scope
 from peftserve.engine.protocol import EngineClient
 from peftserve.engine.request import RequestOutput
@@ -65,7 +65,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             token_ids = self._engine.tokenize(request.text)
             return convert.to_tokenize_response(token_ids, self._engine.token_strings(token_ids))
         except Exception as e:
-            await context.abort(*status_of(e))
+            await abort(context, e)
 
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
@@ -75,7 +75,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._caller(context)
             return convert.to_model_info_response(self._engine.model_info)
         except Exception as e:
-            await context.abort(*status_of(e))
+            await abort(context, e)
 
     async def _run(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -91,7 +91,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             caller = self._caller(context)
             generation = convert.to_generation_request(
-                request, lambda text: adapter_ids.resolve(text, caller)
+                request, lambda text: adapter_ids.resolve(text, caller), caller.tenant
             )
             outputs = self._engine.generate(generation)
             async for output in outputs:
@@ -101,8 +101,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             status = _interrupted_status(context)
             raise
         except Exception as e:
-            status, message = status_of(e)
-            await context.abort(status, message)
+            status = code_of(e)
+            await abort(context, e)
         finally:
             aclose = getattr(outputs, "aclose", None)
             if aclose is not None:

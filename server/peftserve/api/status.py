@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from typing import NoReturn
 
 import grpc
 
@@ -11,6 +13,10 @@ from peftserve import errors
 logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error (see the server log)"
+MAX_MESSAGE_CHARS = 1024
+"""Longest status message sent: a last bound, behind errors.quote at every place that echoes input."""
+RETRY_AFTER_TRAILER = "retry-after"
+"""Trailing metadata of a RESOURCE_EXHAUSTED status: whole seconds after which a retry may succeed."""
 
 _CODES: dict[type[errors.PeftServeError], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -24,11 +30,30 @@ _CODES: dict[type[errors.PeftServeError], grpc.StatusCode] = {
 }
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a caller sees for exc; unexpected errors are logged as INTERNAL."""
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    """The status code a caller sees for exc (INTERNAL for anything outside the hierarchy)."""
     for klass in type(exc).__mro__:
         code = _CODES.get(klass)
         if code is not None:
-            return code, str(exc)
-    logger.error("unexpected error while serving a request", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a caller sees for exc; unexpected errors are logged as INTERNAL."""
+    if not isinstance(exc, errors.PeftServeError):
+        logger.error("unexpected error while serving a request", exc_info=exc)
+        return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+    message = str(exc)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    return code_of(exc), message
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    """End the RPC with exc's status (status_of), and a retry-after trailer when exc carries one."""
+    code, message = status_of(exc)
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_TRAILER, str(max(1, math.ceil(retry_after_s)))),))
+    await context.abort(code, message)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from peftserve.engine.request import GenerationRequest, RequestOutput
+from peftserve.store.manifest import AdapterManifest
 
 
 @dataclass(frozen=True)
@@ -72,40 +73,10 @@ class EngineClient(Protocol):
         ...
 
 
-# -- adapter administration (issue 4): what the admin API needs from the adapter registry --------
+# -- adapter administration: what the admin API needs from the adapter registry ----------------
 
 Tier = str
 """Where an adapter version lives now: "disk", "host" (CPU memory cache) or "device" (a slot)."""
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    name: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class AdapterManifest:
-    """The stored description of one adapter version (written beside its files as manifest.json)."""
-
-    adapter_id: str
-    """Full id: '<tenant>/<name>'."""
-    version: str
-    """'v1', 'v2', ... increasing per adapter id."""
-    kind: str
-    """'lora' (LORA, ADALORA), 'sparse' (SHIRA) or 'prefix' (PREFIX_TUNING)."""
-    peft_type: str
-    base_fingerprint: str
-    """Identifies the base model architecture the adapter was validated against."""
-    ranks: tuple[int, ...]
-    target_modules: tuple[str, ...]
-    num_virtual_tokens: int
-    nbytes: int
-    """Bytes of all stored files."""
-    files: tuple[FileEntry, ...]
-    created_at: float
-    """Unix time of the commit."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from peftserve.errors import InvalidRequest
+from peftserve.store.ids import DEFAULT_TENANT
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -100,6 +101,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapters: tuple[AdapterRef, ...] = ()
     """Empty: the base model. One: that adapter. Several: a weighted LoRA mixture."""
+    tenant: str = DEFAULT_TENANT
+    """The authenticated caller's tenant: the scheduler shares the engine fairly between tenants."""
 
 
 @dataclass(frozen=True)

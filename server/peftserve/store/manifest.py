@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-
-from peftserve.engine.protocol import AdapterManifest, FileEntry
+from dataclasses import dataclass
 
 from .files import sha256_hex
 from .ids import ID_PART, VERSION
@@ -15,6 +14,38 @@ MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
 FORMAT = 1
 """Bumped when the manifest's fields change incompatibly."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One stored file of an adapter version."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class AdapterManifest:
+    """The stored description of one adapter version (written beside its files as manifest.json)."""
+
+    adapter_id: str
+    """Full id: '<tenant>/<name>'."""
+    version: str
+    """'v1', 'v2', ... increasing per adapter id."""
+    kind: str
+    """'lora' (LORA, ADALORA), 'sparse' (SHIRA) or 'prefix' (PREFIX_TUNING)."""
+    peft_type: str
+    base_fingerprint: str
+    """Identifies the base model architecture the adapter was validated against."""
+    ranks: tuple[int, ...]
+    target_modules: tuple[str, ...]
+    num_virtual_tokens: int
+    nbytes: int
+    """Bytes of all stored files."""
+    files: tuple[FileEntry, ...]
+    created_at: float
+    """Unix time of the commit."""
 
 
 def file_entries(files: Mapping[str, bytes]) -> tuple[FileEntry, ...]:

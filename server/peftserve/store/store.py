@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftserve.engine.protocol import AdapterManifest
 from peftserve.errors import CapacityExceeded, FailedPrecondition
+from peftserve.store.manifest import AdapterManifest
 
 from .files import ensure_plain_dir, fsync_dir, inside, is_plain_dir, read_regular_file, write_durably
 from .ids import ID_PART, VERSION, check_part, split_id
