@@ -26,6 +26,14 @@ class InvalidRequest(PeftServeError):
     """The caller sent something it must fix (INVALID_ARGUMENT)."""
 
 
+class NonFiniteOutput(InvalidRequest):
+    """This request's own logits became NaN or Inf (its adapter or mixture overflows on its input).
+
+    Rows of a batch never mix, so no other request is affected; retrying the same request fails the
+    same way (INVALID_ARGUMENT).
+    """
+
+
 class AdapterNotFound(PeftServeError):
     """No adapter with this id is visible to the caller (NOT_FOUND)."""
 

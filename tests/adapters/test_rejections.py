@@ -115,6 +115,14 @@ def _inf(state: dict[str, torch.Tensor]) -> None:
     state[f"{Q0}.lora_A.weight"][0, 0] = float("inf")
 
 
+def _huge(state: dict[str, torch.Tensor]) -> None:
+    state[f"{Q0}.lora_B.weight"][0, 0] = 3e38  # finite in float32, and overflows any activation
+
+
+def _large_after_scaling(state: dict[str, torch.Tensor]) -> None:
+    state[f"{Q0}.lora_B.weight"][0, 0] = 9000.0  # within the bound as stored, beyond it once scaled
+
+
 def _drop_b(state: dict[str, torch.Tensor]) -> None:
     del state[f"{Q0}.lora_B.weight"]
 
@@ -135,14 +143,43 @@ def _extra_bias(state: dict[str, torch.Tensor]) -> None:
         (_narrow_a, ("q_proj", "shape")),
         (_nan, ("NaN",)),
         (_inf, ("Inf",)),
+        (_huge, (f"{Q0}.lora_B.weight", "3e+38", "limit of 10000")),
+        (_large_after_scaling, ("model.layers.0.self_attn.q_proj.lora_B x scaling", "limit of 10000")),
         (_drop_b, ("lora_B.weight", "missing")),
         (_rank_zero, ("rank 0",)),
         (_extra_bias, ("lora_B.bias",)),
     ],
-    ids=["missing-target", "shape", "nan", "inf", "missing-b", "rank-0", "bias-tensor"],
+    ids=[
+        "missing-target",
+        "shape",
+        "nan",
+        "inf",
+        "huge",
+        "huge-after-scaling",
+        "missing-b",
+        "rank-0",
+        "bias-tensor",
+    ],
 )
 def test_bad_tensors(manager, lora_dir, tmp_path, edit, needles) -> None:
     _reject(manager, _edited(lora_dir, tmp_path / "a", tensors=edit), *needles)
+
+
+@pytest.mark.parametrize(
+    ("config", "needles"),
+    [
+        ({"lora_alpha": 1e308}, ("lora_alpha and rank 6", "scaling of 4.08e+307")),
+        ({"alpha_pattern": {"v_proj": 1e6}}, ("alpha_pattern['v_proj']", "limit of 10000")),
+    ],
+    ids=["lora-alpha", "alpha-pattern"],
+)
+def test_extreme_scalings(manager, lora_dir, tmp_path, config, needles) -> None:
+    _reject(manager, _edited(lora_dir, tmp_path / "a", config=config), *needles)
+
+
+def test_adalora_scaling_is_bounded(base, manager, tmp_path) -> None:
+    path = pf.make_adalora(base, "llama", tmp_path / "ada")
+    _reject(manager, _edited(path, tmp_path / "a", config={"lora_alpha": 1e9}), "lora_alpha and init_r")
 
 
 def test_rank_disagreeing_with_config(manager, lora_dir, tmp_path) -> None:

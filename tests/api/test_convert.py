@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from peftserve.api import adapter_ids, convert
@@ -69,24 +67,9 @@ def test_mixture_keeps_weights_and_version_pins() -> None:
             pb.GenerateRequest(prompt="a", adapter_id="x", adapters=[pb.AdapterWeight(adapter_id="y")]),
             "not both",
         ),
-        (
-            pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(adapter_id="y", weight=math.nan)]),
-            "finite",
-        ),
-        (
-            pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(adapter_id="y", weight=math.inf)]),
-            "finite",
-        ),
         (pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(weight=1.0)]), "adapter_id"),
-        (pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(adapter_id="y")] * 2), "once"),
-        (
-            pb.GenerateRequest(
-                prompt="a",
-                adapters=[pb.AdapterWeight(adapter_id="y"), pb.AdapterWeight(adapter_id="default/y")],
-            ),
-            "once",
-        ),
         (pb.GenerateRequest(prompt="a", adapter_id="../etc"), "not valid"),
+        (pb.GenerateRequest(prompt="a", adapters=[pb.AdapterWeight(adapter_id="y")] * 9), "at most 8"),
         (pb.GenerateRequest(prompt="a", request_id="r" * 200), "request_id"),
     ],
 )
@@ -112,6 +95,8 @@ def test_stream_response_has_usage_on_the_last_message_only() -> None:
 
 def test_every_finish_reason_has_a_wire_value() -> None:
     for reason in FinishReason:
+        if reason is FinishReason.ERROR:  # reaches the caller as an error status (AsyncEngine raises it)
+            continue
         assert convert.to_stream_response(_out("", (), 0, reason)).finish_reason != 0
 
 

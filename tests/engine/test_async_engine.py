@@ -6,10 +6,11 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 from peftserve.engine.async_engine import AsyncEngine
 from peftserve.engine.request import FinishReason
-from peftserve.errors import InvalidRequest, Unavailable
+from peftserve.errors import InvalidRequest, NonFiniteOutput, Unavailable
 from tests.engine.conftest import reference_greedy, request
 
 
@@ -37,6 +38,30 @@ def test_concurrent_streams_match_reference(async_engine):
     prompts, results = asyncio.run(main())
     for prompt, tokens in zip(prompts, results, strict=True):
         assert tokens == reference_greedy(reference, prompt, 12)
+
+
+def test_a_request_with_non_finite_logits_fails_with_its_own_error(make_engine):
+    engine, reference, _ = make_engine()
+    with torch.no_grad():  # token 7 makes NaN of whatever sequence holds it, and only of that one
+        engine.runner.model.get_input_embeddings().weight[7] = float("nan")
+    front = AsyncEngine(engine)
+
+    async def run(rid, prompt):
+        tokens = []
+        async for out in front.generate(request(rid, prompt, max_new_tokens=10)):
+            tokens += out.token_ids
+        return tokens
+
+    async def main():
+        return await asyncio.gather(run("bad", [5, 7, 9]), run("good", [5, 8, 9, 10]), return_exceptions=True)
+
+    try:
+        bad, good = asyncio.run(main())
+    finally:
+        front.shutdown()
+    assert isinstance(bad, NonFiniteOutput) and "output token 1" in str(bad)
+    assert good == reference_greedy(reference, [5, 8, 9, 10], 10)
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_closing_a_stream_aborts_and_frees_blocks(async_engine):

@@ -10,7 +10,7 @@ from peftserve.errors import AdapterRejected
 from .adalora import load_adalora
 from .lora import load_lora
 from .normalized import NormalizedAdapter
-from .peft_format import Config, Tensors, check_finite, read_adapter_dir, reject_if_set
+from .peft_format import Config, Tensors, check_magnitude, read_adapter_dir, reject_if_set
 from .prefix import load_prefix
 from .sparse import load_shira
 
@@ -38,9 +38,13 @@ def load_adapter(
     if loader is None:
         raise AdapterRejected(f"peft_type={peft_type!r} is not served (served: {', '.join(LOADERS)})")
     reject_if_set(config, "modules_to_save", "full copies of base modules cannot be batched per request")
-    check_finite(tensors)
+    for key, value in tensors.items():
+        check_magnitude(key, value)
     try:
-        return loader(config, tensors)
+        adapter = loader(config, tensors)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         # A malformed field the loader did not foresee is still the adapter's fault, not the server's.
         raise AdapterRejected(f"malformed {peft_type} adapter ({type(exc).__name__}: {exc})") from exc
+    for name, value in adapter.served_tensors():
+        check_magnitude(name, value)
+    return adapter

@@ -10,7 +10,6 @@ engine thread only.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -202,14 +201,12 @@ class AdapterManager:
     def resolve(self, refs: Sequence[AdapterRef]) -> ResolvedAdapters:
         """Bind a request's adapters to their current (or pinned) versions and hold them.
 
-        Checks: known ids, a prefix alone and unweighted, finite weights, no adapter twice, a mixture
-        within max_mixture slots. Holds are taken only when every check passes.
+        Checks: known ids, a prefix alone and unweighted, no version twice, a mixture within max_mixture
+        slots (the weights themselves: engine.request.check_adapter_refs). Holds are taken only when
+        every check passes.
         """
         if not refs:
             return ResolvedAdapters()
-        for ref in refs:
-            if not math.isfinite(ref.weight):
-                raise InvalidRequest(f"adapter {ref.adapter_id!r}: weight {ref.weight} is not finite")
         full_ids = [canonical_id(ref.adapter_id) for ref in refs]
         with self._lock:
             records = [self.registry.lookup(full) for full in full_ids]

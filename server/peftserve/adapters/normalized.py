@@ -84,6 +84,18 @@ class NormalizedAdapter:
     """Module path in the base model (e.g. 'model.layers.0.mlp.up_proj') -> its delta; empty for prefix."""
     prefix: PrefixKV | None = None
 
+    def served_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every value the layers or the KV cache compute with, scalings folded in."""
+        if self.prefix is not None:
+            return [("prefix key/value", self.prefix.kv)]
+        named: list[tuple[str, torch.Tensor]] = []
+        for path, d in self.deltas.items():
+            if isinstance(d, LoraDelta):
+                named += [(f"{path}.lora_A", d.a), (f"{path}.lora_B x scaling", d.b)]
+            else:
+                named.append((f"{path}.values", d.values))
+        return named
+
     @property
     def nbytes(self) -> int:
         if self.prefix is not None:

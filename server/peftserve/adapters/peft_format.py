@@ -26,6 +26,11 @@ from peftserve.store.safetensors_header import check_safetensors
 STATE_PREFIX = "base_model.model."
 """PEFT saves tensor keys relative to the PeftModel; stripping this leaves the path in the base model."""
 
+MAX_MAGNITUDE = 1e4
+"""Largest |value| an adapter may hold: each stored tensor entry, each scaling (lora_alpha / r and its
+kin), and each served tensor once its scaling is folded in. Trained adapters sit orders of magnitude
+below it; it keeps a hostile adapter from overflowing activations (float16 ends at 65504)."""
+
 Config = Mapping[str, Any]
 Tensors = dict[str, torch.Tensor]
 
@@ -98,10 +103,26 @@ def module_tensors(tensors: Tensors, param_names: tuple[str, ...]) -> dict[str, 
     return grouped
 
 
-def check_finite(tensors: Tensors) -> None:
-    for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise AdapterRejected(f"tensor {key!r} contains NaN or Inf")
+def check_magnitude(name: str, value: torch.Tensor) -> None:
+    """AdapterRejected naming the tensor when it holds NaN, Inf or a value beyond MAX_MAGNITUDE."""
+    if not value.is_floating_point() or value.numel() == 0:
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise AdapterRejected(f"tensor {name!r} contains NaN or Inf")
+    largest = float(value.abs().max())
+    if largest > MAX_MAGNITUDE:
+        raise AdapterRejected(
+            f"tensor {name!r} holds a value of magnitude {largest:.3g}, beyond the limit of {MAX_MAGNITUDE:g}"
+        )
+
+
+def check_scaling(scaling: float, fields: str) -> float:
+    """scaling, when |scaling| <= MAX_MAGNITUDE; AdapterRejected naming the fields it came from otherwise."""
+    if not abs(scaling) <= MAX_MAGNITUDE:
+        raise AdapterRejected(
+            f"{fields} give a scaling of {scaling:.3g}, beyond the limit of {MAX_MAGNITUDE:g} in magnitude"
+        )
+    return scaling
 
 
 def reject_if_set(config: Config, field: str, why: str) -> None:

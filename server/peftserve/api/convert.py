@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable, Sequence
 
 from peftserve import __version__
 from peftserve.engine.protocol import AdapterStatus, ModelInfo
 from peftserve.engine.request import (
+    MAX_MIXTURE_ADAPTERS,
     AdapterRef,
     FinishReason,
     GenerationRequest,
@@ -21,7 +21,6 @@ from peftserve.store.manifest import AdapterManifest
 from peftserve_client._proto import peftserve_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
-MAX_MIXTURE_ADAPTERS = 8
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -65,22 +64,21 @@ def to_sampling_params(msg: pb.SamplingParams) -> SamplingParams:
 
 
 def to_adapters(msg: pb.GenerateRequest, resolve: IdResolver) -> tuple[AdapterRef, ...]:
-    """The adapters a request names, by full id: none, adapter_id, or a weighted mixture."""
+    """The adapters a request names, by full id: none, adapter_id, or a weighted mixture.
+
+    Only the wire shape is checked here; the engine checks the list itself (check_adapter_refs).
+    """
     if msg.adapter_id and msg.adapters:
         raise InvalidRequest("give either adapter_id or adapters, not both")
     if msg.adapter_id:
         return (AdapterRef(resolve(msg.adapter_id)),)
-    if len(msg.adapters) > MAX_MIXTURE_ADAPTERS:
+    if len(msg.adapters) > MAX_MIXTURE_ADAPTERS:  # before resolving each of an arbitrary number of ids
         raise InvalidRequest(f"at most {MAX_MIXTURE_ADAPTERS} adapters in a mixture, got {len(msg.adapters)}")
     refs = []
     for a in msg.adapters:
         if not a.adapter_id:
             raise InvalidRequest("adapters: every entry needs an adapter_id")
-        if not math.isfinite(a.weight):
-            raise InvalidRequest(f"adapters: weight of {a.adapter_id!r} must be finite, got {a.weight}")
         refs.append(AdapterRef(resolve(a.adapter_id), _from_float32(a.weight)))
-    if len({r.adapter_id for r in refs}) != len(refs):
-        raise InvalidRequest("adapters: each adapter_id may appear once")
     return tuple(refs)
 
 

@@ -206,7 +206,7 @@ class AsyncEngine:
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)
         if sink is not None:
-            sink.put(out)
+            sink.put(out.error if out.error is not None else out)
             if out.finished:
                 del self._sinks[out.request_id]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,10 +17,16 @@ from peftserve.config import EngineConfig
 from peftserve.engine.adapter_binding import AdapterBinding
 from peftserve.engine.detokenizer import IncrementalDetokenizer
 from peftserve.engine.protocol import EngineStats, ModelInfo
-from peftserve.engine.request import FinishReason, GenerationRequest, RequestOutput, SamplingParams
+from peftserve.engine.request import (
+    FinishReason,
+    GenerationRequest,
+    RequestOutput,
+    SamplingParams,
+    check_adapter_refs,
+)
 from peftserve.engine.scheduler import Scheduler
 from peftserve.engine.sequence import Sequence
-from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest
+from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
 
@@ -173,6 +179,7 @@ class LLMEngine:
             prompt_ids = self.tokenize(request.prompt) if request.prompt else []
         if not prompt_ids:
             raise InvalidRequest("prompt is empty; send at least one token of text")
+        check_adapter_refs(request.adapters)
         seq = Sequence(request_id=request.request_id, prompt_ids=prompt_ids, sampling=params)
         if request.adapters:
             if self.adapters is None:
@@ -255,10 +262,23 @@ class LLMEngine:
             self.adapters.on_plan(plan)
         if not plan.chunks:
             return []
-        sampled = self.runner.execute(plan)
+        step = self.runner.execute(plan)
         for chunk in plan.chunks:
             chunk.seq.num_computed += chunk.num_tokens
-        return [self._on_token(s.seq, s.token_id, s.logprob) for s in sampled]
+        failed = [self._on_non_finite(seq) for seq in step.non_finite]
+        return [self._on_token(s.seq, s.token_id, s.logprob) for s in step.sampled] + failed
+
+    def _on_non_finite(self, seq: Sequence) -> RequestOutput:
+        """End a sequence whose logits were NaN/Inf with an error of its own; the batch carries on."""
+        adapters = ", ".join(f"{r.adapter_id} x {r.weight:g}" for r in seq.deltas) or seq.prefix_adapter
+        log.warning("request %s: non-finite logits (adapters: %s)", seq.request_id, adapters or "none")
+        cause = f"its adapters ({adapters}) overflow" if adapters else "the model overflows"
+        message = (
+            f"this request's logits became NaN or Inf at output token {len(seq.output_ids) + 1}: {cause} "
+            f"in {self._info.dtype} on this input; other requests are not affected"
+        )
+        self._finish(seq, FinishReason.ERROR)
+        return replace(self._output(seq, "", (), None), error=NonFiniteOutput(message))
 
     def _on_token(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
         seq.output_ids.append(token)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from peftserve.errors import InvalidRequest
+from peftserve.errors import InvalidRequest, PeftServeError, quote
 from peftserve.store.ids import DEFAULT_TENANT
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_MIXTURE_ADAPTERS = 8
+MAX_MIXTURE_WEIGHT = 10.0
+"""Mixture weights lie in [-MAX_MIXTURE_WEIGHT, MAX_MIXTURE_WEIGHT]: merging adapters with weights far
+outside [0, 1] only amplifies them, and unbounded weights overflow the activations."""
 
 
 class FinishReason(str, enum.Enum):
@@ -18,6 +22,8 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"
     EOS = "eos"
     CANCELLED = "cancelled"
+    ERROR = "error"
+    """The request failed mid-generation (RequestOutput.error says why); the API reports an error status."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,20 @@ class AdapterRef:
     weight: float = 1.0
 
 
+def check_adapter_refs(refs: tuple[AdapterRef, ...]) -> None:
+    """The adapters of one request: at most MAX_MIXTURE_ADAPTERS, each once, weights bounded."""
+    if len(refs) > MAX_MIXTURE_ADAPTERS:
+        raise InvalidRequest(f"at most {MAX_MIXTURE_ADAPTERS} adapters in a mixture, got {len(refs)}")
+    for ref in refs:
+        if not -MAX_MIXTURE_WEIGHT <= ref.weight <= MAX_MIXTURE_WEIGHT:  # also false for NaN
+            raise InvalidRequest(
+                f"adapters: the weight of {quote(ref.adapter_id)} must be a number in "
+                f"[{-MAX_MIXTURE_WEIGHT:g}, {MAX_MIXTURE_WEIGHT:g}], got {ref.weight:g}"
+            )
+    if len({r.adapter_id for r in refs}) != len(refs):
+        raise InvalidRequest("adapters: each adapter may appear once in a request")
+
+
 @dataclass
 class GenerationRequest:
     """A request as the API hands it to the engine: prompt text or token ids, never both."""
@@ -120,6 +140,8 @@ class RequestOutput:
     """Tokens generated so far, this increment included."""
     finish_reason: FinishReason | None = None
     """Set on the last increment only."""
+    error: PeftServeError | None = None
+    """With finish_reason ERROR: the error the caller gets instead of this increment."""
 
     @property
     def finished(self) -> bool:

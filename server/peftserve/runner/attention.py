@@ -42,7 +42,7 @@ class AttentionMetadata:
     decode_token_idx: torch.Tensor | None
     """[Bd] packed index of each decode row's query token."""
     decode_slots: torch.Tensor | None
-    """[Bd, Lmax] pool slots of each decode row's context, padded with slot 0."""
+    """[Bd, Lmax] pool slots of each decode row's context; positions past it hold the cache's null slot."""
     decode_ctx_lens: torch.Tensor | None
     """[Bd] context length of each decode row."""
     prefills: list[PrefillChunk]

@@ -16,6 +16,11 @@ class PagedKVCache:
     transformers' attention modules call ``update(k, v, layer_idx, kwargs=...)`` with the step's
     new keys and values; we scatter them into their slots and hand them back unchanged, because
     our attention function reads each sequence's context from the pools itself.
+
+    One slot past the last block, ``null_slot``, is never allocated nor written: it holds zeros, and
+    every padded or masked position of a batched attention reads it instead of a real slot. A masked
+    position still enters the attention arithmetic (its weight is 0, and 0 x NaN is NaN), so it must
+    never hold another sequence's values, nor what a finished sequence left in a freed block.
     """
 
     def __init__(
@@ -30,7 +35,8 @@ class PagedKVCache:
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.null_slot = num_blocks * block_size
+        shape = (num_layers, self.null_slot + 1, num_kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
         self._scratch = torch.empty(0, dtype=dtype, device=device)

@@ -1,4 +1,11 @@
-"""Executes a StepPlan: packs the step's tokens into one [1, T] batch, runs the model, samples."""
+"""Executes a StepPlan: packs the step's tokens into one [1, T] batch, runs the model, samples.
+
+Batch isolation: every operation of a step is row-wise (embeddings, norms, the Linear layers and
+their adapter deltas, the output head, sampling) except attention, which reads only its own
+sequence's cache slots; positions it pads or masks read the cache's zeroed null slot. So a row's
+values, NaN included, never reach another row (tests/engine/test_batch_isolation.py poisons every
+slot outside a sequence's context with NaN and checks the outputs do not change by a bit).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +32,15 @@ class Sampled:
     seq: Sequence
     token_id: int
     logprob: float
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced: a token per sampling sequence, or the sequences with non-finite logits."""
+
+    sampled: list[Sampled]
+    non_finite: list[Sequence]
+    """Sequences whose logits held NaN or Inf this step: nothing was sampled for them."""
 
 
 class ModelRunner:
@@ -74,7 +90,7 @@ class ModelRunner:
         return (table[:, None] * self.block_size + self._offsets).flatten()[start:end]
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[Sampled]:
+    def execute(self, plan: StepPlan) -> StepOutput:
         for seq in plan.admitted:
             if seq.num_virtual:
                 prefix_kv = self.adapters.prefix_kv(seq.prefix_adapter)  # [L, 2, Hkv, nvt, D]
@@ -133,6 +149,15 @@ class ModelRunner:
                 self.adapters.set_batch(None)
 
         sampling = [c.seq for c in plan.chunks if c.sample]
+        # A row is computed from its own sequence only, so non-finite logits are that request's own
+        # failure: it gets no token (and an error), the rest of the batch samples as usual.
+        finite = torch.isfinite(logits).all(dim=-1)  # [S]
+        non_finite: list[Sequence] = []
+        if not bool(finite.all()):
+            keep_rows = finite.nonzero()[:, 0]
+            non_finite = [seq for seq, ok in zip(sampling, finite.tolist(), strict=True) if not ok]
+            sampling = [seq for seq, ok in zip(sampling, finite.tolist(), strict=True) if ok]
+            logits = logits.index_select(0, keep_rows)
         rows = [
             SampleRow(
                 params=seq.sampling,
@@ -141,20 +166,24 @@ class ModelRunner:
             )
             for seq in sampling
         ]
-        tokens, logprobs = sample(logits, rows)
-        return [Sampled(s, t, lp) for s, t, lp in zip(sampling, tokens, logprobs, strict=True)]
+        tokens, logprobs = sample(logits, rows) if rows else ([], [])
+        sampled = [Sampled(s, t, lp) for s, t, lp in zip(sampling, tokens, logprobs, strict=True)]
+        return StepOutput(sampled, non_finite)
 
     def _decode_metadata(self, seqs: list[Sequence], decode_rows: list[int]) -> dict:
         if not decode_rows:
             return {"decode_token_idx": None, "decode_slots": None, "decode_ctx_lens": None}
-        ctx_lens = [s.num_computed + 1 for s in seqs]
+        ctx_lens = torch.tensor([s.num_computed + 1 for s in seqs], device=self.device)  # [Bd]
         width = max(len(s.blocks) for s in seqs)
         table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], device=self.device)
-        slots = (table[:, :, None] * self.block_size + self._offsets).flatten(1)[:, : max(ctx_lens)]
+        lmax = int(ctx_lens.max())
+        slots = (table[:, :, None] * self.block_size + self._offsets).flatten(1)[:, :lmax]  # [Bd, Lmax]
+        # Positions past a row's context (its unwritten slots, the table's padding) read the null slot.
+        past_end = torch.arange(lmax, device=self.device)[None, :] >= ctx_lens[:, None]  # [Bd, Lmax]
         return {
             "decode_token_idx": torch.tensor(decode_rows, device=self.device),
-            "decode_slots": slots,  # [Bd, Lmax]
-            "decode_ctx_lens": torch.tensor(ctx_lens, device=self.device),
+            "decode_slots": slots.masked_fill_(past_end, self.cache.null_slot),
+            "decode_ctx_lens": ctx_lens,
         }
 
     def _generator(self, seq: Sequence) -> torch.Generator:

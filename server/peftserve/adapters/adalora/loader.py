@@ -8,7 +8,7 @@ from peftserve.errors import AdapterRejected
 
 from ..lora import check_lora_family_config
 from ..normalized import LoraDelta, NormalizedAdapter
-from ..peft_format import Config, Tensors, finite_number, module_tensors
+from ..peft_format import Config, Tensors, check_scaling, finite_number, module_tensors
 
 RANKNUM_EPS = 1e-5
 """peft's SVDLinear divides by (ranknum + 1e-5)."""
@@ -25,7 +25,7 @@ def adalora_scaling(config: Config) -> float:
         raise AdapterRejected(f"init_r={init_r!r}: expected a positive integer")
     alpha = finite_number(config, "lora_alpha", 8)
     scaling = alpha if alpha > 0 else float(init_r)
-    return scaling / (init_r + RANKNUM_EPS)
+    return check_scaling(scaling / (init_r + RANKNUM_EPS), "lora_alpha and init_r")
 
 
 def load_adalora(config: Config, tensors: Tensors) -> NormalizedAdapter:

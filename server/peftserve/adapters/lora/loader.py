@@ -11,7 +11,7 @@ import torch
 from peftserve.errors import AdapterRejected
 
 from ..normalized import LoraDelta, NormalizedAdapter
-from ..peft_format import Config, Tensors, finite_number, module_tensors, reject_if_set
+from ..peft_format import Config, Tensors, check_scaling, finite_number, module_tensors, reject_if_set
 
 UNCONVERTED_INITS = ("pissa", "olora", "lora_ga", "corda", "loftq", "mica")
 """init_lora_weights values whose saved A/B are not a delta over the unmodified base weights."""
@@ -108,5 +108,7 @@ def load_lora(config: Config, tensors: Tensors) -> NormalizedAdapter:
         if alpha_key is not None:
             alpha = finite_number(alpha_pattern, alpha_key)
         scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        alpha_field = f"alpha_pattern[{alpha_key!r}]" if alpha_key is not None else "lora_alpha"
+        check_scaling(scaling, f"module {path!r}: {alpha_field} and rank {rank}")
         deltas[path] = LoraDelta(a=a.to(torch.float32), b=b.to(torch.float32) * scaling)
     return NormalizedAdapter(peft_type="LORA", kind="lora", deltas=deltas)
