@@ -49,6 +49,20 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-adapters-per-tenant", "max_adapters_per_tenant", int, "adapters a tenant may hold in the store"),
     ("--max-upload-bytes", "max_upload_bytes", int, "bytes of all files of one upload"),
     ("--adapter-metrics-top-n", "adapter_metrics_top_n", int, "adapters with their own metrics label"),
+    ("--scheduling", "scheduling", str, "fair (the least served tenant goes first) or fcfs"),
+    ("--tenant-max-queued", "tenant_max_queued", int, "waiting requests per tenant (keys may set their own)"),
+    (
+        "--tenant-max-running",
+        "tenant_max_running",
+        int,
+        "running requests per tenant (keys may set their own)",
+    ),
+    (
+        "--tenant-tokens-per-minute",
+        "tenant_tokens_per_minute",
+        int,
+        "prompt + max_new_tokens per tenant per minute (keys may set their own)",
+    ),
 )
 
 
@@ -228,11 +242,15 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
 
 def _cmd_keys_add(args: argparse.Namespace) -> int:
     from peftserve.auth import KeyRing
+    from peftserve.engine.request import TenantLimits
 
     path = Path(args.keys_file)
     try:
-        ring, key = (KeyRing.load(path) if path.exists() else KeyRing()).add(args.tenant, args.scopes)
-    except InvalidRequest as e:
+        limits = TenantLimits(args.max_queued, args.max_running, args.tokens_per_minute)
+        ring, key = (KeyRing.load(path) if path.exists() else KeyRing()).add(
+            args.tenant, args.scopes, limits if limits != TenantLimits() else None
+        )
+    except (InvalidRequest, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ring.save(path)
@@ -381,6 +399,9 @@ def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--tenant", required=True)
     add.add_argument("--scopes", default="infer", help="comma-separated: infer, admin (default: %(default)s)")
     add.add_argument("--keys-file", required=True, metavar="FILE", help="created if missing")
+    add.add_argument("--max-queued", type=int, default=None, help="this key's limit on waiting requests")
+    add.add_argument("--max-running", type=int, default=None, help="this key's limit on running requests")
+    add.add_argument("--tokens-per-minute", type=int, default=None, help="this key's token budget per minute")
     add.set_defaults(run=_cmd_keys_add)
     revoke = key_commands.add_parser("revoke", help="remove a key by its id (the hex after 'psk_')")
     revoke.add_argument("key_id", metavar="KEY_ID")

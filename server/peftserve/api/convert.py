@@ -14,6 +14,7 @@ from peftserve.engine.request import (
     GenerationRequest,
     RequestOutput,
     SamplingParams,
+    TenantLimits,
 )
 from peftserve.errors import InvalidRequest
 from peftserve.store.ids import DEFAULT_TENANT
@@ -83,7 +84,10 @@ def to_adapters(msg: pb.GenerateRequest, resolve: IdResolver) -> tuple[AdapterRe
 
 
 def to_generation_request(
-    msg: pb.GenerateRequest, resolve: IdResolver, tenant: str = DEFAULT_TENANT
+    msg: pb.GenerateRequest,
+    resolve: IdResolver,
+    tenant: str = DEFAULT_TENANT,
+    limits: TenantLimits | None = None,
 ) -> GenerationRequest:
     """The engine's request for a GenerateRequest; sampling values are validated by the engine."""
     if msg.prompt and msg.prompt_token_ids:
@@ -99,6 +103,7 @@ def to_generation_request(
         sampling=to_sampling_params(msg.sampling),
         adapters=to_adapters(msg, resolve),
         tenant=tenant,
+        limits=limits,
     )
 
 
