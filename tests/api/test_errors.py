@@ -118,3 +118,10 @@ def test_unreachable_server_is_unavailable() -> None:
     with Client("127.0.0.1:1", timeout=2) as client, pytest.raises(Unavailable) as info:
         client.model_info()
     assert isinstance(info.value, PeftServeError)
+
+
+@pytest.mark.parametrize("adapter_id", ["A" * 10_000, "acme/" + "x" * 10_000, "x@" + "v" * 10_000])
+def test_errors_quote_a_bounded_prefix_of_what_was_sent(served: Served, adapter_id: str) -> None:
+    with Client(served.address, timeout=5) as client, pytest.raises(InvalidArgument) as info:
+        client.generate("hi", adapter_id=adapter_id)
+    assert len(info.value.message) < 300 and "characters)" in info.value.message

@@ -11,7 +11,7 @@ from concurrent.futures import Future, wait
 from typing import TypeVar
 
 from peftserve.engine.protocol import AdapterStatus
-from peftserve.errors import AdapterNotFound, FailedPrecondition, InvalidRequest, PeftServeError
+from peftserve.errors import AdapterNotFound, FailedPrecondition, InvalidRequest, PeftServeError, quote
 from peftserve.store import AdapterStore, StoredVersion
 from peftserve.store.ids import check_part, join_id, parse_version, split_id, version_key
 from peftserve.store.manifest import AdapterManifest
@@ -135,7 +135,7 @@ class AdapterAdminService:
         with self._commit_lock:
             removal = self.manager.remove(adapter_id, keep=0)
             if not removal.removed:
-                raise AdapterNotFound(f"adapter {adapter_id!r} not found")
+                raise AdapterNotFound(f"adapter {quote(adapter_id)} not found")
             self._keep_held_in_memory(removal)
             if self.store is not None:
                 self.store.delete_adapter(*split_id(adapter_id))

@@ -22,7 +22,7 @@ from torch import nn
 
 from peftserve.engine.protocol import AdapterStatus, Tier
 from peftserve.engine.request import AdapterRef
-from peftserve.errors import AdapterNotFound, InvalidRequest
+from peftserve.errors import AdapterNotFound, InvalidRequest, quote
 from peftserve.metrics import AdapterMetrics, AdapterSnapshot
 from peftserve.store import AdapterStore, StoredVersion
 from peftserve.store.files import inside, read_regular_file
@@ -159,7 +159,7 @@ class AdapterManager:
         """
         full = canonical_id(adapter_id)
         if "@" in full:
-            raise InvalidRequest(f"adapter id {adapter_id!r}: a registration takes no @version")
+            raise InvalidRequest(f"adapter id {quote(adapter_id)}: a registration takes no @version")
         folder = Path(path)
         adapter = self.validate(folder, follow_symlinks=True)
         files = {n: read_regular_file(folder / n, follow_symlinks=True) for n in (CONFIG_NAME, WEIGHTS_NAME)}
@@ -316,7 +316,7 @@ class AdapterManager:
         with self._lock:
             versions = self.registry.versions(adapter_id)
             if not versions:
-                raise AdapterNotFound(f"adapter {adapter_id!r} not found")
+                raise AdapterNotFound(f"adapter {quote(adapter_id)} not found")
             for key in self.registry.unload(adapter_id):
                 self._free(key)
             for record in versions:

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from peftserve.api.admin_servicer import AdminServicer
+from peftserve.api.decoding import add_guarded
 from peftserve.api.health import INFERENCE_SERVICE, ServingHealth
 from peftserve.api.servicer import InferenceServicer
 from peftserve.api.upload import MAX_UPLOAD_BYTES
@@ -50,10 +51,11 @@ async def create_server(
     """
     server = grpc.aio.server()
     auth = auth if auth is not None else Authenticator()
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics, auth), server)
+    add_guarded(pb_grpc.add_InferenceServicer_to_server, InferenceServicer(engine, metrics, auth), server)
     services = [INFERENCE_SERVICE]
     if admin is not None:
-        pb_grpc.add_AdaptersServicer_to_server(AdminServicer(admin, auth, max_upload_bytes), server)
+        admin_servicer = AdminServicer(admin, auth, max_upload_bytes)
+        add_guarded(pb_grpc.add_AdaptersServicer_to_server, admin_servicer, server)
         services.append(ADAPTERS_SERVICE)
     health = health if health is not None else ServingHealth()
     await health.mark_not_serving()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from peftserve.errors import CapacityExceeded, InvalidRequest
+from peftserve.errors import CapacityExceeded, InvalidRequest, quote
 from peftserve_client._proto import peftserve_pb2 as pb
 
 MAX_UPLOAD_BYTES = 2 << 30
@@ -42,7 +42,7 @@ async def read_files(messages: AsyncIterator[pb.UploadAdapterRequest], max_bytes
             raise InvalidRequest(f"every chunk needs a file_name of 1 to {MAX_FILE_NAME_CHARS} characters")
         if name != current:
             if name in chunks:
-                raise InvalidRequest(f"the chunks of file {name!r} must be consecutive")
+                raise InvalidRequest(f"the chunks of file {quote(name)} must be consecutive")
             if len(chunks) == MAX_UPLOAD_FILES:
                 raise CapacityExceeded(f"an upload holds at most {MAX_UPLOAD_FILES} files")
             chunks[name], current = [], name

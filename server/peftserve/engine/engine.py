@@ -27,7 +27,7 @@ from peftserve.engine.request import (
 )
 from peftserve.engine.scheduler import Scheduler
 from peftserve.engine.sequence import Sequence
-from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput
+from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput, quote
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
 
@@ -192,7 +192,7 @@ class LLMEngine:
         )
         if request.adapters:
             if self.adapters is None:
-                raise AdapterNotFound(f"adapter {request.adapters[0].adapter_id!r} not found")
+                raise AdapterNotFound(f"adapter {quote(request.adapters[0].adapter_id)} not found")
             self.adapters.bind(seq, request.adapters)
         try:
             self._check_context(seq, params)
@@ -247,7 +247,7 @@ class LLMEngine:
                 retry_after_s=1.0,
             )
         if self.scheduler.get(seq.request_id) is not None:
-            raise InvalidRequest(f"request_id {seq.request_id!r} is already in flight; use a unique id")
+            raise InvalidRequest(f"request_id {quote(seq.request_id)} is already in flight; use a unique id")
         if self.adapters is not None and seq.adapter_keys:
             self.adapters.wait_host(seq)
         if limits.tokens_per_minute is not None:

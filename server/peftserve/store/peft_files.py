@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from peftserve.errors import AdapterRejected
+from peftserve.errors import AdapterRejected, quote
 
 from .safetensors_header import check_safetensors
 
@@ -69,18 +69,18 @@ def parse_config(data: bytes) -> dict[str, Any]:
 def check_file_name(name: object) -> str:
     """A plain file name: no separators, no '..', not absolute, no NUL, not a pickle."""
     if not isinstance(name, str) or not name or name in (".", ".."):
-        raise AdapterRejected(f"file name {name!r} is not valid")
+        raise AdapterRejected(f"file name {quote(name)} is not valid")
     if any(ch in name for ch in FORBIDDEN_NAME_CHARS) or name.startswith("."):
         raise AdapterRejected(
-            f"file name {name!r}: path separators, '..', absolute paths and hidden files are not allowed"
+            f"file name {quote(name)}: path separators, '..', absolute paths and hidden files are not allowed"
         )
     if name.lower().endswith(PICKLE_SUFFIXES):
         raise AdapterRejected(
-            f"file {name!r}: pickle files are never accepted ({' '.join(PICKLE_SUFFIXES)}); "
+            f"file {quote(name)}: pickle files are never accepted ({' '.join(PICKLE_SUFFIXES)}); "
             f"save the adapter with safetensors ({WEIGHTS_NAME})"
         )
     if name not in ALLOWED_NAMES:
-        raise AdapterRejected(f"unexpected file {name!r} (an upload holds {', '.join(ALLOWED_NAMES)})")
+        raise AdapterRejected(f"unexpected file {quote(name)} (an upload holds {', '.join(ALLOWED_NAMES)})")
     return name
 
 
