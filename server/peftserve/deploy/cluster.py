@@ -87,7 +87,13 @@ def run_cluster(config: ClusterConfig, keys: KeyRing | None) -> None:
             registry.register(ReplicaMetrics(lambda: ray.get(directory.replicas.remote(), timeout=10)))
             http = start_metrics_server(server.metrics_port, registry, host=server.host)
             log.info("metrics on http://%s:%d/metrics", server.host, http.server_port)
-        log.info("peftserve cluster serving %d replicas on %s:%d", config.replicas, server.host, server.port)
+        log.info(  # the line `peftserve serve` logs: tools waiting for it work with both
+            "peftserve serving %s on %s:%d (%d replicas)",
+            server.engine.model,
+            server.host,
+            server.port,
+            config.replicas,
+        )
         while not stopping.wait(0.5):
             pass
         log.info("draining: up to %.1f s for in-flight requests", server.grace_s)

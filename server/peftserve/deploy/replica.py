@@ -36,7 +36,8 @@ from peftserve.store import AdapterStore
 from peftserve.store.ids import join_id, split_version
 from peftserve.store.manifest import AdapterManifest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")
+"""Ray Serve's logger: its lines reach the replica's log file and the `peftserve cluster` output."""
 
 EVENT_POLL_S = 0.5
 """How often a replica reads the adapter changes made through other replicas."""
