@@ -25,7 +25,7 @@ from peftserve.api.status import code_of
 from peftserve.config import EngineConfig
 from peftserve.deploy.config import ClusterConfig
 from peftserve.deploy.directory import AdapterEvent, ReplicaInfo, get_directory
-from peftserve.deploy.store_sync import StoreSync
+from peftserve.deploy.store_sync import StoreSync, adapter_lock
 from peftserve.engine.async_engine import AsyncEngine
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.protocol import AdapterStatus, ModelInfo
@@ -141,7 +141,8 @@ class EngineReplica:
     # -- Adapters -------------------------------------------------------------------------------
 
     async def upload(self, tenant: str, name: str, files: dict[str, bytes]) -> AdapterManifest:
-        manifest = await self._admin().upload(tenant, name, files)
+        async with self._writing(tenant, name):
+            manifest = await self._admin().upload(tenant, name, files)
         await self._announce("changed", join_id(tenant, name))
         return manifest
 
@@ -156,8 +157,9 @@ class EngineReplica:
         return status
 
     async def delete(self, tenant: str, name: str) -> None:
-        await self._refresh(tenant, name)
-        await self._admin().delete(tenant, name)
+        async with self._writing(tenant, name):
+            await self._refresh(tenant, name)
+            await self._admin().delete(tenant, name)
         await self._announce("changed", join_id(tenant, name))
 
     async def get(self, tenant: str, name: str) -> AdapterStatus:
@@ -195,6 +197,11 @@ class EngineReplica:
     async def _refresh(self, tenant: str, name: str) -> None:
         if self.sync is not None:
             await self.sync.refresh_async([join_id(tenant, name)])
+
+    def _writing(self, tenant: str, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """The store's lock of one adapter, across replicas (a no-op without a store)."""
+        store = self.engine.engine.store
+        return adapter_lock(store, join_id(tenant, name)) if store is not None else contextlib.nullcontext()
 
     def _admin(self):
         if self.engine.admin is None:

@@ -9,10 +9,13 @@ registered from a folder (`--adapter ID=DIR`) are not the store's and are never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from peftserve.adapters.admin import EngineCall
 from peftserve.adapters.manager import AdapterManager
@@ -21,6 +24,23 @@ from peftserve.store import AdapterStore, StoredVersion
 from peftserve.store.ids import parse_version, split_id
 
 log = logging.getLogger(__name__)
+
+LOCKS_DIR = ".locks"
+"""Lock files of the store's adapters (hidden: scans skip it)."""
+
+
+@contextlib.asynccontextmanager
+async def adapter_lock(store: AdapterStore, adapter_id: str) -> AsyncIterator[None]:
+    """Held while a replica commits or deletes versions of one adapter: the others wait (flock, which
+    the kernel releases if the holder dies), so version numbers are never taken twice."""
+    folder = store.root / LOCKS_DIR
+    folder.mkdir(exist_ok=True)
+    fd = os.open(folder / (adapter_id.replace("/", "~") + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class StoreSync:
