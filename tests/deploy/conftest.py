@@ -9,7 +9,7 @@ import re
 import sys
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,7 +47,6 @@ class Cluster:
     keys_file: Path
     adapters: Path
     """Folder of PEFT adapter directories the tests upload."""
-    uploaded: dict[str, str] = field(default_factory=dict)
 
     def replicas(self) -> dict[str, int]:
         """Replica id -> pid, from the replicas' own start lines (replacements included)."""

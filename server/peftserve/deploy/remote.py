@@ -14,7 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from peftserve.deploy.routing import VersionPins, routing_id
 from peftserve.deploy.status import as_peftserve_error
-from peftserve.engine.protocol import AdapterStatus, EngineStats, ModelInfo
+from peftserve.engine.protocol import AdapterStatus, ModelInfo
 from peftserve.engine.request import GenerationRequest, RequestOutput
 from peftserve.errors import Unavailable
 from peftserve.store.ids import join_id
@@ -73,9 +73,6 @@ class RemoteEngine:
     async def ready(self) -> str:
         """The id of a replica that answered."""
         return await _remote(self._replicas.ready.remote())
-
-    def stats(self) -> EngineStats:
-        raise NotImplementedError("per replica: see each replica's metrics")
 
 
 class RemoteAdmin:

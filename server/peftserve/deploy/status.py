@@ -1,22 +1,16 @@
-"""Errors behind Ray Serve's gRPC proxy: the same codes and messages as one server, set explicitly.
+"""Ray's failures as peftserve errors, so api/status.py's one mapping gives callers their codes.
 
 Ray's proxy turns any exception of a deployment into INTERNAL unless the deployment sets a code on
-the gRPC context it passes. The ingress sets it here: peftserve errors through api/status.py's one
-mapping, Ray's own failures (a replica that died, a full queue, a cancelled call) as the retryable
-codes they are.
+the gRPC context it passes; the ingress sets it through the servicers (ingress.RayContext). What
+reaches them from a replica is unwrapped here: peftserve errors as raised, a replica that died as
+UNAVAILABLE, a full queue as RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
-from typing import NoReturn
-
-from ray.exceptions import RayActorError, RayTaskError, TaskCancelledError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
-from ray.serve.grpc_util import RayServegRPCContext
 
-from peftserve.api.status import RETRY_AFTER_TRAILER, status_of
 from peftserve.errors import CapacityExceeded, PeftServeError, Unavailable
 
 REPLICA_LOST = "the replica serving this request stopped; retry the request"
@@ -43,19 +37,3 @@ def as_peftserve_error(exc: BaseException) -> BaseException:
     if isinstance(exc, RayActorError):  # ActorDiedError, ActorUnavailableError: the replica went away
         return Unavailable(REPLICA_LOST)
     return exc
-
-
-def is_cancellation(exc: BaseException) -> bool:
-    return isinstance(cause_of(exc), (asyncio.CancelledError, TaskCancelledError))
-
-
-def fail(context: RayServegRPCContext, exc: BaseException) -> NoReturn:
-    """End the RPC with exc's status: set on Ray's context, then raised so the proxy sends it."""
-    error = as_peftserve_error(exc)
-    code, message = status_of(error)
-    context.set_code(code)
-    context.set_details(message)
-    retry_after_s = getattr(error, "retry_after_s", None)
-    if retry_after_s is not None:
-        context.set_trailing_metadata([(RETRY_AFTER_TRAILER, str(max(1, math.ceil(retry_after_s))))])
-    raise error
