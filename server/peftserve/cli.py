@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from peftserve.bench.cli import add_bench_parser
 from peftserve.config import DTYPES, EngineConfig, ServerConfig
+from peftserve.deploy.cli import add_cluster_parser
 from peftserve.errors import InvalidRequest, PeftServeError
 from peftserve.training.cli import add_train_parser
 
@@ -83,16 +84,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from peftserve.auth import KeyRing
 
     configure_logging(args.log_level)
-    engine_kwargs = {f: getattr(args, f) for _, f, _, _ in _ENGINE_FLAGS if getattr(args, f) is not None}
     try:
         keys = KeyRing.load(args.keys_file) if args.keys_file else None
-        config = ServerConfig(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            grace_s=args.grace_s,
-            engine=EngineConfig(**engine_kwargs, adapters=tuple(args.adapters), store=args.store or None),
-        )
+        config = _server_config(args)
     except InvalidRequest as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -107,6 +101,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of the `serve` flags; InvalidRequest names a bad value."""
+    engine_kwargs = {f: getattr(args, f) for _, f, _, _ in _ENGINE_FLAGS if getattr(args, f) is not None}
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        grace_s=args.grace_s,
+        engine=EngineConfig(**engine_kwargs, adapters=tuple(args.adapters), store=args.store or None),
+    )
 
 
 def _cmd_model_path(args: argparse.Namespace) -> int:
@@ -285,12 +291,8 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the call fails")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="peftserve", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="serve a model over gRPC until SIGTERM")
+def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
+    """The flags of `serve`, which `cluster` takes too."""
     serve.add_argument("--host", default=ServerConfig.host)
     serve.add_argument("--port", type=int, default=ServerConfig.port, help="0 picks a free port")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
@@ -326,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
         " apply without a restart)",
     )
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="peftserve", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model over gRPC until SIGTERM")
+    _add_serve_flags(serve)
     serve.set_defaults(run=_cmd_serve)
 
     model = commands.add_parser("model", help="the served model's files")
@@ -362,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapters_parser(commands)
     _add_keys_parser(commands)
     add_bench_parser(commands)
+    add_cluster_parser(commands, _add_serve_flags)
     return parser
 
 

@@ -45,35 +45,52 @@ class AdapterStore:
     """The on-disk adapter store (plain Python; no torch)."""
 
     def __init__(
-        self, root: str | Path, max_adapters_per_tenant: int = 1000, max_upload_bytes: int = 256 << 20
+        self,
+        root: str | Path,
+        max_adapters_per_tenant: int = 1000,
+        max_upload_bytes: int = 256 << 20,
+        *,
+        clean: bool = True,
     ) -> None:
+        """clean=False leaves .tmp/ and .trash/ alone: other processes sharing the store may be writing."""
         Path(root).mkdir(parents=True, exist_ok=True)
         self.root = Path(root).resolve()
         self.max_adapters_per_tenant = max_adapters_per_tenant
         self.max_upload_bytes = max_upload_bytes
         self._tmp = self.root / TMP_DIR
         self._trash = self.root / TRASH_DIR
-        self._clean()
+        if clean:
+            self._clean()
+        else:
+            ensure_plain_dir(self._tmp)
 
     # -- reading ------------------------------------------------------------------------------
 
     def scan(self) -> list[StoredVersion]:
         """Every committed version, by reading manifests only (files are read when a version loads)."""
+        return [
+            stored
+            for tenant in self._entries(self.root)
+            for name in self._entries(self.root / tenant)
+            for stored in self.versions(tenant, name)
+        ]
+
+    def versions(self, tenant: str, name: str) -> list[StoredVersion]:
+        """The committed versions of one adapter, oldest first (empty if it has none)."""
+        folder = self.root / check_part(tenant, "tenant") / check_part(name)
+        if not is_plain_dir(folder):
+            return []
         found: list[StoredVersion] = []
-        for tenant in self._entries(self.root):
-            for name in self._entries(self.root / tenant):
-                for version in self._entries(self.root / tenant / name, versions=True):
-                    path = self.root / tenant / name / version
-                    try:
-                        manifest = manifest_from_json(
-                            read_regular_file(path / MANIFEST_NAME, MAX_MANIFEST_BYTES)
-                        )
-                        if (manifest.adapter_id, manifest.version) != (f"{tenant}/{name}", version):
-                            raise ValueError(f"it names {manifest.adapter_id}@{manifest.version}")
-                    except (OSError, ValueError, FailedPrecondition) as exc:
-                        log.warning("store: skipping %s/%s/%s: bad manifest (%s)", tenant, name, version, exc)
-                        continue
-                    found.append(StoredVersion(manifest, path, self.root))
+        for version in self._entries(folder, versions=True):
+            path = folder / version
+            try:
+                manifest = manifest_from_json(read_regular_file(path / MANIFEST_NAME, MAX_MANIFEST_BYTES))
+                if (manifest.adapter_id, manifest.version) != (f"{tenant}/{name}", version):
+                    raise ValueError(f"it names {manifest.adapter_id}@{manifest.version}")
+            except (OSError, ValueError, FailedPrecondition) as exc:
+                log.warning("store: skipping %s/%s/%s: bad manifest (%s)", tenant, name, version, exc)
+                continue
+            found.append(StoredVersion(manifest, path, self.root))
         return found
 
     def adapter_names(self, tenant: str) -> list[str]:
@@ -166,7 +183,11 @@ class AdapterStore:
         """Sorted sub-folder names that are ids (or vN), skipping hidden entries, files and symlinks."""
         pattern = VERSION if versions else ID_PART
         names: list[str] = []
-        with os.scandir(folder) as entries:
+        try:
+            listing = os.scandir(folder)
+        except FileNotFoundError:  # removed meanwhile by another process sharing the store
+            return names
+        with listing as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
