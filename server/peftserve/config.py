@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from peftserve.engine.fairness import POLICIES
 from peftserve.engine.request import TenantLimits
 from peftserve.errors import InvalidRequest
+from peftserve.store.staging import MAX_UPLOAD_BYTES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_LINEARS = ("onednn", "torch")
@@ -65,7 +66,7 @@ class EngineConfig:
     """Versions of each adapter kept in the store; older ones go once no request uses them."""
     max_adapters_per_tenant: int = 1000
     """Adapters one tenant may hold in the store; beyond it uploads are RESOURCE_EXHAUSTED."""
-    max_upload_bytes: int = 256 << 20
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
     """Bytes of all files of one upload; beyond it RESOURCE_EXHAUSTED."""
     adapter_metrics_top_n: int = 20
     """Adapters exported with their own label in per-adapter metrics; the rest count as 'other'."""

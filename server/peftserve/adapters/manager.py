@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from peftserve.engine.request import AdapterRef
 from peftserve.errors import AdapterNotFound, InvalidRequest, quote
 from peftserve.metrics import AdapterMetrics, AdapterSnapshot
 from peftserve.store import AdapterStore, StoredVersion
-from peftserve.store.files import inside, read_regular_file
+from peftserve.store.files import inside
 from peftserve.store.ids import (
     DEFAULT_TENANT,
     full_adapter_id,
@@ -34,7 +34,7 @@ from peftserve.store.ids import (
     version_key,
     version_name,
 )
-from peftserve.store.manifest import AdapterManifest, file_entries
+from peftserve.store.manifest import AdapterManifest, FileEntry, file_entry
 from peftserve.store.peft_files import CONFIG_NAME, WEIGHTS_NAME
 
 from .base_spec import base_spec, validate_for_base
@@ -134,7 +134,7 @@ class AdapterManager:
         return adapter
 
     def manifest_for(
-        self, adapter_id: str, number: int, adapter: NormalizedAdapter, files: Mapping[str, bytes]
+        self, adapter_id: str, number: int, adapter: NormalizedAdapter, files: tuple[FileEntry, ...]
     ) -> AdapterManifest:
         """The manifest of a validated adapter's files as version `number` of adapter_id."""
         ranks = sorted({d.rank for d in adapter.deltas.values() if isinstance(d, LoraDelta)})
@@ -147,8 +147,8 @@ class AdapterManager:
             ranks=tuple(ranks),
             target_modules=tuple(sorted(adapter.deltas)),
             num_virtual_tokens=adapter.prefix.num_virtual_tokens if adapter.prefix is not None else 0,
-            nbytes=sum(len(data) for data in files.values()),
-            files=file_entries(files),
+            nbytes=sum(f.size for f in files),
+            files=files,
             created_at=time.time(),
         )
 
@@ -162,7 +162,7 @@ class AdapterManager:
             raise InvalidRequest(f"adapter id {quote(adapter_id)}: a registration takes no @version")
         folder = Path(path)
         adapter = self.validate(folder, follow_symlinks=True)
-        files = {n: read_regular_file(folder / n, follow_symlinks=True) for n in (CONFIG_NAME, WEIGHTS_NAME)}
+        files = tuple(file_entry(folder / n, follow_symlinks=True) for n in (CONFIG_NAME, WEIGHTS_NAME))
         with self._lock:
             manifest = self.manifest_for(full, self.registry.next_version(full), adapter, files)
             self._add(manifest, folder, None, adapter)

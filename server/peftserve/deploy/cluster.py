@@ -60,7 +60,7 @@ def build_app(config: ClusterConfig, keys: KeyRing | None) -> serve.Application:
         graceful_shutdown_timeout_s=grace_s,
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(replicas.bind(config), keys, engine.store, engine.max_upload_bytes)
+    return ingress.bind(replicas.bind(config), keys, engine)
 
 
 def run_cluster(config: ClusterConfig, keys: KeyRing | None) -> None:

@@ -25,6 +25,7 @@ from peftserve.api.server import ADAPTERS_SERVICE
 from peftserve.api.servicer import InferenceServicer
 from peftserve.api.status import abort
 from peftserve.auth import Authenticator, KeyRing
+from peftserve.config import EngineConfig
 from peftserve.deploy.directory import get_directory
 from peftserve.deploy.remote import RemoteEngine
 from peftserve.deploy.routing import VersionPins
@@ -102,14 +103,16 @@ class ClusterInferenceServicer(InferenceServicer):
 class Ingress:
     """Ray Serve deployment: authenticates, pins versions and routes; holds no model."""
 
-    async def __init__(
-        self, replicas: DeploymentHandle, keys: KeyRing | None, store: str | None, max_upload_bytes: int
-    ) -> None:
-        pins = VersionPins(AdapterStore(store, clean=False) if store else None)
-        self._engine = RemoteEngine(replicas, pins)
+    async def __init__(self, replicas: DeploymentHandle, keys: KeyRing | None, engine: EngineConfig) -> None:
+        store = None
+        if engine.store is not None:  # shared with the replicas: opened without cleaning it
+            store = AdapterStore(
+                engine.store, engine.max_adapters_per_tenant, engine.max_upload_bytes, clean=False
+            )
+        self._engine = RemoteEngine(replicas, VersionPins(store), store)
         auth = Authenticator(keys)
         self._inference = ClusterInferenceServicer(self._engine, auth=auth)  # type: ignore[arg-type]
-        self._admin = AdminServicer(self._engine.admin, auth, max_upload_bytes)  # type: ignore[arg-type]
+        self._admin = AdminServicer(self._engine.admin, auth)  # type: ignore[arg-type]
         self._watch = asyncio.get_running_loop().create_task(self._watch_drain(get_directory()))
 
     async def _watch_drain(self, directory: ActorHandle) -> None:

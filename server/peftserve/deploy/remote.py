@@ -7,16 +7,19 @@ versions, picks the routing id, and turns Ray's failures into peftserve errors.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
+from peftserve.adapters.admin import receive_upload
 from peftserve.deploy.routing import VersionPins, routing_id
 from peftserve.deploy.status import as_peftserve_error
-from peftserve.engine.protocol import AdapterStatus, ModelInfo
+from peftserve.engine.protocol import AdapterStatus, FileChunks, ModelInfo
 from peftserve.engine.request import GenerationRequest, RequestOutput
-from peftserve.errors import Unavailable
+from peftserve.errors import FailedPrecondition, Unavailable
+from peftserve.store import AdapterStore
 from peftserve.store.ids import join_id
 from peftserve.store.manifest import AdapterManifest
 
@@ -34,11 +37,11 @@ async def _remote(call: Awaitable[T]) -> T:
 class RemoteEngine:
     """EngineClient over the engine replicas; tokenize and model_info are async here (the ingress awaits)."""
 
-    def __init__(self, replicas: DeploymentHandle, pins: VersionPins) -> None:
+    def __init__(self, replicas: DeploymentHandle, pins: VersionPins, store: AdapterStore | None) -> None:
         self._replicas = replicas
         self._pins = pins
         self._model_info: ModelInfo | None = None
-        self.admin = RemoteAdmin(replicas)
+        self.admin = RemoteAdmin(replicas, store)
         self.draining = False
         """Set when the cluster stops: new requests are UNAVAILABLE, as on a draining server."""
 
@@ -78,14 +81,26 @@ class RemoteEngine:
 class RemoteAdmin:
     """AdapterAdmin over the replicas: each call goes to a replica that holds the adapter, if one does."""
 
-    def __init__(self, replicas: DeploymentHandle) -> None:
+    def __init__(self, replicas: DeploymentHandle, store: AdapterStore | None) -> None:
         self._replicas = replicas
+        self._store = store
+        """The shared store: uploads are staged in its .tmp/ here, then committed by a replica."""
 
     def _holder(self, tenant: str, name: str) -> DeploymentHandle:
         return self._replicas.options(multiplexed_model_id=join_id(tenant, name))
 
-    async def upload(self, tenant: str, name: str, files: dict[str, bytes]) -> AdapterManifest:
-        return await _remote(self._holder(tenant, name).upload.remote(tenant, name, files))
+    async def upload(self, tenant: str, name: str, files: FileChunks) -> AdapterManifest:
+        if self._store is None:
+            raise FailedPrecondition(
+                "this cluster runs without an adapter store (--store); uploads are disabled"
+            )
+        self._store.check_quota(tenant, name)
+        staged, entries = await receive_upload(self._store, files)
+        try:
+            call = self._holder(tenant, name).commit_upload.remote(tenant, name, str(staged.folder), entries)
+            return await _remote(call)
+        finally:
+            await asyncio.to_thread(staged.discard)  # a no-op once a replica committed it
 
     async def load(self, tenant: str, name: str, pin: bool = False) -> AdapterStatus:
         return await _remote(self._holder(tenant, name).load.remote(tenant, name, pin))

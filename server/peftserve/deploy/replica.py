@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import ray
@@ -34,7 +35,7 @@ from peftserve.errors import AdapterNotFound, FailedPrecondition
 from peftserve.metrics import RequestTrace, ServerMetrics, start_metrics_server
 from peftserve.store import AdapterStore
 from peftserve.store.ids import join_id, split_version
-from peftserve.store.manifest import AdapterManifest
+from peftserve.store.manifest import AdapterManifest, FileEntry
 
 log = logging.getLogger("ray.serve")
 """Ray Serve's logger: its lines reach the replica's log file and the `peftserve cluster` output."""
@@ -140,9 +141,12 @@ class EngineReplica:
 
     # -- Adapters -------------------------------------------------------------------------------
 
-    async def upload(self, tenant: str, name: str, files: dict[str, bytes]) -> AdapterManifest:
+    async def commit_upload(
+        self, tenant: str, name: str, staged: str, files: tuple[FileEntry, ...]
+    ) -> AdapterManifest:
+        """Validate and commit an upload the ingress staged in the shared store's .tmp/."""
         async with self._writing(tenant, name):
-            manifest = await self._admin().upload(tenant, name, files)
+            manifest = await self._admin().commit_upload(tenant, name, Path(staged), files)
         await self._announce("changed", join_id(tenant, name))
         return manifest
 

@@ -75,6 +75,9 @@ class EngineClient(Protocol):
 
 # -- adapter administration: what the admin API needs from the adapter registry ----------------
 
+FileChunks = AsyncIterator[tuple[str, bytes]]
+"""An upload's files as (file name, bytes) chunks, each file's chunks in a row."""
+
 Tier = str
 """Where an adapter version lives now: "disk", "host" (CPU memory cache) or "device" (a slot)."""
 
@@ -96,8 +99,9 @@ class AdapterAdmin(Protocol):
     same message), FailedPrecondition (trained for another base model), CapacityExceeded (quota).
     """
 
-    async def upload(self, tenant: str, name: str, files: dict[str, bytes]) -> AdapterManifest:
-        """Validate completely, then commit a new version atomically; it serves new requests at once."""
+    async def upload(self, tenant: str, name: str, files: FileChunks) -> AdapterManifest:
+        """Write the files to disk as they arrive, validate them completely, then commit a new version
+        atomically; it serves new requests at once. CapacityExceeded as soon as the size cap is passed."""
         ...
 
     async def load(self, tenant: str, name: str, pin: bool = False) -> AdapterStatus:

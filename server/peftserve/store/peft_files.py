@@ -1,18 +1,15 @@
-"""The files a PEFT adapter upload may hold, checked on raw bytes before anything is written or parsed.
+"""The files a PEFT adapter directory may hold: their names, and the config's size and JSON shape.
 
-Plain Python: names, sizes, the config's JSON shape and the safetensors header. What the tensors mean
-(kinds, ranks, the base model) is checked afterwards by normalizing the staged folder (adapters package).
+Plain Python. The safetensors header is checked on raw bytes by safetensors_header.py; what the tensors
+mean (kinds, ranks, the base model) by normalizing the folder (adapters package).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from peftserve.errors import AdapterRejected, quote
-
-from .safetensors_header import check_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -82,19 +79,3 @@ def check_file_name(name: object) -> str:
     if name not in ALLOWED_NAMES:
         raise AdapterRejected(f"unexpected file {quote(name)} (an upload holds {', '.join(ALLOWED_NAMES)})")
     return name
-
-
-def check_upload_files(files: Mapping[str, bytes]) -> dict[str, Any]:
-    """Every check on an upload's raw bytes; returns the parsed config. AdapterRejected names the problem."""
-    if not files:
-        raise AdapterRejected("the upload has no files")
-    for name in files:
-        check_file_name(name)
-    for required in (CONFIG_NAME, WEIGHTS_NAME):
-        if required not in files:
-            raise AdapterRejected(f"the upload has no {required}")
-    if len(files.get(README_NAME, b"")) > MAX_README_BYTES:
-        raise AdapterRejected(f"{README_NAME}: larger than {MAX_README_BYTES} bytes")
-    config = parse_config(files[CONFIG_NAME])
-    check_safetensors(files[WEIGHTS_NAME], WEIGHTS_NAME)
-    return config
