@@ -315,10 +315,13 @@ def test_versions_prune_list_get_delete_and_tenant_scope(admin, good) -> None:
     for name in ("b", "c"):
         upload(admin, good, name=name)
     page, token = asyncio.run(admin.list("acme", 2, ""))
-    assert [s.manifest.adapter_id for s in page] == ["acme/b", "acme/c"] and token == "c"
+    assert [s.manifest.adapter_id for s in page] == ["acme/b", "acme/c"] and token == "acme/c"
     page, token = asyncio.run(admin.list("acme", 2, token))
     assert [s.manifest.adapter_id for s in page] == ["acme/lora"] and token == ""
     assert asyncio.run(admin.list("globex", 10, "")) == ([], "")
+    upload(admin, good, name="g", tenant="globex")
+    every, _ = asyncio.run(admin.list(None, 10, ""))  # local mode: every tenant's
+    assert [s.manifest.adapter_id for s in every] == ["acme/b", "acme/c", "acme/lora", "globex/g"]
     status = asyncio.run(admin.get("acme", "lora"))
     assert status.manifest.version == "v3" and status.tier == "host" and not status.pinned
     with pytest.raises(AdapterNotFound, match="adapter 'globex/lora' not found"):

@@ -85,12 +85,15 @@ class FakeAdmin:
         self._get(tenant, name)
         del self.adapters[tenant, name]
 
-    async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[AdapterStatus], str]:
-        self._record("list", tenant, "")
+    async def list(
+        self, tenant: str | None, page_size: int, page_token: str
+    ) -> tuple[list[AdapterStatus], str]:
+        self._record("list", tenant or "*", "")
         self.page_sizes.append(page_size)
-        names = sorted(n for t, n in self.adapters if t == tenant and n > page_token)
-        page = names[:page_size]
-        return [self.adapters[tenant, n] for n in page], page[-1] if len(names) > page_size else ""
+        ids = sorted(f"{t}/{n}" for t, n in self.adapters if tenant is None or t == tenant)
+        page = [i for i in ids if i > page_token][:page_size]
+        more = len([i for i in ids if i > page_token]) > page_size
+        return [self.adapters[tuple(i.split("/"))] for i in page], page[-1] if more else ""
 
     async def get(self, tenant: str, name: str) -> AdapterStatus:
         self._record("get", tenant, name)

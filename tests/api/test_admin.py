@@ -71,21 +71,30 @@ def test_local_mode_may_name_any_tenant(served: Served, tmp_path: Path) -> None:
     assert manifest.adapter_id == "acme/x" and served.admin.calls == [("upload", "acme", "x")]
 
 
-def test_list_pages_through_the_tenant_only(served: Served, tmp_path: Path) -> None:
+def test_local_mode_lists_every_adapter_a_local_caller_can_use(served: Served, tmp_path: Path) -> None:
     peft_dir = write_peft_dir(tmp_path / "a", weights=b"w")
     with Client(served.address, timeout=5) as client:
         for i in range(5):
             client.upload_adapter(peft_dir, f"a{i}")
-        client.upload_adapter(peft_dir, "other/hidden")
+        client.upload_adapter(peft_dir, "other/stored")  # a local caller may name it: it is listed
         first = client.list_adapters(page_size=2)
         second = client.list_adapters(page_size=2, page_token=first.next_page_token)
         every = [s.adapter_id for s in client.iter_adapters(page_size=2)]
         default_size = client.list_adapters()
     assert [s.adapter_id for s in first.adapters] == ["default/a0", "default/a1"] and first.next_page_token
     assert [s.adapter_id for s in second.adapters] == ["default/a2", "default/a3"]
-    assert every == [f"default/a{i}" for i in range(5)]
-    assert default_size.next_page_token == "" and len(default_size.adapters) == 5
+    assert every == [*(f"default/a{i}" for i in range(5)), "other/stored"]
+    assert default_size.next_page_token == "" and len(default_size.adapters) == 6
     assert served.admin.page_sizes[-1] == 100
+
+
+def test_a_keyed_caller_lists_its_own_tenant_only(keyed: Served, tmp_path: Path) -> None:
+    peft_dir = write_peft_dir(tmp_path / "a", weights=b"w")
+    with Client(keyed.address, timeout=5, api_key=keyed.api_keys["acme"]) as acme:
+        acme.upload_adapter(peft_dir, "mine")
+    with Client(keyed.address, timeout=5, api_key=keyed.api_keys["globex"]) as globex:
+        globex.upload_adapter(peft_dir, "theirs")
+        assert [s.adapter_id for s in globex.iter_adapters()] == ["globex/theirs"]
 
 
 def test_async_client_runs_every_admin_call(served: Served, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import TypeVar
 
-from peftserve.engine.protocol import AdapterStatus, FileChunks
+from peftserve.engine.protocol import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AdapterStatus, FileChunks
 from peftserve.errors import AdapterNotFound, FailedPrecondition, InvalidRequest, PeftServeError, quote
 from peftserve.store import AdapterStore, StoredVersion
 from peftserve.store.ids import check_part, join_id, parse_version, split_id, version_key
@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 EngineCall = Callable[[Callable[[], T]], Awaitable[T]]
 """Runs a function on the engine thread between steps and returns its result (AsyncEngine.run_on_engine)."""
-
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
 async def receive_upload(
@@ -120,23 +117,24 @@ class AdapterAdminService:
         await self._run_on_engine(self.manager.apply_drops)
         log.info("deleted adapter %s", adapter_id)
 
-    async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[AdapterStatus], str]:
-        check_part(tenant, "tenant")
+    async def list(
+        self, tenant: str | None, page_size: int, page_token: str
+    ) -> tuple[list[AdapterStatus], str]:
+        if tenant is not None:
+            check_part(tenant, "tenant")
         if page_size < 0:
             raise InvalidRequest(f"page_size must be >= 0, got {page_size}")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        if page_token:
-            check_part(page_token, "page_token")
-        names = self.manager.names(tenant)
-        start = bisect.bisect_right(names, page_token) if page_token else 0
-        page = names[start : start + size]
+        ids = self.manager.adapter_ids(tenant)
+        start = bisect.bisect_right(ids, page_token) if page_token else 0
+        page = ids[start : start + size]
         statuses = []
-        for name in page:
+        for adapter_id in page:
             try:
-                statuses.append(self.manager.status(f"{tenant}/{name}"))
-            except AdapterNotFound:  # deleted since names() was read
+                statuses.append(self.manager.status(adapter_id))
+            except AdapterNotFound:  # deleted since the ids were read
                 continue
-        more = start + size < len(names)
+        more = start + size < len(ids)
         return statuses, page[-1] if more and page else ""
 
     async def get(self, tenant: str, name: str) -> AdapterStatus:

@@ -351,6 +351,11 @@ class AdapterManager:
         with self._lock:
             return self.registry.names(tenant)
 
+    def adapter_ids(self, tenant: str | None = None) -> list[str]:
+        """Full ids of the tenant's adapters (every tenant's when None), sorted."""
+        with self._lock:
+            return self.registry.adapter_ids(tenant)
+
     def pinned_versions(self, adapter_id: str) -> list[str]:
         with self._lock:
             return [r.key for r in self.registry.versions(adapter_id) if self.slots.is_pinned(r.key)]

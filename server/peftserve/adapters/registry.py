@@ -112,6 +112,10 @@ class AdapterRegistry:
         """The tenant's adapter names, sorted."""
         return sorted(split_id(i)[1] for i in self._live if split_id(i)[0] == tenant)
 
+    def adapter_ids(self, tenant: str | None = None) -> list[str]:
+        """Full ids of the tenant's adapters (every tenant's when None), sorted."""
+        return sorted(i for i in self._live if tenant is None or split_id(i)[0] == tenant)
+
     def __len__(self) -> int:
         return len(self._live)
 

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from peftserve import __version__
-from peftserve.engine.protocol import AdapterStatus, ModelInfo
+from peftserve.engine.protocol import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AdapterStatus, ModelInfo
 from peftserve.engine.request import (
     MAX_MIXTURE_ADAPTERS,
     AdapterRef,
@@ -22,8 +22,6 @@ from peftserve.store.manifest import AdapterManifest
 from peftserve_client._proto import peftserve_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 _OPTIONAL_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "repetition_penalty")
 _FLOAT_SAMPLING = frozenset({"temperature", "top_p", "repetition_penalty"})
