@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from peftserve.engine.protocol import EngineStats, ModelInfo
 from peftserve.engine.request import FinishReason, GenerationRequest, RequestOutput
-from peftserve.errors import AdapterNotFound, CapacityExceeded, Unavailable
+from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, Unavailable
 
 VOCAB_SIZE = 256
 """Token id = byte value of the prompt's UTF-8 encoding."""
@@ -36,6 +36,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         """Ids of requests whose stream was closed before they finished."""
         self.running = 0
+        self.has_chat_template = True
 
     @property
     def model_info(self) -> ModelInfo:
@@ -59,6 +60,12 @@ class FakeEngine:
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
         return [bytes([t]).decode("latin-1") for t in token_ids]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """'role: content' lines, then 'assistant:'; InvalidRequest when has_chat_template is off."""
+        if not self.has_chat_template:
+            raise InvalidRequest("this model has no chat template")
+        return self.tokenize("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
 
     def stats(self) -> EngineStats:
         return EngineStats(waiting=0, running=self.running, kv_blocks_used=self.running, kv_blocks_free=7)
