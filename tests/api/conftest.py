@@ -111,9 +111,48 @@ def served() -> Iterator[Served]:
 @pytest.fixture
 def keyed() -> Iterator[Served]:
     """A server that needs API keys: those of KEYS, in served.api_keys."""
-    ring, api_keys = KeyRing(), {}
-    for name, (tenant, scopes) in KEYS.items():
-        ring, api_keys[name] = ring.add(tenant, scopes)
+    ring, api_keys = _keyed_ring()
     with serving(ring) as s:
         s.api_keys = api_keys
         yield s
+
+
+def _keyed_ring() -> tuple[KeyRing, dict[str, str]]:
+    ring, api_keys = KeyRing(), {}
+    for name, (tenant, scopes) in KEYS.items():
+        ring, api_keys[name] = ring.add(tenant, scopes)
+    return ring, api_keys
+
+
+@pytest.fixture(scope="module")
+def shared_local() -> Iterator[Served]:
+    """One local-mode server for a whole module (use `local`, which resets its fakes per test)."""
+    with serving() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def shared_keyed() -> Iterator[Served]:
+    """One server with the KEYS for a whole module (use `with_keys`, which resets its fakes per test)."""
+    ring, api_keys = _keyed_ring()
+    with serving(ring) as s:
+        s.api_keys = api_keys
+        yield s
+
+
+def _reset(s: Served) -> Served:
+    """The shared server's fakes as new: knobs off, nothing recorded, no adapters stored; serving."""
+    type(s.engine).__init__(s.engine)
+    type(s.admin).__init__(s.admin)
+    s.call(s.health.mark_serving())
+    return s
+
+
+@pytest.fixture
+def local(shared_local: Served) -> Served:
+    return _reset(shared_local)
+
+
+@pytest.fixture
+def with_keys(shared_keyed: Served) -> Served:
+    return _reset(shared_keyed)

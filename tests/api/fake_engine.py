@@ -28,6 +28,10 @@ class FakeEngine:
         """Sleep before each token, so streams can be cancelled mid-way."""
         self.fail_with: Exception | None = None
         """Raised at the first iteration of the next generate() calls."""
+        self.fail_next: list[Exception] = []
+        """Raised at the first iteration of the next calls, one each, before fail_with."""
+        self.fail_mid_stream: Exception | None = None
+        """Raised after the first token of the next calls."""
         self.queue_full = False
         self.draining = False
         self.admin = None
@@ -37,6 +41,8 @@ class FakeEngine:
         """Ids of requests whose stream was closed before they finished."""
         self.running = 0
         self.has_chat_template = True
+        self.attempts = 0
+        """generate() calls that reached admission, failed or not."""
 
     @property
     def model_info(self) -> ModelInfo:
@@ -85,6 +91,9 @@ class FakeEngine:
 
     def _admit(self, request: GenerationRequest) -> None:
         """The checks a real engine does before queueing a request."""
+        self.attempts += 1
+        if self.fail_next:
+            raise self.fail_next.pop(0)
         if self.fail_with is not None:
             raise self.fail_with
         if self.draining:
@@ -109,6 +118,8 @@ class FakeEngine:
                     await asyncio.sleep(self.token_delay_s)
                 token = prompt[i % len(prompt)]
                 reason = None
+                if i == 1 and self.fail_mid_stream is not None:
+                    raise self.fail_mid_stream
                 if token in sampling.stop_token_ids:
                     reason = FinishReason.STOP
                 elif i + 1 == sampling.max_new_tokens:
