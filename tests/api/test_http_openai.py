@@ -32,7 +32,11 @@ def test_completion_of_a_text_prompt(local: Served) -> None:
     result = client(local).completions.create(model="fake", prompt="hello", max_tokens=7)
     choice = result.choices[0]
     assert (choice.text, choice.finish_reason, choice.index) == ("hellohe", "length", 0)
-    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (5, 7, 12)
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (
+        5,
+        7,
+        12,
+    )
     assert result.object == "text_completion" and result.model == "fake" and result.id.startswith("cmpl-")
     (request,) = local.engine.requests
     # OpenAI's defaults where the body is silent: temperature 1; the caller's tenant is set.

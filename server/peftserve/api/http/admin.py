@@ -66,6 +66,7 @@ def admin_router(front: HttpFront, admin: AdapterAdmin) -> APIRouter:
         return front.caller(request.headers, Scope.ADMIN)
 
     @router.get("")
+    @router.get("/", include_in_schema=False)
     async def list_adapters(request: Request, page_size: int = 0, page_token: str = "") -> dict[str, Any]:
         page, token = await admin.list(caller(request).tenant, convert.page_size(page_size), page_token)
         return {"object": "list", "data": [status_json(s) for s in page], "next_page_token": token}
