@@ -2,7 +2,8 @@
 
 Scenarios (each system of a scenario gets the identical trace):
 
-    main      the configured workload: peftserve, base (the limit), PEFT static batches, PEFT one at a time
+    main      the configured workload: peftserve over gRPC and over HTTP, base (the limit), PEFT static
+              batches, PEFT one at a time
     adapters  the sweep: peftserve (and PEFT batches up to peft_max_adapters) per adapter count, the base
               once, and peftserve with mixed ranks at the largest count
     load      peftserve and base at arrival rates that are fractions of peftserve's saturated req/s
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from peftserve.bench import grpc_system
+from peftserve.bench import grpc_system, http_system
 from peftserve.bench.adapters import PublishedPool, publish_pool, registration_flags
 from peftserve.bench.config import BenchConfig, WorkloadSpec
 from peftserve.bench.machine import CpuSample, cpu_sample, environment, other_cores, peak_matmul_rate
@@ -146,6 +147,8 @@ def serve_args(
     ]  # fmt: skip
     if config.threads:
         args += ["--threads", str(config.threads)]
+    if "peftserve-http" in config.systems:
+        args += ["--http-port", "0"]
     return args + registration_flags(pools)
 
 
@@ -163,6 +166,8 @@ class Bench:
         """Prompt ids: past the tokenizer's specials, known to both the tokenizer and the model."""
         self.server: ServerProcess | None = None
         self.address = ""
+        self.http_url = ""
+        """Root of the server's HTTP API when peftserve-http runs."""
         self.peft: PeftBaseline | None = None
         self.published: dict[str, PublishedPool] = {}
 
@@ -225,9 +230,15 @@ class Bench:
         return run
 
     def peftserve(
-        self, scenario: str, trace: Sequence[TraceRequest], pool: str | None, n: int | None, system: str = ""
+        self,
+        scenario: str,
+        trace: Sequence[TraceRequest],
+        pool: str | None,
+        n: int | None,
+        system: str = "",
+        http: bool = False,
     ) -> Run:
-        """The trace over gRPC: on the pool's adapters, or on the base model when pool is None."""
+        """The trace over gRPC, or over HTTP: on the pool's adapters, or on the base model if pool is None."""
         job = Job(scenario, system or ("base" if pool is None else "peftserve"), trace, pool, n)
         ids = self.published[pool].ids if pool else None
         server = self.server
@@ -235,7 +246,10 @@ class Bench:
 
         def measure() -> tuple[list[RequestRecord], dict[str, float] | None]:
             before = server.adapter_counters()
-            records = grpc_system.run_trace(self.address, trace, ids)
+            if http:
+                records = http_system.run_trace(self.http_url, trace, ids)
+            else:
+                records = grpc_system.run_trace(self.address, trace, ids)
             after = server.adapter_counters()
             events = {k: v - (before or {}).get(k, 0.0) for k, v in after.items()} if after else None
             return records, events
@@ -274,6 +288,10 @@ class Bench:
         self.address = self.server.wait_ready(config.server_timeout_s)
         main = self.published[config.main_pool.tenant]
         grpc_system.warm_up(self.address, main.ids[:2])
+        if "peftserve-http" in config.systems:
+            assert self.server.http_url is not None, "the server logged no HTTP address"
+            self.http_url = self.server.http_url
+            http_system.warm_up(self.http_url, main.ids[:2])
         if self.peft is not None:
             warm = [TraceRequest(i, 0.0, 0, (5, 6, 7, 8), 3) for i in range(2)]
             names = [min(self.peft.names)]
@@ -346,6 +364,8 @@ def _main(bench: Bench, trace: list[TraceRequest]) -> None:
     config, tenant = bench.config, bench.config.main_pool.tenant
     n = config.workload.num_adapters
     bench.peftserve("main", trace, tenant, n)
+    if "peftserve-http" in config.systems:
+        bench.peftserve("main", trace, tenant, n, system="peftserve-http", http=True)
     if "base" in config.systems:
         bench.peftserve("main", trace, None, None)
     for system in ("peft-batched", "peft-sequential"):
