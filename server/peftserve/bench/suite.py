@@ -184,16 +184,25 @@ class Bench:
 
     def _run(self, job: Job, measure: Measure) -> Run:
         """Measure the job `repeats` times, keep the try other processes disturbed least."""
-        tries = []
+        return self.run_in_turns([(job, measure)])[0]
+
+    def run_in_turns(self, jobs: Sequence[tuple[Job, Measure]]) -> list[Run]:
+        """Measure each job `repeats` times, the jobs taking turns (so a burst of other load on a shared
+        machine hits them alike), and keep each job's least disturbed try."""
+        tries: list[list[Run]] = [[] for _ in jobs]
         for _ in range(self.config.repeats):
-            started, cpu_before = time.perf_counter(), self._cpu()
-            records, events = measure()
-            tries.append(self._summarize(job, records, events, started, cpu_before))
-        run = min(tries, key=lambda r: (r.other_cores or 0.0, -r.metrics.tokens_per_s))
-        if len(tries) > 1:
-            run.note = "; ".join(filter(None, [run.note, f"least disturbed of {len(tries)}"]))
-        self.runs.append(run)
-        return run
+            for (job, measure), job_tries in zip(jobs, tries, strict=True):
+                started, cpu_before = time.perf_counter(), self._cpu()
+                records, events = measure()
+                job_tries.append(self._summarize(job, records, events, started, cpu_before))
+        runs = []
+        for job_tries in tries:
+            run = min(job_tries, key=lambda r: (r.other_cores or 0.0, -r.metrics.tokens_per_s))
+            if len(job_tries) > 1:
+                run.note = "; ".join(filter(None, [run.note, f"least disturbed of {len(job_tries)}"]))
+            self.runs.append(run)
+            runs.append(run)
+        return runs
 
     def _summarize(
         self,
@@ -230,6 +239,12 @@ class Bench:
         return run
 
     def peftserve(
+        self, scenario: str, trace: Sequence[TraceRequest], pool: str | None, n: int | None, system: str = ""
+    ) -> Run:
+        """The trace over gRPC: on the pool's adapters, or on the base model when pool is None."""
+        return self._run(*self.peftserve_job(scenario, trace, pool, n, system))
+
+    def peftserve_job(
         self,
         scenario: str,
         trace: Sequence[TraceRequest],
@@ -237,8 +252,8 @@ class Bench:
         n: int | None,
         system: str = "",
         http: bool = False,
-    ) -> Run:
-        """The trace over gRPC, or over HTTP: on the pool's adapters, or on the base model if pool is None."""
+    ) -> tuple[Job, Measure]:
+        """The trace over gRPC, or over HTTP, as a job to measure (see peftserve)."""
         job = Job(scenario, system or ("base" if pool is None else "peftserve"), trace, pool, n)
         ids = self.published[pool].ids if pool else None
         server = self.server
@@ -254,7 +269,7 @@ class Bench:
             events = {k: v - (before or {}).get(k, 0.0) for k, v in after.items()} if after else None
             return records, events
 
-        return self._run(job, measure)
+        return job, measure
 
     def peft_run(self, scenario: str, system: str, trace: Sequence[TraceRequest], pool: str, n: int) -> Run:
         """One of the PEFT policies on the trace (peft-batched or peft-sequential)."""
@@ -363,9 +378,10 @@ def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteRes
 def _main(bench: Bench, trace: list[TraceRequest]) -> None:
     config, tenant = bench.config, bench.config.main_pool.tenant
     n = config.workload.num_adapters
-    bench.peftserve("main", trace, tenant, n)
-    if "peftserve-http" in config.systems:
-        bench.peftserve("main", trace, tenant, n, system="peftserve-http", http=True)
+    jobs = [bench.peftserve_job("main", trace, tenant, n)]
+    if "peftserve-http" in config.systems:  # taking turns with gRPC: the two front doors compare fairly
+        jobs.append(bench.peftserve_job("main", trace, tenant, n, system="peftserve-http", http=True))
+    bench.run_in_turns(jobs)
     if "base" in config.systems:
         bench.peftserve("main", trace, None, None)
     for system in ("peft-batched", "peft-sequential"):

@@ -25,6 +25,8 @@ def _only(*neutral: object, message: str) -> AfterValidator:
     return AfterValidator(lambda value: _check_neutral(value, (None, *neutral), message))
 
 
+Int32 = Annotated[int, Field(ge=-(2**31), lt=2**31)]
+"""The gRPC API's int32 range: values in it are the engine's to check, with gRPC's messages."""
 _PENALTY = "only 0 is supported: use repetition_penalty (an extra body field)"
 _TOP_LOGPROBS = "only 0 is supported: each generated token's own log-probability, no alternatives"
 
@@ -45,7 +47,7 @@ class _Generation(_Body):
     """The base model's id, or an adapter: 'tenant/name', 'name' (the caller's tenant), '...@v2'."""
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -56,10 +58,10 @@ class _Generation(_Body):
     frequency_penalty: Annotated[float | None, _only(0, message=_PENALTY)] = None
     logit_bias: Annotated[dict[str, float] | None, _only({}, message="logit_bias is not supported")] = None
     # peftserve's own options (extra_body)
-    top_k: int | None = None
+    top_k: Int32 | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int32] | None = None
     adapters: dict[str, float] | None = None
     """A weighted LoRA mixture {adapter id: weight}, computed unmerged; model then names the base model."""
 
@@ -67,9 +69,9 @@ class _Generation(_Body):
 class CompletionRequest(_Generation):
     """POST /v1/completions."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[Int32] | list[str] | list[list[Int32]]
     """Text or token ids; a list of several prompts is refused (one prompt per request)."""
-    max_tokens: int | None = None
+    max_tokens: Int32 | None = None
     logprobs: Annotated[int | None, _only(0, message=_TOP_LOGPROBS)] = None
     """0: each generated token's own log-probability (tokens, token_logprobs, text_offset)."""
     echo: Annotated[bool | None, _only(False, message="echo is not supported")] = None
@@ -91,8 +93,8 @@ class ChatCompletionRequest(_Generation):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int32 | None = None
+    max_completion_tokens: Int32 | None = None
     """OpenAI's newer name of max_tokens; give one of them."""
     logprobs: bool = False
     top_logprobs: Annotated[int | None, _only(0, message=_TOP_LOGPROBS)] = None
