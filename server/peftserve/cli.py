@@ -95,7 +95,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(config, keys=keys, keys_file=Path(args.keys_file) if args.keys_file else None))
-    except (PeftServeError, ValueError) as e:  # a TLS file that does not load; a bad model directory ...
+    except (PeftServeError, ValueError, OSError) as e:  # a TLS file that does not load, a port in use ...
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -97,8 +97,16 @@ def test_the_sdk_connects_with_the_ca(tls_server: TlsServer, pki: Pki) -> None:
     assert asyncio.run(run()) == "async"
 
 
-def test_cli_commands_take_the_ca(tls_server: TlsServer, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_commands_take_the_ca_as_a_flag_or_from_the_environment(
+    tls_server: TlsServer, pki: Pki, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli_main(["health", "--address", tls_server.address, "--tls-ca", str(pki.ca.cert)]) == 0
+    monkeypatch.setenv("PEFTSERVE_TLS_CA", str(pki.ca.cert))
+    assert (
+        cli_main(["generate", "--address", tls_server.address, "--prompt", "env", "--max-new-tokens", "3"])
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines()[-1] == "env"
 
 
 def test_openai_and_health_over_https(tls_server: TlsServer, pki: Pki) -> None:
