@@ -71,7 +71,7 @@ def inference_router(front: HttpFront) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["inference"])
 
     async def generate(
-        request: Request, build: Build, writer_class: type[translate._Writer], stream: bool, usage: bool
+        request: Request, build: Build, writer_class: type[translate.Writer], stream: bool, usage: bool
     ) -> Response:
         """Run one request: a whole JSON response, or server-sent events once the first output is there.
 

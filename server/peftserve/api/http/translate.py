@@ -186,7 +186,7 @@ def merged(outputs: Sequence[RequestOutput]) -> RequestOutput:
     )
 
 
-class _Writer:
+class Writer:
     """The response objects of one request: ids and creation time fixed once, chunks built per output."""
 
     id_prefix = ""
@@ -235,7 +235,7 @@ class _Writer:
         return list(zip(self._token_strings(list(output.token_ids)), output.logprobs or (), strict=True))
 
 
-class CompletionWriter(_Writer):
+class CompletionWriter(Writer):
     """text_completion objects; logprobs in the legacy shape (tokens, token_logprobs, text_offset)."""
 
     id_prefix = "cmpl"
@@ -272,7 +272,7 @@ class CompletionWriter(_Writer):
         }
 
 
-class ChatWriter(_Writer):
+class ChatWriter(Writer):
     """chat.completion objects; the first streamed delta carries the assistant role."""
 
     id_prefix = "chatcmpl"
