@@ -89,6 +89,9 @@ class FakeAdmin:
         self._record("get", tenant, name)
         return self._get(tenant, name)
 
+    async def tenants(self) -> list[str]:
+        return sorted({t for t, _ in self.adapters})
+
     def _record(self, method: str, tenant: str, name: str) -> None:
         self.calls.append((method, tenant, name))
         if self.fail_with is not None:

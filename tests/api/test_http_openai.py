@@ -276,3 +276,16 @@ def test_models_list_the_base_and_the_tenants_adapters(with_keys: Served, tmp_pa
     assert c.models.retrieve("fake").owned_by == "peftserve"
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("globex/secret")
+
+
+def test_models_without_keys_list_every_tenants_adapters(local: Served, tmp_path) -> None:
+    with Client(local.address, timeout=10) as grpc_client:
+        for adapter_id in ("acme/support", "globex/support", "tone"):
+            grpc_client.upload_adapter(write_peft_dir(tmp_path / adapter_id), adapter_id)
+    models = client(local).models.list().data
+    assert [(m.id, m.owned_by) for m in models] == [
+        ("fake", "peftserve"),
+        ("acme/support", "acme"),
+        ("default/tone", "default"),
+        ("globex/support", "globex"),
+    ]

@@ -112,6 +112,9 @@ class AdapterAdminService:
     async def get(self, tenant: str, name: str) -> AdapterStatus:
         return self.manager.status(join_id(tenant, name))
 
+    async def tenants(self) -> list[str]:
+        return self.manager.tenants()
+
     # -- worker threads -------------------------------------------------------------------------
 
     def _commit(self, adapter_id: str, files: dict[str, bytes]) -> StoredVersion:

@@ -354,6 +354,10 @@ class AdapterManager:
         with self._lock:
             return self.registry.names(tenant)
 
+    def tenants(self) -> list[str]:
+        with self._lock:
+            return self.registry.tenants()
+
     def pinned_versions(self, adapter_id: str) -> list[str]:
         with self._lock:
             return [r.key for r in self.registry.versions(adapter_id) if self.slots.is_pinned(r.key)]

@@ -112,6 +112,10 @@ class AdapterRegistry:
         """The tenant's adapter names, sorted."""
         return sorted(split_id(i)[1] for i in self._live if split_id(i)[0] == tenant)
 
+    def tenants(self) -> list[str]:
+        """Tenants with at least one adapter, sorted."""
+        return sorted({split_id(i)[0] for i in self._live})
+
     def __len__(self) -> int:
         return len(self._live)
 

@@ -119,12 +119,14 @@ def inference_router(front: HttpFront) -> APIRouter:
 
     @router.get("/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        """The base model, then every adapter of the caller's tenant."""
+        """The base model, then every adapter the caller may use: its tenant's, or all without keys."""
         caller = front.caller(request.headers, Scope.INFER)
         info = front.engine.model_info
         data = [_base_model(info, front.started_at)]
         if front.admin is not None:
-            data += [_adapter_model(s, info) for s in await _all_adapters(front.admin, caller.tenant)]
+            tenants = await front.admin.tenants() if caller.local_mode else [caller.tenant]
+            for tenant in tenants:
+                data += [_adapter_model(s, info) for s in await _all_adapters(front.admin, tenant)]
         return {"object": "list", "data": data}
 
     @router.get("/models/{model:path}")
