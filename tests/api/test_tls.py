@@ -32,7 +32,7 @@ from peftserve.config import ServerConfig, TlsConfig
 
 configure_logging("INFO")
 cert, key, client_ca = sys.argv[1], sys.argv[2], sys.argv[3] or None
-config = ServerConfig(port=0, http_port=0, grace_s=1, tls=TlsConfig(cert, key, client_ca))
+config = ServerConfig(port=0, http_port=0, metrics_port=0, grace_s=1, tls=TlsConfig(cert, key, client_ca))
 asyncio.run(serve(config, lambda _: FakeEngine()))
 """
 
@@ -61,7 +61,9 @@ class TlsServer:
         self.process = ServerProcess(argv, env=source_env(Path(__file__).parent))
         self.address = self.process.wait_ready(timeout_s=30)
         assert self.process.http_url is not None and self.process.http_url.startswith("https://")
+        assert self.process.metrics_url is not None and self.process.metrics_url.startswith("https://")
         self.url = self.process.http_url
+        self.metrics_url = self.process.metrics_url
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +111,10 @@ def test_cli_commands_take_the_ca_as_a_flag_or_from_the_environment(
     assert capsys.readouterr().out.splitlines()[-1] == "env"
 
 
-def test_openai_and_health_over_https(tls_server: TlsServer, pki: Pki) -> None:
+def test_openai_health_and_metrics_over_https(tls_server: TlsServer, pki: Pki) -> None:
     with https(pki.ca.cert) as http:
         assert http.get(f"{tls_server.url}/health").json() == {"status": "SERVING"}
+        assert "peftserve_requests_total" in http.get(tls_server.metrics_url).text
         c = openai.OpenAI(base_url=f"{tls_server.url}/v1", api_key="k", http_client=http, max_retries=0)
         assert c.completions.create(model="fake", prompt="https", max_tokens=5).choices[0].text == "https"
 
@@ -125,8 +128,9 @@ def test_plaintext_and_untrusting_clients_fail(tls_server: TlsServer, pki: Pki) 
     ):
         wrong.health()
     plain_url = tls_server.url.replace("https://", "http://")
-    with pytest.raises(httpx2.HTTPError):
-        httpx2.get(f"{plain_url}/health", timeout=5)
+    for url in (f"{plain_url}/health", tls_server.metrics_url.replace("https://", "http://")):
+        with pytest.raises(httpx2.HTTPError):
+            httpx2.get(url, timeout=5)
     with https(pki.other_ca.cert) as wrong, pytest.raises(httpx2.ConnectError):
         wrong.get(f"{tls_server.url}/health")
 
@@ -142,14 +146,16 @@ def test_mutual_tls_refuses_clients_without_a_certificate_of_the_ca(mtls_server:
         assert client.health() == "SERVING"
     with https(pki.ca.cert, pki.client) as http:
         assert http.get(f"{mtls_server.url}/health").status_code == 200
+        assert http.get(mtls_server.metrics_url).status_code == 200
 
     for cert in (None, pki.other_client):
         files = {"cert_file": cert.cert, "key_file": cert.key} if cert else {}
         with Client(mtls_server.address, timeout=5, ca_file=pki.ca.cert, **files) as refused:
             with pytest.raises(PeftServeError):
                 refused.health()
-        with https(pki.ca.cert, cert) as refused, pytest.raises(httpx2.HTTPError):
-            refused.get(f"{mtls_server.url}/health")
+        for url in (f"{mtls_server.url}/health", mtls_server.metrics_url):
+            with https(pki.ca.cert, cert) as refused, pytest.raises(httpx2.HTTPError):
+                refused.get(url)
 
 
 def _wait_for_log(server: ServerProcess, text: str, timeout_s: float = 10.0) -> None:
@@ -194,9 +200,10 @@ def test_sighup_rereads_certificate_key_and_client_ca(pki: Pki, tmp_path: Path) 
             assert client.health() == "SERVING"
         with Client(server.address, timeout=5, **old) as client, pytest.raises(PeftServeError):
             client.health()
-        with https(pki.other_ca.cert, pki.other_client) as http:
-            assert http.get(f"{server.url}/health").status_code == 200
-        with https(pki.ca.cert, pki.client) as http, pytest.raises(httpx2.HTTPError):
-            http.get(f"{server.url}/health")
+        for url in (f"{server.url}/health", server.metrics_url):
+            with https(pki.other_ca.cert, pki.other_client) as http:
+                assert http.get(url).status_code == 200
+            with https(pki.ca.cert, pki.client) as http, pytest.raises(httpx2.HTTPError):
+                http.get(url)
     finally:
         server.process.stop()

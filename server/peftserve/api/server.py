@@ -99,8 +99,11 @@ async def serve(
     engine = await loop.run_in_executor(None, engine_factory, config.engine)
     metrics = ServerMetrics(engine)
     if config.metrics_port is not None:
-        http = start_metrics_server(config.metrics_port, metrics.registry, host=config.host)
-        logger.info("metrics on http://%s:%d/metrics", config.host, http.server_port)
+        http = start_metrics_server(config.metrics_port, metrics.registry, host=config.host, tls=config.tls)
+        if tls is not None:
+            tls.follow(http.socket.context)
+        scheme = "https" if tls is not None else "http"
+        logger.info("metrics on %s://%s:%d/metrics", scheme, config.host, http.server_port)
     health = ServingHealth()
     auth = Authenticator(keys)
     server, port = await create_server(

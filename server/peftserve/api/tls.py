@@ -1,10 +1,10 @@
 """The server's TLS material, one source for both listeners, re-read on SIGHUP.
 
 gRPC takes it through dynamic server credentials: grpc asks `_fetch` at each new connection and gets
-a new configuration once after a reload. HTTP (uvicorn) listens with one SSLContext whose SNI callback
-hands every new connection the current context, so a reload replaces the certificate, the key and the
-client CA together (SSLContext cannot forget a CA once loaded, so the context is rebuilt, not mutated).
-Connections already open keep what they negotiated.
+a new configuration once after a reload. HTTP (uvicorn, and the metrics port) listens with an SSLContext
+whose SNI callback hands every new connection the current context, so a reload replaces the certificate,
+the key and the client CA together (SSLContext cannot forget a CA once loaded, so the context is rebuilt,
+not mutated). Connections already open keep what they negotiated.
 """
 
 from __future__ import annotations
@@ -92,7 +92,10 @@ class ServerTls:
 
     def ssl_context(self) -> ssl.SSLContext:
         """The listening context of the HTTP server: each new connection gets the current context."""
-        listening = self._material.context
+        return self.follow(self._material.context)
+
+    def follow(self, listening: ssl.SSLContext) -> ssl.SSLContext:
+        """Make the connections a listening context accepts use the current material (after reloads)."""
         listening.sni_callback = self._use_current
         return listening
 

@@ -24,7 +24,7 @@ import peftserve
 import peftserve_client
 
 READY = re.compile(r"peftserve serving \S+ on (\S+):(\d+)")
-METRICS = re.compile(r"metrics on (http://\S+/metrics)")
+METRICS = re.compile(r"metrics on (https?://\S+/metrics)")
 HTTP_API = re.compile(r"HTTP API on (https?://\S+)/v1")
 ADAPTER_COUNTER = re.compile(r"adapter.*(load|evict)")
 """Counter families counted as adapter loads/evictions, e.g. peftserve_adapter_loads_total."""
