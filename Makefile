@@ -26,9 +26,10 @@ model: install
 demo: model
 	$(VENV)/bin/peftserve train demo --out $(DEMO_DIR)
 
-# Every <tenant>/<name> folder of the demo is served under that id.
+# Every <tenant>/<name> folder of the demo is served under that id; the OpenAI-compatible HTTP API on HTTP_PORT.
+HTTP_PORT ?= 8000
 run: demo
-	$(VENV)/bin/peftserve serve $$(cd $(DEMO_DIR) && for d in */*/; do \
+	$(VENV)/bin/peftserve serve --http-port $(HTTP_PORT) $$(cd $(DEMO_DIR) && for d in */*/; do \
 	    printf -- '--adapter %s=%s ' "$${d%/}" "$(DEMO_DIR)/$${d%/}"; done) $(ARGS)
 
 test: model
