@@ -8,12 +8,16 @@ arrives (the request then holds the versions it resolved to, whatever is uploade
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future
 
 from peftserve.engine.request import AdapterRef
 from peftserve.engine.scheduler import StepPlan
 from peftserve.engine.sequence import Sequence
+from peftserve.errors import CapacityExceeded
+
+log = logging.getLogger(__name__)
 
 
 class AdapterBinding:
@@ -67,16 +71,32 @@ class AdapterBinding:
 
     # -- steps (engine thread) ------------------------------------------------------------------
 
-    def on_plan(self, plan: StepPlan) -> None:
-        """Apply pending device drops, release preempted sequences' slots, acquire admitted ones'."""
+    def on_plan(self, plan: StepPlan) -> list[Sequence]:
+        """Apply pending device drops, release preempted sequences' slots, acquire admitted ones'.
+
+        Returns the admitted sequences whose adapters could not be placed (none while the scheduler's
+        slot budget and the slots agree): they hold nothing, and the engine puts them back in the queue.
+        """
         self.manager.apply_drops()
         for seq in plan.preempted:
             self._release_slots(seq)
+        unplaced = []
         for seq in plan.admitted:
-            if seq.deltas:
-                self._slots[seq] = tuple(
-                    (self.manager.acquire(ref.adapter_id), ref.weight) for ref in seq.deltas
-                )
+            if not seq.deltas:
+                continue
+            held: list[tuple[int, float]] = []
+            try:
+                for ref in seq.deltas:
+                    held.append((self.manager.acquire(ref.adapter_id), ref.weight))
+            except CapacityExceeded:
+                for ref in seq.deltas[: len(held)]:
+                    self.manager.release(ref.adapter_id)
+                log.error("request %s: no device slot for %s; it goes back to the queue", seq.request_id,
+                          ", ".join(seq.slot_adapters))  # fmt: skip
+                unplaced.append(seq)
+                continue
+            self._slots[seq] = tuple(held)
+        return unplaced
 
     def _release_slots(self, seq: Sequence) -> None:
         if self._slots.pop(seq, None) is not None:
