@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -30,30 +31,13 @@ from peftserve.store.manifest import AdapterManifest
 
 
 def manifest_json(manifest: AdapterManifest) -> dict[str, Any]:
-    """The fields of the gRPC AdapterManifest message."""
-    return {
-        "adapter_id": manifest.adapter_id,
-        "version": manifest.version,
-        "kind": manifest.kind,
-        "peft_type": manifest.peft_type,
-        "base_fingerprint": manifest.base_fingerprint,
-        "ranks": list(manifest.ranks),
-        "target_modules": list(manifest.target_modules),
-        "num_virtual_tokens": manifest.num_virtual_tokens,
-        "nbytes": manifest.nbytes,
-        "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in manifest.files],
-        "created_at": manifest.created_at,
-    }
+    """The fields of the gRPC AdapterManifest message (the dataclass has the same names)."""
+    return dataclasses.asdict(manifest)
 
 
 def status_json(status: AdapterStatus) -> dict[str, Any]:
     """The fields of the gRPC AdapterStatus message."""
-    return {
-        "manifest": manifest_json(status.manifest),
-        "tier": status.tier,
-        "pinned": status.pinned,
-        "active_requests": status.active_requests,
-    }
+    return dataclasses.asdict(status)
 
 
 def admin_router(front: HttpFront, admin: AdapterAdmin) -> APIRouter:
