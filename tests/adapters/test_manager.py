@@ -10,7 +10,8 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from peftserve.adapters import AdapterManager, LoraDelta, MultiAdapterLayer, load_adapter
+from peftserve.adapters import AdapterManager, LowRankDelta, MultiAdapterLayer, load_adapter
+from peftserve.adapters.forms import LowRankForm
 from peftserve.engine.request import AdapterRef
 from peftserve.errors import (
     AdapterNotFound,
@@ -101,7 +102,9 @@ def test_slots_lru_holds_and_pins(base: PreTrainedModel, dirs: dict[str, Path]) 
     manager.release("lora-b")
     c = manager.acquire("layers")  # evicts lora-b, the only unheld one
     assert c == b and manager.slot_of("lora-b") is None
-    assert manager.layers["model.layers.0.self_attn.k_proj"].lora_slots[b] is None  # lora-b's modules cleared
+    assert (
+        manager.layers["model.layers.0.self_attn.k_proj"].forms[LowRankForm].slots[b] is None
+    )  # lora-b's modules cleared
     manager.release("lora-a")
     manager.release("lora-a")
     with pytest.raises(FailedPrecondition):
@@ -235,7 +238,7 @@ def test_normalized_delta_equals_peft_delta_weight(family: str, kind: str, tmp_p
         if delta is None:  # AdaLoRA module pruned to rank 0
             assert kind == "adalora" and not expected.any()
             continue
-        assert isinstance(delta, LoraDelta)
+        assert isinstance(delta, LowRankDelta)
         torch.testing.assert_close(delta.b @ delta.a, expected, rtol=1e-6, atol=1e-7)
         seen += 1
     assert seen > 0

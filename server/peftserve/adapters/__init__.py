@@ -6,19 +6,24 @@ implements the admin protocol over it and the store; AdapterBatch is what the ru
 
 from .admin import AdapterAdminService
 from .batch import AdapterBatch, AdapterContext, SlotGroup, Span
-from .kernels import DeltaKernels, select_kernels
+from .forms import Delta, Form, LowRankDelta, SparseDelta
+from .kernels import select_kernels
+from .kinds import KINDS, Kind
 from .layer import MultiAdapterLayer
 from .loading import load_adapter
 from .manager import AdapterManager, ResolvedAdapters, canonical_id
-from .normalized import LoraDelta, NormalizedAdapter, PrefixKV, SparseDelta
+from .normalized import NormalizedAdapter, PrefixKV
 
 __all__ = [
     "AdapterAdminService",
     "AdapterBatch",
     "AdapterContext",
     "AdapterManager",
-    "DeltaKernels",
-    "LoraDelta",
+    "Delta",
+    "Form",
+    "KINDS",
+    "Kind",
+    "LowRankDelta",
     "MultiAdapterLayer",
     "NormalizedAdapter",
     "PrefixKV",

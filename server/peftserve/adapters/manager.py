@@ -37,13 +37,15 @@ from peftserve.store.ids import (
 from peftserve.store.manifest import AdapterManifest, file_entries
 from peftserve.store.peft_files import CONFIG_NAME, WEIGHTS_NAME
 
-from .base_spec import base_spec, validate_for_base
+from .base_spec import base_spec, fit_to_base
 from .batch import AdapterBatch, AdapterContext, Span
+from .forms import SharedTensors
 from .host_cache import HostCache
 from .kernels import select_kernels
+from .kinds import FORMS
 from .layer import wrap_model
 from .loading import load_adapter
-from .normalized import LoraDelta, NormalizedAdapter
+from .normalized import NormalizedAdapter
 from .registry import AdapterRegistry, Removal, VersionRecord
 from .slots import DeviceSlots
 
@@ -101,7 +103,9 @@ class AdapterManager:
         self.max_rank = max_rank
         self.context = AdapterContext()
         self.kernels = select_kernels(self.device)
-        self.layers = wrap_model(model, self.context, self.kernels, num_slots)
+        self.shared = SharedTensors()
+        """Tensors held once for all slots and layers that use them (VeRA's projections)."""
+        self.layers = wrap_model(model, self.context, FORMS, num_slots, self.kernels, self.shared)
         self.base = base_spec(model, self.layers)
         self.metrics = AdapterMetrics(self.snapshot, metrics_top_n)
         self.registry = AdapterRegistry()
@@ -129,22 +133,23 @@ class AdapterManager:
 
     def validate(self, path: str | Path, follow_symlinks: bool = False) -> NormalizedAdapter:
         """Normalize a PEFT folder and check it against the base; InvalidRequest / FailedPrecondition."""
-        adapter = load_adapter(path, follow_symlinks=follow_symlinks)
-        validate_for_base(adapter, self.base, self.max_rank)
-        return adapter
+        return self._fit(load_adapter(path, follow_symlinks=follow_symlinks))
+
+    def _fit(self, adapter: NormalizedAdapter) -> NormalizedAdapter:
+        """Checked against the base and bound to it (DoRA reads the base weights)."""
+        return fit_to_base(adapter, self.base, self.max_rank, lambda path: self.layers[path].base_module())
 
     def manifest_for(
         self, adapter_id: str, number: int, adapter: NormalizedAdapter, files: Mapping[str, bytes]
     ) -> AdapterManifest:
         """The manifest of a validated adapter's files as version `number` of adapter_id."""
-        ranks = sorted({d.rank for d in adapter.deltas.values() if isinstance(d, LoraDelta)})
         return AdapterManifest(
             adapter_id=adapter_id,
             version=version_name(number),
             kind=adapter.kind,
             peft_type=adapter.peft_type,
             base_fingerprint=self.base.fingerprint,
-            ranks=tuple(ranks),
+            ranks=adapter.ranks,
             target_modules=tuple(sorted(adapter.deltas)),
             num_virtual_tokens=adapter.prefix.num_virtual_tokens if adapter.prefix is not None else 0,
             nbytes=sum(len(data) for data in files.values()),
@@ -416,8 +421,7 @@ class AdapterManager:
         expected = {f.name: f.sha256 for f in record.manifest.files}
         if record.store_root is not None:
             inside(record.store_root, record.source)  # no folder on the way was swapped for a symlink
-        adapter = load_adapter(record.source, expected, follow_symlinks=record.store_root is None)
-        validate_for_base(adapter, self.base, self.max_rank)
+        adapter = self._fit(load_adapter(record.source, expected, follow_symlinks=record.store_root is None))
         self.metrics.observe_load("host", time.perf_counter() - start)
         return adapter
 
