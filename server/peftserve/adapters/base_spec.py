@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from peftserve.errors import AdapterRejected, FailedPrecondition
+from peftserve.model.geometry import head_dim, kv_heads, text_config
 
 from .forms import BaseModule, Delta
 from .layer import MultiAdapterLayer
@@ -39,17 +40,14 @@ class BaseSpec:
 
 
 def base_spec(model: nn.Module, layers: dict[str, MultiAdapterLayer]) -> BaseSpec:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    config = text_config(model.config)
     return BaseSpec(
         model_type=str(getattr(config, "model_type", "unknown")),
         modules={path: (m.out_features, m.in_features) for path, m in layers.items()},
         model_paths=frozenset(path for path, _ in model.named_modules()),
         num_layers=config.num_hidden_layers,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
+        kv_heads=kv_heads(config),
+        head_dim=head_dim(config),
     )
 
 

@@ -3,7 +3,8 @@
 Plain Python over the AdapterManager (which owns the tensors). The engine calls ``bind`` when a request
 arrives (the request then holds the versions it resolved to, whatever is uploaded or deleted later),
 ``on_plan`` after each schedule (slots for admitted sequences, released for preempted ones) and
-``unbind`` when a sequence ends or is dropped before it ran; the runner calls ``build_batch``.
+``unbind`` when a sequence ends or is dropped before it ran; it packs each step with ``slot_weights``
+and hands the runner the K/V of ``prefix_kv``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from concurrent.futures import Future
 from peftserve.engine.request import AdapterRef
 from peftserve.engine.scheduler import StepPlan
 from peftserve.engine.sequence import Sequence
+from peftserve.engine.step import SlotWeights
 
 
 class AdapterBinding:
@@ -21,7 +23,8 @@ class AdapterBinding:
 
     def __init__(self, manager) -> None:
         self.manager = manager
-        self._slots: dict[Sequence, tuple[tuple[int, float], ...]] = {}  # engine thread: held (slot, weight)
+        self.slot_weights: dict[Sequence, SlotWeights] = {}
+        """Running sequences' held (slot, weight) pairs (engine thread), read by pack()."""
         self._bound: set[Sequence] = set()  # sequences holding versions (bound on any thread)
         self._lock = threading.Lock()
 
@@ -74,30 +77,15 @@ class AdapterBinding:
             self._release_slots(seq)
         for seq in plan.admitted:
             if seq.deltas:
-                self._slots[seq] = tuple(
+                self.slot_weights[seq] = tuple(
                     (self.manager.acquire(ref.adapter_id), ref.weight) for ref in seq.deltas
                 )
 
     def _release_slots(self, seq: Sequence) -> None:
-        if self._slots.pop(seq, None) is not None:
+        if self.slot_weights.pop(seq, None) is not None:
             for ref in seq.deltas:
                 self.manager.release(ref.adapter_id)
 
-    # -- runner side ----------------------------------------------------------------------------
-
-    def build_batch(self, plan: StepPlan, num_tokens: int):
-        """The step's AdapterBatch: each chunk's packed token span and its (slot, weight) pairs."""
-        spans = []
-        start = 0
-        for chunk in plan.chunks:
-            pairs = self._slots.get(chunk.seq)
-            if pairs:
-                spans.append((start, chunk.num_tokens, pairs))
-            start += chunk.num_tokens
-        return self.manager.build_batch(spans, num_tokens) if spans else None
-
-    def set_batch(self, batch) -> None:
-        self.manager.set_batch(batch)
-
     def prefix_kv(self, key: str):
+        """A prefix adapter version's [L, 2, kv_heads, nvt, head_dim] K/V on the model's device."""
         return self.manager.prefix_kv(key)

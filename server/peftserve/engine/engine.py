@@ -1,8 +1,9 @@
 """The synchronous engine: admits requests, runs steps, turns sampled tokens into outputs.
 
-One thread drives it (see async_engine.py for the asyncio front). A step is
-``Scheduler.schedule() -> StepPlan``, ``ModelRunner.execute(plan) -> [Sampled]``, then the
-engine's own bookkeeping: append tokens, detokenize, detect stops, free finished sequences.
+One thread drives it (see async_engine.py for the asyncio front). A step is data handed along:
+``Scheduler.schedule() -> StepPlan``, ``pack(plan) -> StepInput``, ``ModelRunner.execute(input) ->
+StepOutput``, ``Scheduler.update(output)``, then the engine's own bookkeeping: append tokens,
+detokenize, detect stops, free finished sequences.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from peftserve.engine.request import (
 )
 from peftserve.engine.scheduler import Scheduler
 from peftserve.engine.sequence import Sequence
+from peftserve.engine.step import PrefixWrite, StepInput, StepOutput, pack
 from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput
+from peftserve.model.geometry import head_dim, kv_heads
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
 
@@ -63,11 +66,7 @@ class LLMEngine:
         self.store = store
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
-        num_heads = hf.num_attention_heads
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
-        per_token = kv_bytes_per_token(
-            hf.num_hidden_layers, getattr(hf, "num_key_value_heads", None) or num_heads, head_dim, dtype
-        )
+        per_token = kv_bytes_per_token(hf.num_hidden_layers, kv_heads(hf), head_dim(hf), dtype)
         num_blocks = int(config.kv_cache_mb * 2**20) // (per_token * config.block_size)
         if num_blocks < 2:
             raise InvalidRequest(
@@ -84,7 +83,11 @@ class LLMEngine:
             max_slot_adapters=self.adapters.num_slots if self.adapters else 0,
         )
         self.runner = ModelRunner(
-            model, num_blocks, config.block_size, adapters=self.adapters, cpu_linear=config.cpu_linear
+            model,
+            num_blocks,
+            config.block_size,
+            adapters=adapters.context if adapters is not None else None,
+            cpu_linear=config.cpu_linear,
         )
         eos = _eos_ids(model, tokenizer)
         self.eos_ids = frozenset(eos)
@@ -255,18 +258,38 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every sequence that sampled a token."""
+        return self.step_with_output()[0]
+
+    def step_with_output(self) -> tuple[list[RequestOutput], StepInput | None, StepOutput | None]:
+        """One engine step, with what the runner was given and gave back (its logits among them).
+
+        (outputs, None, None) when nothing was scheduled.
+        """
         if self.adapters is not None:
             self.scheduler.reserved_slot_adapters = self.adapters.pinned_keys()
         plan = self.scheduler.schedule()
         if self.adapters is not None:
             self.adapters.on_plan(plan)
         if not plan.chunks:
-            return []
-        step = self.runner.execute(plan)
-        for chunk in plan.chunks:
-            chunk.seq.num_computed += chunk.num_tokens
-        failed = [self._on_non_finite(seq) for seq in step.non_finite]
-        return [self._on_token(s.seq, s.token_id, s.logprob) for s in step.sampled] + failed
+            return [], None, None
+        step = self._step_input(plan)
+        output = self.runner.execute(step)
+        self.scheduler.update(output)
+        failed = [self._on_non_finite(seq) for seq in output.non_finite]
+        outputs = [self._on_token(s.seq, s.token_id, s.logprob) for s in output.sampled] + failed
+        return outputs, step, output
+
+    def _step_input(self, plan) -> StepInput:
+        """The packed step, with each delta sequence's slots and each admitted prefix's K/V."""
+        if self.adapters is None:
+            return pack(plan)
+        step = pack(plan, self.adapters.slot_weights)
+        prefixes = tuple(
+            PrefixWrite(seq, self.adapters.prefix_kv(seq.prefix_adapter))
+            for seq in plan.admitted
+            if seq.num_virtual
+        )
+        return replace(step, prefixes=prefixes)
 
     def _on_non_finite(self, seq: Sequence) -> RequestOutput:
         """End a sequence whose logits were NaN/Inf with an error of its own; the batch carries on."""

@@ -21,11 +21,21 @@ Prefill chunks and decode tokens share one step of at most ``max_batched_tokens`
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from peftserve.engine.blocks import BlockAllocator, blocks_needed
 from peftserve.engine.request import FinishReason
 from peftserve.engine.sequence import SeqStatus, Sequence
+
+
+class StepOutcome(Protocol):
+    """What the scheduler reads of a step's output (engine.step.StepOutput)."""
+
+    @property
+    def computed(self) -> Iterable[tuple[Sequence, int]]: ...
+
 
 MAX_SLOT_WAITS = 16
 """Steps a request waiting for adapter slots may be passed over before it holds the queue."""
@@ -152,6 +162,11 @@ class Scheduler:
         # run in the packed batch (sliced, not gathered, by the adapter kernels). Stable: FCFS within.
         plan.chunks.sort(key=lambda c: c.seq.slot_adapters)
         return plan
+
+    def update(self, output: StepOutcome) -> None:
+        """Take in what a step computed: each scheduled sequence's KV grew by its chunk."""
+        for seq, num_tokens in output.computed:
+            seq.num_computed += num_tokens
 
     def _grow(self, seq: Sequence, plan: StepPlan) -> bool:
         """Give seq the blocks its next token needs, preempting the youngest; False if seq was."""
