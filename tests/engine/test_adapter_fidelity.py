@@ -60,7 +60,7 @@ def reference_run(model, prompt: list[int], n: int) -> tuple[list[int], torch.Te
 
 
 def run_recording_logits(engine: LLMEngine, waves: list[list[GenerationRequest]], every: int = 3):
-    """Add wave i after i * `every` steps; run to the end. ({request_id: tokens}, {request_id: logits rows})."""
+    """Add wave i after i * `every` steps, run to the end; ({id: tokens}, {id: logits rows})."""
     tokens = {r.request_id: [] for wave in waves for r in wave}
     logits: dict[str, list[torch.Tensor]] = {rid: [] for rid in tokens}
     steps = 0
