@@ -252,7 +252,9 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     except InvalidRequest as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"revoked key {args.key_id}; restart the server to apply", file=sys.stderr)
+    print(
+        f"revoked key {args.key_id}; a running server applies it on SIGHUP (kill -HUP <pid>)", file=sys.stderr
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Packed oneDNN linears: the same numbers as F.linear at every batch size, weights shared, visible in repr."""
+"""Packed oneDNN linears: the numbers of F.linear at every batch size, weights shared, visible in repr."""
 
 import pytest
 import torch

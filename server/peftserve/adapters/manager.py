@@ -22,6 +22,7 @@ from torch import nn
 
 from peftserve.engine.protocol import AdapterStatus, Tier
 from peftserve.engine.request import AdapterRef
+from peftserve.engine.sequence import HeldVersion
 from peftserve.errors import AdapterNotFound, InvalidRequest
 from peftserve.metrics import AdapterMetrics, AdapterSnapshot
 from peftserve.store import AdapterStore, StoredVersion
@@ -65,15 +66,15 @@ def canonical_id(text: str) -> str:
 class ResolvedAdapters:
     """A request's adapters bound to versions, one hold each, released with release_holds(keys)."""
 
-    deltas: tuple[AdapterRef, ...] = ()
-    """LoRA/AdaLoRA/sparse version keys and their mixture weights; each needs a slot (acquire)."""
+    deltas: tuple[HeldVersion, ...] = ()
+    """Delta adapter versions (every kind but prefix tuning) and their weights; each needs a slot."""
     prefix: str | None = None
     """The prefix adapter's version key; its K/V (prefix_kv) fill the first num_virtual_tokens positions."""
     num_virtual_tokens: int = 0
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return tuple(r.adapter_id for r in self.deltas) + ((self.prefix,) if self.prefix else ())
+        return tuple(held.key for held in self.deltas) + ((self.prefix,) if self.prefix else ())
 
     @property
     def is_base(self) -> bool:
@@ -222,7 +223,8 @@ class AdapterManager:
             if prefixes:
                 if len(refs) > 1:
                     raise InvalidRequest(
-                        f"prefix adapter {prefixes[0].adapter_id!r} cannot be in a mixture (LoRA/sparse only)"
+                        f"prefix adapter {prefixes[0].adapter_id!r} cannot be in a mixture (only the kinds "
+                        "computed in the layers can: every kind but prefix tuning)"
                     )
                 if refs[0].weight != 1.0:
                     raise InvalidRequest(
@@ -238,7 +240,7 @@ class AdapterManager:
                 )
             else:
                 resolved = ResolvedAdapters(
-                    deltas=tuple(AdapterRef(k, ref.weight) for k, ref in zip(keys, refs, strict=True))
+                    deltas=tuple(HeldVersion(k, ref.weight) for k, ref in zip(keys, refs, strict=True))
                 )
             for key in keys:
                 self._hold(key)

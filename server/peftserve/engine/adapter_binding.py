@@ -78,13 +78,13 @@ class AdapterBinding:
         for seq in plan.admitted:
             if seq.deltas:
                 self.slot_weights[seq] = tuple(
-                    (self.manager.acquire(ref.adapter_id), ref.weight) for ref in seq.deltas
+                    (self.manager.acquire(held.key), held.weight) for held in seq.deltas
                 )
 
     def _release_slots(self, seq: Sequence) -> None:
         if self.slot_weights.pop(seq, None) is not None:
-            for ref in seq.deltas:
-                self.manager.release(ref.adapter_id)
+            for held in seq.deltas:
+                self.manager.release(held.key)
 
     def prefix_kv(self, key: str):
         """A prefix adapter version's [L, 2, kv_heads, nvt, head_dim] K/V on the model's device."""

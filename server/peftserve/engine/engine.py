@@ -293,7 +293,7 @@ class LLMEngine:
 
     def _on_non_finite(self, seq: Sequence) -> RequestOutput:
         """End a sequence whose logits were NaN/Inf with an error of its own; the batch carries on."""
-        adapters = ", ".join(f"{r.adapter_id} x {r.weight:g}" for r in seq.deltas) or seq.prefix_adapter
+        adapters = ", ".join(f"{held.key} x {held.weight:g}" for held in seq.deltas) or seq.prefix_adapter
         log.warning("request %s: non-finite logits (adapters: %s)", seq.request_id, adapters or "none")
         cause = f"its adapters ({adapters}) overflow" if adapters else "the model overflows"
         message = (
