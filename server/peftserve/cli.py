@@ -206,7 +206,13 @@ def _describe(result: AdapterManifest | AdapterStatus | dict[str, object]) -> st
         return f"{line}, {len(manifest.files)} files, {manifest.nbytes} bytes"
     tier = result.tier.value if result.tier else "unknown"
     pinned = ", pinned" if result.pinned else ""
-    return f"{line}, tier {tier}{pinned}, {result.active_requests} active requests"
+    forms = ", ".join(f"{name} x {count}" for name, count in manifest.forms) or "prefix K/V"
+    shared = f" (+{manifest.shared_bytes} shared)" if manifest.shared_bytes else ""
+    return (
+        f"{line}, tier {tier}{pinned}, {result.active_requests} active requests\n"
+        f"  served as {forms}: {manifest.device_bytes} bytes per slot{shared}, "
+        f"needs --adapter-max-rank >= {manifest.needs_max_rank}"
+    )
 
 
 def _cmd_adapters(args: argparse.Namespace) -> int:

@@ -57,6 +57,9 @@ class FakeAdmin:
                 FileEntry(n, len(d), hashlib.sha256(d).hexdigest()) for n, d in sorted(files.items())
             ),
             created_at=time.time(),
+            device_bytes=4096,
+            forms=(("low_rank", 2),),
+            needs_max_rank=config.get("r", 8),
         )
         self.adapters[tenant, name] = AdapterStatus(manifest, "disk", pinned=False, active_requests=0)
         return manifest

@@ -156,6 +156,10 @@ class AdapterManager:
             nbytes=sum(len(data) for data in files.values()),
             files=file_entries(files),
             created_at=time.time(),
+            device_bytes=adapter.device_nbytes(self.dtype),
+            shared_bytes=adapter.shared_nbytes(self.dtype),
+            forms=adapter.forms,
+            needs_max_rank=adapter.needed_rank(self.base.modules),
         )
 
     def register(self, adapter_id: str, path: str | Path) -> AdapterManifest:

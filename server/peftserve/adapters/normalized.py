@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -51,6 +52,16 @@ class NormalizedAdapter:
         if self.prefix is not None:
             return [("prefix key/value", self.prefix.kv)]
         return [(f"{path}.{name}", t) for path, d in self.deltas.items() for name, t in d.served_tensors()]
+
+    @property
+    def forms(self) -> tuple[tuple[str, int], ...]:
+        """(form name, modules computed by it), sorted by name: how the adapter is served."""
+        counts = Counter(part.form.name for d in self.deltas.values() for part in d.parts())
+        return tuple(sorted(counts.items()))
+
+    def needed_rank(self, shapes: Mapping[str, tuple[int, int]]) -> int:
+        """The smallest max_rank that serves it, given each target module's (out, in)."""
+        return max((d.needed_rank(shapes[p]) for p, d in self.deltas.items()), default=0)
 
     @property
     def ranks(self) -> tuple[int, ...]:

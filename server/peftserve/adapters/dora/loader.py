@@ -51,6 +51,9 @@ class DoraDelta(Delta):
             return f"{MAGNITUDE} has {self.magnitude.shape[0]} entries, the base module gives {shape[0]}"
         return self.update.misfit(shape)
 
+    def needed_rank(self, shape: tuple[int, int]) -> int:
+        return self.update.rank
+
     def over_limit(self, shape: tuple[int, int], max_rank: int) -> str | None:
         return self.update.over_limit(shape, max_rank)
 

@@ -134,6 +134,11 @@ class Delta:
         """Why the delta does not fit a module of shape (out, in), or None when it does."""
         raise NotImplementedError
 
+    def needed_rank(self, shape: tuple[int, int]) -> int:
+        """The smallest max_rank that serves it on a module of shape (out, in): its rank, or for deltas
+        without one the entries it holds over (out + in), what a LoRA of that rank holds."""
+        return 0
+
     def over_limit(self, shape: tuple[int, int], max_rank: int) -> str | None:
         """Why the delta exceeds the server's limits on a module of shape (out, in), or None."""
         return None
@@ -167,6 +172,11 @@ def entries_limit(shape: tuple[int, int], max_rank: int) -> int:
     return max_rank * (shape[0] + shape[1])
 
 
+def entries_rank(entries: int, shape: tuple[int, int]) -> int:
+    """The smallest max_rank whose entries_limit holds `entries`."""
+    return -(-entries // (shape[0] + shape[1]))
+
+
 @dataclass(frozen=True)
 class JointDelta(Delta):
     """Several deltas of one module, each computed by its own form in the same slot (DoRA)."""
@@ -189,6 +199,9 @@ class JointDelta(Delta):
     def misfit(self, shape: tuple[int, int]) -> str | None:
         return next((r for m in self.members if (r := m.misfit(shape)) is not None), None)
 
+    def needed_rank(self, shape: tuple[int, int]) -> int:
+        return max(m.needed_rank(shape) for m in self.members)
+
     def over_limit(self, shape: tuple[int, int], max_rank: int) -> str | None:
         return next((r for m in self.members if (r := m.over_limit(shape, max_rank)) is not None), None)
 
@@ -205,6 +218,8 @@ class Form:
     """
 
     stage: ClassVar[Stage] = Stage.ADD
+    name: ClassVar[str]
+    """How manifests name it (e.g. 'low_rank')."""
 
     def __init__(self, spec: LayerSpec) -> None:
         self.spec = spec

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..batch import AdapterBatch
-from .base import Delta, Form, Stage, entries_limit
+from .base import Delta, Form, Stage, entries_limit, entries_rank
 
 
 def dense_reference(
@@ -50,6 +50,7 @@ def dense_grouped(
 
 class DenseForm(Form):
     stage = Stage.ADD
+    name = "dense"
     kernels = {"reference": dense_reference, "grouped": dense_grouped}
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
@@ -71,6 +72,9 @@ class DenseDelta(Delta):
         if tuple(self.weight.shape) != shape:
             return f"a delta of shape {tuple(self.weight.shape)}, the base module is {shape}"
         return None
+
+    def needed_rank(self, shape: tuple[int, int]) -> int:
+        return entries_rank(self.weight.numel(), shape)
 
     def over_limit(self, shape: tuple[int, int], max_rank: int) -> str | None:
         limit = entries_limit(shape, max_rank)
@@ -134,6 +138,7 @@ def kron_grouped(
 
 class KroneckerForm(Form):
     stage = Stage.ADD
+    name = "kronecker"
     kernels = {"reference": kron_reference, "grouped": kron_grouped}
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
@@ -159,6 +164,9 @@ class KroneckerDelta(Delta):
         if self.shape != shape:
             return f"kron(w1, w2) has shape (out, in) = {self.shape}, the base module is {shape}"
         return None
+
+    def needed_rank(self, shape: tuple[int, int]) -> int:
+        return entries_rank(self.w1.numel() + self.w2.numel(), shape)
 
     def over_limit(self, shape: tuple[int, int], max_rank: int) -> str | None:
         limit, held = entries_limit(shape, max_rank), self.w1.numel() + self.w2.numel()

@@ -63,6 +63,7 @@ def low_rank_grouped(
 
 class LowRankForm(Form):
     stage = Stage.ADD
+    name = "low_rank"
     kernels = {"reference": low_rank_reference, "grouped": low_rank_grouped}
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
@@ -95,6 +96,9 @@ class LowRankDelta(Delta):
         if self.shape != shape:
             return f"lora_B/lora_A give shape (out, in) = {self.shape}, the base module is {shape}"
         return None
+
+    def needed_rank(self, shape: tuple[int, int]) -> int:
+        return self.rank
 
     def over_limit(self, shape: tuple[int, int], max_rank: int) -> str | None:
         if self.rank > max_rank:

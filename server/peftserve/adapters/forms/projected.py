@@ -90,6 +90,7 @@ def projected_grouped(
 
 class ProjectedForm(Form):
     stage = Stage.ADD
+    name = "projected"
     kernels = {"reference": projected_reference, "grouped": projected_grouped}
 
     def __init__(self, spec: LayerSpec) -> None:
@@ -162,6 +163,9 @@ class ProjectedDelta(Delta):
                 f"are smaller than the base module's (out, in) = {shape}"
             )
         return None
+
+    def needed_rank(self, shape: tuple[int, int]) -> int:
+        return self.rank
 
     def over_limit(self, shape: tuple[int, int], max_rank: int) -> str | None:
         if self.rank > max_rank:

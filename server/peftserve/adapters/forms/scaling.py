@@ -65,6 +65,7 @@ def input_scale_grouped(
 
 class InputScaleForm(Form):
     stage = Stage.INPUT
+    name = "input_scale"
     kernels = {"reference": input_scale_reference, "grouped": input_scale_grouped}
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
@@ -146,6 +147,7 @@ def output_scale_grouped(
 
 class OutputScaleForm(Form):
     stage = Stage.OUTPUT
+    name = "output_scale"
     kernels = {"reference": output_scale_reference, "grouped": output_scale_grouped}
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..batch import AdapterBatch
-from .base import Delta, Form, Stage, entries_limit
+from .base import Delta, Form, Stage, entries_limit, entries_rank
 
 
 def sparse_reference(
@@ -73,6 +73,7 @@ def sparse_grouped(
 
 class SparseForm(Form):
     stage = Stage.ADD
+    name = "sparse"
     kernels = {"reference": sparse_reference, "grouped": sparse_grouped}
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
@@ -103,6 +104,9 @@ class SparseDelta(Delta):
         if not (rows_ok and cols_ok):
             return f"shira_indices fall outside the base module's {shape}"
         return None
+
+    def needed_rank(self, shape: tuple[int, int]) -> int:
+        return entries_rank(self.nnz, shape)
 
     def over_limit(self, shape: tuple[int, int], max_rank: int) -> str | None:
         limit = entries_limit(shape, max_rank)
