@@ -22,7 +22,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.request import AdapterRef, GenerationRequest, SamplingParams
 from tests.adapters import peft_factory as pf
-from tests.engine.conftest import random_prompts
+from tests.engine.conftest import random_prompts, run_recording
 from tests.helpers.tiny_models import FAMILIES, build_tiny_model
 
 NEW_TOKENS = 32
@@ -59,24 +59,6 @@ def reference_run(model, prompt: list[int], n: int) -> tuple[list[int], torch.Te
     return tokens, torch.stack(rows)
 
 
-def run_recording_logits(engine: LLMEngine, waves: list[list[GenerationRequest]], every: int = 3):
-    """Add wave i after i * `every` steps, run to the end; ({id: tokens}, {id: logits rows})."""
-    tokens = {r.request_id: [] for wave in waves for r in wave}
-    logits: dict[str, list[torch.Tensor]] = {rid: [] for rid in tokens}
-    steps = 0
-    while engine.has_unfinished() or steps <= every * (len(waves) - 1):
-        if steps % every == 0 and steps // every < len(waves):
-            for r in waves[steps // every]:
-                engine.add_request(r)
-        outputs, step, output = engine.step_with_output()
-        for rid, row in (output.logits_of(step) if output is not None else {}).items():
-            logits[rid].append(row.clone())
-        for out in outputs:
-            tokens[out.request_id] += out.token_ids
-        steps += 1
-    return tokens, {rid: torch.stack(rows) for rid, rows in logits.items()}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_adapter_batch_equals_peft_per_adapter(family, tmp_path):
@@ -105,7 +87,7 @@ def test_mixed_adapter_batch_equals_peft_per_adapter(family, tmp_path):
         for i, (refs, prompt) in enumerate(zip(uses, prompts, strict=True))
     ]
     half = len(requests) // 2
-    tokens, logits = run_recording_logits(engine, [requests[:half], requests[half:]])
+    recorded = run_recording(engine, [requests[:half], requests[half:]])
 
     for refs, request in zip(uses, requests, strict=True):
         if not refs:
@@ -115,8 +97,8 @@ def test_mixed_adapter_batch_equals_peft_per_adapter(family, tmp_path):
         else:
             reference = pf.merged_mixture(base, [(adapters[n], w) for n, w in refs])
         want_tokens, want_logits = reference_run(reference, request.prompt_token_ids, NEW_TOKENS)
-        assert tokens[request.request_id] == want_tokens, request.request_id
-        got = logits[request.request_id]
+        assert recorded[request.request_id].token_ids == want_tokens, request.request_id
+        got = recorded[request.request_id].logits
         if not refs:
             assert torch.allclose(got, want_logits, atol=1e-5, rtol=0), request.request_id
         else:
