@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from ..batch import AdapterBatch, SlotGroup
+from ..batch import AdapterBatch
 from .base import Delta, Form, LayerSpec, Stage
 
 
@@ -50,42 +50,27 @@ def projected_reference(
                 y[start : start + length] += weight * ((h @ p.b.T) * p.lambda_b)
 
 
-def _group_rows(g: SlotGroup) -> torch.Tensor:
-    return g.index if g.index is not None else torch.arange(g.start, g.stop)
-
-
 def projected_grouped(
     y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, slots: Sequence[Projected | None]
 ) -> None:
     """Fast path: per shared projection, one x @ A.T and one @ B.T over the tokens of all its slots.
 
-    Semantics: same as projected_reference. A lone contiguous group works on slices in place; several
-    groups are gathered into one [N, in] batch (a token of a mixture appears once per slot), scaled per
-    row by their slot's vectors and mixture weight, and added back with index_add_.
+    Semantics: same as projected_reference. The slots' tokens are gathered into one [N, in] batch (a
+    token of a mixture once per slot), scaled per row by its slot's vectors (stacked once per step)
+    and mixture weight, and added back with index_add_.
     """
-    by_key: dict[str, list[tuple[SlotGroup, Projected]]] = {}
-    for g in batch.groups:
-        p = slots[g.slot]
+    by_key: dict[str, list[int]] = {}
+    for slot in sorted(batch.slots):
+        p = slots[slot]
         if p is not None:
-            by_key.setdefault(p.key, []).append((g, p))
+            by_key.setdefault(p.key, []).append(slot)
     for members in by_key.values():
-        if len(members) == 1 and members[0][0].index is None:
-            g, p = members[0]
-            h = (x[g.start : g.stop] @ p.a.T).mul_(p.lambda_d)  # [n, r]
-            y[g.start : g.stop].add_((h @ p.b.T).mul_(p.lambda_b), alpha=g.scale)
-            continue
-        a, b = members[0][1].a, members[0][1].b
-        index = torch.cat([_group_rows(g).to(x.device) for g, _ in members])  # [N]
-        row_d = torch.cat([p.lambda_d.expand(g.num_tokens, -1) for g, p in members])  # [N, r]
-        row_b = torch.cat([p.lambda_b.expand(g.num_tokens, -1) for g, p in members])  # [N, out]
-        weights = torch.cat(
-            [
-                g.weight * g.scale if g.weight is not None else x.new_full((g.num_tokens, 1), g.scale)
-                for g, _ in members
-            ]
-        )  # [N, 1]
-        h = (x.index_select(0, index) @ a.T).mul_(row_d).mul_(weights)  # [N, r]
-        y.index_add_(0, index, (h @ b.T).mul_(row_b))
+        rows = batch.gather(tuple(members))
+        first = slots[members[0]]
+        lambda_d = torch.stack([slots[s].lambda_d for s in members])[rows.member]  # [N, r]
+        lambda_b = torch.stack([slots[s].lambda_b for s in members])[rows.member]  # [N, out]
+        h = (x.index_select(0, rows.index) @ first.a.T).mul_(lambda_d).mul_(rows.weight)  # [N, r]
+        y.index_add_(0, rows.index, (h @ first.b.T).mul_(lambda_b))
 
 
 class ProjectedForm(Form):

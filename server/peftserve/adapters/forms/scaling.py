@@ -13,21 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from ..batch import AdapterBatch, SlotGroup
+from ..batch import AdapterBatch
 from .base import Delta, Form, Stage
-
-
-def _rows(t: torch.Tensor, g: SlotGroup) -> torch.Tensor:
-    """The group's rows of t: a view for a contiguous run, a gathered copy otherwise."""
-    return t[g.start : g.stop] if g.index is None else t.index_select(0, g.index)
-
-
-def _add_rows(y: torch.Tensor, g: SlotGroup, values: torch.Tensor) -> None:
-    """y[rows of g] += g.scale * values (values already carry per-token weights)."""
-    if g.index is None:
-        y[g.start : g.stop].add_(values, alpha=g.scale)
-    else:
-        y.index_add_(0, g.index, values, alpha=g.scale)
 
 
 def input_scale_reference(
@@ -46,21 +33,25 @@ def input_scale_reference(
                 xs[start : start + length] += weight * d.shift * x[start : start + length]
 
 
+def _vectors(slots: Sequence, batch: AdapterBatch) -> tuple[list[int], torch.Tensor | None]:
+    """The step's slots holding a delta here, and their shift vectors stacked ([m, features])."""
+    members = [slot for slot in sorted(batch.slots) if slots[slot] is not None]
+    return members, torch.stack([slots[s].shift for s in members]) if members else None
+
+
 def input_scale_grouped(
     xs: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, slots: Sequence[InputScaleDelta | None]
 ) -> None:
-    """Fast path per slot group. Semantics: same as input_scale_reference."""
-    for g in batch.groups:
-        d = slots[g.slot]
-        if d is None:
-            continue
-        if g.index is None:
-            xs[g.start : g.stop].addcmul_(x[g.start : g.stop], d.shift, value=g.scale)
-            continue
-        term = x.index_select(0, g.index) * d.shift  # [n, in]
-        if g.weight is not None:
-            term.mul_(g.weight)
-        xs.index_add_(0, g.index, term, alpha=g.scale)
+    """Fast path: every slot's rows at once (one gather, one multiply, one index_add_).
+
+    Semantics: same as input_scale_reference.
+    """
+    members, shifts = _vectors(slots, batch)
+    if not members:
+        return
+    rows = batch.gather(tuple(members))
+    term = x.index_select(0, rows.index).mul_(shifts[rows.member]).mul_(rows.weight)  # [N, in]
+    xs.index_add_(0, rows.index, term)
 
 
 class InputScaleForm(Form):
@@ -126,23 +117,20 @@ def output_scale_grouped(
     slots: Sequence[OutputScaleDelta | None],
     bias: torch.Tensor | None,
 ) -> None:
-    """Fast path per slot group; every group's term is computed before any is written, since y0 may
-    be y and a mixture puts one token in several groups. Semantics: same as output_scale_reference."""
-    terms: list[tuple[SlotGroup, torch.Tensor]] = []
-    for g in batch.groups:
-        d = slots[g.slot]
-        if d is None:
-            continue
-        src = _rows(y0, g)  # [n, out]
-        if bias is not None and not d.with_bias:
-            term = (src - bias).mul_(d.shift)
-        else:
-            term = src * d.shift
-        if g.weight is not None:
-            term.mul_(g.weight)
-        terms.append((g, term))
-    for g, term in terms:
-        _add_rows(y, g, term)
+    """Fast path: every slot's rows at once, read from y0 before anything is written (y0 may be y).
+
+    Semantics: same as output_scale_reference.
+    """
+    members, shifts = _vectors(slots, batch)
+    if not members:
+        return
+    rows = batch.gather(tuple(members))
+    term = y0.index_select(0, rows.index)  # [N, out]
+    if bias is not None and not all(slots[s].with_bias for s in members):
+        without = torch.tensor([not slots[s].with_bias for s in members], device=y.device, dtype=y.dtype)
+        term.sub_(without[rows.member, None] * bias)
+    term.mul_(shifts[rows.member]).mul_(rows.weight)
+    y.index_add_(0, rows.index, term)
 
 
 class OutputScaleForm(Form):
