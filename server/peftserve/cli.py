@@ -41,7 +41,12 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-context", "max_context", int, "longest prompt plus completion (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
     ("--cpu-linear", "cpu_linear", str, "onednn (default: prepacked weights, faster) or torch (less memory)"),
-    ("--adapter-slots", "adapter_slots", int, "LoRA/sparse adapters resident on the device at once"),
+    (
+        "--adapter-slots",
+        "adapter_slots",
+        int,
+        "adapters resident on the device at once (prefix tuning needs none)",
+    ),
     ("--host-cache-mb", "host_cache_mb", float, "CPU memory for adapters loaded from disk (LRU)"),
     ("--adapter-load-threads", "adapter_load_threads", int, "threads loading adapters from disk"),
     ("--adapter-max-rank", "adapter_max_rank", int, "largest LoRA rank accepted"),

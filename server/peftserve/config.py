@@ -40,7 +40,7 @@ class EngineConfig:
     """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.1-3.6x faster on serving
     shapes, one more copy of their weights in memory); torch: plain F.linear."""
     adapter_slots: int = 32
-    """LoRA / sparse adapters resident on the device at once (prefix adapters need no slot)."""
+    """Adapters resident on the device at once, of any kind but prefix tuning (which needs no slot)."""
     adapters: tuple[tuple[str, str], ...] = ()
     """Adapters registered at start: (id, PEFT directory) pairs; a bare name is the default tenant's."""
     store: str | None = None

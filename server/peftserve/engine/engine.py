@@ -30,6 +30,7 @@ from peftserve.engine.sequence import Sequence
 from peftserve.engine.step import PrefixWrite, StepInput, StepOutput, pack
 from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput
 from peftserve.model.geometry import head_dim, kv_heads
+from peftserve.model.loader import eos_token_ids, max_context
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
 
@@ -73,7 +74,7 @@ class LLMEngine:
                 f"kv_cache_mb={config.kv_cache_mb} holds fewer than 2 blocks of {config.block_size} tokens"
                 f" ({per_token} bytes per token); raise it"
             )
-        model_max = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", 2048)
+        model_max = max_context(model)
         self.max_context = min(config.max_context or model_max, model_max, num_blocks * config.block_size)
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
@@ -89,7 +90,9 @@ class LLMEngine:
             adapters=adapters.context if adapters is not None else None,
             cpu_linear=config.cpu_linear,
         )
-        eos = _eos_ids(model, tokenizer)
+        eos = list(eos_token_ids(model))
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(int(tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._info = ModelInfo(
@@ -379,13 +382,3 @@ def _gather(outputs: list[RequestOutput]) -> Completion:
         finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens,
     )
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        for i in value if isinstance(value, (list, tuple)) else [value]:
-            if i is not None and i not in ids:
-                ids.append(int(i))
-    return ids
