@@ -7,7 +7,8 @@ from its Kronecker factors), VeRA r256 (peft's default; the 32 adapters share on
 adapters trained with peft's default projection_prng_key do) on all 7 projections, and IA³ on peft's
 default targets (k, v, down). Adapters are made by peft with non-zero random weights, saved, and loaded
 by peftserve's AdapterManager from the saved directories. "base" is the same wrapped model with no
-adapter batch; base and each kind are interleaved, best of N, within one run.
+adapter batch. Every kind's adapters are resident at once, and each of N rounds times base and every
+kind back to back (best of N per variant), so the ratios of one run share the machine's load.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_kinds.py --shape bench-1b --threads 1
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_kinds.py --shape bench-mid --repeats 3
@@ -21,6 +22,7 @@ import json
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,53 +93,50 @@ def make_adapters(shape: Shape, label: str, store: Path, device: str) -> list[Pa
 
 
 def run_shape(shape: Shape, repeats: int, device: str, store: Path) -> list[Row]:
+    """Every kind's 32 adapters resident at once, and base and every kind timed round-robin: each round
+    steps through all the variants back to back, so the ratios come from the same machine load."""
     dtype = torch.float32
+    dirs = {label: make_adapters(shape, label, store, device) for label in KINDS}
     model = build_model(shape, device, dtype, seed=0)
-    block_bytes = shape.block_params * dtype.itemsize
+    manager = AdapterManager(
+        model, num_slots=BATCH * len(KINDS), device=device, dtype=dtype, host_cache_bytes=1 << 40
+    )
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, shape.vocab, (BATCH, 1), generator=gen).to(device)  # [B, 1]: one decode token
-    rows: list[Row] = []
-    manager = AdapterManager(model, num_slots=BATCH, device=device, dtype=dtype, host_cache_bytes=1 << 40)
-    with torch.inference_mode():
-        for _ in range(2):
-            model(input_ids=ids, logits_to_keep=1)
-    for label in KINDS:
-        dirs = make_adapters(shape, label, store, device)
+    steps: dict[str, Callable[[], None]] = {"base": lambda: model(input_ids=ids, logits_to_keep=1)}
+    infos = {}
+    for label, paths in dirs.items():
         names = [f"{label.replace(' ', '-')}/{i}" for i in range(BATCH)]
-        for name, path in zip(names, dirs, strict=True):
+        for name, path in zip(names, paths, strict=True):
             manager.register(name, path)
-        slots = [manager.acquire(n) for n in names]
-        spans = [(i, 1, ((slot, 1.0),)) for i, slot in enumerate(slots)]
-        infos = [manager.info(n) for n in names]
+        spans = [(i, 1, ((manager.acquire(name), 1.0),)) for i, name in enumerate(names)]
+        infos[label] = [manager.info(n) for n in names]
 
-        def base() -> None:
-            model(input_ids=ids, logits_to_keep=1)
-
-        def ours(spans=spans) -> None:
+        def step(spans=spans) -> None:
             manager.set_batch(AdapterBatch.build(spans, ids.numel(), device))
             model(input_ids=ids, logits_to_keep=1)
             manager.set_batch(None)
 
-        with torch.inference_mode():
-            ms = interleaved_min_ms({"base": base, "ours": ours}, device, repeats)
-        forms = ", ".join(f"{name} x {count}" for name, count in infos[0].forms)
-        row = Row(
-            shape.name, label, ms["base"], ms["ours"], sum(i.device_bytes for i in infos),
-            infos[0].shared_bytes, forms, block_bytes,
-        )  # fmt: skip
-        rows.append(row)
-        print(
-            f"  {shape.name} decode, 32 x {label}: {row.ours_ms:.1f} ms vs base {row.base_ms:.1f} ms "
-            f"({row.vs_base:.2f}x); slots {row.slot_bytes / 2**20:.1f} MB, "
-            f"shared {row.shared_bytes / 2**20:.1f} MB",
-            flush=True,
-        )
-        for name in names:
-            manager.release(name)
-            manager.remove(name)
-        manager.apply_drops()
-        gc.collect()
+        steps[label] = step
+    with torch.inference_mode():
+        ms = interleaved_min_ms(steps, device, repeats)
     manager.close()
+    rows = []
+    for label, kind_infos in infos.items():
+        first = kind_infos[0]
+        rows.append(
+            Row(
+                shape.name,
+                label,
+                ms["base"],
+                ms[label],
+                sum(i.device_bytes for i in kind_infos),
+                first.shared_bytes,
+                ", ".join(f"{name} x {count}" for name, count in first.forms),
+                shape.block_params * dtype.itemsize,
+            )
+        )
+        print(f"  {shape.name} decode, 32 x {label}: {ms[label]:.1f} ms ({ms[label] / ms['base']:.2f}x base)")
     return rows
 
 

@@ -3,7 +3,8 @@
 
 The client package owns the generated modules; the server imports them from there, so the
 descriptors are registered once. Imports between generated modules are made relative so the
-package does not depend on a top-level `peftserve.v1` module.
+package does not depend on a top-level `peftserve.v1` module, and message classes are named after
+the module they live in.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ PROTO_FILE = "peftserve/v1/peftserve.proto"
 OUT_DIR = ROOT / "client" / "peftserve_client" / "_proto"
 GENERATED = ("peftserve_pb2.py", "peftserve_pb2.pyi", "peftserve_pb2_grpc.py")
 _ABSOLUTE_IMPORT = re.compile(r"^from peftserve\.v1 import (peftserve_pb2\b)", re.MULTILINE)
+_MODULE_NAME = "'peftserve.v1.peftserve_pb2', _globals)"
+"""The module protoc names the message classes after; they take the real one (__name__) instead, so
+pickle finds them (Ray Serve's proxy pickles requests on their way to a deployment)."""
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -42,7 +46,8 @@ def generate(out_dir: Path) -> list[Path]:
         for name in GENERATED:
             text = (Path(tmp) / "peftserve" / "v1" / name).read_text()
             target = out_dir / name
-            target.write_text(_ABSOLUTE_IMPORT.sub(r"from . import \1", text))
+            text = _ABSOLUTE_IMPORT.sub(r"from . import \1", text).replace(_MODULE_NAME, "__name__, _globals)")
+            target.write_text(text)
             written.append(target)
     init = out_dir / "__init__.py"
     if not init.exists():

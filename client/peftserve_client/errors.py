@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import grpc
 
+RETRY_AFTER_TRAILER = "retry-after"
+"""Trailing metadata a RESOURCE_EXHAUSTED status may carry: whole seconds before a retry may succeed."""
+
 
 class PeftServeError(Exception):
     """A failed call; `code` is the gRPC status code name (e.g. 'INVALID_ARGUMENT')."""
@@ -27,7 +30,10 @@ class AlreadyExists(PeftServeError):
 
 
 class ResourceExhausted(PeftServeError):
-    """The server's queue or a quota is full; retry with backoff."""
+    """The server's queue or a quota is full; retry with backoff (no sooner than `retry_after`)."""
+
+    retry_after: float | None = None
+    """Seconds after which the server expects a retry to succeed (its retry-after trailer), if it said."""
 
 
 class FailedPrecondition(PeftServeError):
@@ -81,4 +87,18 @@ def from_rpc_error(error: grpc.RpcError) -> PeftServeError:
     # Sync calls raise grpc.Call errors, grpc.aio raises AioRpcError: both have code() and details().
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = (error.details() if hasattr(error, "details") else None) or code.name
-    return _BY_CODE.get(code, PeftServeError)(code.name, message)
+    exc = _BY_CODE.get(code, PeftServeError)(code.name, message)
+    if isinstance(exc, ResourceExhausted):
+        exc.retry_after = _retry_after(error)
+    return exc
+
+
+def _retry_after(error: grpc.RpcError) -> float | None:
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == RETRY_AFTER_TRAILER:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from peftserve.bench.cli import add_bench_parser
 from peftserve.config import DTYPES, EngineConfig, ServerConfig
+from peftserve.deploy.cli import add_cluster_parser
 from peftserve.errors import InvalidRequest, PeftServeError
 from peftserve.training.cli import add_train_parser
 
@@ -54,6 +55,20 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-adapters-per-tenant", "max_adapters_per_tenant", int, "adapters a tenant may hold in the store"),
     ("--max-upload-bytes", "max_upload_bytes", int, "bytes of all files of one upload"),
     ("--adapter-metrics-top-n", "adapter_metrics_top_n", int, "adapters with their own metrics label"),
+    ("--scheduling", "scheduling", str, "fair (the least served tenant goes first) or fcfs"),
+    ("--tenant-max-queued", "tenant_max_queued", int, "waiting requests per tenant (keys may set their own)"),
+    (
+        "--tenant-max-running",
+        "tenant_max_running",
+        int,
+        "running requests per tenant (keys may set their own)",
+    ),
+    (
+        "--tenant-tokens-per-minute",
+        "tenant_tokens_per_minute",
+        int,
+        "prompt + max_new_tokens per tenant per minute (keys may set their own)",
+    ),
 )
 
 
@@ -74,16 +89,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from peftserve.auth import KeyRing
 
     configure_logging(args.log_level)
-    engine_kwargs = {f: getattr(args, f) for _, f, _, _ in _ENGINE_FLAGS if getattr(args, f) is not None}
     try:
         keys = KeyRing.load(args.keys_file) if args.keys_file else None
-        config = ServerConfig(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            grace_s=args.grace_s,
-            engine=EngineConfig(**engine_kwargs, adapters=tuple(args.adapters), store=args.store or None),
-        )
+        config = _server_config(args)
     except InvalidRequest as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -98,6 +106,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of the `serve` flags; InvalidRequest names a bad value."""
+    engine_kwargs = {f: getattr(args, f) for _, f, _, _ in _ENGINE_FLAGS if getattr(args, f) is not None}
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        grace_s=args.grace_s,
+        engine=EngineConfig(**engine_kwargs, adapters=tuple(args.adapters), store=args.store or None),
+    )
 
 
 def _cmd_model_path(args: argparse.Namespace) -> int:
@@ -239,11 +259,15 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
 
 def _cmd_keys_add(args: argparse.Namespace) -> int:
     from peftserve.auth import KeyRing
+    from peftserve.engine.request import TenantLimits
 
     path = Path(args.keys_file)
     try:
-        ring, key = (KeyRing.load(path) if path.exists() else KeyRing()).add(args.tenant, args.scopes)
-    except InvalidRequest as e:
+        limits = TenantLimits(args.max_queued, args.max_running, args.tokens_per_minute)
+        ring, key = (KeyRing.load(path) if path.exists() else KeyRing()).add(
+            args.tenant, args.scopes, limits if limits != TenantLimits() else None
+        )
+    except (InvalidRequest, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ring.save(path)
@@ -280,12 +304,8 @@ def _add_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the call fails")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="peftserve", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="serve a model over gRPC until SIGTERM")
+def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
+    """The flags of `serve`, which `cluster` takes too."""
     serve.add_argument("--host", default=ServerConfig.host)
     serve.add_argument("--port", type=int, default=ServerConfig.port, help="0 picks a free port")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
@@ -321,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
         " apply without a restart)",
     )
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="peftserve", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a model over gRPC until SIGTERM")
+    _add_serve_flags(serve)
     serve.set_defaults(run=_cmd_serve)
 
     model = commands.add_parser("model", help="the served model's files")
@@ -357,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapters_parser(commands)
     _add_keys_parser(commands)
     add_bench_parser(commands)
+    add_cluster_parser(commands, _add_serve_flags)
     return parser
 
 
@@ -394,6 +424,9 @@ def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--tenant", required=True)
     add.add_argument("--scopes", default="infer", help="comma-separated: infer, admin (default: %(default)s)")
     add.add_argument("--keys-file", required=True, metavar="FILE", help="created if missing")
+    add.add_argument("--max-queued", type=int, default=None, help="this key's limit on waiting requests")
+    add.add_argument("--max-running", type=int, default=None, help="this key's limit on running requests")
+    add.add_argument("--tokens-per-minute", type=int, default=None, help="this key's token budget per minute")
     add.set_defaults(run=_cmd_keys_add)
     revoke = key_commands.add_parser("revoke", help="remove a key by its id (the hex after 'psk_')")
     revoke.add_argument("key_id", metavar="KEY_ID")

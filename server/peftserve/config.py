@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from peftserve.engine.fairness import POLICIES
+from peftserve.engine.request import TenantLimits
 from peftserve.errors import InvalidRequest
+from peftserve.store.staging import MAX_UPLOAD_BYTES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_LINEARS = ("onednn", "torch")
@@ -30,6 +33,14 @@ class EngineConfig:
     """Requests decoding at once."""
     max_queue: int = 1024
     """Requests waiting for admission; beyond it new requests are RESOURCE_EXHAUSTED."""
+    scheduling: str = "fair"
+    """Admission order: fair (the tenant that received the least service goes first) or fcfs."""
+    tenant_max_queued: int | None = None
+    """Default per-tenant limit on waiting requests (an API key may set its own); None: no limit."""
+    tenant_max_running: int | None = None
+    """Default per-tenant limit on running requests (an API key may set its own); None: no limit."""
+    tenant_tokens_per_minute: int | None = None
+    """Default per-tenant prompt + max_new_tokens per minute (an API key may set its own); None: no limit."""
     max_new_tokens_limit: int = 2048
     """Upper bound a request may ask for in max_new_tokens."""
     max_context: int | None = None
@@ -55,14 +66,26 @@ class EngineConfig:
     """Versions of each adapter kept in the store; older ones go once no request uses them."""
     max_adapters_per_tenant: int = 1000
     """Adapters one tenant may hold in the store; beyond it uploads are RESOURCE_EXHAUSTED."""
-    max_upload_bytes: int = 256 << 20
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
     """Bytes of all files of one upload; beyond it RESOURCE_EXHAUSTED."""
     adapter_metrics_top_n: int = 20
     """Adapters exported with their own label in per-adapter metrics; the rest count as 'other'."""
 
+    @property
+    def tenant_limits(self) -> TenantLimits:
+        """The per-tenant limits every caller gets unless its API key sets its own."""
+        return TenantLimits(self.tenant_max_queued, self.tenant_max_running, self.tenant_tokens_per_minute)
+
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InvalidRequest(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.scheduling not in POLICIES:
+            choices = ", ".join(POLICIES)
+            raise InvalidRequest(f"scheduling must be one of {choices}, got {self.scheduling!r}")
+        try:
+            self.tenant_limits  # noqa: B018 - validates the three fields
+        except ValueError as exc:
+            raise InvalidRequest(f"tenant limits: {exc}") from exc
         if self.cpu_linear not in CPU_LINEARS:
             choices = ", ".join(CPU_LINEARS)
             raise InvalidRequest(f"cpu_linear must be one of {choices}, got {self.cpu_linear!r}")

@@ -14,6 +14,7 @@ from peftserve.engine.engine import LLMEngine
 from peftserve.store import AdapterStore
 from tests.adapters import peft_factory as pf
 from tests.helpers.tiny_models import build_tiny_model
+from tests.store.helpers import stage
 
 
 def test_create_scans_the_store_and_registers_adapters(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -22,8 +23,8 @@ def test_create_scans_the_store_and_registers_adapters(tiny_llama_dir: Path, tmp
     store = AdapterStore(tmp_path / "store")
     writer = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
     files = {p.name: p.read_bytes() for p in lora.iterdir()}
-    staged = store.stage(files)
-    store.commit(staged, writer.manifest_for("acme/stored", 1, writer.validate(staged), files))
+    staged, entries = stage(store, files)
+    store.commit(staged, writer.manifest_for("acme/stored", 1, writer.validate(staged), entries))
     writer.close()
     (tmp_path / "store" / ".tmp" / "upload-leftover").mkdir()  # a crashed upload
 

@@ -11,6 +11,7 @@ import asyncio
 import copy
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,15 @@ from tests.adapters import peft_factory as pf
 from tests.engine.conftest import random_prompts
 from tests.engine.test_adapter_fidelity import reference_run
 from tests.helpers.tiny_models import build_tiny_model
+from tests.helpers.uploads import chunks
 
 NEW_TOKENS = 64
 STEP_DELAY_S = 0.004
 """A pause per engine step, so the admin operations land while every phase's streams still run."""
 
 
-def files_of(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.iterdir()}
+def files_of(folder: Path) -> AsyncIterator[tuple[str, bytes]]:
+    return chunks({p.name: p.read_bytes() for p in folder.iterdir()})
 
 
 @pytest.fixture

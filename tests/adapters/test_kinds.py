@@ -16,6 +16,7 @@ from peftserve.store import AdapterStore
 from peftserve.store.manifest import manifest_from_json, manifest_to_json
 from tests.adapters import peft_factory as pf
 from tests.helpers.tiny_models import build_tiny_model
+from tests.store.helpers import stage
 
 FLOAT = 4  # bytes of a float32 entry
 
@@ -112,9 +113,9 @@ def test_dora_binds_to_the_base_when_loaded_from_the_store(
     writer = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
     store = AdapterStore(tmp_path)
     files = {p.name: p.read_bytes() for p in dirs["dora"].iterdir()}
-    staged = store.stage(files)
+    staged, entries = stage(store, files)
     registered = writer.validate(staged)
-    store.commit(staged, writer.manifest_for("acme/d", 1, registered, files))
+    store.commit(staged, writer.manifest_for("acme/d", 1, registered, entries))
     reader = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
     reader.scan(store)
     held = reader.resolve((AdapterRef("acme/d"),))

@@ -24,6 +24,7 @@ from peftserve.errors import (
 from peftserve.store import AdapterStore
 from tests.adapters import peft_factory as pf
 from tests.helpers.tiny_models import build_tiny_model
+from tests.store.helpers import stage
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +170,8 @@ def test_scan_is_lazy_verifies_hashes_and_skips_other_bases(
     writer = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
     for adapter_id, name in (("acme/a", "lora-a"), ("acme/b", "lora-b")):
         files = {p.name: p.read_bytes() for p in dirs[name].iterdir()}
-        staged = store.stage(files)
-        store.commit(staged, writer.manifest_for(adapter_id, 1, writer.validate(staged), files))
+        staged, entries = stage(store, files)
+        store.commit(staged, writer.manifest_for(adapter_id, 1, writer.validate(staged), entries))
     manifest = tmp_path / "acme" / "b" / "v1" / "manifest.json"
     manifest.write_text(manifest.read_text().replace(writer.base.fingerprint, "llama-ffffffffffffffff"))
 
@@ -251,8 +252,8 @@ def test_a_version_folder_swapped_for_a_symlink_is_refused(
     store = AdapterStore(tmp_path / "store")
     manager = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
     files = {p.name: p.read_bytes() for p in dirs["lora-a"].iterdir()}
-    staged = store.stage(files)
-    stored = store.commit(staged, manager.manifest_for("acme/a", 1, manager.validate(staged), files))
+    staged, entries = stage(store, files)
+    stored = store.commit(staged, manager.manifest_for("acme/a", 1, manager.validate(staged), entries))
     manager.scan(store)
     stored.path.rename(tmp_path / "elsewhere")
     stored.path.symlink_to(tmp_path / "elsewhere", target_is_directory=True)

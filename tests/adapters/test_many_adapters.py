@@ -27,6 +27,7 @@ from peftserve.store import AdapterStore
 from tests.engine.conftest import random_prompts
 from tests.engine.test_adapter_fidelity import reference_run
 from tests.helpers.tiny_models import build_tiny_model
+from tests.helpers.uploads import chunks
 
 NUM_ADAPTERS = 500
 SLOTS = 8
@@ -82,7 +83,7 @@ def test_power_law_over_500_adapters_with_8_slots(tmp_path: Path, monkeypatch: p
 
     async def main() -> tuple[list[list[int]], int]:
         for i in range(NUM_ADAPTERS):
-            await front.admin.upload("acme", f"a{i}", adapter_files(template, i))
+            await front.admin.upload("acme", f"a{i}", chunks(adapter_files(template, i)))
         results = await asyncio.gather(*(generate(f"r{n}", i, n % 4) for n, i in enumerate(picks)))
         cold = NUM_ADAPTERS - 1
         assert manager.tier(f"acme/a{cold}@v1") == "disk"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +14,10 @@ import pytest
 from peftserve.adapters.host_cache import HostCache
 from peftserve.adapters.registry import AdapterRegistry
 from peftserve.errors import AdapterNotFound, InvalidRequest
+from peftserve.store.manifest import FileEntry
 from tests.store.helpers import manifest_of
 
-FILES = {"adapter_model.safetensors": b"x"}
+FILES = (FileEntry("adapter_model.safetensors", 1, hashlib.sha256(b"x").hexdigest()),)
 
 
 def add(registry: AdapterRegistry, adapter_id: str, version: int) -> list[str]:

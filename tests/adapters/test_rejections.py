@@ -264,7 +264,12 @@ DOWN0 = "base_model.model.model.layers.0.mlp.down_proj"
             ("lora_magnitude_vector has 8",),
         ),
         # within the bound as stored; divided by the merged weight's norm, beyond it
-        ("dora", None, _set(f"{Q0}.lora_magnitude_vector", lambda t: t * 0 + 9000), ("weight norm", "limit")),
+        (
+            "dora",
+            None,
+            _set(f"{Q0}.lora_magnitude_vector", lambda t: t * 0 + 9000),
+            ("magnitude_vector/norm", "limit"),
+        ),
         (
             "ia3",
             {"feedforward_modules": ["k_proj", "down_proj"]},

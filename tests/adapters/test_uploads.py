@@ -22,6 +22,7 @@ from peftserve.store import AdapterStore
 from peftserve.store.files import sha256_hex
 from tests.adapters import peft_factory as pf
 from tests.helpers.tiny_models import build_tiny_model
+from tests.helpers.uploads import chunks
 from tests.store.safetensors_bytes import entry, raw_file
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -76,7 +77,7 @@ def admin(base: PreTrainedModel, tmp_path: Path) -> AdapterAdminService:
 
 
 def upload(admin: AdapterAdminService, files: Files, name: str = "lora", tenant: str = "acme"):
-    return asyncio.run(admin.upload(tenant, name, files))
+    return asyncio.run(admin.upload(tenant, name, chunks(files)))
 
 
 def tree(root: Path) -> list[tuple[str, int]]:
@@ -236,7 +237,7 @@ CORPUS: list[tuple[str, Callable[[Files], Files], type[Exception], str]] = [
     ("inf", with_tensors(_poke(f"{Q0}.lora_A.weight", float("-inf"))), InvalidRequest, "Inf"),
     ("nan-alpha", with_config(lora_alpha=float("nan")), InvalidRequest, "lora_alpha"),
     ("config-missing", with_file(CONFIG, None), InvalidRequest, "no adapter_config.json"),
-    ("config-oversized", with_config(padding="x" * (64 << 10)), InvalidRequest, "exceeds the limit"),
+    ("config-oversized", with_config(padding="x" * (64 << 10)), InvalidRequest, "larger than the limit"),
     ("config-not-json", with_file(CONFIG, b"{not json"), InvalidRequest, "not valid JSON"),
     ("config-not-object", with_file(CONFIG, b"[1]"), InvalidRequest, "JSON object"),
     ("config-too-deep", with_config(deep=json.loads("[" * 40 + "]" * 40)), InvalidRequest, "nested deeper"),
@@ -258,7 +259,7 @@ CORPUS: list[tuple[str, Callable[[Files], Files], type[Exception], str]] = [
         (f"name-{i}", with_file(name, b"x"), InvalidRequest, "file name")
         for i, name in enumerate(["../x", "/etc/passwd", "a/b", "a\\b", "", "x\0y", "..", ".hidden"])
     ],
-    ("too-large", with_file("README.md", b"x" * (1 << 20)), CapacityExceeded, "limit is 1048576 bytes"),
+    ("too-large", with_file("README.md", b"x" * (1 << 20)), CapacityExceeded, "limit of 1048576 bytes"),
 ]
 
 
@@ -319,10 +320,13 @@ def test_versions_prune_list_get_delete_and_tenant_scope(admin, good) -> None:
     for name in ("b", "c"):
         upload(admin, good, name=name)
     page, token = asyncio.run(admin.list("acme", 2, ""))
-    assert [s.manifest.adapter_id for s in page] == ["acme/b", "acme/c"] and token == "c"
+    assert [s.manifest.adapter_id for s in page] == ["acme/b", "acme/c"] and token == "acme/c"
     page, token = asyncio.run(admin.list("acme", 2, token))
     assert [s.manifest.adapter_id for s in page] == ["acme/lora"] and token == ""
     assert asyncio.run(admin.list("globex", 10, "")) == ([], "")
+    upload(admin, good, name="g", tenant="globex")
+    every, _ = asyncio.run(admin.list(None, 10, ""))  # local mode: every tenant's
+    assert [s.manifest.adapter_id for s in every] == ["acme/b", "acme/c", "acme/lora", "globex/g"]
     status = asyncio.run(admin.get("acme", "lora"))
     assert status.manifest.version == "v3" and status.tier == "host" and not status.pinned
     with pytest.raises(AdapterNotFound, match="adapter 'globex/lora' not found"):

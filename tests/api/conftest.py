@@ -24,7 +24,7 @@ from .fake_engine import FakeEngine
 T = TypeVar("T")
 
 UPLOAD_LIMIT = 16 * 1024
-"""The test servers' cap on one upload's bytes."""
+"""The test servers' cap on one upload's bytes (the fake admin enforces it as the store does)."""
 
 KEYS = {
     # name: (tenant, scopes)
@@ -58,7 +58,7 @@ class Served:
 @contextlib.contextmanager
 def serving(keys: KeyRing | None = None) -> Iterator[Served]:
     """A started server (local mode without keys) that is stopped on exit."""
-    engine, admin = FakeEngine(), FakeAdmin()
+    engine, admin = FakeEngine(), FakeAdmin(max_upload_bytes=UPLOAD_LIMIT)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="fake-server", daemon=True)
     thread.start()
@@ -72,7 +72,6 @@ def serving(keys: KeyRing | None = None) -> Iterator[Served]:
             metrics=metrics,
             admin=admin,
             auth=Authenticator(keys),
-            max_upload_bytes=UPLOAD_LIMIT,
         )
         await server.start()
         return Served(f"127.0.0.1:{port}", engine, admin, health, metrics, server, loop)

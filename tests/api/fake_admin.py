@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 
-from peftserve.engine.protocol import AdapterStatus
+from peftserve.engine.protocol import AdapterStatus, FileChunks
 from peftserve.errors import AdapterNotFound, AdapterRejected, CapacityExceeded, FailedPrecondition
-from peftserve.store.manifest import AdapterManifest, FileEntry
+from peftserve.store.manifest import AdapterManifest
+from peftserve.store.staging import StagedUpload
 
 QUOTA_BYTES = 8 * 1024
 """Bytes one tenant may store (all adapters, current versions)."""
@@ -24,7 +25,9 @@ def not_found_message(tenant: str, name: str) -> str:
 class FakeAdmin:
     """Keeps each adapter's current version; a knob makes every call fail, and calls are recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_upload_bytes: int = 16 * 1024) -> None:
+        self.max_upload_bytes = max_upload_bytes
+        """The cap on one upload's bytes, enforced while it arrives (as the store does)."""
         self.adapters: dict[tuple[str, str], AdapterStatus] = {}
         self.fail_with: Exception | None = None
         """Raised by the next calls."""
@@ -32,8 +35,14 @@ class FakeAdmin:
         """(method, tenant, name) of every call that got past the servicer."""
         self.page_sizes: list[int] = []
 
-    async def upload(self, tenant: str, name: str, files: dict[str, bytes]) -> AdapterManifest:
+    async def upload(self, tenant: str, name: str, chunks: FileChunks) -> AdapterManifest:
         self._record("upload", tenant, name)
+        with tempfile.TemporaryDirectory() as tmp:  # the real staging: names, caps and order checked
+            staged = StagedUpload(Path(tmp), self.max_upload_bytes)
+            async for file_name, data in chunks:
+                staged.write(file_name, data)
+            entries = staged.finish()
+            files = {e.name: (Path(tmp) / e.name).read_bytes() for e in entries}
         config = _config(files)
         if config.get("base_model") == "another-model":
             raise FailedPrecondition("the adapter was trained for another base model")
@@ -53,9 +62,7 @@ class FakeAdmin:
             target_modules=tuple(config.get("target_modules", ("q_proj",))),
             num_virtual_tokens=0,
             nbytes=nbytes,
-            files=tuple(
-                FileEntry(n, len(d), hashlib.sha256(d).hexdigest()) for n, d in sorted(files.items())
-            ),
+            files=entries,
             created_at=time.time(),
             device_bytes=4096,
             forms=(("low_rank", 2),),
@@ -81,12 +88,15 @@ class FakeAdmin:
         self._get(tenant, name)
         del self.adapters[tenant, name]
 
-    async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[AdapterStatus], str]:
-        self._record("list", tenant, "")
+    async def list(
+        self, tenant: str | None, page_size: int, page_token: str
+    ) -> tuple[list[AdapterStatus], str]:
+        self._record("list", tenant or "*", "")
         self.page_sizes.append(page_size)
-        names = sorted(n for t, n in self.adapters if t == tenant and n > page_token)
-        page = names[:page_size]
-        return [self.adapters[tenant, n] for n in page], page[-1] if len(names) > page_size else ""
+        ids = sorted(f"{t}/{n}" for t, n in self.adapters if tenant is None or t == tenant)
+        page = [i for i in ids if i > page_token][:page_size]
+        more = len([i for i in ids if i > page_token]) > page_size
+        return [self.adapters[tuple(i.split("/"))] for i in page], page[-1] if more else ""
 
     async def get(self, tenant: str, name: str) -> AdapterStatus:
         self._record("get", tenant, name)

@@ -63,6 +63,28 @@ def test_full_queue_is_resource_exhausted(served: Served) -> None:
         list(client.generate_stream("hi"))
 
 
+def test_a_quota_carries_its_retry_hint_to_both_clients(served: Served) -> None:
+    served.engine.fail_with = errors.CapacityExceeded("tenant 'acme' is over its limit", retry_after_s=2.2)
+    with Client(served.address, timeout=5) as client:
+        with pytest.raises(ResourceExhausted, match="over its limit") as unary:
+            client.generate("hi")
+        with pytest.raises(ResourceExhausted) as stream:
+            list(client.generate_stream("hi"))
+    assert unary.value.retry_after == stream.value.retry_after == 3.0  # whole seconds, rounded up
+
+    async def main() -> float | None:
+        async with AsyncClient(served.address, timeout=5) as client:
+            with pytest.raises(ResourceExhausted) as info:
+                await client.generate("hi")
+            return info.value.retry_after
+
+    assert asyncio.run(main()) == 3.0
+    served.engine.fail_with = errors.CapacityExceeded("queue is full")  # no hint: none is made up
+    with Client(served.address, timeout=5) as client, pytest.raises(ResourceExhausted) as plain:
+        client.generate("hi")
+    assert plain.value.retry_after is None
+
+
 def test_draining_engine_is_unavailable(served: Served) -> None:
     served.engine.draining = True
     with Client(served.address, timeout=5) as client, pytest.raises(Unavailable, match="draining"):
@@ -96,3 +118,10 @@ def test_unreachable_server_is_unavailable() -> None:
     with Client("127.0.0.1:1", timeout=2) as client, pytest.raises(Unavailable) as info:
         client.model_info()
     assert isinstance(info.value, PeftServeError)
+
+
+@pytest.mark.parametrize("adapter_id", ["A" * 10_000, "acme/" + "x" * 10_000, "x@" + "v" * 10_000])
+def test_errors_quote_a_bounded_prefix_of_what_was_sent(served: Served, adapter_id: str) -> None:
+    with Client(served.address, timeout=5) as client, pytest.raises(InvalidArgument) as info:
+        client.generate("hi", adapter_id=adapter_id)
+    assert len(info.value.message) < 300 and "characters)" in info.value.message

@@ -96,3 +96,25 @@ def test_bad_tenant_or_scope_when_adding() -> None:
         KeyRing().add("Acme Corp", [Scope.INFER])
     with pytest.raises(InvalidRequest, match="scopes"):
         parse_scopes("infer,write")
+
+
+def test_a_key_may_carry_its_own_tenant_limits(tmp_path: Path) -> None:
+    from peftserve.auth import Authenticator
+    from peftserve.engine.request import TenantLimits
+
+    path = tmp_path / "keys.json"
+    limits = TenantLimits(max_running=4, tokens_per_minute=1000)
+    ring, vip = KeyRing().add("acme", [Scope.INFER], limits)
+    ring, plain = ring.add("acme", [Scope.INFER])
+    ring.save(path)
+    saved = json.loads(path.read_text())["keys"]
+    assert saved[0]["limits"] == {"max_running": 4, "tokens_per_minute": 1000} and "limits" not in saved[1]
+    auth = Authenticator(KeyRing.load(path))
+    assert auth.authorize([("x-api-key", vip)], Scope.INFER).limits == limits
+    assert auth.authorize([("x-api-key", plain)], Scope.INFER).limits is None
+
+    for bad in ({"max_running": 0}, {"max_running": "4"}, {"burst": 3}, [4]):
+        saved[0]["limits"] = bad
+        path.write_text(json.dumps({"version": 1, "keys": saved}))
+        with pytest.raises(InvalidRequest, match="limits"):
+            KeyRing.load(path)

@@ -58,7 +58,7 @@ def test_the_youngest_is_preempted_and_resumes_first():
     plan = s.schedule()  # old's 9th token needs a third block: young is preempted
     assert plan.preempted == [young] and young.status is SeqStatus.WAITING and young.num_computed == 0
     assert [c.seq.request_id for c in plan.chunks] == ["old"]
-    assert s.waiting[0] is young and s.num_preemptions == 1
+    assert list(s.waiting) == [young] and s.num_preemptions == 1
     run(plan)
     s.finish(old, FinishReason.LENGTH)
     plan = s.schedule()  # young recomputes its prompt and its sampled token

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from peftserve.store import AdapterStore, StoredVersion
-from peftserve.store.manifest import AdapterManifest, file_entries
+from peftserve.store.manifest import AdapterManifest, FileEntry
 
 
-def manifest_of(adapter_id: str, version: int, files: Mapping[str, bytes]) -> AdapterManifest:
+def stage(store: AdapterStore, files: Mapping[str, bytes]) -> tuple[Path, tuple[FileEntry, ...]]:
+    """Write files into a staged upload as a client would send them; the folder and its file entries."""
+    upload = store.begin_upload()
+    for name, data in files.items():
+        upload.write(name, data)
+    return upload.folder, upload.finish()
+
+
+def manifest_of(adapter_id: str, version: int, files: tuple[FileEntry, ...]) -> AdapterManifest:
     """A manifest for arbitrary files (the store does not look inside them)."""
     return AdapterManifest(
         adapter_id=adapter_id,
@@ -20,8 +29,8 @@ def manifest_of(adapter_id: str, version: int, files: Mapping[str, bytes]) -> Ad
         ranks=(2,),
         target_modules=("model.layers.0.self_attn.q_proj",),
         num_virtual_tokens=0,
-        nbytes=sum(len(d) for d in files.values()),
-        files=file_entries(files),
+        nbytes=sum(f.size for f in files),
+        files=files,
         created_at=time.time(),
     )
 
@@ -29,5 +38,5 @@ def manifest_of(adapter_id: str, version: int, files: Mapping[str, bytes]) -> Ad
 def put(store: AdapterStore, adapter_id: str, files: Mapping[str, bytes]) -> StoredVersion:
     """Stage and commit files as the next version of adapter_id."""
     tenant, name = adapter_id.split("/")
-    staged = store.stage(files)
-    return store.commit(staged, manifest_of(adapter_id, store.next_version(tenant, name), files))
+    folder, entries = stage(store, files)
+    return store.commit(folder, manifest_of(adapter_id, store.next_version(tenant, name), entries))

@@ -8,14 +8,15 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future, wait
+from pathlib import Path
 from typing import TypeVar
 
-from peftserve.engine.protocol import AdapterStatus
-from peftserve.errors import AdapterNotFound, FailedPrecondition, InvalidRequest, PeftServeError
+from peftserve.engine.protocol import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AdapterStatus, FileChunks
+from peftserve.errors import AdapterNotFound, FailedPrecondition, InvalidRequest, PeftServeError, quote
 from peftserve.store import AdapterStore, StoredVersion
 from peftserve.store.ids import check_part, join_id, parse_version, split_id, version_key
-from peftserve.store.manifest import AdapterManifest
-from peftserve.store.peft_files import check_upload_files
+from peftserve.store.manifest import AdapterManifest, FileEntry
+from peftserve.store.staging import StagedUpload
 
 from .manager import AdapterManager
 from .registry import Removal
@@ -26,8 +27,22 @@ T = TypeVar("T")
 EngineCall = Callable[[Callable[[], T]], Awaitable[T]]
 """Runs a function on the engine thread between steps and returns its result (AsyncEngine.run_on_engine)."""
 
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
+
+async def receive_upload(
+    store: AdapterStore, files: FileChunks
+) -> tuple[StagedUpload, tuple[FileEntry, ...]]:
+    """Write an upload's chunks into a fresh staged folder of the store as they arrive (memory: one chunk).
+
+    The caller commits the folder or discards it; on an error here it is discarded already.
+    """
+    staged = await asyncio.to_thread(store.begin_upload)
+    try:
+        async for file_name, data in files:
+            await asyncio.to_thread(staged.write, file_name, data)
+        return staged, await asyncio.to_thread(staged.finish)
+    except BaseException:
+        await asyncio.to_thread(staged.discard)
+        raise
 
 
 async def _wait_all(futures: Iterable[Future]) -> None:
@@ -58,10 +73,22 @@ class AdapterAdminService:
 
     # -- AdapterAdmin ---------------------------------------------------------------------------
 
-    async def upload(self, tenant: str, name: str, files: dict[str, bytes]) -> AdapterManifest:
+    async def upload(self, tenant: str, name: str, files: FileChunks) -> AdapterManifest:
+        store = self._require_store()
+        store.check_quota(tenant, name)
+        staged, entries = await receive_upload(store, files)
+        try:
+            return await self.commit_upload(tenant, name, staged.folder, entries)
+        finally:
+            await asyncio.to_thread(staged.discard)  # a no-op once committed (the folder was renamed away)
+
+    async def commit_upload(
+        self, tenant: str, name: str, staged: Path, files: tuple[FileEntry, ...]
+    ) -> AdapterManifest:
+        """Validate a folder staged in the store's .tmp/ (here, or by another process sharing the store)
+        as an adapter of this base model, and commit it as the adapter's next version."""
         adapter_id = join_id(tenant, name)
-        self._require_store().check_quota(tenant, name, sum(len(data) for data in files.values()))
-        stored = await asyncio.to_thread(self._commit, adapter_id, files)
+        stored = await asyncio.to_thread(self._commit, adapter_id, staged, files)
         await self._after_commit(adapter_id, stored)
         log.info(
             "uploaded adapter %s@%s (%d bytes)", adapter_id, stored.manifest.version, stored.manifest.nbytes
@@ -90,23 +117,24 @@ class AdapterAdminService:
         await self._run_on_engine(self.manager.apply_drops)
         log.info("deleted adapter %s", adapter_id)
 
-    async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[AdapterStatus], str]:
-        check_part(tenant, "tenant")
+    async def list(
+        self, tenant: str | None, page_size: int, page_token: str
+    ) -> tuple[list[AdapterStatus], str]:
+        if tenant is not None:
+            check_part(tenant, "tenant")
         if page_size < 0:
             raise InvalidRequest(f"page_size must be >= 0, got {page_size}")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        if page_token:
-            check_part(page_token, "page_token")
-        names = self.manager.names(tenant)
-        start = bisect.bisect_right(names, page_token) if page_token else 0
-        page = names[start : start + size]
+        ids = self.manager.adapter_ids(tenant)
+        start = bisect.bisect_right(ids, page_token) if page_token else 0
+        page = ids[start : start + size]
         statuses = []
-        for name in page:
+        for adapter_id in page:
             try:
-                statuses.append(self.manager.status(f"{tenant}/{name}"))
-            except AdapterNotFound:  # deleted since names() was read
+                statuses.append(self.manager.status(adapter_id))
+            except AdapterNotFound:  # deleted since the ids were read
                 continue
-        more = start + size < len(names)
+        more = start + size < len(ids)
         return statuses, page[-1] if more and page else ""
 
     async def get(self, tenant: str, name: str) -> AdapterStatus:
@@ -114,28 +142,23 @@ class AdapterAdminService:
 
     # -- worker threads -------------------------------------------------------------------------
 
-    def _commit(self, adapter_id: str, files: dict[str, bytes]) -> StoredVersion:
-        """Check the raw files, stage them, validate the staged folder, then commit a new version."""
+    def _commit(self, adapter_id: str, staged: Path, files: tuple[FileEntry, ...]) -> StoredVersion:
+        """Validate the staged folder as an adapter of this base model, then commit it as a new version."""
         store = self._require_store()
         tenant, name = split_id(adapter_id)
-        check_upload_files(files)
-        staged = store.stage(files)
-        try:
-            adapter = self.manager.validate(staged)
-            with self._commit_lock:
-                store.check_quota(tenant, name, sum(len(data) for data in files.values()))
-                number = max(self.manager.next_version(adapter_id), store.next_version(tenant, name))
-                stored = store.commit(staged, self.manager.manifest_for(adapter_id, number, adapter, files))
-                self.manager.add_stored(stored, adapter)
-        finally:
-            store.discard(staged)  # a no-op once committed (the folder was renamed away)
+        adapter = self.manager.validate(staged)
+        with self._commit_lock:
+            store.check_quota(tenant, name)
+            number = max(self.manager.next_version(adapter_id), store.next_version(tenant, name))
+            stored = store.commit(staged, self.manager.manifest_for(adapter_id, number, adapter, files))
+            self.manager.add_stored(stored, adapter)
         return stored
 
     def _delete(self, adapter_id: str) -> None:
         with self._commit_lock:
             removal = self.manager.remove(adapter_id, keep=0)
             if not removal.removed:
-                raise AdapterNotFound(f"adapter {adapter_id!r} not found")
+                raise AdapterNotFound(f"adapter {quote(adapter_id)} not found")
             self._keep_held_in_memory(removal)
             if self.store is not None:
                 self.store.delete_adapter(*split_id(adapter_id))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +23,10 @@ from torch import nn
 from peftserve.engine.protocol import AdapterStatus, Tier
 from peftserve.engine.request import AdapterRef
 from peftserve.engine.sequence import HeldVersion
-from peftserve.errors import AdapterNotFound, InvalidRequest
+from peftserve.errors import AdapterNotFound, InvalidRequest, quote
 from peftserve.metrics import AdapterMetrics, AdapterSnapshot
 from peftserve.store import AdapterStore, StoredVersion
-from peftserve.store.files import inside, read_regular_file
+from peftserve.store.files import inside
 from peftserve.store.ids import (
     DEFAULT_TENANT,
     full_adapter_id,
@@ -35,7 +35,7 @@ from peftserve.store.ids import (
     version_key,
     version_name,
 )
-from peftserve.store.manifest import AdapterManifest, file_entries
+from peftserve.store.manifest import AdapterManifest, FileEntry, file_entry
 from peftserve.store.peft_files import CONFIG_NAME, WEIGHTS_NAME
 
 from .base_spec import base_spec, fit_to_base
@@ -141,7 +141,7 @@ class AdapterManager:
         return fit_to_base(adapter, self.base, self.max_rank, lambda path: self.layers[path].base_module())
 
     def manifest_for(
-        self, adapter_id: str, number: int, adapter: NormalizedAdapter, files: Mapping[str, bytes]
+        self, adapter_id: str, number: int, adapter: NormalizedAdapter, files: tuple[FileEntry, ...]
     ) -> AdapterManifest:
         """The manifest of a validated adapter's files as version `number` of adapter_id."""
         return AdapterManifest(
@@ -153,8 +153,8 @@ class AdapterManager:
             ranks=adapter.ranks,
             target_modules=tuple(sorted(adapter.deltas)),
             num_virtual_tokens=adapter.prefix.num_virtual_tokens if adapter.prefix is not None else 0,
-            nbytes=sum(len(data) for data in files.values()),
-            files=file_entries(files),
+            nbytes=sum(f.size for f in files),
+            files=files,
             created_at=time.time(),
             device_bytes=adapter.device_nbytes(self.dtype),
             shared_bytes=adapter.shared_nbytes(self.dtype),
@@ -169,10 +169,10 @@ class AdapterManager:
         """
         full = canonical_id(adapter_id)
         if "@" in full:
-            raise InvalidRequest(f"adapter id {adapter_id!r}: a registration takes no @version")
+            raise InvalidRequest(f"adapter id {quote(adapter_id)}: a registration takes no @version")
         folder = Path(path)
         adapter = self.validate(folder, follow_symlinks=True)
-        files = {n: read_regular_file(folder / n, follow_symlinks=True) for n in (CONFIG_NAME, WEIGHTS_NAME)}
+        files = tuple(file_entry(folder / n, follow_symlinks=True) for n in (CONFIG_NAME, WEIGHTS_NAME))
         with self._lock:
             manifest = self.manifest_for(full, self.registry.next_version(full), adapter, files)
             self._add(manifest, folder, None, adapter)
@@ -327,7 +327,7 @@ class AdapterManager:
         with self._lock:
             versions = self.registry.versions(adapter_id)
             if not versions:
-                raise AdapterNotFound(f"adapter {adapter_id!r} not found")
+                raise AdapterNotFound(f"adapter {quote(adapter_id)} not found")
             for key in self.registry.unload(adapter_id):
                 self._free(key)
             for record in versions:
@@ -361,6 +361,11 @@ class AdapterManager:
     def names(self, tenant: str) -> list[str]:
         with self._lock:
             return self.registry.names(tenant)
+
+    def adapter_ids(self, tenant: str | None = None) -> list[str]:
+        """Full ids of the tenant's adapters (every tenant's when None), sorted."""
+        with self._lock:
+            return self.registry.adapter_ids(tenant)
 
     def pinned_versions(self, adapter_id: str) -> list[str]:
         with self._lock:

@@ -15,7 +15,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from peftserve.errors import AdapterRejected, FailedPrecondition
+from peftserve.errors import AdapterRejected, FailedPrecondition, quote
 from peftserve.store.files import read_regular_file, sha256_hex
 from peftserve.store.peft_files import (
     CONFIG_NAME,
@@ -95,14 +95,16 @@ def module_tensors(tensors: Tensors, param_names: tuple[str, ...]) -> dict[str, 
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if not key.startswith(STATE_PREFIX):
-            raise AdapterRejected(f"unexpected tensor {key!r} (expected keys starting with {STATE_PREFIX!r})")
+            raise AdapterRejected(
+                f"unexpected tensor {quote(key)} (expected keys starting with {STATE_PREFIX!r})"
+            )
         rest = key[len(STATE_PREFIX) :]
         for param in param_names:
             if rest.endswith("." + param):
                 grouped.setdefault(rest[: -len(param) - 1], {})[param] = value
                 break
         else:
-            raise AdapterRejected(f"tensor {key!r} is not served (only {', '.join(param_names)} are)")
+            raise AdapterRejected(f"tensor {quote(key)} is not served (only {', '.join(param_names)} are)")
     return grouped
 
 
@@ -111,11 +113,12 @@ def check_magnitude(name: str, value: torch.Tensor) -> None:
     if not value.is_floating_point() or value.numel() == 0:
         return
     if not bool(torch.isfinite(value).all()):
-        raise AdapterRejected(f"tensor {name!r} contains NaN or Inf")
+        raise AdapterRejected(f"tensor {quote(name)} contains NaN or Inf")
     largest = float(value.abs().max())
     if largest > MAX_MAGNITUDE:
         raise AdapterRejected(
-            f"tensor {name!r} holds a value of magnitude {largest:.3g}, beyond the limit of {MAX_MAGNITUDE:g}"
+            f"tensor {quote(name)} holds a value of magnitude {largest:.3g}, "
+            f"beyond the limit of {MAX_MAGNITUDE:g}"
         )
 
 
@@ -131,13 +134,13 @@ def check_scaling(scaling: float, fields: str) -> float:
 def reject_if_set(config: Config, field: str, why: str) -> None:
     """Reject when `field` is present and truthy (not None/False/empty)."""
     if config.get(field):
-        raise AdapterRejected(f"{field}={config[field]!r}: {why}")
+        raise AdapterRejected(f"{field}={quote(config[field])}: {why}")
 
 
 def finite_number(config: Config, field: str, default: float | None = None) -> float:
     value = config.get(field, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AdapterRejected(f"{field}={value!r}: expected a finite number")
+        raise AdapterRejected(f"{field}={quote(value)}: expected a finite number")
     return float(value)
 
 

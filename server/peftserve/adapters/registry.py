@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftserve.errors import AdapterNotFound, InvalidRequest
+from peftserve.errors import AdapterNotFound, InvalidRequest, quote
 from peftserve.store.ids import parse_version, split_id, split_version, version_key
 from peftserve.store.manifest import AdapterManifest
 
@@ -84,10 +84,10 @@ class AdapterRegistry:
         adapter_id, number = split_version(full_id)
         versions = self._live.get(adapter_id)
         if not versions:
-            raise AdapterNotFound(f"adapter {full_id!r} not found")
+            raise AdapterNotFound(f"adapter {quote(full_id)} not found")
         record = versions.get(max(versions) if number is None else number)
         if record is None:
-            raise AdapterNotFound(f"adapter {full_id!r} not found")
+            raise AdapterNotFound(f"adapter {quote(full_id)} not found")
         return record
 
     def record(self, key: str) -> VersionRecord:
@@ -96,7 +96,7 @@ class AdapterRegistry:
         record = self._live.get(adapter_id, {}).get(number) if number else None
         record = record or self._gone.get(key)
         if record is None:
-            raise AdapterNotFound(f"adapter {key!r} not found")
+            raise AdapterNotFound(f"adapter {quote(key)} not found")
         return record
 
     def versions(self, adapter_id: str) -> list[VersionRecord]:
@@ -111,6 +111,10 @@ class AdapterRegistry:
     def names(self, tenant: str) -> list[str]:
         """The tenant's adapter names, sorted."""
         return sorted(split_id(i)[1] for i in self._live if split_id(i)[0] == tenant)
+
+    def adapter_ids(self, tenant: str | None = None) -> list[str]:
+        """Full ids of the tenant's adapters (every tenant's when None), sorted."""
+        return sorted(i for i in self._live if tenant is None or split_id(i)[0] == tenant)
 
     def __len__(self) -> int:
         return len(self._live)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from peftserve.auth import Caller
-from peftserve.errors import InvalidRequest
+from peftserve.errors import InvalidRequest, quote
 from peftserve.store.ids import full_adapter_id, split_id
 
 
@@ -16,5 +16,5 @@ def admin_target(text: str, caller: Caller) -> tuple[str, str]:
     """(tenant, name) of the adapter an admin call names; admin calls act on an adapter, not a version."""
     full = resolve(text, caller)
     if "@" in full:
-        raise InvalidRequest(f"adapter id {text!r}: admin calls take no @version")
+        raise InvalidRequest(f"adapter id {quote(text)}: admin calls take no @version")
     return split_id(full)

@@ -43,12 +43,10 @@ class AdminServicer(pb_grpc.AdaptersServicer):
         self,
         admin: AdapterAdmin,
         auth: Authenticator,
-        max_upload_bytes: int = upload.MAX_UPLOAD_BYTES,
         max_concurrent_uploads: int = upload.MAX_CONCURRENT_UPLOADS,
     ) -> None:
         self.admin = admin
         self.auth = auth
-        self.max_upload_bytes = max_upload_bytes
         self.max_concurrent_uploads = max_concurrent_uploads
         self._uploads = 0
         """Uploads being received now (one event loop: a plain counter is enough)."""
@@ -57,10 +55,10 @@ class AdminServicer(pb_grpc.AdaptersServicer):
     async def UploadAdapter(
         self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], caller: Caller
     ) -> pb.AdapterManifest:
-        """The id is checked before any file is read; the size cap while the files arrive.
+        """The id is checked before any file is read; the files go to disk as they arrive.
 
-        Files are held in memory until they are checked and committed, so at most
-        max_concurrent_uploads are received at once; more are RESOURCE_EXHAUSTED.
+        At most max_concurrent_uploads are received at once (each holds a staged folder on disk until
+        it is checked and committed); more are RESOURCE_EXHAUSTED.
         """
         if self._uploads >= self.max_concurrent_uploads:
             raise CapacityExceeded(
@@ -70,8 +68,8 @@ class AdminServicer(pb_grpc.AdaptersServicer):
         try:
             messages = aiter(request_iterator)
             tenant, name = admin_target(await upload.read_adapter_id(messages), caller)
-            files = await upload.read_files(messages, self.max_upload_bytes)
-            return convert.to_manifest_message(await self.admin.upload(tenant, name, files))
+            manifest = await self.admin.upload(tenant, name, upload.file_chunks(messages))
+            return convert.to_manifest_message(manifest)
         finally:
             self._uploads -= 1
 
@@ -95,9 +93,8 @@ class AdminServicer(pb_grpc.AdaptersServicer):
 
     @_admin_rpc
     async def ListAdapters(self, request: pb.ListAdaptersRequest, caller: Caller) -> pb.ListAdaptersResponse:
-        page, token = await self.admin.list(
-            caller.tenant, convert.page_size(request.page_size), request.page_token
-        )
+        tenant = None if caller.local_mode else caller.tenant  # a local caller may use every tenant's
+        page, token = await self.admin.list(tenant, convert.page_size(request.page_size), request.page_token)
         return convert.to_list_response(page, token)
 
     @_admin_rpc

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from peftserve import __version__
-from peftserve.engine.protocol import AdapterStatus, ModelInfo
+from peftserve.engine.protocol import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AdapterStatus, ModelInfo
 from peftserve.engine.request import (
     MAX_MIXTURE_ADAPTERS,
     AdapterRef,
@@ -14,6 +14,7 @@ from peftserve.engine.request import (
     GenerationRequest,
     RequestOutput,
     SamplingParams,
+    TenantLimits,
 )
 from peftserve.errors import InvalidRequest
 from peftserve.store.ids import DEFAULT_TENANT
@@ -21,8 +22,6 @@ from peftserve.store.manifest import AdapterManifest
 from peftserve_client._proto import peftserve_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 _OPTIONAL_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "repetition_penalty")
 _FLOAT_SAMPLING = frozenset({"temperature", "top_p", "repetition_penalty"})
@@ -83,7 +82,10 @@ def to_adapters(msg: pb.GenerateRequest, resolve: IdResolver) -> tuple[AdapterRe
 
 
 def to_generation_request(
-    msg: pb.GenerateRequest, resolve: IdResolver, tenant: str = DEFAULT_TENANT
+    msg: pb.GenerateRequest,
+    resolve: IdResolver,
+    tenant: str = DEFAULT_TENANT,
+    limits: TenantLimits | None = None,
 ) -> GenerationRequest:
     """The engine's request for a GenerateRequest; sampling values are validated by the engine."""
     if msg.prompt and msg.prompt_token_ids:
@@ -99,6 +101,7 @@ def to_generation_request(
         sampling=to_sampling_params(msg.sampling),
         adapters=to_adapters(msg, resolve),
         tenant=tenant,
+        limits=limits,
     )
 
 

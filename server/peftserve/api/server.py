@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from peftserve.api.admin_servicer import AdminServicer
+from peftserve.api.decoding import add_guarded
 from peftserve.api.health import INFERENCE_SERVICE, ServingHealth
 from peftserve.api.servicer import InferenceServicer
-from peftserve.api.upload import MAX_UPLOAD_BYTES
 from peftserve.auth import Authenticator, KeyRing
 from peftserve.config import EngineConfig, ServerConfig
 from peftserve.engine.protocol import AdapterAdmin, EngineClient
@@ -40,7 +40,6 @@ async def create_server(
     metrics: ServerMetrics | None = None,
     admin: AdapterAdmin | None = None,
     auth: Authenticator | None = None,
-    max_upload_bytes: int = MAX_UPLOAD_BYTES,
 ) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started server and its port.
 
@@ -50,10 +49,11 @@ async def create_server(
     """
     server = grpc.aio.server()
     auth = auth if auth is not None else Authenticator()
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(engine, metrics, auth), server)
+    add_guarded(pb_grpc.add_InferenceServicer_to_server, InferenceServicer(engine, metrics, auth), server)
     services = [INFERENCE_SERVICE]
     if admin is not None:
-        pb_grpc.add_AdaptersServicer_to_server(AdminServicer(admin, auth, max_upload_bytes), server)
+        admin_servicer = AdminServicer(admin, auth)
+        add_guarded(pb_grpc.add_AdaptersServicer_to_server, admin_servicer, server)
         services.append(ADAPTERS_SERVICE)
     health = health if health is not None else ServingHealth()
     await health.mark_not_serving()
@@ -100,7 +100,6 @@ async def serve(
         metrics=metrics,
         admin=engine.admin,
         auth=auth,
-        max_upload_bytes=config.engine.max_upload_bytes,
     )
     await server.start()
     if keys is not None and keys_file is not None:

@@ -91,7 +91,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             caller = self._caller(context)
             generation = convert.to_generation_request(
-                request, lambda text: adapter_ids.resolve(text, caller), caller.tenant
+                request, lambda text: adapter_ids.resolve(text, caller), caller.tenant, caller.limits
             )
             outputs = self._engine.generate(generation)
             async for output in outputs:

@@ -9,14 +9,13 @@ from typing import NoReturn
 import grpc
 
 from peftserve import errors
+from peftserve_client.errors import RETRY_AFTER_TRAILER
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error (see the server log)"
 MAX_MESSAGE_CHARS = 1024
 """Longest status message sent: a last bound, behind errors.quote at every place that echoes input."""
-RETRY_AFTER_TRAILER = "retry-after"
-"""Trailing metadata of a RESOURCE_EXHAUSTED status: whole seconds after which a retry may succeed."""
 
 _CODES: dict[type[errors.PeftServeError], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,

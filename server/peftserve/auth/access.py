@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from peftserve.engine.request import TenantLimits
 from peftserve.errors import PermissionDenied, Unauthenticated
 from peftserve.store.ids import DEFAULT_TENANT
 
@@ -34,6 +35,8 @@ class Caller:
     tenant: str
     local_mode: bool = False
     """No keys file: every caller is the LOCAL_TENANT and may name any tenant's adapters."""
+    limits: TenantLimits | None = None
+    """Its key's own per-tenant limits (over the server's defaults), or None."""
 
 
 LOCAL_CALLER = Caller(LOCAL_TENANT, local_mode=True)
@@ -71,4 +74,4 @@ class Authenticator:
             raise Unauthenticated("invalid API key")
         if scope not in entry.scopes:
             raise PermissionDenied(f"this API key lacks the {scope.value!r} scope")
-        return Caller(entry.tenant)
+        return Caller(entry.tenant, limits=entry.limits)

@@ -12,13 +12,15 @@ KDFs such as scrypt protect low-entropy passwords, not random keys). The keys fi
           "sha256": "<hex SHA-256 of the whole key>",
           "tenant": "acme",
           "scopes": ["infer", "admin"],
-          "created_at": "2026-01-31T12:00:00+00:00"
+          "created_at": "2026-01-31T12:00:00+00:00",
+          "limits": {"max_queued": 64, "max_running": 16, "tokens_per_minute": 200000}
         }
       ]
     }
 
 ``scopes`` holds ``infer`` (the Inference service) and/or ``admin`` (the Adapters service);
-``tenant`` follows the adapter id part rule (store/ids.py); ``created_at`` is informational.
+``tenant`` follows the adapter id part rule (store/ids.py); ``created_at`` is informational; ``limits``
+(optional, each field optional) replaces the server's per-tenant defaults for calls made with this key.
 ``peftserve keys add`` writes entries; the server reads the file at start and again on SIGHUP.
 """
 
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftserve.auth.access import Scope
+from peftserve.engine.request import TenantLimits
 from peftserve.errors import InvalidRequest
 from peftserve.store.ids import check_part
 
@@ -57,6 +60,8 @@ class KeyEntry:
     tenant: str
     scopes: frozenset[Scope]
     created_at: str = ""
+    limits: TenantLimits | None = None
+    """This key's own per-tenant limits (over the server's defaults), or None."""
 
 
 def hash_key(key: str) -> str:
@@ -104,11 +109,14 @@ class KeyRing:
         matches = hmac.compare_digest(hash_key(key), expected)
         return entry if matches and entry is not None else None
 
-    def add(self, tenant: str, scopes: Iterable[Scope]) -> tuple[KeyRing, str]:
+    def add(
+        self, tenant: str, scopes: Iterable[Scope], limits: TenantLimits | None = None
+    ) -> tuple[KeyRing, str]:
         """A ring with one more key for tenant, and that key (the only time it is seen)."""
         key, key_id = new_key(self._by_id)
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        entry = KeyEntry(key_id, hash_key(key), check_part(tenant, "tenant"), parse_scopes(scopes), created)
+        tenant = check_part(tenant, "tenant")
+        entry = KeyEntry(key_id, hash_key(key), tenant, parse_scopes(scopes), created, limits)
         return KeyRing([*self._by_id.values(), entry]), key
 
     def revoke(self, key_id: str) -> KeyRing:
@@ -139,16 +147,7 @@ class KeyRing:
     def save(self, path: str | Path) -> None:
         """Write the keys file atomically, readable by its owner only."""
         path = Path(path)
-        keys = [
-            {
-                "id": e.key_id,
-                "sha256": e.sha256,
-                "tenant": e.tenant,
-                "scopes": sorted(s.value for s in e.scopes),
-                "created_at": e.created_at,
-            }
-            for e in self._by_id.values()
-        ]
+        keys = [_entry_json(e) for e in self._by_id.values()]
         text = json.dumps({"version": FORMAT_VERSION, "keys": keys}, indent=2) + "\n"
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
         try:
@@ -175,6 +174,33 @@ def parse_scopes(text: str | Iterable[str]) -> frozenset[Scope]:
     return scopes
 
 
+LIMIT_FIELDS = ("max_queued", "max_running", "tokens_per_minute")
+
+
+def _entry_json(entry: KeyEntry) -> dict:
+    item = {
+        "id": entry.key_id,
+        "sha256": entry.sha256,
+        "tenant": entry.tenant,
+        "scopes": sorted(s.value for s in entry.scopes),
+        "created_at": entry.created_at,
+    }
+    if entry.limits is not None:
+        item["limits"] = {f: getattr(entry.limits, f) for f in LIMIT_FIELDS if getattr(entry.limits, f)}
+    return item
+
+
+def _limits(value: object) -> TenantLimits | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - set(LIMIT_FIELDS):
+        raise InvalidRequest(f"limits must be an object with some of {', '.join(LIMIT_FIELDS)}")
+    try:
+        return TenantLimits(**value)
+    except ValueError as e:
+        raise InvalidRequest(f"limits: {e}") from None
+
+
 def _entry(item: object) -> KeyEntry:
     """A validated entry of the keys file."""
     if not isinstance(item, dict):
@@ -188,7 +214,8 @@ def _entry(item: object) -> KeyEntry:
         raise InvalidRequest(f"key {key_id}: scopes must be a list of names")
     try:
         tenant, parsed = check_part(item.get("tenant"), "tenant"), parse_scopes(scopes)
+        limits = _limits(item.get("limits"))
     except InvalidRequest as e:
         raise InvalidRequest(f"key {key_id}: {e}") from None
     created = item.get("created_at", "")
-    return KeyEntry(key_id, digest, tenant, parsed, created if isinstance(created, str) else "")
+    return KeyEntry(key_id, digest, tenant, parsed, created if isinstance(created, str) else "", limits)

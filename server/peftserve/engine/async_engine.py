@@ -26,7 +26,7 @@ from peftserve.engine.engine import LLMEngine
 from peftserve.engine.protocol import EngineStats, ModelInfo
 from peftserve.engine.request import GenerationRequest, RequestOutput
 from peftserve.engine.sequence import Sequence
-from peftserve.errors import EngineFailure, InvalidRequest, PeftServeError, Unavailable
+from peftserve.errors import EngineFailure, InvalidRequest, PeftServeError, Unavailable, quote
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,9 @@ class AsyncEngine:
         if not self._accepting:
             raise Unavailable("the server is shutting down; retry on another replica")
         if request.request_id in self._in_flight:
-            raise InvalidRequest(f"request_id {request.request_id!r} is already in flight; use a unique id")
+            raise InvalidRequest(
+                f"request_id {quote(request.request_id)} is already in flight; use a unique id"
+            )
         seq = self.engine.prepare(request)
         self._in_flight.add(request.request_id)
         try:

@@ -17,6 +17,7 @@ import torch
 from peftserve.config import EngineConfig
 from peftserve.engine.adapter_binding import AdapterBinding
 from peftserve.engine.detokenizer import IncrementalDetokenizer
+from peftserve.engine.fairness import TokenBuckets
 from peftserve.engine.protocol import EngineStats, ModelInfo
 from peftserve.engine.request import (
     FinishReason,
@@ -28,7 +29,7 @@ from peftserve.engine.request import (
 from peftserve.engine.scheduler import Scheduler
 from peftserve.engine.sequence import Sequence
 from peftserve.engine.step import PrefixWrite, StepInput, StepOutput, pack
-from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput
+from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput, quote
 from peftserve.model.geometry import head_dim, kv_heads
 from peftserve.model.loader import eos_token_ids, max_context
 from peftserve.runner.kv_cache import kv_bytes_per_token
@@ -82,7 +83,9 @@ class LLMEngine:
             max_batched_tokens=max(config.max_batched_tokens, config.max_running),
             max_running=config.max_running,
             max_slot_adapters=self.adapters.num_slots if self.adapters else 0,
+            policy=config.scheduling,
         )
+        self._tokens = TokenBuckets()
         self.runner = ModelRunner(
             model,
             num_blocks,
@@ -186,10 +189,16 @@ class LLMEngine:
         if not prompt_ids:
             raise InvalidRequest("prompt is empty; send at least one token of text")
         check_adapter_refs(request.adapters)
-        seq = Sequence(request_id=request.request_id, prompt_ids=prompt_ids, sampling=params)
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            sampling=params,
+            tenant=request.tenant,
+            limits=self.config.tenant_limits.over(request.limits),
+        )
         if request.adapters:
             if self.adapters is None:
-                raise AdapterNotFound(f"adapter {request.adapters[0].adapter_id!r} not found")
+                raise AdapterNotFound(f"adapter {quote(request.adapters[0].adapter_id)} not found")
             self.adapters.bind(seq, request.adapters)
         try:
             self._check_context(seq, params)
@@ -234,12 +243,28 @@ class LLMEngine:
         """
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise CapacityExceeded(
-                f"the request queue is full ({self.config.max_queue} waiting); retry later"
+                f"the request queue is full ({self.config.max_queue} waiting); retry later", retry_after_s=1.0
+            )
+        limits = seq.limits
+        if limits.max_queued is not None and self.scheduler.waiting.queued(seq.tenant) >= limits.max_queued:
+            raise CapacityExceeded(
+                f"tenant {seq.tenant!r} has {limits.max_queued} requests waiting, its limit; retry when "
+                "some have started",
+                retry_after_s=1.0,
             )
         if self.scheduler.get(seq.request_id) is not None:
-            raise InvalidRequest(f"request_id {seq.request_id!r} is already in flight; use a unique id")
+            raise InvalidRequest(f"request_id {quote(seq.request_id)} is already in flight; use a unique id")
         if self.adapters is not None and seq.adapter_keys:
             self.adapters.wait_host(seq)
+        if limits.tokens_per_minute is not None:
+            cost = len(seq.prompt_ids) + seq.sampling.max_new_tokens
+            wait = self._tokens.take(seq.tenant, cost, limits.tokens_per_minute)
+            if wait is not None:
+                raise CapacityExceeded(
+                    f"tenant {seq.tenant!r} is over its limit of {limits.tokens_per_minute} tokens per "
+                    f"minute (this request counts {cost}: prompt plus max_new_tokens); retry in {wait:.1f} s",
+                    retry_after_s=wait,
+                )
         self._detok[seq.request_id] = IncrementalDetokenizer(
             self.tokenizer, seq.prompt_ids, stop=seq.sampling.stop
         )
@@ -326,6 +351,9 @@ class LLMEngine:
         return self._output(seq, text, (token,), (logprob,) if params.logprobs else None)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        per_minute = seq.limits.tokens_per_minute
+        if per_minute is not None:  # what it reserved and did not generate
+            self._tokens.give_back(seq.tenant, seq.sampling.max_new_tokens - len(seq.output_ids), per_minute)
         self.scheduler.finish(seq, reason)
         self.runner.release(seq)
         if self.adapters is not None:

@@ -75,6 +75,13 @@ class EngineClient(Protocol):
 
 # -- adapter administration: what the admin API needs from the adapter registry ----------------
 
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+"""Adapters in one ListAdapters page: when none is asked for, and at most."""
+
+FileChunks = AsyncIterator[tuple[str, bytes]]
+"""An upload's files as (file name, bytes) chunks, each file's chunks in a row."""
+
 Tier = str
 """Where an adapter version lives now: "disk", "host" (CPU memory cache) or "device" (a slot)."""
 
@@ -96,8 +103,9 @@ class AdapterAdmin(Protocol):
     same message), FailedPrecondition (trained for another base model), CapacityExceeded (quota).
     """
 
-    async def upload(self, tenant: str, name: str, files: dict[str, bytes]) -> AdapterManifest:
-        """Validate completely, then commit a new version atomically; it serves new requests at once."""
+    async def upload(self, tenant: str, name: str, files: FileChunks) -> AdapterManifest:
+        """Write the files to disk as they arrive, validate them completely, then commit a new version
+        atomically; it serves new requests at once. CapacityExceeded as soon as the size cap is passed."""
         ...
 
     async def load(self, tenant: str, name: str, pin: bool = False) -> AdapterStatus:
@@ -112,8 +120,11 @@ class AdapterAdmin(Protocol):
         """Remove every version from the store; in-flight requests finish on what they started with."""
         ...
 
-    async def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[AdapterStatus], str]:
-        """The tenant's adapters sorted by name; returns the page and the next page token ('' at the end)."""
+    async def list(
+        self, tenant: str | None, page_size: int, page_token: str
+    ) -> tuple[list[AdapterStatus], str]:
+        """The tenant's adapters (every tenant's when None: local mode) sorted by full id; returns the
+        page and the next page token ('' at the end). page_size 0 takes DEFAULT_PAGE_SIZE."""
         ...
 
     async def get(self, tenant: str, name: str) -> AdapterStatus: ...

@@ -111,6 +111,42 @@ def check_adapter_refs(refs: tuple[AdapterRef, ...]) -> None:
         raise InvalidRequest("adapters: each adapter may appear once in a request")
 
 
+@dataclass(frozen=True)
+class TenantLimits:
+    """What one tenant may hold in the engine at once, and use per minute; None is unlimited.
+
+    Server-wide defaults come from EngineConfig; an API key may set its own (keys file), which win.
+    """
+
+    max_queued: int | None = None
+    """Requests waiting for admission; beyond it new ones are RESOURCE_EXHAUSTED."""
+    max_running: int | None = None
+    """Requests running at once; the others wait in the queue."""
+    tokens_per_minute: int | None = None
+    """Prompt plus max_new_tokens of the requests queued in any minute (unused tokens come back)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_queued", "max_running", "tokens_per_minute"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or unset, got {value!r}")
+
+    def over(self, other: TenantLimits | None) -> TenantLimits:
+        """These limits with every field other sets taking its place."""
+        if other is None:
+            return self
+        return TenantLimits(
+            *(
+                theirs if theirs is not None else mine
+                for mine, theirs in (
+                    (self.max_queued, other.max_queued),
+                    (self.max_running, other.max_running),
+                    (self.tokens_per_minute, other.tokens_per_minute),
+                )
+            )
+        )
+
+
 @dataclass
 class GenerationRequest:
     """A request as the API hands it to the engine: prompt text or token ids, never both."""
@@ -123,6 +159,8 @@ class GenerationRequest:
     """Empty: the base model. One: that adapter. Several: a weighted mixture (no prefix tuning in one)."""
     tenant: str = DEFAULT_TENANT
     """The authenticated caller's tenant: the scheduler shares the engine fairly between tenants."""
+    limits: TenantLimits | None = None
+    """The caller's own limits (its API key's), over the engine's defaults; None: the defaults."""
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,14 @@ Plain Python, no torch. The policy, per step:
    queue and later recomputes its prompt and output), so the oldest always progress.
 2. **Unfinished prefills next.** Running sequences part-way through their prompt (chunked prefill)
    take the next chunk of what is left of the token budget.
-3. **Admit from the queue, in arrival order,** while the token budget, the running limit, the
-   free blocks (enough for the whole prompt, prefix-tuning virtual tokens included) and the adapter
-   slots (distinct adapters among running sequences, plus the pinned ones the engine reserves)
-   allow. The queue is strict FCFS: when its head does not fit, nothing behind it is admitted this step.
+3. **Admit from the queues,** one per tenant (engine/fairness.py): next is the first waiting sequence
+   of the tenant that has received the least service (``fair``, the default; its virtual token
+   counter), or the oldest waiting sequence (``fcfs``); a tenant at its running limit waits. Admission
+   goes on while the token budget, the running limit, the free blocks (enough for the whole prompt,
+   prefix-tuning virtual tokens included) and the adapter slots (distinct adapters among running
+   sequences, plus the pinned ones the engine reserves) allow. When the next sequence lacks blocks,
+   admission stops for this step (smaller requests behind it would starve it). A sequence lacking only
+   adapter slots is passed over, up to MAX_SLOT_WAITS steps; then it holds admission until it fits.
 4. **Pack by adapter.** The step's chunks are ordered by adapter, so each adapter's tokens are
    contiguous in the packed batch.
 
@@ -20,12 +24,12 @@ Prefill chunks and decode tokens share one step of at most ``max_batched_tokens`
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from peftserve.engine.blocks import BlockAllocator, blocks_needed
+from peftserve.engine.fairness import TenantQueues
 from peftserve.engine.request import FinishReason
 from peftserve.engine.sequence import SeqStatus, Sequence
 
@@ -74,13 +78,14 @@ class Scheduler:
         max_batched_tokens: int,
         max_running: int,
         max_slot_adapters: int,
+        policy: str = "fair",
     ) -> None:
         self.block_size = block_size
         self.max_batched_tokens = max_batched_tokens
         self.max_running = max_running
         self.max_slot_adapters = max_slot_adapters
         self.allocator = BlockAllocator(num_blocks)
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = TenantQueues(policy)
         self.running: list[Sequence] = []  # oldest first
         self._by_id: dict[str, Sequence] = {}
         self.num_preemptions = 0
@@ -92,7 +97,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self._by_id[seq.request_id] = seq
-        self.waiting.append(seq)
+        self.waiting.push(seq)
 
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
@@ -101,6 +106,7 @@ class Scheduler:
         """Remove a sequence for good and free its blocks."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+            self.waiting.stopped(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         self.allocator.free(seq.blocks)
@@ -127,19 +133,19 @@ class Scheduler:
                 continue
             if not self._grow(seq, plan):
                 continue  # seq itself was preempted
-            plan.chunks.append(ScheduledChunk(seq, 1, sample=True))
+            self._add_chunk(plan, seq, 1, decode=True)
             budget -= 1
 
         for seq in self.running:  # chunked prefills already under way
             if budget == 0:
                 break
             if seq.is_prefilling:
-                n = min(seq.num_pending, budget)
-                plan.chunks.append(ScheduledChunk(seq, n, sample=n == seq.num_pending))
-                budget -= n
+                budget -= self._add_chunk(plan, seq, min(seq.num_pending, budget))
 
-        for seq in list(self.waiting):
-            if budget == 0 or len(self.running) >= self.max_running:
+        passed_over: set[Sequence] = set()
+        while budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting.next_candidate(passed_over, self._under_running_limit)
+            if seq is None:
                 break
             need = blocks_needed(seq.kv_len, self.block_size)
             if need > self.allocator.num_free:
@@ -147,17 +153,17 @@ class Scheduler:
             if not self._slots_allow(seq):
                 seq.slot_waits += 1
                 if seq.slot_waits > MAX_SLOT_WAITS:
-                    break  # it has been passed over long enough: admit nobody behind it
+                    break  # it has been passed over long enough: admit nobody else until it fits
+                passed_over.add(seq)
                 continue
             self.waiting.remove(seq)
             seq.blocks = self.allocator.allocate(need)
             seq.num_computed = seq.num_virtual
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            self.waiting.started(seq)
             plan.admitted.append(seq)
-            n = min(seq.num_pending, budget)
-            plan.chunks.append(ScheduledChunk(seq, n, sample=n == seq.num_pending))
-            budget -= n
+            budget -= self._add_chunk(plan, seq, min(seq.num_pending, budget))
         # Sequences sharing adapters sit side by side, so each adapter's tokens form one contiguous
         # run in the packed batch (sliced, not gathered, by the adapter kernels). Stable: FCFS within.
         plan.chunks.sort(key=lambda c: c.seq.slot_adapters)
@@ -167,6 +173,16 @@ class Scheduler:
         """Take in what a step computed: each scheduled sequence's KV grew by its chunk."""
         for seq, num_tokens in output.computed:
             seq.num_computed += num_tokens
+
+    def _add_chunk(self, plan: StepPlan, seq: Sequence, n: int, decode: bool = False) -> int:
+        """Schedule seq's next n tokens (sampling after the last pending one) and charge its tenant."""
+        plan.chunks.append(ScheduledChunk(seq, n, sample=n == seq.num_pending))
+        self.waiting.charge(seq.tenant, n, decode)
+        return n
+
+    def _under_running_limit(self, seq: Sequence) -> bool:
+        limit = seq.limits.max_running
+        return limit is None or self.waiting.running[seq.tenant] < limit
 
     def _grow(self, seq: Sequence, plan: StepPlan) -> bool:
         """Give seq the blocks its next token needs, preempting the youngest; False if seq was."""
@@ -188,7 +204,8 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.push(seq, front=True)  # queued before it stops running: its tenant stays active
+        self.waiting.stopped(seq)
         plan.preempted.append(seq)
         plan.chunks[:] = [c for c in plan.chunks if c.seq is not seq]
 

@@ -6,7 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from peftserve.engine.request import FinishReason, SamplingParams
+from peftserve.engine.request import FinishReason, SamplingParams, TenantLimits
+from peftserve.store.ids import DEFAULT_TENANT
 
 
 class SeqStatus(enum.Enum):
@@ -34,6 +35,9 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
+    tenant: str = DEFAULT_TENANT
+    limits: TenantLimits = field(default_factory=TenantLimits)
+    """The tenant's limits in force for this request (engine defaults under its key's)."""
     deltas: tuple[HeldVersion, ...] = ()
     """Delta adapter versions (every kind but prefix tuning) with mixture weights; one slot each."""
     prefix_adapter: str | None = None

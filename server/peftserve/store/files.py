@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from peftserve.errors import FailedPrecondition
@@ -36,11 +37,8 @@ def write_durably(path: Path, data: bytes | memoryview) -> None:
         os.close(fd)
 
 
-def read_regular_file(path: Path, max_bytes: int | None = None, follow_symlinks: bool = False) -> bytes:
-    """A regular file's bytes, refusing symlinks (O_NOFOLLOW unless follow_symlinks) and files over max_bytes.
-
-    FileNotFoundError if absent; FailedPrecondition for a symlink, a non-regular file or one too large.
-    """
+def _open_regular(path: Path, follow_symlinks: bool) -> int:
+    """A read-only fd of a regular file (O_NOFOLLOW unless follow_symlinks); FailedPrecondition otherwise."""
     flags = os.O_RDONLY | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
@@ -48,14 +46,37 @@ def read_regular_file(path: Path, max_bytes: int | None = None, follow_symlinks:
         if exc.errno == errno.ELOOP:
             raise FailedPrecondition(f"{path.name}: is a symlink; the store never follows symlinks") from exc
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FailedPrecondition(f"{path.name}: not a regular file")
+    return fd
+
+
+def read_regular_file(path: Path, max_bytes: int | None = None, follow_symlinks: bool = False) -> bytes:
+    """A regular file's bytes, refusing symlinks (O_NOFOLLOW unless follow_symlinks) and files over max_bytes.
+
+    FileNotFoundError if absent; FailedPrecondition for a symlink, a non-regular file or one too large.
+    """
+    fd = _open_regular(path, follow_symlinks)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FailedPrecondition(f"{path.name}: not a regular file")
-        if max_bytes is not None and info.st_size > max_bytes:
-            raise FailedPrecondition(f"{path.name}: {info.st_size} bytes exceeds the limit of {max_bytes}")
+        size = os.fstat(fd).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise FailedPrecondition(f"{path.name}: {size} bytes exceeds the limit of {max_bytes}")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read()
+    finally:
+        os.close(fd)
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def read_chunks(path: Path, follow_symlinks: bool = False) -> Iterator[bytes]:
+    """A regular file's bytes in chunks of CHUNK_BYTES, under read_regular_file's rules (no size cap)."""
+    fd = _open_regular(path, follow_symlinks)
+    try:
+        while chunk := os.read(fd, CHUNK_BYTES):
+            yield chunk
     finally:
         os.close(fd)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from peftserve.errors import AdapterNotFound, InvalidRequest
+from peftserve.errors import AdapterNotFound, InvalidRequest, quote
 
 ID_PART = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 """One part of an id (tenant or name): no separators, no leading dot, so never '.', '..' or a path."""
@@ -21,7 +21,8 @@ def check_part(part: object, what: str = "adapter name") -> str:
     """Return part if it matches ID_PART; InvalidRequest naming the rule otherwise."""
     if not isinstance(part, str) or not ID_PART.fullmatch(part):
         raise InvalidRequest(
-            f"{what} {part!r} is not valid: 1-64 characters of a-z 0-9 . _ - starting with a letter or digit"
+            f"{what} {quote(part)} is not valid: "
+            "1-64 characters of a-z 0-9 . _ - starting with a letter or digit"
         )
     return part
 
@@ -30,7 +31,7 @@ def parse_version(text: str) -> int:
     """'v3' -> 3; InvalidRequest for anything else."""
     match = VERSION.fullmatch(text)
     if match is None:
-        raise InvalidRequest(f"version {text!r} is not valid: expected v1, v2, ...")
+        raise InvalidRequest(f"version {quote(text)} is not valid: expected v1, v2, ...")
     return int(match.group(1))
 
 
@@ -49,14 +50,14 @@ def full_adapter_id(text: str, tenant: str, local_mode: bool = False) -> str:
     parts = base.split("/")
     if len(parts) > 2:
         raise InvalidRequest(
-            f"adapter id {text!r} is not valid: expected name or tenant/name, optionally @vN"
+            f"adapter id {quote(text)} is not valid: expected name or tenant/name, optionally @vN"
         )
     for part in parts:
         check_part(part, "adapter id part")
     if len(parts) == 1:
         parts = [tenant, parts[0]]
     elif parts[0] != tenant and not local_mode:
-        raise AdapterNotFound(f"adapter {text!r} not found")
+        raise AdapterNotFound(f"adapter {quote(text)} not found")
     return "/".join(parts) + (f"@{version}" if at else "")
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from .files import sha256_hex
+from .files import read_chunks
 from .ids import ID_PART, VERSION
 
 MANIFEST_NAME = "manifest.json"
@@ -56,9 +57,13 @@ class AdapterManifest:
     """The smallest --adapter-max-rank that serves it: its largest rank, or entries / (out + in)."""
 
 
-def file_entries(files: Mapping[str, bytes]) -> tuple[FileEntry, ...]:
-    """Name, size and sha256 of every file, sorted by name."""
-    return tuple(FileEntry(name, len(data), sha256_hex(data)) for name, data in sorted(files.items()))
+def file_entry(path: Path, follow_symlinks: bool = False) -> FileEntry:
+    """Name, size and sha256 of a regular file, read a chunk at a time."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in read_chunks(path, follow_symlinks):
+        digest.update(chunk)
+        size += len(chunk)
+    return FileEntry(path.name, size, digest.hexdigest())
 
 
 def manifest_to_json(manifest: AdapterManifest) -> bytes:

@@ -1,18 +1,15 @@
-"""The files a PEFT adapter upload may hold, checked on raw bytes before anything is written or parsed.
+"""The files a PEFT adapter directory may hold: their names, and the config's size and JSON shape.
 
-Plain Python: names, sizes, the config's JSON shape and the safetensors header. What the tensors mean
-(kinds, ranks, the base model) is checked afterwards by normalizing the staged folder (adapters package).
+Plain Python. The safetensors header is checked on raw bytes by safetensors_header.py; what the tensors
+mean (kinds, ranks, the base model) by normalizing the folder (adapters package).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
-from peftserve.errors import AdapterRejected
-
-from .safetensors_header import check_safetensors
+from peftserve.errors import AdapterRejected, quote
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -69,32 +66,16 @@ def parse_config(data: bytes) -> dict[str, Any]:
 def check_file_name(name: object) -> str:
     """A plain file name: no separators, no '..', not absolute, no NUL, not a pickle."""
     if not isinstance(name, str) or not name or name in (".", ".."):
-        raise AdapterRejected(f"file name {name!r} is not valid")
+        raise AdapterRejected(f"file name {quote(name)} is not valid")
     if any(ch in name for ch in FORBIDDEN_NAME_CHARS) or name.startswith("."):
         raise AdapterRejected(
-            f"file name {name!r}: path separators, '..', absolute paths and hidden files are not allowed"
+            f"file name {quote(name)}: path separators, '..', absolute paths and hidden files are not allowed"
         )
     if name.lower().endswith(PICKLE_SUFFIXES):
         raise AdapterRejected(
-            f"file {name!r}: pickle files are never accepted ({' '.join(PICKLE_SUFFIXES)}); "
+            f"file {quote(name)}: pickle files are never accepted ({' '.join(PICKLE_SUFFIXES)}); "
             f"save the adapter with safetensors ({WEIGHTS_NAME})"
         )
     if name not in ALLOWED_NAMES:
-        raise AdapterRejected(f"unexpected file {name!r} (an upload holds {', '.join(ALLOWED_NAMES)})")
+        raise AdapterRejected(f"unexpected file {quote(name)} (an upload holds {', '.join(ALLOWED_NAMES)})")
     return name
-
-
-def check_upload_files(files: Mapping[str, bytes]) -> dict[str, Any]:
-    """Every check on an upload's raw bytes; returns the parsed config. AdapterRejected names the problem."""
-    if not files:
-        raise AdapterRejected("the upload has no files")
-    for name in files:
-        check_file_name(name)
-    for required in (CONFIG_NAME, WEIGHTS_NAME):
-        if required not in files:
-            raise AdapterRejected(f"the upload has no {required}")
-    if len(files.get(README_NAME, b"")) > MAX_README_BYTES:
-        raise AdapterRejected(f"{README_NAME}: larger than {MAX_README_BYTES} bytes")
-    config = parse_config(files[CONFIG_NAME])
-    check_safetensors(files[WEIGHTS_NAME], WEIGHTS_NAME)
-    return config

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from peftserve.errors import AdapterRejected
+from peftserve.errors import AdapterRejected, quote
 
 MAX_HEADER_BYTES = 16 << 20
 """A header larger than this is refused before it is read (adapter headers are kilobytes)."""
@@ -43,7 +43,7 @@ def _unique_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         dupes = sorted({k for k in keys if keys.count(k) > 1})
-        raise ValueError(f"duplicate tensor name {dupes[0]!r}")
+        raise ValueError(f"duplicate tensor name {quote(dupes[0])}")
     return dict(pairs)
 
 
@@ -53,30 +53,32 @@ def _is_int(value: object) -> bool:
 
 def _entry(file: str, name: str, raw: object, data_len: int) -> TensorEntry:
     if not isinstance(raw, dict) or set(raw) != ENTRY_KEYS:
-        raise _reject(file, f"tensor {name!r}: header entry must have exactly {sorted(ENTRY_KEYS)}")
+        raise _reject(file, f"tensor {quote(name)}: header entry must have exactly {sorted(ENTRY_KEYS)}")
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
     allowed = FLOAT_DTYPES | (INDEX_DTYPES if name.endswith(INDEX_TENSOR_SUFFIXES) else {})
     if dtype not in allowed:
         raise _reject(
-            file, f"tensor {name!r}: dtype {dtype!r} is not allowed (allowed: {', '.join(allowed)})"
+            file, f"tensor {quote(name)}: dtype {quote(dtype)} is not allowed (allowed: {', '.join(allowed)})"
         )
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) for d in shape):
-        raise _reject(file, f"tensor {name!r}: shape {shape!r} is not a list of at most 8 sizes")
+        raise _reject(file, f"tensor {quote(name)}: shape {quote(shape)} is not a list of at most 8 sizes")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-        raise _reject(file, f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]")
+        raise _reject(file, f"tensor {quote(name)}: data_offsets {quote(offsets)} is not [begin, end]")
     begin, end = offsets
     if end < begin:
-        raise _reject(file, f"tensor {name!r}: data_offsets [{begin}, {end}] are reversed")
+        raise _reject(file, f"tensor {quote(name)}: data_offsets [{begin}, {end}] are reversed")
     if end > data_len:
         raise _reject(
             file,
-            f"tensor {name!r}: data_offsets [{begin}, {end}] run past the data buffer ({data_len} bytes)",
+            f"tensor {quote(name)}: data_offsets [{begin}, {end}] run past the data buffer "
+            f"({data_len} bytes)",
         )
     expected = math.prod(shape) * allowed[dtype]
     if end - begin != expected:
         raise _reject(
             file,
-            f"tensor {name!r}: {end - begin} bytes of data but shape {shape} of {dtype} needs {expected}",
+            f"tensor {quote(name)}: {end - begin} bytes of data but shape {shape} of {dtype} "
+            f"needs {expected}",
         )
     return TensorEntry(name, dtype, tuple(shape), begin, end)
 
@@ -108,9 +110,9 @@ def check_safetensors(data: bytes | memoryview, file: str = "adapter_model.safet
     previous = "the start of the data"
     for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
         if entry.begin < position:
-            raise _reject(file, f"tensor {entry.name!r} overlaps {previous}")
+            raise _reject(file, f"tensor {quote(entry.name)} overlaps {previous}")
         if entry.begin > position:
-            raise _reject(file, f"gap of {entry.begin - position} bytes before tensor {entry.name!r}")
+            raise _reject(file, f"gap of {entry.begin - position} bytes before tensor {quote(entry.name)}")
         position, previous = entry.end, repr(entry.name)
     if position != data_len:
         raise _reject(file, f"{data_len - position} bytes after the last tensor belong to none")

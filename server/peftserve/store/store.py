@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from peftserve.store.manifest import AdapterManifest
 from .files import ensure_plain_dir, fsync_dir, inside, is_plain_dir, read_regular_file, write_durably
 from .ids import ID_PART, VERSION, check_part, split_id
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, manifest_from_json, manifest_to_json
-from .peft_files import check_file_name
+from .staging import MAX_UPLOAD_BYTES, StagedUpload
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +44,52 @@ class AdapterStore:
     """The on-disk adapter store (plain Python; no torch)."""
 
     def __init__(
-        self, root: str | Path, max_adapters_per_tenant: int = 1000, max_upload_bytes: int = 256 << 20
+        self,
+        root: str | Path,
+        max_adapters_per_tenant: int = 1000,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
+        *,
+        clean: bool = True,
     ) -> None:
+        """clean=False leaves .tmp/ and .trash/ alone: other processes sharing the store may be writing."""
         Path(root).mkdir(parents=True, exist_ok=True)
         self.root = Path(root).resolve()
         self.max_adapters_per_tenant = max_adapters_per_tenant
         self.max_upload_bytes = max_upload_bytes
         self._tmp = self.root / TMP_DIR
         self._trash = self.root / TRASH_DIR
-        self._clean()
+        if clean:
+            self._clean()
+        else:
+            ensure_plain_dir(self._tmp)
 
     # -- reading ------------------------------------------------------------------------------
 
     def scan(self) -> list[StoredVersion]:
         """Every committed version, by reading manifests only (files are read when a version loads)."""
+        return [
+            stored
+            for tenant in self._entries(self.root)
+            for name in self._entries(self.root / tenant)
+            for stored in self.versions(tenant, name)
+        ]
+
+    def versions(self, tenant: str, name: str) -> list[StoredVersion]:
+        """The committed versions of one adapter, oldest first (empty if it has none)."""
+        folder = self.root / check_part(tenant, "tenant") / check_part(name)
+        if not is_plain_dir(folder):
+            return []
         found: list[StoredVersion] = []
-        for tenant in self._entries(self.root):
-            for name in self._entries(self.root / tenant):
-                for version in self._entries(self.root / tenant / name, versions=True):
-                    path = self.root / tenant / name / version
-                    try:
-                        manifest = manifest_from_json(
-                            read_regular_file(path / MANIFEST_NAME, MAX_MANIFEST_BYTES)
-                        )
-                        if (manifest.adapter_id, manifest.version) != (f"{tenant}/{name}", version):
-                            raise ValueError(f"it names {manifest.adapter_id}@{manifest.version}")
-                    except (OSError, ValueError, FailedPrecondition) as exc:
-                        log.warning("store: skipping %s/%s/%s: bad manifest (%s)", tenant, name, version, exc)
-                        continue
-                    found.append(StoredVersion(manifest, path, self.root))
+        for version in self._entries(folder, versions=True):
+            path = folder / version
+            try:
+                manifest = manifest_from_json(read_regular_file(path / MANIFEST_NAME, MAX_MANIFEST_BYTES))
+                if (manifest.adapter_id, manifest.version) != (f"{tenant}/{name}", version):
+                    raise ValueError(f"it names {manifest.adapter_id}@{manifest.version}")
+            except (OSError, ValueError, FailedPrecondition) as exc:
+                log.warning("store: skipping %s/%s/%s: bad manifest (%s)", tenant, name, version, exc)
+                continue
+            found.append(StoredVersion(manifest, path, self.root))
         return found
 
     def adapter_names(self, tenant: str) -> list[str]:
@@ -87,12 +103,11 @@ class AdapterStore:
         versions = self._entries(folder, versions=True) if is_plain_dir(folder) else []
         return int(versions[-1][1:]) + 1 if versions else 1
 
-    def check_quota(self, tenant: str, name: str, upload_bytes: int) -> None:
-        """CapacityExceeded when an upload is too large or would add one adapter too many to the tenant."""
-        if upload_bytes > self.max_upload_bytes:
-            raise CapacityExceeded(
-                f"the upload is {upload_bytes} bytes; the limit is {self.max_upload_bytes} bytes per upload"
-            )
+    def check_quota(self, tenant: str, name: str) -> None:
+        """CapacityExceeded when one more adapter of this name would exceed the tenant's adapter count.
+
+        The byte cap of an upload is enforced while it arrives (StagedUpload).
+        """
         names = self.adapter_names(tenant)
         if name not in names and len(names) >= self.max_adapters_per_tenant:
             raise CapacityExceeded(
@@ -101,22 +116,9 @@ class AdapterStore:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def stage(self, files: Mapping[str, bytes]) -> Path:
-        """Write files into a fresh folder under .tmp/ (each fsynced, then the folder); return it."""
-        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self._tmp))
-        try:
-            for name, data in files.items():
-                write_durably(folder / check_file_name(name), data)
-            fsync_dir(folder)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return folder
-
-    def discard(self, staged: Path) -> None:
-        """Remove a staged folder that will not be committed."""
-        if staged.parent == self._tmp:
-            shutil.rmtree(staged, ignore_errors=True)
+    def begin_upload(self) -> StagedUpload:
+        """A fresh folder under .tmp/ that receives an upload as it arrives (max_upload_bytes at most)."""
+        return StagedUpload(Path(tempfile.mkdtemp(prefix="upload-", dir=self._tmp)), self.max_upload_bytes)
 
     def commit(self, staged: Path, manifest: AdapterManifest) -> StoredVersion:
         """Write the manifest into a staged folder and rename it into place as the manifest's version."""
@@ -166,7 +168,11 @@ class AdapterStore:
         """Sorted sub-folder names that are ids (or vN), skipping hidden entries, files and symlinks."""
         pattern = VERSION if versions else ID_PART
         names: list[str] = []
-        with os.scandir(folder) as entries:
+        try:
+            listing = os.scandir(folder)
+        except FileNotFoundError:  # removed meanwhile by another process sharing the store
+            return names
+        with listing as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue

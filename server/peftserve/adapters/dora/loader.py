@@ -69,7 +69,7 @@ class DoraDelta(Delta):
             g = (self.magnitude.to(weight.device, torch.float32) / norm).cpu()
         return JointDelta(
             (
-                OutputScaleDelta(shift=g - 1.0, with_bias=False, label=f"{MAGNITUDE} / weight norm - 1"),
+                OutputScaleDelta(shift=g - 1.0, with_bias=False, label=f"{MAGNITUDE}/norm"),
                 LowRankDelta(a=self.update.a, b=self.update.b * g[:, None], origin="DoRA"),
             )
         )
