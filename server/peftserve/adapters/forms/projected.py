@@ -56,7 +56,7 @@ def projected_grouped(
     """Fast path: per shared projection, one x @ A.T and one @ B.T over the tokens of all its slots.
 
     Semantics: same as projected_reference. The slots' tokens are gathered into one [N, in] batch (a
-    token of a mixture once per slot), scaled per row by its slot's vectors (stacked once per step)
+    token of a mixture once per slot), scaled per row by its slot's vectors (stacked per layer)
     and mixture weight, and added back with index_add_.
     """
     by_key: dict[str, list[int]] = {}
