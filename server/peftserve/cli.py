@@ -50,7 +50,7 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ),
     ("--host-cache-mb", "host_cache_mb", float, "CPU memory for adapters loaded from disk (LRU)"),
     ("--adapter-load-threads", "adapter_load_threads", int, "threads loading adapters from disk"),
-    ("--adapter-max-rank", "adapter_max_rank", int, "largest LoRA rank accepted"),
+    ("--adapter-max-rank", "adapter_max_rank", int, "largest adapter rank (or that many rank-equivalents)"),
     ("--adapter-versions-kept", "adapter_versions_kept", int, "versions of each adapter kept in the store"),
     ("--max-adapters-per-tenant", "max_adapters_per_tenant", int, "adapters a tenant may hold in the store"),
     ("--max-upload-bytes", "max_upload_bytes", int, "bytes of all files of one upload"),

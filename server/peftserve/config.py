@@ -61,7 +61,7 @@ class EngineConfig:
     adapter_load_threads: int = 2
     """Threads loading adapters from disk, off the engine thread."""
     adapter_max_rank: int = 256
-    """Largest LoRA rank accepted (sparse adapters: max_rank * (out + in) entries per module)."""
+    """Largest adapter rank accepted (kinds without a rank: max_rank * (out + in) entries per module)."""
     adapter_versions_kept: int = 3
     """Versions of each adapter kept in the store; older ones go once no request uses them."""
     max_adapters_per_tenant: int = 1000
