@@ -104,7 +104,9 @@ def run(args: argparse.Namespace) -> dict:
         Scenario("alone", flood=False, scheduling="fair"),
         Scenario("flood-fcfs", flood=True, scheduling="fcfs"),
         Scenario("flood-fair", flood=True, scheduling="fair"),
-        Scenario("flood-fair+limit", flood=True, scheduling="fair", tenant_max_running=args.tenant_max_running),
+        Scenario(
+            "flood-fair+limit", flood=True, scheduling="fair", tenant_max_running=args.tenant_max_running
+        ),
     ]
     tokenizer = bench_tokenizer()
     for scenario in scenarios:
@@ -167,7 +169,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="shorter traces on the same shape")
     parser.add_argument("--shape", default="bench-mid", choices=sorted(SHAPES))
     parser.add_argument("--quiet-tenants", type=int, default=4)
