@@ -1,7 +1,9 @@
 """Adapters: PEFT directories normalized at load, a multi-adapter layer over the frozen base, memory tiers.
 
-The engine-facing API is AdapterManager (registry, host cache, device slots); AdapterAdminService
-implements the admin protocol over it and the store; AdapterBatch is what the runner builds each step.
+Each kind is a folder (its loader) and a line in kinds.py naming the compute forms (forms/) its deltas
+use; every MultiAdapterLayer loops over those forms. The engine-facing API is AdapterManager (registry,
+host cache, device slots); AdapterAdminService implements the admin protocol over it and the store;
+AdapterBatch is what the runner builds each step.
 """
 
 from .admin import AdapterAdminService
