@@ -120,9 +120,7 @@ class MultiAdapterLayer(nn.Module):
         """What OUTPUT forms read as the base output: y itself, unless a token also had its input scaled
         here (a mixture of both), whose base output is then recomputed from the unscaled input, or several
         OUTPUT forms write the same rows (each must read them unwritten)."""
-        if len(outputs) == 1 and not inputs:
-            return y
-        y0 = y.clone()
+        rows: list[torch.Tensor] = []
         if inputs:
             scaled = set().union(*(f.active_slots(batch) for f in inputs))
             read = set().union(*(f.active_slots(batch) for f in outputs))
@@ -131,9 +129,11 @@ class MultiAdapterLayer(nn.Module):
                 for start, length, pairs in batch.spans
                 if any(s in scaled for s, _ in pairs) and any(s in read for s, _ in pairs)
             ]
-            if rows:
-                index = torch.cat(rows).to(y.device)  # [n]
-                y0[index] = self.base_layer(x.index_select(0, index), *args, **kwargs)
+        if not rows:
+            return y if len(outputs) == 1 else y.clone()
+        y0 = y.clone()
+        index = torch.cat(rows).to(y.device)  # [n]
+        y0[index] = self.base_layer(x.index_select(0, index), *args, **kwargs)
         return y0
 
     def extra_repr(self) -> str:
