@@ -9,7 +9,7 @@ ARGS ?=
 # Demo adapters of two tenants, trained once on the default model (cached) and served by `make run`.
 DEMO_DIR ?= $(or $(PEFTSERVE_CACHE),$(HOME)/.cache/peftserve)/demo-adapters
 
-.PHONY: install model demo run test lint protos bench clean
+.PHONY: install model demo run test soak lint protos bench clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,13 +26,22 @@ model: install
 demo: model
 	$(VENV)/bin/peftserve train demo --out $(DEMO_DIR)
 
-# Every <tenant>/<name> folder of the demo is served under that id.
+# Every <tenant>/<name> folder of the demo is served under that id; the OpenAI-compatible HTTP API on HTTP_PORT.
+HTTP_PORT ?= 8000
 run: demo
-	$(VENV)/bin/peftserve serve $$(cd $(DEMO_DIR) && for d in */*/; do \
+	$(VENV)/bin/peftserve serve --http-port $(HTTP_PORT) $$(cd $(DEMO_DIR) && for d in */*/; do \
 	    printf -- '--adapter %s=%s ' "$${d%/}" "$(DEMO_DIR)/$${d%/}"; done) $(ARGS)
 
 test: model
 	$(PY) -m pytest -q $(ARGS)
+
+# The soak (tests/soak/): concurrent streams, hot swaps, cancellations and admin calls on a real server.
+# `make test` runs it for a minute; this runs it for SOAK_S seconds and writes its figures to SOAK_REPORT.
+SOAK_S ?= 600
+SOAK_REPORT ?= soak-report.json
+soak: model
+	PEFTSERVE_SOAK_S=$(SOAK_S) PEFTSERVE_SOAK_REPORT=$(SOAK_REPORT) $(PY) -m pytest -q -p no:cacheprovider \
+	    -o timeout=$$(( $(SOAK_S) + 600 )) tests/soak $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check server client tests benchmarks

@@ -9,6 +9,8 @@ Needs grpcio and protobuf only; results are plain frozen dataclasses, failures o
         client.upload_adapter("out/support-lora", "support")  # admin scope: the caller's tenant
         for status in client.iter_adapters():
             print(status.adapter_id, status.manifest.version, status.tier)
+
+Over TLS: Client("host:50051", ca_file="ca.pem"), plus cert_file= and key_file= for mutual TLS.
 """
 
 from peftserve_client.async_client import AsyncClient

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypedDict
 
+import grpc
 from google.protobuf import wrappers_pb2
 
 from peftserve_client._proto import peftserve_pb2 as pb
@@ -66,6 +67,29 @@ _TIERS = {
     pb.RESIDENCY_TIER_HOST: Tier.HOST,
     pb.RESIDENCY_TIER_DEVICE: Tier.DEVICE,
 }
+
+
+def channel_credentials(
+    tls: bool = False,
+    ca_file: str | os.PathLike[str] | None = None,
+    cert_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials of a channel, or None for plaintext.
+
+    TLS is on when tls is set or any file is given. ca_file: the CA that signed the server's
+    certificate (None: the system's trusted roots). cert_file and key_file, together: the client's
+    certificate for a server that requires mutual TLS.
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs its key: give both cert_file and key_file, or neither")
+    if not (tls or ca_file or cert_file):
+        return None
+
+    def read(path: str | os.PathLike[str] | None) -> bytes | None:
+        return Path(path).read_bytes() if path is not None else None
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
 def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

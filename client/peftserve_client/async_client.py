@@ -31,8 +31,24 @@ Response = TypeVar("Response")
 class AsyncClient:
     """Talks to one peftserve server from asyncio; use `async with` or await close()."""
 
-    def __init__(self, address: str, timeout: float | None = None, api_key: str | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        api_key: str | None = None,
+        *,
+        tls: bool = False,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """TLS is on with tls=True or any file: ca_file is the CA of the server's certificate (default:
+        the system's roots); cert_file and key_file are this client's certificate for mutual TLS."""
+        credentials = _core.channel_credentials(tls, ca_file, cert_file, key_file)
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(address, credentials)
+        else:
+            self._channel = grpc.aio.insecure_channel(address)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._admin = pb_grpc.AdaptersStub(self._channel)
         self._health_check = self._channel.unary_unary(

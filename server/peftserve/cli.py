@@ -1,7 +1,8 @@
 """The `peftserve` command: serve a model, locate the default model, manage API keys, call a server.
 
 Client-side commands (generate, info, health, adapters) import only the client SDK, never torch;
-they send the API key of the PEFTSERVE_API_KEY environment variable.
+they send the API key of the PEFTSERVE_API_KEY environment variable, and speak TLS with --tls-ca
+(and a client certificate with --tls-cert/--tls-key, or the PEFTSERVE_TLS_* variables).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peftserve.bench.cli import add_bench_parser
-from peftserve.config import DTYPES, EngineConfig, ServerConfig
+from peftserve.client_flags import API_KEY_ENV, add_tls_args, tls_kwargs
+from peftserve.config import DTYPES, EngineConfig, ServerConfig, TlsConfig
 from peftserve.deploy.cli import add_cluster_parser
 from peftserve.errors import InvalidRequest, PeftServeError
 from peftserve.training.cli import add_train_parser
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
     from peftserve_client import AdapterManifest, AdapterStatus, Client
 
 DEFAULT_ADDRESS = os.environ.get("PEFTSERVE_ADDRESS", "127.0.0.1:50051")
-API_KEY_ENV = "PEFTSERVE_API_KEY"
 
 # (flag, EngineConfig field, type, help): flags left out keep EngineConfig's own default.
 _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
@@ -92,7 +93,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         keys = KeyRing.load(args.keys_file) if args.keys_file else None
         config = _server_config(args)
-    except InvalidRequest as e:
+    except (InvalidRequest, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -102,7 +103,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(config, keys=keys, keys_file=Path(args.keys_file) if args.keys_file else None))
-    except PeftServeError as e:  # raised while loading the engine: bad model directory, too little memory ...
+    except (PeftServeError, ValueError, OSError) as e:  # a TLS file that does not load, a port in use ...
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -111,10 +112,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig of the `serve` flags; InvalidRequest names a bad value."""
     engine_kwargs = {f: getattr(args, f) for _, f, _, _ in _ENGINE_FLAGS if getattr(args, f) is not None}
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        tls = TlsConfig(args.tls_cert or "", args.tls_key or "", args.tls_client_ca)
     return ServerConfig(
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
+        tls=tls,
         grace_s=args.grace_s,
         engine=EngineConfig(**engine_kwargs, adapters=tuple(args.adapters), store=args.store or None),
     )
@@ -296,19 +302,35 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Client:
     from peftserve_client import Client
 
-    return Client(args.address, timeout=args.timeout, api_key=os.environ.get(API_KEY_ENV))
+    return Client(args.address, timeout=args.timeout, api_key=os.environ.get(API_KEY_ENV), **tls_kwargs(args))
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server HOST:PORT (env PEFTSERVE_ADDRESS)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the call fails")
+    add_tls_args(parser)
 
 
 def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
     """The flags of `serve`, which `cluster` takes too."""
     serve.add_argument("--host", default=ServerConfig.host)
-    serve.add_argument("--port", type=int, default=ServerConfig.port, help="0 picks a free port")
+    serve.add_argument("--port", type=int, default=ServerConfig.port, help="gRPC port; 0 picks a free port")
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,"
+        " /v1/adapters, /health, /metrics) on this port; 0 picks a free port (default: off)",
+    )
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    tls = serve.add_argument_group("TLS of every listener (re-read on SIGHUP)")
+    tls.add_argument("--tls-cert", metavar="FILE", help="the server's certificate chain (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="the key of --tls-cert (PEM)")
+    tls.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="mutual TLS: refuse clients without a certificate signed by this CA (PEM)",
+    )
     serve.add_argument("--grace-s", type=float, default=ServerConfig.grace_s, help="drain time on SIGTERM")
     defaults = EngineConfig()
     for flag, field, kind, text in _ENGINE_FLAGS:
@@ -338,7 +360,7 @@ def _add_serve_flags(serve: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="API keys (see `peftserve keys add`): every Inference and Adapters call needs one;"
         " without it, single-tenant local mode. SIGHUP re-reads the file (added or revoked keys"
-        " apply without a restart)",
+        " apply without a restart); HTTP callers send the key as Authorization: Bearer KEY",
     )
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -348,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftserve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve a model over gRPC until SIGTERM")
+    serve = commands.add_parser("serve", help="serve a model over gRPC (and OpenAI-style HTTP) until SIGTERM")
     _add_serve_flags(serve)
     serve.set_defaults(run=_cmd_serve)
 

@@ -112,8 +112,24 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS of every listener (gRPC and HTTP): PEM files, read at start and again on SIGHUP."""
+
+    cert_file: str
+    """The server's certificate chain."""
+    key_file: str
+    """The private key of that certificate."""
+    client_ca_file: str | None = None
+    """Mutual TLS: clients must present a certificate signed by this CA; None: no client certificates."""
+
+    def __post_init__(self) -> None:
+        if not self.cert_file or not self.key_file:
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
-    """Where and how the gRPC server listens."""
+    """Where and how the gRPC server (and the optional OpenAI-compatible HTTP server) listen."""
 
     host: str = "127.0.0.1"
     """Interface to bind."""
@@ -121,6 +137,16 @@ class ServerConfig:
     """gRPC port; 0 picks a free one."""
     metrics_port: int | None = None
     """Prometheus endpoint port; None disables it."""
+    http_port: int | None = None
+    """OpenAI-compatible HTTP API port (same engine, same keys); 0 picks a free one; None disables it."""
+    tls: TlsConfig | None = None
+    """TLS (and optionally mutual TLS) on the gRPC and HTTP listeners; None serves plaintext."""
     grace_s: float = 30.0
     """On SIGTERM, seconds in-flight requests get to finish before they are cancelled."""
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("port", "http_port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {value}")

@@ -1,4 +1,4 @@
-"""The one error hierarchy of the server; api/status.py maps it to gRPC status codes.
+"""The one error hierarchy of the server; api/status.py maps it to gRPC status codes, api/http to HTTP.
 
 Plain Python (no torch): the scheduler, the servicer and the registry raise these.
 """
@@ -49,6 +49,10 @@ class CapacityExceeded(PeftServeError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         """When a retry may succeed, if known (gRPC `retry-after` trailer, HTTP Retry-After)."""
+
+
+class PayloadTooLarge(CapacityExceeded):
+    """A request or upload is larger than the server accepts (RESOURCE_EXHAUSTED; HTTP 413)."""
 
 
 class FailedPrecondition(PeftServeError):

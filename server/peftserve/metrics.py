@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from peftserve.config import TlsConfig
 from peftserve.engine.protocol import EngineClient
 from peftserve.engine.request import RequestOutput
 
@@ -229,7 +230,16 @@ class ServerMetrics:
                 self.time_per_output_token.observe((trace.last_token - trace.first_token) / gaps)
 
 
-def start_metrics_server(port: int, registry: CollectorRegistry, host: str = "0.0.0.0") -> WSGIServer:
-    """Serve registry at http://host:port/metrics from a daemon thread; port 0 picks a free one."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+def start_metrics_server(
+    port: int, registry: CollectorRegistry, host: str = "0.0.0.0", tls: TlsConfig | None = None
+) -> WSGIServer:
+    """Serve registry at http(s)://host:port/metrics from a daemon thread; port 0 picks a free one.
+
+    With tls, over TLS (client certificates required when it has a client CA)."""
+    files = {}
+    if tls is not None:
+        files = {"certfile": tls.cert_file, "keyfile": tls.key_file}
+        if tls.client_ca_file:
+            files |= {"client_cafile": tls.client_ca_file, "client_auth_required": True}
+    server, _thread = start_http_server(port, addr=host, registry=registry, **files)
     return server

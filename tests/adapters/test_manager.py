@@ -124,6 +124,38 @@ def test_slots_lru_holds_and_pins(base: PreTrainedModel, dirs: dict[str, Path]) 
     manager.close()
 
 
+def test_a_pin_never_outlives_residency_and_every_pinned_slot_is_reserved(
+    base: PreTrainedModel, dirs: dict[str, Path]
+) -> None:
+    """The soak's finding: pinned, unloaded while held, pinned again, released, evicted, used again."""
+    manager = AdapterManager(copy.deepcopy(base), num_slots=2, device="cpu", dtype=torch.float32)
+    manager.register("lora-a", dirs["lora-a"])
+    key = "default/lora-a@v1"
+
+    def reserved_matches_pins() -> bool:  # every resident pinned adapter is reserved, nothing else
+        slots = manager.slots
+        return slots.pinned_slot_keys == {k for k in slots._pinned if slots.slot_of(k) is not None}
+
+    manager.acquire("lora-a")
+    manager.load_to_device(key, pin=True)
+    manager.unload("default/lora-a")  # unpins now; it leaves when its last request does
+    manager.apply_drops()
+    manager.load_to_device(key, pin=True)  # pinned again before that: it stays
+    manager.release("lora-a")
+    assert manager.slot_of("lora-a") is not None and manager.slots.pinned_slot_keys == {key}
+    assert reserved_matches_pins()
+
+    manager.acquire("lora-a")
+    manager.unload("default/lora-a")
+    manager.apply_drops()
+    manager.release("lora-a")  # unpinned while held: evicted at release, and no pin is left behind
+    assert manager.slot_of("lora-a") is None and not manager.slots.pinned_slot_keys
+    manager.acquire("lora-a")
+    manager.release("lora-a")
+    assert key in manager.slots._idle and reserved_matches_pins()  # idle, evictable, not pinned
+    manager.close()
+
+
 def test_superseded_version_stays_while_held_then_leaves_memory(
     manager: AdapterManager, dirs: dict[str, Path]
 ) -> None:

@@ -39,6 +39,7 @@ def test_versions_current_and_pins() -> None:
         add(registry, "acme/a", 2)
     add(registry, "globex/z", 1)
     assert registry.names("acme") == ["a"] and registry.names("globex") == ["z"]
+    assert registry.adapter_ids() == ["acme/a", "globex/z"] and registry.adapter_ids("acme") == ["acme/a"]
 
 
 def test_held_versions_free_at_their_last_release() -> None:

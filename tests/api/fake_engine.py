@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from peftserve.engine.protocol import EngineStats, ModelInfo
-from peftserve.engine.request import FinishReason, GenerationRequest, RequestOutput
-from peftserve.errors import AdapterNotFound, CapacityExceeded, Unavailable
+from peftserve.engine.request import FinishReason, GenerationRequest, RequestOutput, check_adapter_refs
+from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, Unavailable
 
 VOCAB_SIZE = 256
 """Token id = byte value of the prompt's UTF-8 encoding."""
@@ -28,6 +28,10 @@ class FakeEngine:
         """Sleep before each token, so streams can be cancelled mid-way."""
         self.fail_with: Exception | None = None
         """Raised at the first iteration of the next generate() calls."""
+        self.fail_next: list[Exception] = []
+        """Raised at the first iteration of the next calls, one each, before fail_with."""
+        self.fail_mid_stream: Exception | None = None
+        """Raised after the first token of the next calls."""
         self.queue_full = False
         self.draining = False
         self.admin = None
@@ -36,6 +40,9 @@ class FakeEngine:
         self.aborted: list[str] = []
         """Ids of requests whose stream was closed before they finished."""
         self.running = 0
+        self.has_chat_template = True
+        self.attempts = 0
+        """generate() calls that reached admission, failed or not."""
 
     @property
     def model_info(self) -> ModelInfo:
@@ -60,6 +67,12 @@ class FakeEngine:
     def token_strings(self, token_ids: list[int]) -> list[str]:
         return [bytes([t]).decode("latin-1") for t in token_ids]
 
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """'role: content' lines, then 'assistant:'; InvalidRequest when has_chat_template is off."""
+        if not self.has_chat_template:
+            raise InvalidRequest("this model has no chat template")
+        return self.tokenize("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
+
     def stats(self) -> EngineStats:
         return EngineStats(waiting=0, running=self.running, kv_blocks_used=self.running, kv_blocks_free=7)
 
@@ -78,6 +91,9 @@ class FakeEngine:
 
     def _admit(self, request: GenerationRequest) -> None:
         """The checks a real engine does before queueing a request."""
+        self.attempts += 1
+        if self.fail_next:
+            raise self.fail_next.pop(0)
         if self.fail_with is not None:
             raise self.fail_with
         if self.draining:
@@ -85,6 +101,7 @@ class FakeEngine:
         if self.queue_full:
             raise CapacityExceeded("queue is full (1024 waiting)")
         request.sampling.validate(MAX_NEW_TOKENS_LIMIT, VOCAB_SIZE)
+        check_adapter_refs(request.adapters)  # as the real engine, whichever front door it came through
         for ref in request.adapters:
             if ref.adapter_id not in self.adapters:
                 raise AdapterNotFound(f"adapter {ref.adapter_id!r} not found")
@@ -102,6 +119,8 @@ class FakeEngine:
                     await asyncio.sleep(self.token_delay_s)
                 token = prompt[i % len(prompt)]
                 reason = None
+                if i == 1 and self.fail_mid_stream is not None:
+                    raise self.fail_mid_stream
                 if token in sampling.stop_token_ids:
                     reason = FinishReason.STOP
                 elif i + 1 == sampling.max_new_tokens:

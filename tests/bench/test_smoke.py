@@ -12,7 +12,7 @@ TINY = [
     "--sweep-requests", "4", "--mixed-ranks", "2", "4", "--load-fractions", "1.0",
     "--peft-batch-size", "3", "--peft-sequential-limit", "2", "--max-running", "4", "--threads", "1",
 ]  # fmt: skip
-SYSTEMS = ("peftserve", "base", "peft-batched", "peft-sequential")
+SYSTEMS = ("peftserve", "peftserve-http", "base", "peft-batched", "peft-sequential")
 
 
 def test_bench_runs_every_system_and_writes_results(tmp_path, capsys):
@@ -37,7 +37,16 @@ def test_bench_runs_every_system_and_writes_results(tmp_path, capsys):
         assert run["metrics"]["completed"] == len(run["requests"]) > 0
         assert run["metrics"]["tokens_per_s"] > 0
         assert all(r["first_token"] <= r["finished"] for r in run["requests"])
-    assert {t["name"] for t in results["targets"]} >= {"peftserve / base model", "MFU of peftserve"}
+    assert {t["name"] for t in results["targets"]} >= {
+        "peftserve / base model",
+        "MFU of peftserve",
+        "peftserve over HTTP / over gRPC",
+        "TTFT p50 over gRPC / over HTTP",
+    }
+    http, grpc = (
+        next(r for r in results["runs"] if r["system"] == s) for s in ("peftserve-http", "peftserve")
+    )
+    assert http["metrics"]["generated_tokens"] == grpc["metrics"]["generated_tokens"]  # the same trace
 
     png = (out / "serving.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

@@ -196,3 +196,26 @@ def test_no_step_reads_a_slot_outside_its_own_context(adapter_dirs) -> None:
     for rid, want in clean.items():
         assert dirty[rid]["tokens"] == want["tokens"], rid
         assert dirty[rid]["logprobs"] == want["logprobs"], rid
+
+
+def test_a_request_whose_adapter_finds_no_slot_waits_and_the_batch_carries_on(
+    adapter_dirs, monkeypatch
+) -> None:
+    """Should the slots ever disagree with the scheduler's slot budget, only that request waits."""
+    dirs = {k: adapter_dirs[k] for k in ("lora", "other")}
+    prompts = random_prompts([6, 9, 5], 320, seed=8)
+    requests = [make_request("lora", "lora", prompts[0]), make_request("base", "base", prompts[2])]
+    requests.append(make_request("other", "other", prompts[1]))
+    alone = {r.request_id: make_engine(dirs).generate_all([r])[r.request_id].token_ids for r in requests}
+
+    model, tokenizer = build_tiny_model("llama")
+    manager = AdapterManager(model, num_slots=1, device="cpu", dtype=torch.float32)
+    for name, path in dirs.items():
+        manager.register(name, path)
+    engine = LLMEngine.from_model(
+        model, tokenizer, EngineConfig(kv_cache_mb=1, block_size=4), adapters=manager
+    )
+    monkeypatch.setattr(engine.scheduler, "_slots_allow", lambda seq: True)  # a budget that overcommits
+    done = engine.generate_all(requests)
+    assert {rid: c.token_ids for rid, c in done.items()} == alone
+    assert engine.scheduler.num_preemptions == 0 and engine.stats().kv_blocks_used == 0

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 from peftserve.model.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
 HF_FILES = {
+    "chat_template.jinja",
     "config.json",
     "generation_config.json",
     "model.safetensors",

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from peftserve.errors import InvalidRequest
+from peftserve.model.default_model import DEFAULT_MODEL_NAME
 from peftserve.model.loader import LoadedModel, load_base_model
 
 
@@ -37,7 +38,7 @@ def test_default_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert (loaded.model_id, loaded.family, loaded.max_context) == ("default", "llama", 2048)
     assert loaded.dtype == torch.bfloat16 and next(loaded.model.parameters()).dtype == torch.bfloat16
     assert loaded.eos_token_ids == (2,)
-    assert (tmp_path / "models" / "default-v1" / "model.safetensors").is_file()
+    assert (tmp_path / "models" / DEFAULT_MODEL_NAME / "model.safetensors").is_file()
 
 
 def test_eos_ids_merge_generation_config_and_config(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -49,8 +49,6 @@ class DeviceSlots:
         self.max_pins = num_slots // 2
         """At most half the slots may be pinned, so a mixture of up to num_slots - max_pins always fits."""
         self.stats = SlotStats()
-        self.pinned_slot_keys: frozenset[str] = frozenset()
-        """Pinned delta adapters: the scheduler reserves their slots."""
         self._on_load = on_load
         self._lock = threading.Lock()
         self._slot_of: dict[str, int] = {}
@@ -76,6 +74,12 @@ class DeviceSlots:
     def is_pinned(self, key: str) -> bool:
         with self._lock:
             return key in self._pinned
+
+    @property
+    def pinned_slot_keys(self) -> frozenset[str]:
+        """Pinned delta adapters in slots: the scheduler reserves their slots."""
+        with self._lock:
+            return self._pinned_in_slots()
 
     def __len__(self) -> int:
         return len(self._slot_of) + len(self._prefix)
@@ -142,7 +146,7 @@ class DeviceSlots:
                     self._pinned.add(key)
             return
         with self._lock:
-            if pin and key not in self._pinned and len(self.pinned_slot_keys) >= self.max_pins:
+            if pin and key not in self._pinned and len(self._pinned_in_slots()) >= self.max_pins:
                 raise CapacityExceeded(
                     f"at most {self.max_pins} of the {self.num_slots} adapter slots may be pinned; unload one"
                 )
@@ -152,7 +156,7 @@ class DeviceSlots:
             if pin:
                 self._pinned.add(key)
                 self._idle.pop(key, None)
-                self._update_pins()
+                self._drop_at_release.discard(key)  # pinned again: it stays after its last release
             elif key in self._idle:
                 self._idle.move_to_end(key)
 
@@ -166,7 +170,6 @@ class DeviceSlots:
             key = self._drops.popleft()
             with self._lock:
                 self._pinned.discard(key)
-                self._update_pins()
                 self._prefix.pop(key, None)
                 if key not in self._slot_of:
                     continue
@@ -208,10 +211,11 @@ class DeviceSlots:
         self._owner[slot] = None
         self._idle.pop(key, None)
         self._drop_at_release.discard(key)
+        self._pinned.discard(key)  # a pin lasts while the adapter is resident, never beyond
         self.stats.evictions += 1
 
-    def _update_pins(self) -> None:
-        self.pinned_slot_keys = frozenset(k for k in self._pinned if k in self._slot_of)
+    def _pinned_in_slots(self) -> frozenset[str]:
+        return frozenset(k for k in self._pinned if k in self._slot_of)
 
     def _loaded(self, start: float) -> None:
         self.stats.loads += 1

@@ -17,6 +17,8 @@ class ServingHealth:
 
     def __init__(self) -> None:
         self.servicer = health_aio.HealthServicer()
+        self.serving = False
+        """What the HTTP health route reports: True between mark_serving and mark_not_serving."""
 
     async def mark_serving(self) -> None:
         """Report SERVING; call once the engine is loaded and warm."""
@@ -27,5 +29,6 @@ class ServingHealth:
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set(self, status: int) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
         for service in SERVICES:
             await self.servicer.set(service, status)

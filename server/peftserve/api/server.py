@@ -1,4 +1,5 @@
-"""Build the gRPC server (create_server) and run it for the life of the process (serve)."""
+"""Build the gRPC server (create_server) and run it, with the optional HTTP server, for the life of the
+process (serve)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from grpc_reflection.v1alpha import reflection
 from peftserve.api.admin_servicer import AdminServicer
 from peftserve.api.decoding import add_guarded
 from peftserve.api.health import INFERENCE_SERVICE, ServingHealth
+from peftserve.api.http import HttpServer, create_app
 from peftserve.api.servicer import InferenceServicer
+from peftserve.api.tls import ServerTls
 from peftserve.auth import Authenticator, KeyRing
 from peftserve.config import EngineConfig, ServerConfig
 from peftserve.engine.protocol import AdapterAdmin, EngineClient
@@ -40,12 +43,13 @@ async def create_server(
     metrics: ServerMetrics | None = None,
     admin: AdapterAdmin | None = None,
     auth: Authenticator | None = None,
+    tls: ServerTls | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started server and its port.
 
     It serves Inference, Adapters (when there is an admin), health (NOT_SERVING) and reflection.
     With an authenticator holding keys, Inference and Adapters need an API key; without one, every
-    caller is the local tenant. Health and reflection are always open.
+    caller is the local tenant. Health and reflection are always open. With tls, only over TLS.
     """
     server = grpc.aio.server()
     auth = auth if auth is not None else Authenticator()
@@ -60,7 +64,10 @@ async def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     services += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = (
+        server.add_secure_port(address, tls.grpc_credentials()) if tls else server.add_insecure_port(address)
+    )
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     return server, port
@@ -82,15 +89,21 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain the engine and stop gracefully.
 
-    keys: the API keys (None: local mode). keys_file: where they came from; SIGHUP re-reads it, so keys
-    added or revoked with `peftserve keys` take effect without a restart.
+    keys: the API keys (None: local mode). keys_file: where they came from. SIGHUP re-reads the keys
+    file and the TLS files, so keys added or revoked with `peftserve keys` and renewed certificates
+    take effect without a restart. config.http_port adds the OpenAI-compatible HTTP API on the same
+    engine, keys, metrics and health. TLS files are checked before the model loads (ValueError).
     """
+    tls = ServerTls(config.tls) if config.tls is not None else None
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, engine_factory, config.engine)
     metrics = ServerMetrics(engine)
     if config.metrics_port is not None:
-        http = start_metrics_server(config.metrics_port, metrics.registry, host=config.host)
-        logger.info("metrics on http://%s:%d/metrics", config.host, http.server_port)
+        http = start_metrics_server(config.metrics_port, metrics.registry, host=config.host, tls=config.tls)
+        if tls is not None:
+            tls.follow(http.socket.context)
+        scheme = "https" if tls is not None else "http"
+        logger.info("metrics on %s://%s:%d/metrics", scheme, config.host, http.server_port)
     health = ServingHealth()
     auth = Authenticator(keys)
     server, port = await create_server(
@@ -100,10 +113,14 @@ async def serve(
         metrics=metrics,
         admin=engine.admin,
         auth=auth,
+        tls=tls,
     )
     await server.start()
-    if keys is not None and keys_file is not None:
-        loop.add_signal_handler(signal.SIGHUP, reload_keys, auth, keys_file)
+    http_server = None
+    if config.http_port is not None:
+        http_server = await start_http(config, engine, health, metrics, auth, tls)
+    if keys_file is not None or tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload, auth if keys_file else None, keys_file, tls)
 
     stopping = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -114,6 +131,8 @@ async def serve(
         logger.info("no keys file: single-tenant local mode (every caller is tenant 'default')")
     else:
         logger.info("API keys required: %d keys", len(keys.entries))
+    if tls is not None:
+        logger.info("TLS on every listener%s", " with client certificates (mutual TLS)" if tls.mutual else "")
     logger.info("peftserve serving %s on %s:%d", engine.model_info.model_id, config.host, port)
 
     await stopping.wait()
@@ -123,8 +142,47 @@ async def serve(
     await health.mark_not_serving()
     await engine.drain(config.grace_s)
     await server.stop(config.grace_s)
+    if http_server is not None:
+        await http_server.stop()
     await loop.run_in_executor(None, engine.shutdown)
     logger.info("peftserve stopped")
+
+
+async def start_http(
+    config: ServerConfig,
+    engine: EngineClient,
+    health: ServingHealth,
+    metrics: ServerMetrics,
+    auth: Authenticator,
+    tls: ServerTls | None,
+) -> HttpServer:
+    """The OpenAI-compatible HTTP API on config.http_port, started."""
+    app = create_app(
+        engine,
+        health=health,
+        metrics=metrics,
+        auth=auth,
+        admin=engine.admin,
+        max_upload_bytes=config.engine.max_upload_bytes,
+    )
+    ssl_context = tls.ssl_context() if tls is not None else None
+    http_server = HttpServer(app, config.host, config.http_port or 0, ssl_context, grace_s=config.grace_s)
+    await http_server.start()
+    logger.info("OpenAI-compatible HTTP API on %s/v1", http_server.url)
+    return http_server
+
+
+def reload(auth: Authenticator | None, keys_file: Path | None, tls: ServerTls | None) -> None:
+    """SIGHUP: re-read the keys file and the TLS files; whatever does not load is logged and kept."""
+    if auth is not None and keys_file is not None:
+        reload_keys(auth, keys_file)
+    if tls is not None:
+        try:
+            tls.reload()
+        except ValueError as exc:
+            logger.error("TLS files not reloaded (%s); keeping the certificates in use", exc)
+            return
+        logger.info("TLS files reloaded: %s", tls.config.cert_file)
 
 
 def reload_keys(auth: Authenticator, keys_file: Path) -> None:

@@ -49,10 +49,16 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return code_of(exc), message
 
 
+def retry_after(exc: BaseException) -> str | None:
+    """Whole seconds (at least 1) after which a retry may succeed, when exc carries a hint."""
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    return None if retry_after_s is None else str(max(1, math.ceil(retry_after_s)))
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
     """End the RPC with exc's status (status_of), and a retry-after trailer when exc carries one."""
     code, message = status_of(exc)
-    retry_after_s = getattr(exc, "retry_after_s", None)
-    if retry_after_s is not None:
-        context.set_trailing_metadata(((RETRY_AFTER_TRAILER, str(max(1, math.ceil(retry_after_s)))),))
+    seconds = retry_after(exc)
+    if seconds is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_TRAILER, seconds),))
     await context.abort(code, message)

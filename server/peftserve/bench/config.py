@@ -12,10 +12,11 @@ from dataclasses import dataclass, field, replace
 from peftserve.bench.shapes import BENCH_SHAPES, PROJECTIONS
 
 POPULARITIES = ("uniform", "power", "zipf", "single")
-SYSTEMS = ("peftserve", "base", "peft-batched", "peft-sequential")
-"""peftserve: adapters over gRPC; base: the same server and trace, every request on the base model
-(the limit); peft-batched: PEFT static batches with adapter_names=; peft-sequential: PEFT
-set_adapter + generate, one request at a time."""
+SYSTEMS = ("peftserve", "peftserve-http", "base", "peft-batched", "peft-sequential")
+"""peftserve: adapters over gRPC; peftserve-http: the same server, adapters and trace through its
+OpenAI-compatible HTTP API (async openai client); base: the same server and trace over gRPC, every request
+on the base model (the limit); peft-batched: PEFT static batches with adapter_names=; peft-sequential:
+PEFT set_adapter + generate, one request at a time."""
 
 
 def _check(condition: bool, message: str) -> None:

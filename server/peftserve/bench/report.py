@@ -177,6 +177,13 @@ def _target(name: str, a: Run | None, b: Run | None, threshold: float, detail: s
     return Target(name, _ratio(a, b), threshold, detail, _cpu_ratio(a, b))
 
 
+def _ttft_target(http: Run | None, grpc: Run | None, detail: str) -> Target:
+    """TTFT p50 over HTTP within 10% of gRPC's, as the ratio gRPC / HTTP >= 1/1.1."""
+    ttfts = (grpc.metrics.ttft_p50, http.metrics.ttft_p50) if http and grpc else (None, None)
+    value = ttfts[0] / ttfts[1] if ttfts[0] and ttfts[1] else None
+    return Target("TTFT p50 over gRPC / over HTTP", value, round(1 / 1.1, 2), detail)
+
+
 def targets(result: SuiteResult) -> list[Target]:
     """The issue's targets: generated tok/s ratios in this run, and MFU of the main scenario."""
     config = result.config
@@ -203,6 +210,8 @@ def targets(result: SuiteResult) -> list[Target]:
             mixed,
         ),
         _target(f"tok/s at {largest} adapters / at {near_ten}", at_largest, at_ten, 0.95, sweep),
+        _target("peftserve over HTTP / over gRPC", result.find("main", "peftserve-http"), ours, 0.95, main),
+        _ttft_target(result.find("main", "peftserve-http"), ours, main),
         Target(
             "MFU of peftserve",
             mfu,

@@ -1,6 +1,7 @@
 """A real `peftserve serve` in a subprocess on free ports, its readiness, its Prometheus endpoint.
 
-The benchmark talks to it like any user would: gRPC through the SDK, metrics over HTTP.
+The benchmark talks to it like any user would: gRPC through the SDK, the OpenAI-compatible HTTP API
+through the openai client, metrics over HTTP.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import peftserve
 import peftserve_client
 
 READY = re.compile(r"peftserve serving \S+ on (\S+):(\d+)")
-METRICS = re.compile(r"metrics on (http://\S+/metrics)")
+METRICS = re.compile(r"metrics on (https?://\S+/metrics)")
+HTTP_API = re.compile(r"HTTP API on (https?://\S+)/v1")
 ADAPTER_COUNTER = re.compile(r"adapter.*(load|evict)")
 """Counter families counted as adapter loads/evictions, e.g. peftserve_adapter_loads_total."""
 
@@ -55,6 +57,8 @@ class ServerProcess:
         self._lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         self.metrics_url: str | None = None
+        self.http_url: str | None = None
+        """Root of the HTTP API (http://host:port) when the server runs one (serve --http-port)."""
         self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)
         self._reader.start()
 
@@ -87,6 +91,8 @@ class ServerProcess:
                 continue
             if m := METRICS.search(line):
                 self.metrics_url = m.group(1)
+            if m := HTTP_API.search(line):
+                self.http_url = m.group(1)
             if m := READY.search(line):
                 return f"{m.group(1)}:{m.group(2)}"
         self.stop()

@@ -2,7 +2,8 @@
 
 Scenarios (each system of a scenario gets the identical trace):
 
-    main      the configured workload: peftserve, base (the limit), PEFT static batches, PEFT one at a time
+    main      the configured workload: peftserve over gRPC and over HTTP, base (the limit), PEFT static
+              batches, PEFT one at a time
     adapters  the sweep: peftserve (and PEFT batches up to peft_max_adapters) per adapter count, the base
               once, and peftserve with mixed ranks at the largest count
     load      peftserve and base at arrival rates that are fractions of peftserve's saturated req/s
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from peftserve.bench import grpc_system
+from peftserve.bench import grpc_system, http_system
 from peftserve.bench.adapters import PublishedPool, publish_pool, registration_flags
 from peftserve.bench.config import BenchConfig, WorkloadSpec
 from peftserve.bench.machine import CpuSample, cpu_sample, environment, other_cores, peak_matmul_rate
@@ -146,6 +147,8 @@ def serve_args(
     ]  # fmt: skip
     if config.threads:
         args += ["--threads", str(config.threads)]
+    if "peftserve-http" in config.systems:
+        args += ["--http-port", "0"]
     return args + registration_flags(pools)
 
 
@@ -163,6 +166,8 @@ class Bench:
         """Prompt ids: past the tokenizer's specials, known to both the tokenizer and the model."""
         self.server: ServerProcess | None = None
         self.address = ""
+        self.http_url = ""
+        """Root of the server's HTTP API when peftserve-http runs."""
         self.peft: PeftBaseline | None = None
         self.published: dict[str, PublishedPool] = {}
 
@@ -179,16 +184,25 @@ class Bench:
 
     def _run(self, job: Job, measure: Measure) -> Run:
         """Measure the job `repeats` times, keep the try other processes disturbed least."""
-        tries = []
+        return self.run_in_turns([(job, measure)])[0]
+
+    def run_in_turns(self, jobs: Sequence[tuple[Job, Measure]]) -> list[Run]:
+        """Measure each job `repeats` times, the jobs taking turns (so a burst of other load on a shared
+        machine hits them alike), and keep each job's least disturbed try."""
+        tries: list[list[Run]] = [[] for _ in jobs]
         for _ in range(self.config.repeats):
-            started, cpu_before = time.perf_counter(), self._cpu()
-            records, events = measure()
-            tries.append(self._summarize(job, records, events, started, cpu_before))
-        run = min(tries, key=lambda r: (r.other_cores or 0.0, -r.metrics.tokens_per_s))
-        if len(tries) > 1:
-            run.note = "; ".join(filter(None, [run.note, f"least disturbed of {len(tries)}"]))
-        self.runs.append(run)
-        return run
+            for (job, measure), job_tries in zip(jobs, tries, strict=True):
+                started, cpu_before = time.perf_counter(), self._cpu()
+                records, events = measure()
+                job_tries.append(self._summarize(job, records, events, started, cpu_before))
+        runs = []
+        for job_tries in tries:
+            run = min(job_tries, key=lambda r: (r.other_cores or 0.0, -r.metrics.tokens_per_s))
+            if len(job_tries) > 1:
+                run.note = "; ".join(filter(None, [run.note, f"least disturbed of {len(job_tries)}"]))
+            self.runs.append(run)
+            runs.append(run)
+        return runs
 
     def _summarize(
         self,
@@ -228,6 +242,18 @@ class Bench:
         self, scenario: str, trace: Sequence[TraceRequest], pool: str | None, n: int | None, system: str = ""
     ) -> Run:
         """The trace over gRPC: on the pool's adapters, or on the base model when pool is None."""
+        return self._run(*self.peftserve_job(scenario, trace, pool, n, system))
+
+    def peftserve_job(
+        self,
+        scenario: str,
+        trace: Sequence[TraceRequest],
+        pool: str | None,
+        n: int | None,
+        system: str = "",
+        http: bool = False,
+    ) -> tuple[Job, Measure]:
+        """The trace over gRPC, or over HTTP, as a job to measure (see peftserve)."""
         job = Job(scenario, system or ("base" if pool is None else "peftserve"), trace, pool, n)
         ids = self.published[pool].ids if pool else None
         server = self.server
@@ -235,12 +261,15 @@ class Bench:
 
         def measure() -> tuple[list[RequestRecord], dict[str, float] | None]:
             before = server.adapter_counters()
-            records = grpc_system.run_trace(self.address, trace, ids)
+            if http:
+                records = http_system.run_trace(self.http_url, trace, ids)
+            else:
+                records = grpc_system.run_trace(self.address, trace, ids)
             after = server.adapter_counters()
             events = {k: v - (before or {}).get(k, 0.0) for k, v in after.items()} if after else None
             return records, events
 
-        return self._run(job, measure)
+        return job, measure
 
     def peft_run(self, scenario: str, system: str, trace: Sequence[TraceRequest], pool: str, n: int) -> Run:
         """One of the PEFT policies on the trace (peft-batched or peft-sequential)."""
@@ -274,6 +303,10 @@ class Bench:
         self.address = self.server.wait_ready(config.server_timeout_s)
         main = self.published[config.main_pool.tenant]
         grpc_system.warm_up(self.address, main.ids[:2])
+        if "peftserve-http" in config.systems:
+            assert self.server.http_url is not None, "the server logged no HTTP address"
+            self.http_url = self.server.http_url
+            http_system.warm_up(self.http_url, main.ids[:2])
         if self.peft is not None:
             warm = [TraceRequest(i, 0.0, 0, (5, 6, 7, 8), 3) for i in range(2)]
             names = [min(self.peft.names)]
@@ -345,7 +378,10 @@ def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteRes
 def _main(bench: Bench, trace: list[TraceRequest]) -> None:
     config, tenant = bench.config, bench.config.main_pool.tenant
     n = config.workload.num_adapters
-    bench.peftserve("main", trace, tenant, n)
+    jobs = [bench.peftserve_job("main", trace, tenant, n)]
+    if "peftserve-http" in config.systems:  # taking turns with gRPC: the two front doors compare fairly
+        jobs.append(bench.peftserve_job("main", trace, tenant, n, system="peftserve-http", http=True))
+    bench.run_in_turns(jobs)
     if "base" in config.systems:
         bench.peftserve("main", trace, None, None)
     for system in ("peft-batched", "peft-sequential"):

@@ -35,9 +35,6 @@ def add_cluster_parser(
         help="join this Ray cluster ('auto', ray://HOST:10001, ...); default: start a local one",
     )
     cluster.add_argument(
-        "--http-port", type=int, default=defaults.http_port, help="Ray Serve's HTTP proxy (/-/healthz)"
-    )
-    cluster.add_argument(
         "--replica-cpus", type=float, default=defaults.replica_cpus, help="CPUs Ray reserves per replica"
     )
     cluster.add_argument(
@@ -93,6 +90,11 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     try:
         keys = KeyRing.load(args.keys_file) if args.keys_file else None
         server = _absolute(_server_config(args))
+        if server.tls is not None:
+            raise InvalidRequest(
+                "--tls-* are not served through Ray Serve's proxies; terminate TLS in front of the cluster"
+                " (a load balancer or ingress controller)"
+            )
         gpus = args.replica_gpus
         if gpus is None:
             gpus = 1.0 if server.engine.device.startswith("cuda") else 0.0
@@ -100,7 +102,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
             server=server,
             replicas=args.replicas,
             ray_address=args.ray_address,
-            http_port=args.http_port or free_port(server.host),
+            http_port=server.http_port or free_port(server.host),
             replica_cpus=args.replica_cpus,
             replica_gpus=gpus,
             max_ongoing_requests=args.max_ongoing_requests,

@@ -22,7 +22,7 @@ class ClusterConfig:
     ray_address: str | None = None
     """An existing Ray cluster ('auto', 'ray://host:10001' ...); None starts a local one."""
     http_port: int = 8000
-    """Ray Serve's HTTP proxy: its /-/healthz and /-/routes."""
+    """Ray Serve's HTTP proxy (serve's --http-port; a free port when unset): /-/healthz, /-/routes."""
     replica_cpus: float = 1.0
     """CPUs Ray reserves for each replica (match --threads on CPU)."""
     replica_gpus: float = 0.0

@@ -9,6 +9,7 @@ and hands the runner the K/V of ``prefix_kv``.
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future
 
@@ -16,6 +17,9 @@ from peftserve.engine.request import AdapterRef
 from peftserve.engine.scheduler import StepPlan
 from peftserve.engine.sequence import Sequence
 from peftserve.engine.step import SlotWeights
+from peftserve.errors import CapacityExceeded
+
+log = logging.getLogger(__name__)
 
 
 class AdapterBinding:
@@ -70,16 +74,32 @@ class AdapterBinding:
 
     # -- steps (engine thread) ------------------------------------------------------------------
 
-    def on_plan(self, plan: StepPlan) -> None:
-        """Apply pending device drops, release preempted sequences' slots, acquire admitted ones'."""
+    def on_plan(self, plan: StepPlan) -> list[Sequence]:
+        """Apply pending device drops, release preempted sequences' slots, acquire admitted ones'.
+
+        Returns the admitted sequences whose adapters could not be placed (none while the scheduler's
+        slot budget and the slots agree): they hold nothing, and the engine puts them back in the queue.
+        """
         self.manager.apply_drops()
         for seq in plan.preempted:
             self._release_slots(seq)
+        unplaced = []
         for seq in plan.admitted:
-            if seq.deltas:
-                self.slot_weights[seq] = tuple(
-                    (self.manager.acquire(held.key), held.weight) for held in seq.deltas
-                )
+            if not seq.deltas:
+                continue
+            pairs: list[tuple[int, float]] = []
+            try:
+                for held in seq.deltas:
+                    pairs.append((self.manager.acquire(held.key), held.weight))
+            except CapacityExceeded:
+                for held in seq.deltas[: len(pairs)]:
+                    self.manager.release(held.key)
+                log.error("request %s: no device slot for %s; it goes back to the queue", seq.request_id,
+                          ", ".join(seq.slot_adapters))  # fmt: skip
+                unplaced.append(seq)
+                continue
+            self.slot_weights[seq] = tuple(pairs)
+        return unplaced
 
     def _release_slots(self, seq: Sequence) -> None:
         if self.slot_weights.pop(seq, None) is not None:

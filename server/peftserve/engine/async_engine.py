@@ -27,6 +27,7 @@ from peftserve.engine.protocol import EngineStats, ModelInfo
 from peftserve.engine.request import GenerationRequest, RequestOutput
 from peftserve.engine.sequence import Sequence
 from peftserve.errors import EngineFailure, InvalidRequest, PeftServeError, Unavailable, quote
+from peftserve.model.chat import render_chat
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class AsyncEngine:
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
         return [self.engine.tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in token_ids]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        return render_chat(self.engine.tokenizer, messages)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

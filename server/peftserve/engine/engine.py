@@ -297,7 +297,8 @@ class LLMEngine:
             self.scheduler.reserved_slot_adapters = self.adapters.pinned_keys()
         plan = self.scheduler.schedule()
         if self.adapters is not None:
-            self.adapters.on_plan(plan)
+            for seq in self.adapters.on_plan(plan):
+                self.scheduler.requeue(seq, plan)
         if not plan.chunks:
             return [], None, None
         step = self._step_input(plan)

@@ -53,6 +53,11 @@ class EngineClient(Protocol):
         """The text of each token on its own."""
         ...
 
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids of a conversation ({role, content} dicts) in the model's chat template,
+        the assistant's turn opened; InvalidRequest when the model has none or it refuses them."""
+        ...
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream a request's increments; the last has finish_reason set.
 

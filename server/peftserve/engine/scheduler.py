@@ -184,6 +184,14 @@ class Scheduler:
         limit = seq.limits.max_running
         return limit is None or self.waiting.running[seq.tenant] < limit
 
+    def requeue(self, seq: Sequence, plan: StepPlan) -> None:
+        """Undo seq's admission in this plan (its adapters found no device slot): back to its queue's head."""
+        plan.admitted.remove(seq)
+        for chunk in plan.chunks:
+            if chunk.seq is seq:
+                self.waiting.charge(seq.tenant, -chunk.num_tokens, decode=False)  # not computed after all
+        self._back_to_queue(seq, plan)
+
     def _grow(self, seq: Sequence, plan: StepPlan) -> bool:
         """Give seq the blocks its next token needs, preempting the youngest; False if seq was."""
         need = blocks_needed(seq.kv_len, self.block_size) - len(seq.blocks)
@@ -197,16 +205,20 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self._back_to_queue(seq, plan)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        plan.preempted.append(seq)
+
+    def _back_to_queue(self, seq: Sequence, plan: StepPlan) -> None:
+        """A running sequence waits again at the head of its tenant's queue, its blocks freed."""
         self.running.remove(seq)
         self.allocator.free(seq.blocks)
         seq.blocks = []
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.push(seq, front=True)  # queued before it stops running: its tenant stays active
         self.waiting.stopped(seq)
-        plan.preempted.append(seq)
         plan.chunks[:] = [c for c in plan.chunks if c.seq is not seq]
 
     def _slots_allow(self, seq: Sequence) -> bool:

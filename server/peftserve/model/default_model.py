@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from peftserve.model.chat import DEFAULT_CHAT_TEMPLATE
 from peftserve.model.tokenizer import build_byte_level_tokenizer, save_tokenizer
 
-DEFAULT_MODEL_NAME = "default-v1"
+DEFAULT_MODEL_NAME = "default-v2"
 """Bump the suffix whenever anything below changes what gets built."""
 SEED = 1234
 VOCAB_SIZE = 1024
@@ -44,6 +45,7 @@ def default_model_config(vocab_size: int = VOCAB_SIZE) -> LlamaConfig:
 def build_default_model(directory: Path) -> None:
     """Write the default model (config, generation config, weights, tokenizer) into `directory`."""
     tokenizer = build_byte_level_tokenizer(VOCAB_SIZE)
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     config = default_model_config(len(tokenizer))
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (
         config.pad_token_id,
@@ -61,7 +63,7 @@ def build_default_model(directory: Path) -> None:
 
 
 def ensure_default_model(cache_dir: Path | None = None) -> Path:
-    """Return `<cache_dir or cache_root()>/models/default-v1`, building it first if it is absent."""
+    """Return `<cache_dir or cache_root()>/models/<DEFAULT_MODEL_NAME>`, building it first if it is absent."""
     final = Path(cache_dir or cache_root()) / "models" / DEFAULT_MODEL_NAME
     if (final / "config.json").is_file():
         return final

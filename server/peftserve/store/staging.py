@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from peftserve.errors import AdapterRejected, CapacityExceeded, quote
+from peftserve.errors import AdapterRejected, PayloadTooLarge, quote
 
 from .files import fsync_dir
 from .manifest import FileEntry
@@ -51,7 +51,7 @@ class StagedUpload:
             self._size, self._hash = 0, hashlib.sha256()
         self.total += len(data)
         if self.total > self.max_bytes:
-            raise CapacityExceeded(f"the upload is larger than the server's limit of {self.max_bytes} bytes")
+            raise PayloadTooLarge(f"the upload is larger than the server's limit of {self.max_bytes} bytes")
         self._size += len(data)
         file_cap = MAX_FILE_BYTES.get(name)
         if file_cap is not None and self._size > file_cap:

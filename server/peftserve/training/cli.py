@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftserve.client_flags import add_tls_args, tls_kwargs
 from peftserve.errors import InvalidRequest, PeftServeError
 from peftserve.training.config import (
     METHOD_OPTIONS,
@@ -92,6 +93,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         "--api-key", default=os.environ.get("PEFTSERVE_API_KEY"), help="for --push (env PEFTSERVE_API_KEY)"
     )
     io.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_tls_args(train)
 
     method = train.add_argument_group("method options (each applies to the methods named)")
     method.add_argument(
@@ -262,7 +264,7 @@ def train_and_push(args: argparse.Namespace) -> tuple[TrainResult, Any]:
     if args.push:
         from peftserve.training.push import check_server
 
-        check_server(args.push, args.api_key)  # before spending the training time
+        check_server(args.push, args.api_key, **tls_kwargs(args))  # before spending the training time
     _quiet_libraries()
     if args.threads:
         import torch
@@ -274,7 +276,9 @@ def train_and_push(args: argparse.Namespace) -> tuple[TrainResult, Any]:
     with tempfile.TemporaryDirectory(prefix="peftserve-train-") as scratch:
         result = train(train_config(args, args.out or str(Path(scratch) / "adapter")))
         pushed = (
-            push_adapter(result.output_dir, args.push, args.adapter_id, args.api_key) if args.push else None
+            push_adapter(result.output_dir, args.push, args.adapter_id, args.api_key, **tls_kwargs(args))
+            if args.push
+            else None
         )
     return result, pushed
 

@@ -21,15 +21,19 @@ def require_upload() -> type:
     return Client
 
 
-def check_server(address: str, api_key: str | None = None) -> None:
-    """Fail before training if the server cannot be reached (the SDK's own error says why)."""
+def check_server(address: str, api_key: str | None = None, **tls: Any) -> None:
+    """Fail before training if the server cannot be reached (the SDK's own error says why).
+
+    tls: the SDK's TLS arguments (tls, ca_file, cert_file, key_file)."""
     client_class = require_upload()
-    with client_class(address, api_key=api_key) as client:
+    with client_class(address, api_key=api_key, **tls) as client:
         client.health()
 
 
-def push_adapter(directory: str | Path, address: str, adapter_id: str, api_key: str | None = None) -> Any:
+def push_adapter(
+    directory: str | Path, address: str, adapter_id: str, api_key: str | None = None, **tls: Any
+) -> Any:
     """Upload `directory` as `adapter_id` with `Client(address).upload_adapter`; returns what it returns."""
     client_class = require_upload()
-    with client_class(address, api_key=api_key) as client:
+    with client_class(address, api_key=api_key, **tls) as client:
         return client.upload_adapter(str(directory), adapter_id=adapter_id)

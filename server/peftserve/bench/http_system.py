@@ -1,0 +1,82 @@
+"""peftserve over its OpenAI-compatible HTTP API: the gRPC system's trace through the async openai client.
+
+Each request is a streamed /v1/completions call with the trace's prompt token ids, `model` naming the
+adapter (or the base model), greedy, EOS ignored, sent at its arrival time; the usage chunk at the end
+gives the tokens generated. So the two systems differ only in the front door they go through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from peftserve.bench.records import RequestRecord
+from peftserve.bench.workload import TraceRequest
+
+if TYPE_CHECKING:
+    import openai
+
+
+async def _send(client: openai.AsyncOpenAI, request: TraceRequest, model: str, start: float) -> RequestRecord:
+    """Wait for the request's arrival, stream it, and time its first and last tokens."""
+    import openai
+
+    await asyncio.sleep(max(0.0, start + request.arrival - time.perf_counter()))
+    first_token = finished = None
+    tokens = 0
+    try:
+        stream = await client.completions.create(
+            model=model,
+            prompt=list(request.prompt_ids),
+            max_tokens=request.output_len,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            if chunk.choices and first_token is None:
+                first_token = time.perf_counter() - start
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        finished = time.perf_counter() - start
+    except openai.OpenAIError as exc:
+        return RequestRecord(
+            request.index, request.arrival, len(request.prompt_ids), tokens, first_token, None, str(exc)
+        )
+    return RequestRecord(
+        request.index, request.arrival, len(request.prompt_ids), tokens, first_token, finished
+    )
+
+
+async def _run(
+    base_url: str, trace: Sequence[TraceRequest], adapter_ids: Sequence[str] | None
+) -> list[RequestRecord]:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0) as client:
+        base = (await client.models.list()).data[0].id  # the base model comes first
+        start = time.perf_counter()
+        return list(
+            await asyncio.gather(
+                *(_send(client, r, adapter_ids[r.adapter] if adapter_ids else base, start) for r in trace)
+            )
+        )
+
+
+def run_trace(
+    base_url: str, trace: Sequence[TraceRequest], adapter_ids: Sequence[str] | None
+) -> list[RequestRecord]:
+    """Serve the trace on the HTTP API at base_url (http://host:port); request i uses
+    adapter_ids[trace[i].adapter], or the base model when adapter_ids is None."""
+    return asyncio.run(_run(base_url, trace, adapter_ids))
+
+
+def warm_up(base_url: str, adapter_ids: Sequence[str]) -> None:
+    """A few short requests over HTTP, so first-call costs stay out of the timed runs."""
+    trace = [TraceRequest(i, 0.0, i, (5, 6, 7, 8), 4) for i in range(len(adapter_ids))]
+    errors = [r.error for r in run_trace(base_url, trace, adapter_ids) if r.error]
+    if errors:
+        raise RuntimeError(f"warm-up request over HTTP failed: {errors[0]}")

@@ -1,0 +1,72 @@
+"""The bounded soak: one minute in `make test`, ten with `make soak` (PEFTSERVE_SOAK_S=600).
+
+Asserts zero unexpected errors, every output equal to its version's expected output, the KV cache empty
+at the end, and the server's RSS flat after warm-up: over the last 5 minutes of a 10-minute soak (the
+second half of a shorter one) it grows less than 2%. PEFTSERVE_SOAK_REPORT names a file for the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from peftserve.auth import KeyRing, Scope
+from peftserve.bench.server import ServerProcess
+from peftserve.model.default_model import ensure_default_model
+from tests.adapters import peft_factory as pf
+from tests.soak.driver import TENANTS, run_soak
+
+pytestmark = pytest.mark.slow
+
+DURATION_S = float(os.environ.get("PEFTSERVE_SOAK_S", "60"))
+RSS_WINDOW_S = 300.0
+"""The tail of the soak whose RSS growth is bounded (the second half when the soak is shorter)."""
+
+
+def _variants(model_dir: Path, out: Path) -> list[Path]:
+    """Adapters of every kind on the served model: two LoRA, a sparse delta, a prefix."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return [
+        pf.make_lora_patterns(copy.deepcopy(base), "llama", out / "lora-patterns"),
+        pf.make_lora_layers(copy.deepcopy(base), "llama", out / "lora-layers"),
+        pf.make_shira(copy.deepcopy(base), "llama", out / "shira"),
+        pf.make_prefix(copy.deepcopy(base), out / "prefix", projection=False),
+    ]
+
+
+def test_soak(tmp_path: Path) -> None:
+    model_dir = ensure_default_model()
+    variants = _variants(model_dir, tmp_path / "variants")
+    ring, keys = KeyRing(), {}
+    for tenant in TENANTS:
+        ring, keys[tenant] = ring.add(tenant, [Scope.INFER, Scope.ADMIN])
+    ring.save(tmp_path / "keys.json")
+    server = ServerProcess.serve(
+        ["--model", str(model_dir), "--store", str(tmp_path / "store"),
+         "--keys-file", str(tmp_path / "keys.json"), "--adapter-slots", "4", "--max-running", "16",
+         "--max-batched-tokens", "128", "--kv-cache-mb", "4", "--threads", "1"],
+        log_path=tmp_path / "server.log",
+    )  # fmt: skip
+    try:
+        address = server.wait_ready(240)
+        report = asyncio.run(
+            run_soak(address, keys, variants, DURATION_S, server.proc.pid, server.metrics_url or "")
+        )
+    finally:
+        server.stop()
+    if os.environ.get("PEFTSERVE_SOAK_REPORT"):
+        Path(os.environ["PEFTSERVE_SOAK_REPORT"]).write_text(report.as_json())
+
+    assert not report.errors and not report.mismatches, (dict(report.errors), report.mismatches[:5])
+    assert report.kv_blocks_used_at_end == 0
+    assert report.completed >= DURATION_S and report.cancelled > 0 and report.admin_calls > 0
+    assert report.swaps >= DURATION_S  # at least one replace a second
+    tail = min(RSS_WINDOW_S, DURATION_S / 2)
+    assert report.growth_after(report.seconds - tail) < 0.02, report.rss_mb
+    assert server.proc.returncode == 0, server.tail()
