@@ -24,12 +24,22 @@ Prefill chunks and decode tokens share one step of at most ``max_batched_tokens`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from peftserve.engine.blocks import BlockAllocator, blocks_needed
 from peftserve.engine.fairness import TenantQueues
 from peftserve.engine.request import FinishReason
 from peftserve.engine.sequence import SeqStatus, Sequence
+
+
+class StepOutcome(Protocol):
+    """What the scheduler reads of a step's output (engine.step.StepOutput)."""
+
+    @property
+    def computed(self) -> Iterable[tuple[Sequence, int]]: ...
+
 
 MAX_SLOT_WAITS = 16
 """Steps a request waiting for adapter slots may be passed over before it holds the queue."""
@@ -158,6 +168,11 @@ class Scheduler:
         # run in the packed batch (sliced, not gathered, by the adapter kernels). Stable: FCFS within.
         plan.chunks.sort(key=lambda c: c.seq.slot_adapters)
         return plan
+
+    def update(self, output: StepOutcome) -> None:
+        """Take in what a step computed: each scheduled sequence's KV grew by its chunk."""
+        for seq, num_tokens in output.computed:
+            seq.num_computed += num_tokens
 
     def _add_chunk(self, plan: StepPlan, seq: Sequence, n: int, decode: bool = False) -> int:
         """Schedule seq's next n tokens (sampling after the last pending one) and charge its tenant."""
