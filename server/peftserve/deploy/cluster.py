@@ -1,9 +1,10 @@
 """`peftserve cluster`: start or join Ray, deploy the ingress and N engine replicas, serve until a signal.
 
-Ray Serve's gRPC proxy listens on --port and calls the ingress by RPC name; the ingress routes each
+Ray Serve's gRPC proxy listens on --port and calls the ingress by RPC name; its HTTP proxy listens on
+--http-port and calls the ingress's ASGI app, the OpenAI-compatible API. The ingress routes each
 request with Ray's model multiplexing to an engine replica. SIGTERM or Ctrl-C drains: health turns
-NOT_SERVING, new requests get UNAVAILABLE, requests in flight get --grace-s to finish, then Serve and
-(a Ray started here) Ray stop.
+NOT_SERVING, new requests get UNAVAILABLE (503 over HTTP), requests in flight get --grace-s to finish,
+then Serve and (a Ray started here) Ray stop.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import threading
 import time
 
 import ray
-from prometheus_client import CollectorRegistry
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from peftserve.auth import KeyRing
 from peftserve.deploy.config import APP_NAME, ClusterConfig
 from peftserve.deploy.directory import DIRECTORY_NAME, NAMESPACE, ClusterDirectory
-from peftserve.deploy.federation import ReplicaMetrics
+from peftserve.deploy.federation import cluster_registry
 from peftserve.deploy.ingress import Ingress
 from peftserve.deploy.replica import EngineReplica
 from peftserve.metrics import start_metrics_server
@@ -83,10 +83,9 @@ def run_cluster(config: ClusterConfig, keys: KeyRing | None) -> None:
         )
         serve.run(build_app(config, keys), name=APP_NAME, route_prefix="/")
         if server.metrics_port is not None:
-            registry = CollectorRegistry()
-            registry.register(ReplicaMetrics(lambda: ray.get(directory.replicas.remote(), timeout=10)))
-            http = start_metrics_server(server.metrics_port, registry, host=server.host)
+            http = start_metrics_server(server.metrics_port, cluster_registry(directory), host=server.host)
             log.info("metrics on http://%s:%d/metrics", server.host, http.server_port)
+        log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", server.host, config.http_port)
         log.info(  # the line `peftserve serve` logs: tools waiting for it work with both
             "peftserve serving %s on %s:%d (%d replicas)",
             server.engine.model,

@@ -128,11 +128,8 @@ class EngineReplica:
             await stream.aclose()
             self.metrics.record(trace, status.name)
 
-    async def tokenize(self, text: str) -> tuple[list[int], list[str]]:
-        token_ids = self.engine.tokenize(text)
-        return token_ids, self.engine.token_strings(token_ids)
-
     async def model_info(self) -> ModelInfo:
+        """The ingress asks once, at its start."""
         return self.engine.model_info
 
     async def ready(self) -> str:

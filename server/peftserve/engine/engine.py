@@ -32,6 +32,7 @@ from peftserve.engine.step import PrefixWrite, StepInput, StepOutput, pack
 from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput, quote
 from peftserve.model.geometry import head_dim, kv_heads
 from peftserve.model.loader import eos_token_ids, max_context
+from peftserve.model.text import encode
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
 
@@ -164,7 +165,7 @@ class LLMEngine:
         )
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return encode(self.tokenizer, text)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

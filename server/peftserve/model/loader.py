@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from peftserve.errors import InvalidRequest
 from peftserve.model.default_model import ensure_default_model
+from peftserve.model.text import load_tokenizer
 
 VERIFIED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 """Tested end to end against sdpa with our attention function and paged cache."""
@@ -141,7 +142,7 @@ def load_base_model(model: str, device: str, dtype: str) -> LoadedModel:
         trust_remote_code=False,
     )
     hf_model.to(torch_device).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    tokenizer = load_tokenizer(directory)
     return LoadedModel(
         model=hf_model,
         tokenizer=tokenizer,
