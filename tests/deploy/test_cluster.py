@@ -2,7 +2,7 @@
 OpenAI-compatible HTTP API as one server, compared with one server started beside it.
 
 Kept in one module so the cluster starts once (about half a minute on two cores); the replica kill
-runs last.
+and then the drain (which stops the cluster) run last.
 """
 
 from __future__ import annotations
@@ -313,3 +313,38 @@ def test_killed_replica_is_replaced_and_loses_nothing(cluster: Cluster) -> None:
     assert following == [before[name] for name in names for _ in range(2)]
     assert len(replaced) == 3 and victim in replicas.values()
     assert after == before
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_requests(cluster: Cluster) -> None:
+    """Stops the cluster: runs last."""
+    acme = _openai(cluster.http_url, cluster.keys["acme"])
+    tokens = 600
+    stream = acme.completions.create(
+        model="default",
+        prompt="Tell me",
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    next(stream)
+    cluster.process.proc.send_signal(signal.SIGTERM)
+    with ThreadPoolExecutor(1) as pool:
+        rest = pool.submit(list, stream)
+        deadline = time.monotonic() + 10
+        while True:  # the ingress sees the drain within half a second
+            assert time.monotonic() < deadline, "new requests were still admitted"
+            try:
+                acme.completions.create(model="default", prompt="Hi", max_tokens=1)
+            except openai.APIStatusError as e:
+                refused = (e.status_code, e.body["message"])
+                break
+            time.sleep(0.05)
+        health = httpx2.get(f"{cluster.http_url}/health", timeout=10)
+        chunks = rest.result(timeout=60)
+    assert refused == (503, "the cluster is shutting down; retry shortly")
+    assert (health.status_code, health.json()) == (503, {"status": "NOT_SERVING"})
+    assert chunks[-1].usage.completion_tokens == tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert cluster.process.proc.wait(60) == 0

@@ -35,8 +35,13 @@ SERVICER_FUNCTIONS = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 """What Ray's gRPC proxy serves; it calls the ingress method named like each RPC."""
-DRAIN_NOTICE_S = 1.0
-"""Time for the ingress replicas to see the drain flag before Serve stops."""
+SHUTDOWN_POLL_S = 0.1
+"""How often a stopping cluster asks whether every ingress replica has drained."""
+LAST_BYTES_S = 0.5
+"""Time for the proxies to send the ends of the last responses (a stream's [DONE], its status) before
+Serve stops them."""
+REPLICA_STOP_POLL_S = 0.2
+"""How often a replica Serve is stopping checks that its last requests ended (Ray's default: 2 s)."""
 
 
 def build_app(config: ClusterConfig, keys: KeyRing | None) -> serve.Application:
@@ -50,6 +55,7 @@ def build_app(config: ClusterConfig, keys: KeyRing | None) -> serve.Application:
         max_ongoing_requests=config.ongoing_limit,
         max_queued_requests=engine.max_queue,
         graceful_shutdown_timeout_s=grace_s,
+        graceful_shutdown_wait_loop_s=REPLICA_STOP_POLL_S,
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
     )
     ingress = serve.deployment(
@@ -58,6 +64,7 @@ def build_app(config: ClusterConfig, keys: KeyRing | None) -> serve.Application:
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.replicas * config.ongoing_limit + engine.max_queue,
         graceful_shutdown_timeout_s=grace_s,
+        graceful_shutdown_wait_loop_s=REPLICA_STOP_POLL_S,
         ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(replicas.bind(config), keys, engine)
@@ -97,8 +104,13 @@ def run_cluster(config: ClusterConfig, keys: KeyRing | None) -> None:
             pass
         log.info("draining: up to %.1f s for in-flight requests", server.grace_s)
         ray.get(directory.drain.remote())
-        time.sleep(DRAIN_NOTICE_S)
-        serve.shutdown()
+        deadline = time.monotonic() + server.grace_s
+        while time.monotonic() < deadline:
+            if ray.get(directory.drained_ingresses.remote()) >= config.ingress_replicas:
+                break
+            time.sleep(SHUTDOWN_POLL_S)
+        time.sleep(LAST_BYTES_S)
+        serve.shutdown()  # stops the proxies at once, then the replicas
     finally:
         ray.shutdown()
         log.info("peftserve cluster stopped")

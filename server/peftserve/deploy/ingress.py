@@ -38,6 +38,7 @@ from peftserve.store import AdapterStore
 from peftserve_client._proto import peftserve_pb2 as pb
 
 DRAIN_POLL_S = 0.5
+IDLE_POLL_S = 0.05
 HEALTH_TIMEOUT_S = 5.0
 """A health check answers NOT_SERVING when no replica answers within this."""
 SERVICES = ("", INFERENCE_SERVICE, ADAPTERS_SERVICE)
@@ -118,12 +119,16 @@ class Ingress:
         )
 
     async def _watch_drain(self, directory: ActorHandle) -> None:
-        """Turn to draining when the cluster process flags it (SIGTERM)."""
+        """Turn to draining when the cluster process flags it (SIGTERM); report once requests let in
+        before have finished, so the cluster process stops Serve only then."""
         while not self._engine.draining:
             await asyncio.sleep(DRAIN_POLL_S)
             with contextlib.suppress(Exception):  # the directory is gone only when the cluster is
                 self._engine.draining = await directory.draining.remote()
         await self._health.mark_not_serving()
+        while self._engine.in_flight:
+            await asyncio.sleep(IDLE_POLL_S)
+        await directory.ingress_drained.remote(serve.get_replica_context().replica_id.unique_id)
 
     # -- peftserve.v1.Inference ---------------------------------------------------------------
 

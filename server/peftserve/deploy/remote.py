@@ -57,6 +57,8 @@ class RemoteEngine:
         self.admin = RemoteAdmin(replicas, store)
         self.draining = False
         """Set when the cluster stops: new requests are UNAVAILABLE, as on a draining server."""
+        self.in_flight = 0
+        """Generations let in and not yet ended (the drain waits for them)."""
 
     @classmethod
     async def connect(
@@ -95,6 +97,7 @@ class RemoteEngine:
         route = routing_id(request.adapters)
         stream = self._replicas.options(stream=True, multiplexed_model_id=route).generate.remote(request)
         finished = False
+        self.in_flight += 1
         try:
             async for output in stream:
                 finished = output.finished
@@ -103,6 +106,7 @@ class RemoteEngine:
             finished = True
             raise as_peftserve_error(exc) from None
         finally:
+            self.in_flight -= 1
             if not finished:  # the caller went away: the replica aborts the request
                 stream.cancel()
 
