@@ -128,7 +128,8 @@ class Ingress:
         await self._health.mark_not_serving()
         while self._engine.in_flight:
             await asyncio.sleep(IDLE_POLL_S)
-        await directory.ingress_drained.remote(serve.get_replica_context().replica_id.unique_id)
+        with contextlib.suppress(Exception):  # the cluster process then stops Serve at --grace-s
+            await directory.ingress_drained.remote(serve.get_replica_context().replica_id.unique_id)
 
     # -- peftserve.v1.Inference ---------------------------------------------------------------
 
