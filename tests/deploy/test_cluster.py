@@ -7,9 +7,11 @@ and then the drain (which stops the cluster) run last.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -268,6 +270,25 @@ def test_http_models_errors_and_keys_read_as_over_grpc(cluster: Cluster) -> None
         infer_only = {"authorization": f"Bearer {cluster.keys['acme-infer']}"}
         assert http.get("/v1/adapters", headers=infer_only).status_code == 403
         assert http.get("/health").json() == {"status": "SERVING"}  # open to every caller
+
+
+def test_http_admin_lifecycle_with_a_tar_upload(cluster: Cluster) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(cluster.adapters / "a4", arcname="t4")
+    acme = {"authorization": f"Bearer {cluster.keys['acme']}"}
+    with httpx2.Client(base_url=f"{cluster.http_url}/v1", headers=acme, timeout=60) as http:
+        gzip = {"content-type": "application/gzip"}
+        upload = http.post("/adapters/t4", content=buffer.getvalue(), headers=gzip)
+        assert (upload.status_code, upload.json()["adapter_id"]) == (201, "acme/t4"), upload.text
+        loaded = http.post("/adapters/t4/load", json={"pin": True}).json()
+        assert (loaded["tier"], loaded["pinned"]) == ("device", True)
+        assert http.get("/adapters/acme/t4").json()["manifest"]["version"] == "v1"
+        assert http.get("/models/acme/t4").json()["parent"] == "default"
+        assert http.post("/adapters/t4/unload").json()["tier"] == "disk"
+        assert http.delete("/adapters/t4").json() == {"adapter_id": "acme/t4", "deleted": True}
+        gone = http.post("/completions", json={"model": "acme/t4", "prompt": "Hi", "max_tokens": 1})
+        assert (gone.status_code, gone.json()["error"]["code"]) == (404, "not_found")
 
 
 def test_killed_replica_is_replaced_and_loses_nothing(cluster: Cluster) -> None:
