@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from peftserve.errors import AdapterRejected, FailedPrecondition
 
-from .layer import MultiAdapterLayer
-from .normalized import LoraDelta, NormalizedAdapter, SparseDelta
+from .experts import ExpertParameter
+from .layer import AdapterTarget
+from .normalized import Delta, ExpertLoraDelta, LoraDelta, NormalizedAdapter
 
 
 @dataclass(frozen=True)
@@ -20,22 +22,26 @@ class BaseSpec:
 
     model_type: str
     modules: dict[str, tuple[int, int]]
-    """Wrapped module path -> (out, in)."""
+    """Wrapped module path -> (out, in); an expert stack '<experts>.<param>' -> each expert's (out, in)."""
     model_paths: frozenset[str]
     """Every module path of the model (wrapped or not), to tell 'not served' from 'does not exist'."""
     num_layers: int
     kv_heads: int
     head_dim: int
+    experts: dict[str, int] = field(default_factory=dict)
+    """Expert stack path -> its number of experts (mixture-of-experts models only)."""
 
     @property
     def fingerprint(self) -> str:
         """Identifies the architecture (type, layer geometry, served module shapes): '<type>-<16 hex>'."""
         facts = [self.model_type, self.num_layers, self.kv_heads, self.head_dim, sorted(self.modules.items())]
+        if self.experts:
+            facts.append(sorted(self.experts.items()))
         digest = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
         return f"{self.model_type}-{digest}"
 
 
-def base_spec(model: nn.Module, layers: dict[str, MultiAdapterLayer]) -> BaseSpec:
+def base_spec(model: nn.Module, layers: dict[str, AdapterTarget]) -> BaseSpec:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -47,17 +53,41 @@ def base_spec(model: nn.Module, layers: dict[str, MultiAdapterLayer]) -> BaseSpe
         num_layers=config.num_hidden_layers,
         kv_heads=kv_heads,
         head_dim=head_dim,
+        experts={path: m.num_experts for path, m in layers.items() if isinstance(m, ExpertParameter)},
     )
 
 
-def _misfit(path: str, delta: LoraDelta | SparseDelta, base: BaseSpec) -> str | None:
+V4_EXPERT = re.compile(r"\.experts\.\d+\.")
+"""A per-expert Linear of transformers 4 (experts.3.w1): transformers 5 stacks the experts instead."""
+
+
+def _misfit(path: str, delta: Delta, base: BaseSpec) -> str | None:
     """Why one delta does not fit the base, or None when it does."""
     if path not in base.modules:
         if path in base.model_paths:
-            return f"target module {path!r} is not served (only Linear/Conv1D modules below the output head)"
+            return (
+                f"target module {path!r} is not served (only Linear/Conv1D modules below the output head, "
+                "expert stacks and routers)"
+            )
+        if V4_EXPERT.search(path):
+            return (
+                f"target module {path!r} does not exist in the base model: it is an expert in transformers "
+                "4's layout; load the adapter with peft on transformers 5 and save it again, which stores "
+                "it as LoRA on the stacked experts (target_parameters)"
+            )
         return f"target module {path!r} does not exist in the base model"
     out_features, in_features = base.modules[path]
-    if isinstance(delta, LoraDelta):
+    if isinstance(delta, ExpertLoraDelta) != (path in base.experts):
+        what = "an expert stack" if path in base.experts else "a module"
+        return f"{path!r} is {what}; the adapter's tensors for it are of another kind"
+    if isinstance(delta, ExpertLoraDelta):
+        if (delta.num_experts, *delta.shape) != (base.experts[path], out_features, in_features):
+            base_shape = (base.experts[path], out_features, in_features)
+            return (
+                f"expert stack {path!r}: lora_B/lora_A give (experts, out, in) = "
+                f"{(delta.num_experts, *delta.shape)}, the base has {base_shape}"
+            )
+    elif isinstance(delta, LoraDelta):
         if delta.shape != (out_features, in_features):
             return (
                 f"module {path!r}: lora_B/lora_A give shape (out, in) = {delta.shape}, the base module "
@@ -112,11 +142,11 @@ def check_against_base(adapter: NormalizedAdapter, base: BaseSpec) -> None:
 def check_limits(adapter: NormalizedAdapter, base: BaseSpec, max_rank: int) -> None:
     """LoRA ranks at most max_rank; sparse deltas at most max_rank * (out + in) entries per module."""
     for path, delta in adapter.deltas.items():
-        if isinstance(delta, LoraDelta) and delta.rank > max_rank:
+        if isinstance(delta, (LoraDelta, ExpertLoraDelta)) and delta.rank > max_rank:
             raise AdapterRejected(
                 f"module {path!r}: rank {delta.rank} exceeds the server's max rank {max_rank}"
             )
-        if isinstance(delta, SparseDelta) and path in base.modules:
+        if not isinstance(delta, (LoraDelta, ExpertLoraDelta)) and path in base.modules:
             limit = max_rank * sum(base.modules[path])
             if delta.nnz > limit:
                 raise AdapterRejected(

@@ -7,6 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .batch import AdapterContext
+from .experts import ExpertParameter, MultiAdapterRouter, wrap_experts
 from .kernels import DeltaKernels
 from .normalized import Delta, LoraDelta, SparseDelta
 
@@ -79,15 +80,19 @@ class MultiAdapterLayer(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, slots={len(self.lora_slots)}"
 
 
+AdapterTarget = MultiAdapterLayer | ExpertParameter | MultiAdapterRouter
+"""What a delta loads into by path: a wrapped Linear/Conv1D, an expert stack or a router."""
+
+
 def wrap_model(
     model: nn.Module, context: AdapterContext, kernels: DeltaKernels, num_slots: int
-) -> dict[str, MultiAdapterLayer]:
-    """Wrap every Linear/Conv1D of the model except the output head, once, at start.
+) -> dict[str, AdapterTarget]:
+    """Wrap every Linear/Conv1D of the model except the output head, and its experts, once, at start.
 
     Wrapping everything up front keeps the module tree fixed while serving (registering an adapter never
     mutates the model under a running forward); an unused wrapper costs one attribute check per call.
     The output head is left alone: the runner computes logits only at kept positions, so its rows are
-    not the step's tokens.
+    not the step's tokens. Experts modules and their routers: experts.py.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [
@@ -95,11 +100,12 @@ def wrap_model(
         for path, module in model.named_modules()
         if isinstance(module, WRAPPABLE) and module is not head and not isinstance(module, MultiAdapterLayer)
     ]
-    layers: dict[str, MultiAdapterLayer] = {}
+    layers: dict[str, AdapterTarget] = {}
     for path, module in targets:
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         wrapper = MultiAdapterLayer(module, context, kernels, num_slots)
         setattr(parent, name, wrapper)
         layers[path] = wrapper
+    layers.update(wrap_experts(model, context, num_slots))
     return layers

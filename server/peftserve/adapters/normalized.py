@@ -58,7 +58,37 @@ class SparseDelta:
         )
 
 
-Delta = LoraDelta | SparseDelta
+@dataclass(frozen=True)
+class ExpertLoraDelta:
+    """A low-rank update of every expert of one stacked expert parameter (LoRA via target_parameters):
+    dW_e = b[e] @ a[e] for expert e, scaling folded into b, in (out, in) orientation."""
+
+    a: torch.Tensor
+    """[E, r, in]"""
+    b: torch.Tensor
+    """[E, out, r]"""
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of each expert's projection."""
+        return self.b.shape[1], self.a.shape[2]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ExpertLoraDelta:
+        return ExpertLoraDelta(
+            a=self.a.to(device=device, dtype=dtype).contiguous(),
+            b=self.b.to(device=device, dtype=dtype).contiguous(),
+        )
+
+
+Delta = LoraDelta | SparseDelta | ExpertLoraDelta
 
 
 @dataclass(frozen=True)
@@ -90,7 +120,7 @@ class NormalizedAdapter:
             return [("prefix key/value", self.prefix.kv)]
         named: list[tuple[str, torch.Tensor]] = []
         for path, d in self.deltas.items():
-            if isinstance(d, LoraDelta):
+            if isinstance(d, (LoraDelta, ExpertLoraDelta)):
                 named += [(f"{path}.lora_A", d.a), (f"{path}.lora_B x scaling", d.b)]
             else:
                 named.append((f"{path}.values", d.values))
@@ -102,6 +132,7 @@ class NormalizedAdapter:
             return self.prefix.kv.numel() * self.prefix.kv.element_size()
         total = 0
         for d in self.deltas.values():
-            tensors = (d.a, d.b) if isinstance(d, LoraDelta) else (d.rows, d.cols, d.values)
+            low_rank = isinstance(d, (LoraDelta, ExpertLoraDelta))
+            tensors = (d.a, d.b) if low_rank else (d.rows, d.cols, d.values)
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
