@@ -19,10 +19,24 @@ from transformers import PreTrainedModel
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+FAMILY_TARGETS = {
+    "gpt2": GPT2_TARGETS,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
+}
+"""Every projection of families not named like Llama's. On Qwen3-MoE peft itself turns the MLP names into
+LoRA on the experts' fused parameters (target_parameters), with the fused ranks doubled."""
+LAYER_TARGETS = {
+    "gpt2": ["c_attn", "c_fc"],
+    "phi3": ["qkv_proj", "gate_up_proj"],
+    "starcoder2": ["q_proj", "v_proj", "c_fc"],
+    "qwen3_moe": ["q_proj", "v_proj", "o_proj"],  # peft refuses up_proj alone (fused with gate_proj)
+}
+"""Some modules of one layer (make_lora_layers); Llama's names otherwise."""
 
 
 def targets(family: str) -> list[str]:
-    return GPT2_TARGETS if family == "gpt2" else LLAMA_TARGETS
+    return FAMILY_TARGETS.get(family, LLAMA_TARGETS)
 
 
 def _fill(model: nn.Module, seed: int, std: float, names: tuple[str, ...]) -> None:
@@ -63,7 +77,7 @@ def make_lora_patterns(base: PreTrainedModel, family: str, out: Path, seed: int 
 
 def make_lora_layers(base: PreTrainedModel, family: str, out: Path, seed: int = 2) -> Path:
     """Plain LoRA on some modules of layer 1 only (layers_to_transform)."""
-    modules = ["c_attn", "c_fc"] if family == "gpt2" else ["q_proj", "v_proj", "up_proj"]
+    modules = LAYER_TARGETS.get(family, ["q_proj", "v_proj", "up_proj"])
     config = LoraConfig(r=3, lora_alpha=5, target_modules=modules, layers_to_transform=[1])
     model = get_peft_model(copy.deepcopy(base), config)
     _fill(model, seed, 0.15, ("lora_A", "lora_B"))
