@@ -149,7 +149,10 @@ def peft_logits(base: PreTrainedModel, adapter_dir: Path, input_ids: torch.Tenso
 
 
 def merged_mixture(base: PreTrainedModel, parts: list[tuple[Path, float]]) -> PreTrainedModel:
-    """A copy of the base with sum_i w_i * dW_i added to its weights (dW_i from peft's get_delta_weight)."""
+    """A copy of the base with sum_i w_i * dW_i added to its weights (dW_i from peft's get_delta_weight).
+
+    LoRA on parameters (target_parameters) updates the parameter its (possibly nested) wrapper names.
+    """
     merged = copy.deepcopy(base)
     prefix = "base_model.model."
     with torch.no_grad():
@@ -157,6 +160,36 @@ def merged_mixture(base: PreTrainedModel, parts: list[tuple[Path, float]]) -> Pr
             model = PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
             for name, module in model.named_modules():
                 if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-                    target = merged.get_submodule(name[len(prefix) :])
-                    target.weight += weight * module.get_delta_weight("default")
+                    target = merged.get_submodule(name[len(prefix) :].replace(".base_layer", ""))
+                    param = getattr(target, getattr(module, "parameter_name", "weight"))
+                    param += weight * module.get_delta_weight("default")
     return merged
+
+
+def _router_name(model: nn.Module) -> str:
+    """The attribute name of the router beside a model's experts ('gate', or 'router' in GPT-OSS)."""
+    for path, _ in model.named_modules():
+        if path.endswith(".experts"):
+            parent = model.get_submodule(path.rpartition(".")[0])
+            for name, child in parent.named_children():
+                weight = getattr(child, "weight", None)
+                if name != "experts" and not isinstance(child, nn.Linear) and weight is not None:
+                    return name
+    raise ValueError("the model has no experts module with a router beside it")
+
+
+def make_expert_lora(base: PreTrainedModel, family: str, out: Path, seed: int = 6) -> Path:
+    """LoRA on the stacked experts and the router (target_parameters) and on q_proj, v_proj; rslora,
+    and a rank_pattern on the down projections (the key is the parameter's path)."""
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj", f"{_router_name(base)}.weight"],
+        rank_pattern={r".*\.experts\.down_proj": 3},
+        init_lora_weights=False,
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.1, ("lora_A", "lora_B"))
+    return _save(model, out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import peftserve.runner.model_runner as model_runner
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.request import GenerationRequest, SamplingParams
@@ -47,3 +48,40 @@ def make_engine():
         return LLMEngine.from_model(model, tokenizer, EngineConfig(**config)), reference, tokenizer
 
     return make
+
+
+def reference_run(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding by full forward passes (PEFT's generate drops prefixes on transformers 5.24)."""
+    ids = list(prompt)
+    rows = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            rows.append(logits)
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :], torch.stack(rows)
+
+
+@pytest.fixture
+def record_logits(monkeypatch):
+    """Record the logits row the sampler sees for every request, in order."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    real_sample = model_runner.sample
+
+    def execute_spy(self, plan):
+        sampling = [c.seq.request_id for c in plan.chunks if c.sample]
+
+        def capture(logits, rows):
+            for rid, row in zip(sampling, logits, strict=True):
+                seen.setdefault(rid, []).append(row.detach().clone())
+            return real_sample(logits, rows)
+
+        monkeypatch.setattr(model_runner, "sample", capture)
+        try:
+            return real_execute(self, plan)
+        finally:
+            monkeypatch.setattr(model_runner, "sample", real_sample)
+
+    real_execute = model_runner.ModelRunner.execute
+    monkeypatch.setattr(model_runner.ModelRunner, "execute", execute_spy)
+    return seen

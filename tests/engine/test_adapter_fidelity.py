@@ -15,13 +15,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-import peftserve.runner.model_runner as model_runner
 from peftserve.adapters.manager import AdapterManager
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.request import AdapterRef, GenerationRequest, SamplingParams
 from tests.adapters import peft_factory as pf
-from tests.engine.conftest import random_prompts
+from tests.engine.conftest import random_prompts, reference_run
 from tests.helpers.tiny_models import FAMILIES, build_tiny_model
 
 NEW_TOKENS = 32
@@ -39,46 +38,6 @@ def make_adapters(base, family: str, root) -> dict[str, object]:
     if family != "gpt2":  # peft's SHiRA wraps nn.Linear only, not GPT-2's Conv1D
         adapters["shira"] = pf.make_shira(base, family, root / "shira")
     return adapters
-
-
-def reference_run(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy decoding by full forward passes (PEFT's generate drops prefixes on transformers 5.24)."""
-    ids = list(prompt)
-    rows = []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            rows.append(logits)
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt) :], torch.stack(rows)
-
-
-@pytest.fixture
-def record_logits(monkeypatch):
-    """Record the logits row the sampler sees for every request, in order."""
-    seen: dict[str, list[torch.Tensor]] = {}
-    real_sample = model_runner.sample
-
-    def spy(logits, rows):
-        return real_sample(logits, rows)
-
-    def execute_spy(self, plan):
-        sampling = [c.seq.request_id for c in plan.chunks if c.sample]
-
-        def capture(logits, rows):
-            for rid, row in zip(sampling, logits, strict=True):
-                seen.setdefault(rid, []).append(row.detach().clone())
-            return real_sample(logits, rows)
-
-        monkeypatch.setattr(model_runner, "sample", capture)
-        try:
-            return real_execute(self, plan)
-        finally:
-            monkeypatch.setattr(model_runner, "sample", real_sample)
-
-    real_execute = model_runner.ModelRunner.execute
-    monkeypatch.setattr(model_runner.ModelRunner, "execute", execute_spy)
-    return seen
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -62,7 +62,7 @@ EXTRA: dict[str, dict[str, Any]] = {
     # Soft-caps small enough to bend the tiny model's scores (initializer_range 0.2 makes them O(1)).
     "gemma2": dict(
         head_dim=HEAD_DIM,
-        query_pre_attn_scalar=24,
+        query_pre_attn_scalar=40,
         sliding_window=WINDOW,
         layer_types=ALTERNATING,
         attn_logit_softcapping=2.0,
@@ -72,7 +72,7 @@ EXTRA: dict[str, dict[str, Any]] = {
     ),
     "gemma3_text": dict(
         head_dim=HEAD_DIM,
-        query_pre_attn_scalar=24,
+        query_pre_attn_scalar=40,
         sliding_window=WINDOW,
         layer_types=ALTERNATING,
         final_logit_softcapping=4.0,
