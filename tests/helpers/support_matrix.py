@@ -70,7 +70,12 @@ def _experts(family: str) -> Cell:
 
 def _experts_v4(family: str) -> Cell:
     if family in ("mixtral", "qwen3_moe"):
-        return Cell(REFUSED, V4_REASON + "; peft on transformers 5 converts it on load: save it again")
+        return Cell(
+            REFUSED,
+            V4_REASON
+            + " (per-expert Linear modules); load it with peft on transformers 5 and save it again: "
+            "it becomes LoRA on the stacked experts, served exactly",
+        )
     return Cell(NA, NO_V4_LAYOUT) if FAMILIES[family].moe else Cell(NA, NO_EXPERTS)
 
 
@@ -114,13 +119,18 @@ def render() -> str:
             notes.append(cell.reason)
         return f"{cell.verdict} [{notes.index(cell.reason) + 1}]"
 
-    header = ["family (model_type)", *(k.title for k in KINDS)]
+    header = ["family (`model_type`)", "beyond a Llama block", *(k.title for k in KINDS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for family in ALL_FAMILIES:
-        row = [f"{FAMILIES[family].name} (`{family}`)", *(show(k.cell(family)) for k in KINDS)]
+    for family in FAMILIES.values():
+        traits = ", ".join(family.traits) or "-"
+        row = [
+            f"{family.name} (`{family.model_type}`)",
+            traits,
+            *(show(k.cell(family.model_type)) for k in KINDS),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    lines += [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
+    lines += [f"- [{i}] {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines)
 
 
