@@ -29,6 +29,7 @@ MORE_FAMILIES = (
     "starcoder2",
     "olmo",
     "olmo2",
+    "olmo3",
     "granite",
     "mixtral",
     "qwen3_moe",
@@ -80,6 +81,7 @@ EXTRA: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
     ),
     "starcoder2": dict(sliding_window=None, tie_word_embeddings=True),
+    "olmo3": dict(sliding_window=WINDOW, layer_types=ALTERNATING),
     "mixtral": dict(**EXPERTS, intermediate_size=96),
     "qwen3_moe": dict(
         **EXPERTS, head_dim=HEAD_DIM, moe_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=True

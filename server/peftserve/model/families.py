@@ -34,6 +34,7 @@ SLIDING = "sliding-window layers"
 SOFTCAP = "attention and final logit soft-capping"
 FINAL_SOFTCAP = "final logit soft-capping"
 SINKS = "attention sinks"
+QUERY_SCALAR = "query_pre_attn_scalar"
 MOE = "mixture of experts"
 QK_NORM = "query/key norms"
 
@@ -41,17 +42,18 @@ FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         Family("llama", "Llama"),
-        Family("mistral", "Mistral", (SLIDING,)),
+        Family("mistral", "Mistral"),
         Family("qwen2", "Qwen2"),
         Family("qwen3", "Qwen3", (QK_NORM,)),
         Family("gpt2", "GPT-2"),
         Family("gemma", "Gemma"),
-        Family("gemma2", "Gemma 2", (SLIDING, SOFTCAP)),
-        Family("gemma3_text", "Gemma 3 (text)", (SLIDING, FINAL_SOFTCAP, QK_NORM)),
+        Family("gemma2", "Gemma 2", (SLIDING, SOFTCAP, QUERY_SCALAR)),
+        Family("gemma3_text", "Gemma 3 (text)", (SLIDING, FINAL_SOFTCAP, QUERY_SCALAR, QK_NORM)),
         Family("phi3", "Phi-3"),
         Family("starcoder2", "StarCoder2"),
         Family("olmo", "OLMo"),
         Family("olmo2", "OLMo 2", (QK_NORM,)),
+        Family("olmo3", "OLMo 3", (SLIDING, QK_NORM)),
         Family("granite", "Granite"),
         Family("mixtral", "Mixtral", (MOE,)),
         Family("qwen3_moe", "Qwen3-MoE", (QK_NORM, MOE)),
@@ -68,7 +70,6 @@ RELATIVES: dict[str, tuple[str, str]] = {
     ),
     "qwen2_moe": ("qwen3_moe", "Qwen2-MoE adds shared experts with their own gate, which are not verified"),
     "olmoe": ("qwen3_moe", "OLMoE's experts are not verified"),
-    "olmo3": ("olmo2", "OLMo 3 is not verified"),
     "gpt_neox": (
         "llama",
         "GPT-NeoX calls its cache without the keyword arguments that carry the paged-attention metadata",
@@ -94,7 +95,7 @@ def nearest_family(model_type: str, config: Mapping[str, object]) -> tuple[str, 
         return RELATIVES[model_type]
     is_moe = any(config.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
     pool = [f.model_type for f in FAMILIES.values() if f.moe == is_moe]
-    close = difflib.get_close_matches(model_type, pool, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(model_type, pool, n=1, cutoff=0.7)
     default = "mixtral" if is_moe else FALLBACK
     return (close[0] if close else default), "its modeling code is not verified with peftserve"
 
