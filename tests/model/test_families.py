@@ -80,6 +80,14 @@ def test_a_bidirectional_checkpoint_is_refused(tiny_model_dir: Callable[[str], P
         load_base_model(str(directory), "cpu", "auto")
 
 
+def test_a_quantized_checkpoint_is_refused(tiny_model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    # GPT-OSS is released in MXFP4; its experts then become another module than the one verified here
+    mxfp4 = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    directory = write_config(tiny_model_dir("gpt_oss"), tmp_path / "m", quantization_config=mxfp4)
+    with pytest.raises(InvalidRequest, match=r"GPT-OSS checkpoint is quantized .*'mxfp4'"):
+        load_base_model(str(directory), "cpu", "auto")
+
+
 def test_a_config_that_is_not_an_object_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
     directory = shutil.copytree(tiny_llama_dir, tmp_path / "m")
     (directory / "config.json").write_text("[1, 2]")

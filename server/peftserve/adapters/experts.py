@@ -7,7 +7,8 @@ expert acts inside the expert's activation, so it cannot be added to the layer's
 sequences whose adapter touches the experts are recomputed here, expert by expert, with their deltas,
 after the base module ran once for all rows. Rows without such an adapter keep the base output untouched,
 bit for bit. Every computation is per row (routing has no capacity limit and no batch statistic), so a
-row never reads another row's values.
+row never reads another row's values; only the rounding of an expert's matmul may depend on how many
+rows share that expert in the step, as any matmul's may on its batch size.
 """
 
 from __future__ import annotations
@@ -69,13 +70,13 @@ def experts_reference(
     for expert in top_k_index.unique().tolist():
         if expert >= experts.num_experts:  # an expert-parallel sentinel: not this rank's
             continue
-        rows, slot = (top_k_index == expert).nonzero(as_tuple=True)
+        rows, k_pos = (top_k_index == expert).nonzero(as_tuple=True)
         up = _project(experts, up_name, expert, hidden[rows], deltas)
         h = experts._apply_gate(up) if experts.has_gate else experts.act_fn(up)
         down = _project(experts, "down_proj", expert, h, deltas)
         if getattr(experts, "has_post_expert_norm", False):
             down = experts.post_expert_norm(down)
-        out.index_add_(0, rows, (down * top_k_weights[rows, slot, None]).to(out.dtype))
+        out.index_add_(0, rows, (down * top_k_weights[rows, k_pos, None]).to(out.dtype))
     return out
 
 

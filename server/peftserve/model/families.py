@@ -110,6 +110,14 @@ def check_config(config: Mapping[str, object]) -> Family:
             f"model family {model_type!r} is not supported ({why}); the nearest supported family is "
             f"{nearest!r} ({FAMILIES[nearest].name}). Supported: {', '.join(FAMILIES)}"
         )
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise InvalidRequest(
+            f"this {family.name} checkpoint is quantized (quantization_config: {method!r}); peftserve serves "
+            "unquantized weights: save the model dequantized first (transformers: from_pretrained with the "
+            "quantization config's dequantize=True, then save_pretrained)"
+        )
     if config.get("use_bidirectional_attention"):
         raise InvalidRequest(
             f"this {family.name} checkpoint sets use_bidirectional_attention (an embedding model, not a "
