@@ -11,8 +11,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from peftserve.adapters import AdapterManager, load_adapter
-from peftserve.adapters.experts import experts_reference
+from peftserve.adapters import AdapterBatch, AdapterContext, AdapterManager, load_adapter
+from peftserve.adapters.experts import MultiAdapterExperts, experts_reference
 from peftserve.adapters.normalized import ExpertLoraDelta, LoraDelta
 from peftserve.errors import AdapterRejected
 from tests.adapters import peft_factory as pf
@@ -92,6 +92,48 @@ def test_experts_reference_is_the_module_with_merged_weights(family: str) -> Non
         plain = experts(hidden, top_k_index, top_k_weights)
     assert (want - plain).abs().max() > 1e-2
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_grouped_recomputation_equals_the_reference_per_sequence(family: str) -> None:
+    """Sequences sharing slots, mixtures, a slot on one stack only, and a sequence with no adapter."""
+    base, _ = build_tiny_model(family)
+    mlp = next(layer.mlp for layer in base.model.layers if hasattr(layer.mlp, "experts"))
+    router = mlp.router if family == "gpt_oss" else mlp.gate
+    context = AdapterContext()
+    wrapper = MultiAdapterExperts(mlp.experts, context, num_slots=3)
+    gen = torch.Generator().manual_seed(1)
+
+    def delta(name: str, rank: int) -> ExpertLoraDelta:
+        stack = wrapper.stacks[name]
+        a = torch.randn(stack.num_experts, rank, stack.in_features, generator=gen) * 0.3
+        return ExpertLoraDelta(
+            a=a, b=torch.randn(stack.num_experts, stack.out_features, rank, generator=gen) * 0.3
+        )
+
+    loaded = {0: {"gate_up_proj": delta("gate_up_proj", 2), "down_proj": delta("down_proj", 3)}}
+    loaded[1] = {"down_proj": delta("down_proj", 2)}
+    loaded[2] = {"gate_up_proj": delta("gate_up_proj", 4)}
+    for slot, stacks in loaded.items():
+        for name, d in stacks.items():
+            wrapper.stacks[name].load(slot, d)
+    spans = [(0, 3, ((0, 1.0),)), (3, 1, ((1, 0.5), (0, -0.3))), (6, 4, ((2, 1.0),)), (10, 1, ((0, 1.0),))]
+    hidden = torch.randn(11, base.config.hidden_size, generator=gen)  # [T, H]; rows 4-5 use no adapter
+    with torch.no_grad():
+        _, weights, index = router(hidden)
+        plain = mlp.experts(hidden, index, weights)
+        context.batch = AdapterBatch.build(spans, 11, "cpu")
+        got = wrapper(hidden, index, weights)
+        for start, length, pairs in spans:
+            rows = slice(start, start + length)
+            deltas: dict = {}
+            for slot, w in pairs:
+                for name, d in loaded[slot].items():
+                    deltas.setdefault(name, []).append((d, w))
+            want = experts_reference(mlp.experts, hidden[rows], index[rows], weights[rows], deltas)
+            assert (want - plain[rows]).abs().max() > 1e-3
+            torch.testing.assert_close(got[rows], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[4:6], plain[4:6])
 
 
 def test_lora_on_a_linear_weight_by_parameter_is_plain_lora(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ rows share that expert in the step, as any matmul's may on its batch size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +82,68 @@ def experts_reference(
     return out
 
 
+@dataclass(frozen=True)
+class Term:
+    """One slot's delta on one stacked parameter, and which of the recomputed rows apply it."""
+
+    delta: ExpertLoraDelta
+    rows: torch.Tensor
+    """[m] bool over the recomputed rows."""
+    weight: torch.Tensor
+    """[m, 1] the mixture weight of those rows (0 elsewhere)."""
+
+
+def _project_grouped(
+    experts: nn.Module,
+    name: str,
+    expert: int,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    terms: dict[str, list[Term]],
+) -> torch.Tensor:
+    """x [n, in] (recomputed rows `rows` routed to `expert`) through its projection, each row's deltas
+    added: [n, out]."""
+    y = _project(experts, name, expert, x, {})
+    for term in terms.get(name, ()):
+        sel = term.rows[rows].nonzero()[:, 0]  # [n_s] positions in x of the rows using this slot
+        if sel.numel() == 0:
+            continue
+        xs = x.index_select(0, sel)
+        low_rank = (xs @ term.delta.a[expert].T) @ term.delta.b[expert].T  # [n_s, out]
+        y.index_add_(0, sel, low_rank * term.weight[rows].index_select(0, sel))
+    return y
+
+
+def experts_grouped(
+    experts: nn.Module,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    terms: dict[str, list[Term]],
+) -> torch.Tensor:
+    """Fast path of experts_reference for the rows of many sequences at once.
+
+    Semantics: row t's output is experts_reference(t) with the deltas of the terms whose rows hold t,
+    each at its weight[t]. One base matmul per expert for all rows (each expert's weight is read once,
+    not once per sequence), then one low-rank pair per (slot, expert) over the rows that use the slot.
+    hidden: [m, H] (the recomputed rows only); top_k_*: [m, k]; terms: parameter name -> its slots' terms.
+    Returns [m, H].
+    """
+    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    out = torch.zeros_like(hidden)  # [m, H]
+    for expert in top_k_index.unique().tolist():
+        if expert >= experts.num_experts:
+            continue
+        rows, k_pos = (top_k_index == expert).nonzero(as_tuple=True)
+        up = _project_grouped(experts, up_name, expert, hidden[rows], rows, terms)
+        h = experts._apply_gate(up) if experts.has_gate else experts.act_fn(up)
+        down = _project_grouped(experts, "down_proj", expert, h, rows, terms)
+        if getattr(experts, "has_post_expert_norm", False):
+            down = experts.post_expert_norm(down)
+        out.index_add_(0, rows, (down * top_k_weights[rows, k_pos, None]).to(out.dtype))
+    return out
+
+
 class ExpertParameter:
     """The slots of one stacked expert parameter (what DeviceSlots loads by '<experts>.<param>')."""
 
@@ -105,7 +169,7 @@ class ExpertParameter:
 
 class MultiAdapterExperts(nn.Module):
     """Runs the untouched experts module once for all rows, then recomputes the rows of sequences whose
-    adapters carry expert deltas (experts_reference) and writes them over the base output."""
+    adapters carry expert deltas (experts_grouped) and writes them over the base output."""
 
     def __init__(self, base_layer: nn.Module, context: AdapterContext, num_slots: int) -> None:
         super().__init__()
@@ -120,33 +184,57 @@ class MultiAdapterExperts(nn.Module):
     def num_experts(self) -> int:
         return self.base_layer.num_experts
 
-    def _deltas(self, pairs: tuple[tuple[int, float], ...]) -> WeightedDeltas:
-        deltas: WeightedDeltas = {}
-        for slot, weight in pairs:
-            for name, param in self.stacks.items():
-                delta = param.slots[slot]
-                if delta is not None:
-                    deltas.setdefault(name, []).append((delta, weight))
-        return deltas
+    def _terms(self, batch: AdapterBatch, device: torch.device) -> tuple[torch.Tensor, dict[str, list[Term]]]:
+        """The rows to recompute ([m] indices of the step's tokens) and each (parameter, slot)'s term."""
+        spans = [
+            (start, length, pairs)
+            for start, length, pairs in batch.spans
+            if any(slot in self.loaded for slot, _ in pairs)
+        ]
+        m = sum(length for _, length, _ in spans)
+        index = torch.cat([torch.arange(start, start + length) for start, length, _ in spans]).to(device)
+        parts: dict[tuple[str, int], Term] = {}
+        offset = 0
+        for _, length, pairs in spans:
+            for slot, weight in pairs:
+                for name, stack in self.stacks.items():
+                    delta = stack.slots[slot]
+                    if delta is None:
+                        continue
+                    term = parts.get((name, slot))
+                    if term is None:
+                        rows = torch.zeros(m, dtype=torch.bool, device=device)
+                        term = Term(delta, rows, torch.zeros(m, 1, dtype=delta.a.dtype, device=device))
+                        parts[(name, slot)] = term
+                    term.rows[offset : offset + length] = True
+                    term.weight[offset : offset + length] = weight
+            offset += length
+        terms: dict[str, list[Term]] = {}
+        for (name, _), term in parts.items():
+            terms.setdefault(name, []).append(term)
+        return index, terms
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         # hidden_states: [T, H]; top_k_index, top_k_weights: [T, k]
-        out = self.base_layer(hidden_states, top_k_index, top_k_weights)  # [T, H]
         batch: AdapterBatch | None = self.context.batch
         if batch is None or self.loaded.isdisjoint(batch.slots):
-            return out
+            return self.base_layer(hidden_states, top_k_index, top_k_weights)  # [T, H]
         if hidden_states.shape[0] != batch.num_tokens:
             got = hidden_states.shape[0]
             raise RuntimeError(f"adapter batch is for {batch.num_tokens} tokens, experts got {got}")
-        for start, length, pairs in batch.spans:
-            deltas = self._deltas(pairs)
-            if not deltas:
-                continue
-            rows = slice(start, start + length)
-            out[rows] = experts_reference(
-                self.base_layer, hidden_states[rows], top_k_index[rows], top_k_weights[rows], deltas
-            )
-        return out
+        index, terms = self._terms(batch, hidden_states.device)  # [m]
+        if index.numel() == hidden_states.shape[0]:  # no base row: the base output would be overwritten
+            out = torch.empty_like(hidden_states)
+        else:
+            out = self.base_layer(hidden_states, top_k_index, top_k_weights)  # [T, H]
+        redone = experts_grouped(
+            self.base_layer,
+            hidden_states.index_select(0, index),
+            top_k_index.index_select(0, index),
+            top_k_weights.index_select(0, index),
+            terms,
+        )  # [m, H]
+        return out.index_copy_(0, index, redone)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, params=[{', '.join(self.stacks)}], slots={self.num_slots}"
