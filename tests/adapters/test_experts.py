@@ -202,3 +202,11 @@ def test_adalora_never_takes_target_parameters(tmp_path: Path) -> None:
     folder = _edit_config(folder, tmp_path / "c", target_parameters=["experts.down_proj"])
     with pytest.raises(AdapterRejected, match="target_parameters"):
         _register("mixtral", folder)
+
+
+def test_the_manifest_lists_the_expert_ranks(tmp_path: Path) -> None:
+    base, _ = build_tiny_model("mixtral")
+    manager = AdapterManager(copy.deepcopy(base), num_slots=1, device="cpu", dtype=torch.float32)
+    manifest = manager.register("e", pf.make_expert_lora(base, "mixtral", tmp_path / "e"))
+    assert manifest.ranks == (2, 3)  # r=2 everywhere, rank_pattern 3 on the experts' down_proj
+    assert "model.layers.0.mlp.experts.gate_up_proj" in manifest.target_modules

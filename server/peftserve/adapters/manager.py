@@ -43,7 +43,7 @@ from .host_cache import HostCache
 from .kernels import select_kernels
 from .layer import wrap_model
 from .loading import load_adapter
-from .normalized import LoraDelta, NormalizedAdapter
+from .normalized import ExpertLoraDelta, LoraDelta, NormalizedAdapter
 from .registry import AdapterRegistry, Removal, VersionRecord
 from .slots import DeviceSlots
 
@@ -137,7 +137,8 @@ class AdapterManager:
         self, adapter_id: str, number: int, adapter: NormalizedAdapter, files: tuple[FileEntry, ...]
     ) -> AdapterManifest:
         """The manifest of a validated adapter's files as version `number` of adapter_id."""
-        ranks = sorted({d.rank for d in adapter.deltas.values() if isinstance(d, LoraDelta)})
+        low_rank = (LoraDelta, ExpertLoraDelta)
+        ranks = sorted({d.rank for d in adapter.deltas.values() if isinstance(d, low_rank)})
         return AdapterManifest(
             adapter_id=adapter_id,
             version=version_name(number),
