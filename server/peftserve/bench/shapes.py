@@ -135,7 +135,7 @@ MIXTRAL_LIKE = Shape(
     experts_per_token=2,
 )
 """Not a DESIGN.md shape: Mixtral-8x7B's layer at a quarter of its width (8 experts, top-2, head_dim 128,
-GQA 4:1), four layers: 363M block parameters, 100M of them active per token."""
+GQA 4:1), four layers: 363M block parameters, 99M of them active per token."""
 FAMILY_SHAPES = {GEMMA2_LIKE.name: GEMMA2_LIKE, MIXTRAL_LIKE.name: MIXTRAL_LIKE}
 """Shapes of other families for the engine benchmark (benchmarks/bench_engine.py)."""
 BENCH_SHAPES = {TINY.name: TINY, **SHAPES, LLAMA_7B.name: LLAMA_7B}
