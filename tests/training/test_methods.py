@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from peftserve.engine.request import FinishReason
 from peftserve.training import AdaLoraOptions, LoraOptions, PrefixOptions, SparseOptions, TrainConfig, train
-from tests.engine.test_adapter_fidelity import record_logits, reference_run  # noqa: F401 (fixture)
+from tests.engine.conftest import record_logits, reference_run  # noqa: F401 (fixture)
 from tests.helpers.tiny_models import build_tiny_model
 
 from .conftest import TASK
