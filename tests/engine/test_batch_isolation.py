@@ -31,6 +31,8 @@ from tests.adapters import peft_factory as pf
 from tests.engine.conftest import random_prompts
 from tests.helpers.tiny_models import build_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NEW_TOKENS = 12
 VICTIMS = ("base", "lora", "prefix", "shira", "mix", "lora")
 """What the other requests use: base model, another tenant's LoRA, prefix tuning, a sparse delta and a

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,19 +50,12 @@ from tests.helpers.support_matrix import (
 )
 from tests.helpers.tiny_models import ALL_FAMILIES, build_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOL = 1e-4
 NEW_TOKENS = 20
 PREFIX_KINDS = ("prefix",)
 """Kinds that live in the KV cache rather than in the layers (not in a plain forward's mixed batch)."""
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny tensors run faster on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass
