@@ -1,15 +1,53 @@
-"""Engine test helpers: tiny models, reference generation, request builders."""
+"""Engine test helpers: tiny models, reference generation, request builders, runs that keep logits."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-import peftserve.runner.model_runner as model_runner
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
-from peftserve.engine.request import GenerationRequest, SamplingParams
+from peftserve.engine.request import FinishReason, GenerationRequest, SamplingParams
 from tests.helpers.tiny_models import build_tiny_model
+
+
+@dataclass
+class Recorded:
+    """What a request produced in an engine run, with the logits of each of its sampled tokens."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return torch.stack(self.rows)  # [tokens, V]
+
+
+def run_recording(
+    engine: LLMEngine, waves: list[list[GenerationRequest]], every: int = 3
+) -> dict[str, Recorded]:
+    """Add wave i after i * `every` steps and run everything to the end, keeping each step's logits
+    as the engine hands them back (step_with_output): nothing inside the runner is patched."""
+    recorded = {r.request_id: Recorded() for wave in waves for r in wave}
+    steps = 0
+    while engine.has_unfinished() or steps <= every * (len(waves) - 1):
+        if steps % every == 0 and steps // every < len(waves):
+            for r in waves[steps // every]:
+                engine.add_request(r)
+        outputs, step, output = engine.step_with_output()
+        for rid, row in (output.logits_of(step) if output is not None else {}).items():
+            recorded[rid].rows.append(row.clone())
+        for out in outputs:
+            rec = recorded[out.request_id]
+            rec.token_ids += out.token_ids
+            rec.text += out.text
+            rec.finish_reason = out.finish_reason
+        steps += 1
+    return recorded
 
 
 def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
@@ -48,40 +86,3 @@ def make_engine():
         return LLMEngine.from_model(model, tokenizer, EngineConfig(**config)), reference, tokenizer
 
     return make
-
-
-def reference_run(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy decoding by full forward passes (PEFT's generate drops prefixes on transformers 5.24)."""
-    ids = list(prompt)
-    rows = []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            rows.append(logits)
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt) :], torch.stack(rows)
-
-
-@pytest.fixture
-def record_logits(monkeypatch):
-    """Record the logits row the sampler sees for every request, in order."""
-    seen: dict[str, list[torch.Tensor]] = {}
-    real_sample = model_runner.sample
-
-    def execute_spy(self, plan):
-        sampling = [c.seq.request_id for c in plan.chunks if c.sample]
-
-        def capture(logits, rows):
-            for rid, row in zip(sampling, logits, strict=True):
-                seen.setdefault(rid, []).append(row.detach().clone())
-            return real_sample(logits, rows)
-
-        monkeypatch.setattr(model_runner, "sample", capture)
-        try:
-            return real_execute(self, plan)
-        finally:
-            monkeypatch.setattr(model_runner, "sample", real_sample)
-
-    real_execute = model_runner.ModelRunner.execute
-    monkeypatch.setattr(model_runner.ModelRunner, "execute", execute_spy)
-    return seen

@@ -34,17 +34,21 @@ from tests.helpers.tiny_models import build_tiny_model
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NEW_TOKENS = 12
-VICTIMS = ("base", "lora", "prefix", "shira", "mix", "lora")
-"""What the other requests use: base model, another tenant's LoRA, prefix tuning, a sparse delta and a
-benign mixture (a LoRA and the sparse delta); on mixture-of-experts models also LoRA on the experts and
-the router."""
+VICTIMS = ("base", "lora", "prefix", "shira", "mix", "dora", "ia3", "loha", "lokr", "vera", "mix-kinds")
+"""What the other requests use: base model, another tenant's LoRA, prefix tuning, a sparse delta, a
+benign mixture (a LoRA and the sparse delta), each other served kind and a mixture across kinds."""
 NEW_FAMILIES = ("gemma2", "gemma3_text", "olmo2", "olmo3", "mixtral", "qwen3_moe", "gpt_oss")
 """Soft-capping, sinks, windows per layer and experts: each new way a step's rows could meet."""
 MOE_FAMILIES = tuple(f for f in NEW_FAMILIES if FAMILIES[f].moe)
+FAMILY_VICTIMS = ("base", "lora", "prefix", "shira", "mix", "lora")
+"""The victims on the other families: what their attention and experts add is family-specific, the
+other kinds' layer forms are not (they run on Llama above); LoRA on the experts joins on MoE models."""
 
 
 def victims(family: str) -> tuple[str, ...]:
-    return VICTIMS + ("experts",) if FAMILIES[family].moe else VICTIMS
+    if family == "llama":
+        return VICTIMS
+    return FAMILY_VICTIMS + (("experts",) if FAMILIES[family].moe else ())
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,12 @@ def build_adapter_dirs(family: str, root: Path) -> dict[str, Path]:
         "shira": pf.make_shira(base, family, root / "shira"),
         "other": pf.make_lora_layers(base, family, root / "other"),
     }
+    if family == "llama":
+        dirs["dora"] = pf.make_dora(base, family, root / "dora")
+        dirs["ia3"] = pf.make_ia3(base, family, root / "ia3")
+        dirs["loha"] = pf.make_loha(base, family, root / "loha")
+        dirs["lokr"] = pf.make_lokr(base, family, root / "lokr")
+        dirs["vera"] = pf.make_vera(base, family, root / "vera")
     if FAMILIES[family].moe:
         dirs["experts"] = pf.make_expert_lora(base, family, root / "experts")
     dirs["poisoned"] = poison(dirs["other"], root / "poisoned")
@@ -113,7 +123,7 @@ def no_input_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def make_engine(dirs: dict[str, Path], family: str = "llama", **config) -> LLMEngine:
     model, tokenizer = build_tiny_model(family)
-    manager = AdapterManager(model, num_slots=6, device="cpu", dtype=torch.float32)
+    manager = AdapterManager(model, num_slots=len(dirs), device="cpu", dtype=torch.float32)
     for name, path in dirs.items():
         manager.register(name, path)
     config = {"kv_cache_mb": 1, "block_size": 4, "max_batched_tokens": 40, **config}
@@ -125,6 +135,13 @@ def adapters_of(use: str) -> tuple[AdapterRef, ...]:
         return ()
     if use == "mix":
         return (AdapterRef("lora", 0.6), AdapterRef("shira", 0.4))
+    if use == "mix-kinds":
+        return (
+            AdapterRef("dora", 0.5),
+            AdapterRef("ia3", 0.7),
+            AdapterRef("vera", -0.4),
+            AdapterRef("lokr", 0.3),
+        )
     if use == "mixture-poison":
         return (AdapterRef("other", 3e38), AdapterRef("lora", 1.0))
     if use == "adapter-poison":
@@ -229,10 +246,11 @@ def test_no_step_reads_a_slot_outside_its_own_context(family_adapter_dirs, famil
     attention, windows per layer and experts to Llama's paths.
     """
     waves = [victims_wave(tag, seed, family) for tag, seed in (("a", 4), ("b", 5), ("c", 6))]
-    # 0.02 MB for the tiny Llama: 10 blocks of 4 tokens for 18 requests of up to 40 tokens, so
-    # sequences are preempted; as many blocks per victim for the other families.
-    mb = 0.02 * len(victims(family)) / len(VICTIMS)
-    config = {"kv_cache_mb": kv_mb(family, mb), "max_batched_tokens": 24}
+    # Llama: 0.03 MB, 15 blocks of 4 tokens (512 bytes a token) for 33 requests of up to 55 tokens. The
+    # other families: 10 blocks of Llama's size for 18 requests of up to 40 tokens, one more per victim
+    # on MoE models. Either way sequences are preempted.
+    mb = 0.03 if family == "llama" else kv_mb(family, 0.02 * len(victims(family)) / len(FAMILY_VICTIMS))
+    config = {"kv_cache_mb": mb, "max_batched_tokens": 24}
     adapter_dirs = {k: v for k, v in family_adapter_dirs(family).items() if not k.startswith("poisoned")}
     clean_engine = make_engine(adapter_dirs, family, **config)
     clean = run_waves(clean_engine, waves)

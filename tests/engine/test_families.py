@@ -36,7 +36,8 @@ from peftserve.engine.request import AdapterRef, GenerationRequest, SamplingPara
 from peftserve.errors import AdapterRejected
 from peftserve.model import families as fam
 from tests.adapters import peft_factory as pf
-from tests.engine.conftest import random_prompts, reference_run
+from tests.engine.conftest import Recorded, random_prompts, run_recording
+from tests.engine.test_adapter_fidelity import reference_run
 from tests.helpers.support_matrix import (
     EXACT,
     KINDS,
@@ -100,21 +101,6 @@ def make_engine(setup: Setup, adapters: bool, **config) -> LLMEngine:
     return LLMEngine.from_model(model, setup.tokenizer, EngineConfig(**config), adapters=manager)
 
 
-def run(engine: LLMEngine, requests: list[GenerationRequest], joins: dict[int, list[GenerationRequest]]):
-    """Serve `requests`, adding joins[step] at those steps; returns {request_id: tokens}."""
-    tokens = {r.request_id: [] for r in requests + [r for late in joins.values() for r in late]}
-    for r in requests:
-        engine.add_request(r)
-    step = 0
-    while engine.has_unfinished() or step <= max(joins, default=0):
-        for r in joins.get(step, ()):
-            engine.add_request(r)
-        for out in engine.step():
-            tokens[out.request_id] += out.token_ids
-        step += 1
-    return tokens
-
-
 def make_request(rid: str, prompt: list[int], refs: tuple[tuple[str, float], ...] = ()) -> GenerationRequest:
     return GenerationRequest(
         request_id=rid,
@@ -124,24 +110,24 @@ def make_request(rid: str, prompt: list[int], refs: tuple[tuple[str, float], ...
     )
 
 
-def check_against(reference: PreTrainedModel, request: GenerationRequest, got_tokens, got_logits) -> None:
+def check_against(reference: PreTrainedModel, request: GenerationRequest, got: Recorded) -> None:
     want_tokens, want_logits = reference_run(reference, request.prompt_token_ids, NEW_TOKENS)
-    err = (torch.stack(got_logits) - want_logits).abs().max().item()
+    err = (got.logits - want_logits).abs().max().item()
     assert err <= TOL, f"{request.request_id}: max |Δlogit| {err:.2e}"
-    assert got_tokens == want_tokens, request.request_id
+    assert got.token_ids == want_tokens, request.request_id
 
 
-def test_base_model_equals_transformers(setup: Setup, record_logits) -> None:
+def test_base_model_equals_transformers(setup: Setup) -> None:
     # 24 tokens a step: the 40- and 33-token prompts prefill in chunks; three requests join later.
     engine = make_engine(setup, adapters=False, max_batched_tokens=24)
     prompts = random_prompts([5, 17, 40, 1, 33, 9], engine.model_info.vocab_size)
     requests = [make_request(str(i), p) for i, p in enumerate(prompts)]
-    tokens = run(engine, requests[:3], {4: [requests[3]], 9: [requests[4]], 10: [requests[5]]})
+    recorded = run_recording(engine, [requests[:3], requests[3:4], requests[4:]], every=4)
     for r in requests:
-        check_against(setup.base, r, tokens[r.request_id], record_logits[r.request_id])
+        check_against(setup.base, r, recorded[r.request_id])
 
 
-def test_every_adapter_kind_in_mixed_batches_equals_peft(setup: Setup, record_logits) -> None:
+def test_every_adapter_kind_in_mixed_batches_equals_peft(setup: Setup) -> None:
     engine = make_engine(setup, adapters=True)
     uses: list[tuple[tuple[str, float], ...]] = [((n, 1.0),) for n in setup.adapters] + [()]
     uses = uses + uses + [setup.mixture]  # every adapter twice, base twice, a weighted mixture
@@ -151,7 +137,7 @@ def test_every_adapter_kind_in_mixed_batches_equals_peft(setup: Setup, record_lo
         for i, (use, p) in enumerate(zip(uses, prompts, strict=True))
     ]
     half = len(requests) // 2
-    tokens = run(engine, requests[:half], {3: requests[half:]})
+    recorded = run_recording(engine, [requests[:half], requests[half:]])  # the second half joins later
 
     references: dict[tuple, PreTrainedModel] = {(): setup.base}
     for name, path in setup.adapters.items():
@@ -159,7 +145,7 @@ def test_every_adapter_kind_in_mixed_batches_equals_peft(setup: Setup, record_lo
     parts = [(setup.adapters[n], w) for n, w in setup.mixture]
     references[setup.mixture] = pf.merged_mixture(setup.base, parts)
     for use, r in zip(uses, requests, strict=True):
-        check_against(references[use], r, tokens[r.request_id], record_logits[r.request_id])
+        check_against(references[use], r, recorded[r.request_id])
 
 
 def test_base_rows_of_a_mixed_batch_are_bitwise_the_base_model(setup: Setup) -> None:

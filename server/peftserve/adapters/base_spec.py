@@ -5,15 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from peftserve.errors import AdapterRejected, FailedPrecondition
+from peftserve.model.geometry import head_dim, kv_heads, text_config
 
-from .experts import ExpertParameter
+from .forms import BaseModule, Delta
+from .forms.experts import ExpertLowRankDelta, ExpertStackForm
 from .layer import AdapterTarget
-from .normalized import Delta, ExpertLoraDelta, LoraDelta, NormalizedAdapter
+from .normalized import NormalizedAdapter
+from .peft_format import check_magnitude
 
 
 @dataclass(frozen=True)
@@ -42,18 +46,15 @@ class BaseSpec:
 
 
 def base_spec(model: nn.Module, layers: dict[str, AdapterTarget]) -> BaseSpec:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    config = text_config(model.config)
     return BaseSpec(
         model_type=str(getattr(config, "model_type", "unknown")),
         modules={path: (m.out_features, m.in_features) for path, m in layers.items()},
         model_paths=frozenset(path for path, _ in model.named_modules()),
         num_layers=config.num_hidden_layers,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        experts={path: m.num_experts for path, m in layers.items() if isinstance(m, ExpertParameter)},
+        kv_heads=kv_heads(config),
+        head_dim=head_dim(config),
+        experts={path: m.num_experts for path, m in layers.items() if isinstance(m, ExpertStackForm)},
     )
 
 
@@ -76,31 +77,14 @@ def _misfit(path: str, delta: Delta, base: BaseSpec) -> str | None:
                 "it as LoRA on the stacked experts (target_parameters)"
             )
         return f"target module {path!r} does not exist in the base model"
-    out_features, in_features = base.modules[path]
-    if isinstance(delta, ExpertLoraDelta) != (path in base.experts):
+    if isinstance(delta, ExpertLowRankDelta) != (path in base.experts):
         what = "an expert stack" if path in base.experts else "a module"
         return f"{path!r} is {what}; the adapter's tensors for it are of another kind"
-    if isinstance(delta, ExpertLoraDelta):
-        if (delta.num_experts, *delta.shape) != (base.experts[path], out_features, in_features):
-            base_shape = (base.experts[path], out_features, in_features)
-            return (
-                f"expert stack {path!r}: lora_B/lora_A give (experts, out, in) = "
-                f"{(delta.num_experts, *delta.shape)}, the base has {base_shape}"
-            )
-    elif isinstance(delta, LoraDelta):
-        if delta.shape != (out_features, in_features):
-            return (
-                f"module {path!r}: lora_B/lora_A give shape (out, in) = {delta.shape}, the base module "
-                f"is {(out_features, in_features)}"
-            )
-    else:
-        rows_ok = bool(((delta.rows >= 0) & (delta.rows < out_features)).all())
-        cols_ok = bool(((delta.cols >= 0) & (delta.cols < in_features)).all())
-        if not (rows_ok and cols_ok):
-            return (
-                f"module {path!r}: shira_indices fall outside the base module's {(out_features, in_features)}"
-            )
-    return None
+    if isinstance(delta, ExpertLowRankDelta) and delta.num_experts != base.experts[path]:
+        have = base.experts[path]
+        return f"expert stack {path!r}: the adapter has {delta.num_experts} experts, the base has {have}"
+    reason = delta.misfit(base.modules[path])
+    return None if reason is None else f"module {path!r}: {reason}"
 
 
 def check_same_base(adapter: NormalizedAdapter, base: BaseSpec) -> None:
@@ -140,18 +124,11 @@ def check_against_base(adapter: NormalizedAdapter, base: BaseSpec) -> None:
 
 
 def check_limits(adapter: NormalizedAdapter, base: BaseSpec, max_rank: int) -> None:
-    """LoRA ranks at most max_rank; sparse deltas at most max_rank * (out + in) entries per module."""
+    """Each delta within its form's limit for max_rank (a rank, or max_rank * (out + in) entries)."""
     for path, delta in adapter.deltas.items():
-        if isinstance(delta, (LoraDelta, ExpertLoraDelta)) and delta.rank > max_rank:
-            raise AdapterRejected(
-                f"module {path!r}: rank {delta.rank} exceeds the server's max rank {max_rank}"
-            )
-        if not isinstance(delta, (LoraDelta, ExpertLoraDelta)) and path in base.modules:
-            limit = max_rank * sum(base.modules[path])
-            if delta.nnz > limit:
-                raise AdapterRejected(
-                    f"module {path!r}: {delta.nnz} sparse entries exceed max_rank * (out + in) = {limit}"
-                )
+        reason = delta.over_limit(base.modules[path], max_rank)
+        if reason is not None:
+            raise AdapterRejected(f"module {path!r}: {reason}")
 
 
 def validate_for_base(adapter: NormalizedAdapter, base: BaseSpec, max_rank: int) -> None:
@@ -159,3 +136,16 @@ def validate_for_base(adapter: NormalizedAdapter, base: BaseSpec, max_rank: int)
     check_same_base(adapter, base)
     check_against_base(adapter, base)
     check_limits(adapter, base, max_rank)
+
+
+def fit_to_base(
+    adapter: NormalizedAdapter, base: BaseSpec, max_rank: int, module_of: Callable[[str], BaseModule]
+) -> NormalizedAdapter:
+    """validate_for_base, then bind what reads the base (DoRA's norms) and bound what it computes."""
+    validate_for_base(adapter, base, max_rank)
+    if not adapter.needs_base:
+        return adapter
+    bound = adapter.bind(module_of)
+    for name, value in bound.served_tensors():
+        check_magnitude(name, value)
+    return bound

@@ -1,25 +1,30 @@
-"""LORA directories -> per-module LoraDelta (scaling folded into B, each module keeps its own rank)."""
+"""LORA directories -> per-module low-rank deltas (scaling folded into B, each module keeps its own rank)."""
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
 from peftserve.errors import AdapterRejected
 
-from ..normalized import Delta, LoraDelta, NormalizedAdapter
-from ..peft_format import Config, Tensors, check_scaling, finite_number, module_tensors, reject_if_set
-from .parameters import adapted_by_parameter, parameter_deltas, split_wrapper
+from ..forms import Delta, LowRankDelta
+from ..normalized import NormalizedAdapter
+from ..peft_format import (
+    Config,
+    Tensors,
+    check_scaling,
+    module_tensors,
+    rank_and_alpha,
+    reject_if_set,
+    require,
+)
+from .parameters import parameter_deltas, split_parameter_tensors
 
 UNCONVERTED_INITS = ("pissa", "olora", "lora_ga", "corda", "loftq", "mica")
 """init_lora_weights values whose saved A/B are not a delta over the unmodified base weights."""
 
 UNSERVED_FIELDS: dict[str, str] = {
-    "use_dora": "DoRA rescales the merged weight per column and is not served",
     "lora_bias": "a trained lora_B bias is not served",
     "alora_invocation_tokens": "activated LoRA (aLoRA) is not served",
     "layer_replication": "layer replication changes the base model and is not served",
@@ -31,11 +36,13 @@ UNSERVED_FIELDS: dict[str, str] = {
     "monteclora_config": "MonteCLoRA is not served",
 }
 
+LORA_PARAMS = ("lora_A.weight", "lora_B.weight")
+
 
 def check_lora_family_config(config: Config, parameters_served: bool = False) -> None:
     """Flags shared by LORA and ADALORA that would change what the forward computes.
 
-    target_parameters is served for LoRA (experts and routers, lora/parameters.py), never for AdaLoRA.
+    target_parameters is served for plain LoRA (experts and routers, parameters.py) and for no other kind.
     """
     for field, why in UNSERVED_FIELDS.items():
         reject_if_set(config, field, why)
@@ -52,101 +59,23 @@ def check_lora_family_config(config: Config, parameters_served: bool = False) ->
         )
 
 
-def match_pattern(patterns: Mapping[str, object], module_path: str) -> str | None:
-    """The first key of a rank_pattern/alpha_pattern that names this module, as peft resolves it.
-
-    A key matches when it is a regex matching the whole path or a '.'-separated suffix of it.
-    """
-    for key in patterns:
-        try:
-            if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_path):
-                return key
-        except re.error as exc:
-            raise AdapterRejected(f"pattern key {key!r} is not a valid regex ({exc})") from exc
-    return None
-
-
-def _pattern(config: Config, field: str) -> Mapping[str, object]:
-    value = config.get(field) or {}
-    if not isinstance(value, Mapping):
-        raise AdapterRejected(f"{field}: expected an object mapping module patterns to numbers")
-    return value
-
-
-@dataclass(frozen=True)
-class LoraScaling:
-    """r and alpha of a LoRA config per module or parameter path, as peft resolves them."""
-
-    default_r: object
-    default_alpha: float
-    rank_pattern: Mapping[str, object]
-    alpha_pattern: Mapping[str, object]
-    use_rslora: bool
-
-    @classmethod
-    def of(cls, config: Config) -> LoraScaling:
-        return cls(
-            default_r=config.get("r", 8),
-            default_alpha=finite_number(config, "lora_alpha", 8),
-            rank_pattern=_pattern(config, "rank_pattern"),
-            alpha_pattern=_pattern(config, "alpha_pattern"),
-            use_rslora=bool(config.get("use_rslora", False)),
-        )
-
-    def _rank(self, path: str) -> tuple[object, str]:
-        key = match_pattern(self.rank_pattern, path)
-        if key is None:
-            return self.default_r, "r"
-        return self.rank_pattern[key], f"rank_pattern[{key!r}]"
-
-    def rank(self, path: str) -> int:
-        r, field = self._rank(path)
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise AdapterRejected(f"{path!r}: {field}={r!r} is not a positive integer")
-        return r
-
-    def scaling(self, path: str, rank: int) -> float:
-        """alpha/r (alpha/sqrt(r) with use_rslora) at `path`, whose factors must have the configured r."""
-        configured, field = self._rank(path)
-        if configured != rank:
-            raise AdapterRejected(f"module {path!r}: {field}={configured!r} but lora_A has rank {rank}")
-        alpha_key = match_pattern(self.alpha_pattern, path)
-        alpha = self.default_alpha
-        if alpha_key is not None:
-            alpha = finite_number(self.alpha_pattern, alpha_key)
-        scaling = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-        alpha_field = f"alpha_pattern[{alpha_key!r}]" if alpha_key is not None else "lora_alpha"
-        return check_scaling(scaling, f"module {path!r}: {alpha_field} and rank {rank}")
-
-
-def load_lora(config: Config, tensors: Tensors) -> NormalizedAdapter:
-    """Normalize a LORA directory.
+def lora_modules(
+    config: Config, tensors: Tensors, extra: tuple[str, ...] = (), parameters_served: bool = False
+) -> dict[str, tuple[LowRankDelta, dict[str, torch.Tensor]]]:
+    """Every module's low-rank delta and its `extra` tensors (DoRA's magnitude), from a LORA directory.
 
     Scaling per module is alpha/r (alpha/sqrt(r) with use_rslora), where r and alpha come from
-    rank_pattern/alpha_pattern when a key matches the module path, else from r/lora_alpha. Modules
-    adapted through target_parameters (their tensors nest under `.base_layer`) go to parameter_deltas.
+    rank_pattern/alpha_pattern when a key names the module (resolved by peft), else from r/lora_alpha.
     """
-    check_lora_family_config(config, parameters_served=True)
-    scaling = LoraScaling.of(config)
-    targets = config.get("target_parameters") or []
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise AdapterRejected(f"target_parameters={targets!r}: expected a list of parameter names")
-
-    modules = module_tensors(tensors, ("lora_A.weight", "lora_B.weight"))
+    check_lora_family_config(config, parameters_served)
+    use_rslora = bool(config.get("use_rslora", False))
+    modules = module_tensors(tensors, LORA_PARAMS + extra)
     if not modules:
         raise AdapterRejected("adapter_model.safetensors holds no lora_A/lora_B tensors")
-    deltas: dict[str, Delta] = {}
-    wrapped: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    out: dict[str, tuple[LowRankDelta, dict[str, torch.Tensor]]] = {}
     for path, params in sorted(modules.items()):
-        for needed in ("lora_A.weight", "lora_B.weight"):
-            if needed not in params:
-                raise AdapterRejected(f"module {path!r}: {needed} is missing")
-        a = params["lora_A.weight"]  # [r, in]
-        b = params["lora_B.weight"]  # [out, r]
-        module, depth = split_wrapper(path)
-        if adapted_by_parameter(config, module, depth):
-            wrapped.setdefault(module, {})[depth] = (a, b)
-            continue
+        a, b = require(params, path, *LORA_PARAMS)  # [r, in], [out, r]
+        extras = dict(zip(extra, require(params, path, *extra), strict=True))
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise AdapterRejected(
                 f"module {path!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
@@ -155,10 +84,29 @@ def load_lora(config: Config, tensors: Tensors) -> NormalizedAdapter:
         rank = a.shape[0]
         if rank == 0:
             raise AdapterRejected(f"module {path!r}: rank 0 (lora_A has no rows)")
-        deltas[path] = LoraDelta(a=a.to(torch.float32), b=b.to(torch.float32) * scaling.scaling(path, rank))
-    for module, pairs in wrapped.items():
-        for path, delta in parameter_deltas(module, pairs, targets, scaling).items():
-            if path in deltas:
-                raise AdapterRejected(f"{path!r} is adapted twice (target_modules and target_parameters)")
-            deltas[path] = delta
+        conf = rank_and_alpha(config, path, 8, "lora_alpha", 8)
+        if conf.r != rank:
+            raise AdapterRejected(f"module {path!r}: {conf.r_field}={conf.r!r} but lora_A has rank {rank}")
+        scaling = conf.alpha / math.sqrt(rank) if use_rslora else conf.alpha / rank
+        check_scaling(scaling, f"module {path!r}: {conf.alpha_field} and rank {rank}")
+        out[path] = (LowRankDelta(a=a.to(torch.float32), b=b.to(torch.float32) * scaling), extras)
+    return out
+
+
+def load_lora(config: Config, tensors: Tensors) -> NormalizedAdapter:
+    """Normalize a LORA directory (without use_dora: the DoRA kind takes those).
+
+    Modules adapted through target_parameters (experts and routers: their tensors nest under
+    `.base_layer`, or target_modules does not name them) are normalized by parameters.py.
+    """
+    check_lora_family_config(config, parameters_served=True)
+    by_module, by_parameter = split_parameter_tensors(config, tensors)
+    deltas: dict[str, Delta] = {}
+    if by_module or not by_parameter:
+        modules = lora_modules(config, by_module, parameters_served=True)
+        deltas = {path: delta for path, (delta, _) in modules.items()}
+    for path, delta in parameter_deltas(config, by_parameter).items():
+        if path in deltas:
+            raise AdapterRejected(f"{path!r} is adapted twice (target_modules and target_parameters)")
+        deltas[path] = delta
     return NormalizedAdapter(peft_type="LORA", kind="lora", deltas=deltas)
