@@ -43,6 +43,12 @@ def targets(family: str) -> list[str]:
     return FAMILY_TARGETS.get(family, LLAMA_TARGETS)
 
 
+def linear_targets(family: str) -> list[str]:
+    """targets() without the names peft turns into LoRA on experts (Qwen3-MoE's MLP): kinds peft cannot
+    put on parameters (DoRA) stay on the Linear layers."""
+    return ["q_proj", "k_proj", "v_proj", "o_proj"] if family == "qwen3_moe" else targets(family)
+
+
 def _fill(model: nn.Module, seed: int, std: float, names: tuple[str, ...], around: float = 0.0) -> None:
     """Overwrite the adapter parameters whose name contains one of `names` with seeded noise."""
     gen = torch.Generator().manual_seed(seed)
@@ -168,7 +174,7 @@ def make_dora(base: PreTrainedModel, family: str, out: Path, seed: int = 6) -> P
         lora_alpha=8,
         use_dora=True,
         use_rslora=True,
-        target_modules=targets(family),
+        target_modules=linear_targets(family),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         init_lora_weights=False,

@@ -12,8 +12,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from peftserve.adapters import AdapterBatch, AdapterContext, AdapterManager, load_adapter
-from peftserve.adapters.experts import MultiAdapterExperts, experts_reference
-from peftserve.adapters.normalized import ExpertLoraDelta, LoraDelta
+from peftserve.adapters.experts import MultiAdapterExperts
+from peftserve.adapters.forms import LowRankDelta, SharedTensors
+from peftserve.adapters.forms.experts import ExpertLowRankDelta, experts_reference
 from peftserve.errors import AdapterRejected
 from tests.adapters import peft_factory as pf
 from tests.helpers.tiny_models import build_tiny_model
@@ -39,11 +40,11 @@ def test_expert_factors_are_peft_deltas_per_expert(family: str, tmp_path: Path) 
             want = module.get_delta_weight("default")  # the parameter's own layout
         if parameter == "weight":  # the router: a plain (out, in) LoRA
             delta = adapter.deltas[owner]
-            assert isinstance(delta, LoraDelta)
+            assert isinstance(delta, LowRankDelta)
             torch.testing.assert_close(delta.b @ delta.a, want)
         else:
             delta = adapter.deltas[f"{owner}.{parameter}"]
-            assert isinstance(delta, ExpertLoraDelta) and delta.num_experts == 4
+            assert isinstance(delta, ExpertLowRankDelta) and delta.num_experts == 4
             got = delta.b @ delta.a  # [E, out, in]
             if family == "gpt_oss":
                 got = got.transpose(1, 2)  # its stack is [E, in, out]
@@ -54,7 +55,7 @@ def test_expert_factors_are_peft_deltas_per_expert(family: str, tmp_path: Path) 
     assert moe_layers and checked == 3 * moe_layers  # gate_up_proj, down_proj and the router of each
 
 
-def _stack_with(weight: torch.Tensor, deltas: list[tuple[ExpertLoraDelta, float]], transposed: bool):
+def _stack_with(weight: torch.Tensor, deltas: list[tuple[ExpertLowRankDelta, float]], transposed: bool):
     merged = weight.detach().clone()
     for delta, w in deltas:
         update = w * (delta.b @ delta.a)  # [E, out, in]
@@ -73,11 +74,11 @@ def test_experts_reference_is_the_module_with_merged_weights(family: str) -> Non
     router = mlp.router if family == "gpt_oss" else mlp.gate
     _, top_k_weights, top_k_index = router(hidden)
 
-    def random_delta(name: str, rank: int) -> ExpertLoraDelta:
+    def random_delta(name: str, rank: int) -> ExpertLowRankDelta:
         stack = getattr(experts, name)  # [E, out, in] or [E, in, out]
         out, inner = stack.shape[1:][::-1] if experts.is_transposed else stack.shape[1:]
         a = torch.randn(stack.shape[0], rank, inner, generator=gen) * 0.2
-        return ExpertLoraDelta(a=a, b=torch.randn(stack.shape[0], out, rank, generator=gen) * 0.2)
+        return ExpertLowRankDelta(a=a, b=torch.randn(stack.shape[0], out, rank, generator=gen) * 0.2)
 
     deltas = {
         "gate_up_proj": [(random_delta("gate_up_proj", 2), 0.7), (random_delta("gate_up_proj", 3), -1.2)],
@@ -101,13 +102,13 @@ def test_grouped_recomputation_equals_the_reference_per_sequence(family: str) ->
     mlp = next(layer.mlp for layer in base.model.layers if hasattr(layer.mlp, "experts"))
     router = mlp.router if family == "gpt_oss" else mlp.gate
     context = AdapterContext()
-    wrapper = MultiAdapterExperts(mlp.experts, context, num_slots=3)
+    wrapper = MultiAdapterExperts(mlp.experts, context, 3, "grouped", SharedTensors())
     gen = torch.Generator().manual_seed(1)
 
-    def delta(name: str, rank: int) -> ExpertLoraDelta:
+    def delta(name: str, rank: int) -> ExpertLowRankDelta:
         stack = wrapper.stacks[name]
         a = torch.randn(stack.num_experts, rank, stack.in_features, generator=gen) * 0.3
-        return ExpertLoraDelta(
+        return ExpertLowRankDelta(
             a=a, b=torch.randn(stack.num_experts, stack.out_features, rank, generator=gen) * 0.3
         )
 

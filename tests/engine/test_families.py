@@ -23,13 +23,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel, ShiraConfig, get_peft_model
+from peft import LoHaConfig, LoKrConfig, PeftModel, ShiraConfig, get_peft_model
 from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from peftserve.adapters import AdapterContext, AdapterManager
 from peftserve.adapters.experts import wrap_experts
+from peftserve.adapters.forms import SharedTensors
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.request import AdapterRef, GenerationRequest, SamplingParams
@@ -39,13 +40,13 @@ from tests.adapters import peft_factory as pf
 from tests.engine.conftest import Recorded, random_prompts, run_recording
 from tests.engine.test_adapter_fidelity import reference_run
 from tests.helpers.support_matrix import (
+    CONV1D_NA,
     EXACT,
     KINDS,
     NA,
     NO_EXPERTS,
     NO_V4_LAYOUT,
     REFUSED,
-    SHIRA_NA,
     V4_REASON,
     cells,
 )
@@ -87,14 +88,15 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             if kind.name not in PREFIX_KINDS:
                 layer_adapters.append(name)
     first = "experts" if fam.FAMILIES[family].moe else "lora-layers"
-    return Setup(family, base, tokenizer, adapters, layer_adapters, ((first, 0.7), ("adalora", -0.4)))
+    mixture = ((first, 0.7), ("adalora", -0.4), ("ia3", 0.5))  # low rank and input/output scaling
+    return Setup(family, base, tokenizer, adapters, layer_adapters, mixture)
 
 
 def make_engine(setup: Setup, adapters: bool, **config) -> LLMEngine:
     model = copy.deepcopy(setup.base)
     manager = None
     if adapters:
-        manager = AdapterManager(model, num_slots=8, device="cpu", dtype=torch.float32)
+        manager = AdapterManager(model, num_slots=len(setup.adapters), device="cpu", dtype=torch.float32)
         for name, path in setup.adapters.items():
             manager.register(name, path)
     config = {"kv_cache_mb": 2, "block_size": 4, "max_batched_tokens": 48, **config}
@@ -150,7 +152,7 @@ def test_every_adapter_kind_in_mixed_batches_equals_peft(setup: Setup) -> None:
 
 def test_base_rows_of_a_mixed_batch_are_bitwise_the_base_model(setup: Setup) -> None:
     model = copy.deepcopy(setup.base)
-    manager = AdapterManager(model, num_slots=8, device="cpu", dtype=torch.float32)
+    manager = AdapterManager(model, num_slots=len(setup.layer_adapters), device="cpu", dtype=torch.float32)
     for name in setup.layer_adapters:
         manager.register(name, setup.adapters[name])
     rows: list[tuple[tuple[str, float], ...]] = []
@@ -318,26 +320,27 @@ def test_refused_cells_are_refused_with_their_reason(family: str, kind: str, tmp
     REFUSALS[kind](family, reason, tmp_path)
 
 
-def _shira_cannot_wrap_conv1d(family: str, tmp_path: Path) -> None:
+def _linear_only_kinds_refuse_conv1d(family: str, tmp_path: Path) -> None:
     base, _ = build_tiny_model(family)
-    with pytest.raises((ValueError, TypeError), match="Conv1D|not supported"):
-        get_peft_model(copy.deepcopy(base), ShiraConfig(r=2, target_modules=["c_attn"]))
+    for config in (ShiraConfig, LoHaConfig, LoKrConfig):
+        with pytest.raises(TypeError, match="Conv1D.*not supported"):
+            get_peft_model(copy.deepcopy(base), config(r=2, target_modules=["c_attn"]))
 
 
 def _has_no_experts(family: str, tmp_path: Path) -> None:
     base, _ = build_tiny_model(family)
-    assert wrap_experts(copy.deepcopy(base), AdapterContext(), num_slots=1) == {}
+    assert wrap_experts(copy.deepcopy(base), AdapterContext(), 1, "grouped", SharedTensors()) == {}
     assert all(p.dim() <= 2 for p in base.parameters())
 
 
 def _nothing_to_convert(family: str, tmp_path: Path) -> None:
     assert _MODEL_TO_CONVERSION_PATTERN.get(family) is None
     base, _ = build_tiny_model(family)
-    assert wrap_experts(copy.deepcopy(base), AdapterContext(), num_slots=1)
+    assert wrap_experts(copy.deepcopy(base), AdapterContext(), 1, "grouped", SharedTensors())
 
 
 NA_CHECKS: dict[str, Callable[[str, Path], None]] = {
-    SHIRA_NA: _shira_cannot_wrap_conv1d,
+    CONV1D_NA: _linear_only_kinds_refuse_conv1d,
     NO_EXPERTS: _has_no_experts,
     NO_V4_LAYOUT: _nothing_to_convert,
 }

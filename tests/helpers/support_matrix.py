@@ -53,15 +53,15 @@ def _exact(_: str) -> Cell:
     return Cell(EXACT)
 
 
-SHIRA_NA = "peft's SHiRA adapts nn.Linear only; GPT-2's projections are Conv1D"
+CONV1D_NA = "peft's SHiRA, LoHa and LoKr adapt nn.Linear (not transformers' Conv1D, GPT-2's projections)"
 NO_EXPERTS = "no experts"
 NO_V4_LAYOUT = "released with stacked experts: no transformers 4 layout for peft to convert"
 V4_REASON = "an expert in transformers 4's layout"
 """Part of the server's message for LoRA on per-expert Linear modules (transformers 4 files)."""
 
 
-def _shira(family: str) -> Cell:
-    return Cell(NA, SHIRA_NA) if family == "gpt2" else Cell(EXACT)
+def _linear_only(family: str) -> Cell:
+    return Cell(NA, CONV1D_NA) if family == "gpt2" else Cell(EXACT)
 
 
 def _experts(family: str) -> Cell:
@@ -96,7 +96,17 @@ KINDS: tuple[AdapterKind, ...] = (
         },
         _exact,
     ),
-    AdapterKind("shira", "SHiRA (sparse)", {"shira": pf.make_shira}, _shira),
+    AdapterKind("shira", "SHiRA (sparse)", {"shira": pf.make_shira}, _linear_only),
+    AdapterKind("dora", "DoRA", {"dora": pf.make_dora}, _exact),
+    AdapterKind(
+        "ia3",
+        "IA³",
+        {"ia3": pf.make_ia3, "ia3-other": lambda base, family, out: pf.make_ia3(base, family, out, 11, True)},
+        _exact,
+    ),
+    AdapterKind("loha", "LoHa", {"loha": pf.make_loha}, _linear_only),
+    AdapterKind("lokr", "LoKr", {"lokr": pf.make_lokr}, _linear_only),
+    AdapterKind("vera", "VeRA", {"vera": pf.make_vera}, _exact),
     AdapterKind("experts", "LoRA on experts and router", {"experts": pf.make_expert_lora}, _experts),
     AdapterKind("experts-v4", "LoRA on experts, transformers 4 files", {}, _experts_v4),
 )
