@@ -93,7 +93,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         write_adapter(adapters / f"a{i}", seed=100 + i)
     process = cluster_process(
         ["--replicas", "2", "--replica-cpus", "1", "--threads", "1", "--adapter-slots", str(SLOTS),
-         "--store", str(root / "store"), "--keys-file", str(root / "keys.json"), "--grace-s", "5"],
+         "--store", str(root / "store"), "--keys-file", str(root / "keys.json"), "--grace-s", "30"],
         root / "cluster.log",
     )  # fmt: skip
     try:

@@ -337,7 +337,7 @@ def test_killed_replica_is_replaced_and_loses_nothing(cluster: Cluster) -> None:
 
 
 def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_requests(cluster: Cluster) -> None:
-    """Stops the cluster: runs last."""
+    """Stops the cluster: runs last. The stream takes seconds, well within the fixture's --grace-s."""
     acme = _openai(cluster.http_url, cluster.keys["acme"])
     tokens = 600
     stream = acme.completions.create(
@@ -363,6 +363,7 @@ def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_requests(cluster
                 break
             time.sleep(0.05)
         health = httpx2.get(f"{cluster.http_url}/health", timeout=10)
+        assert not rest.done()  # the drain began while the stream was under way
         chunks = rest.result(timeout=60)
     assert refused == (503, "the cluster is shutting down; retry shortly")
     assert (health.status_code, health.json()) == (503, {"status": "NOT_SERVING"})
