@@ -21,6 +21,21 @@ import torch
 from ..batch import AdapterBatch
 
 
+class SlotList(list):
+    """A form's per-slot values (None: empty), counting its changes so that a kernel may cache what it
+    derives from them (the Triton kernels' device table of slot pointers) until the next load or clear."""
+
+    def __init__(self, num_slots: int) -> None:
+        super().__init__([None] * num_slots)
+        self.revision = 0
+        self.derived: dict[str, object] = {}
+        """Kernel caches keyed by name; each checks `revision` itself."""
+
+    def __setitem__(self, index, value) -> None:
+        super().__setitem__(index, value)
+        self.revision += 1
+
+
 class Stage(enum.Enum):
     """Where in the layer a form runs; the layer runs INPUT, then the base layer, then OUTPUT, then ADD."""
 
@@ -78,7 +93,7 @@ class LayerSpec:
     bias: torch.Tensor | None
     """The base layer's bias [out] (None without one); DoRA's output scaling leaves it out."""
     kernels: str
-    """'grouped' (the fast path) or 'reference'; chosen per device in kernels.py."""
+    """'reference', 'grouped' or 'triton'; chosen per device in kernels.py."""
     shared: SharedTensors
     """The manager's store of tensors shared across slots and layers."""
 
@@ -152,6 +167,18 @@ class Delta:
         return sum(_bytes(t, dtype) for t in self.tensors().values())
 
 
+def triton_kernel(name: str) -> Callable[..., None]:
+    """A form's Triton kernel (adapters/triton/ops.py), imported at its first call: Triton is optional."""
+
+    def call(*args: object) -> None:
+        from ..triton import ops
+
+        getattr(ops, name)(*args)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
 def _bytes(t: torch.Tensor, dtype: torch.dtype | None) -> int:
     if dtype is not None and t.is_floating_point():
         return t.numel() * dtype.itemsize
@@ -212,8 +239,8 @@ class JointDelta(Delta):
 class Form:
     """The deltas of one compute form in one layer, one per slot, and how they apply to a step.
 
-    Subclasses set `stage` and implement `apply`; `kernels` maps 'reference' and 'grouped' to the
-    functions `apply` calls (each with a Semantics docstring; the grouped one is tested against the
+    Subclasses set `stage` and implement `apply`; `kernels` maps 'reference', 'grouped' and 'triton' to
+    the functions `apply` calls (each with a Semantics docstring; the fast ones are tested against the
     reference).
     """
 
@@ -223,7 +250,7 @@ class Form:
 
     def __init__(self, spec: LayerSpec) -> None:
         self.spec = spec
-        self.slots: list[Delta | None] = [None] * spec.num_slots
+        self.slots: SlotList = SlotList(spec.num_slots)
         self.loaded: set[int] = set()
 
     def load(self, slot: int, delta: Delta) -> None:
