@@ -51,6 +51,7 @@ class MultiAdapterLayer(nn.Module):
         )
         self.forms: dict[type[Form], Form] = {cls: cls(spec) for cls in forms}
         self._holding: dict[int, list[Form]] = {}  # slot -> the forms holding a part of its delta
+        self._ready: torch.cuda.Event | None = None  # fences the copies of the latest load (CUDA)
 
     def base_module(self) -> BaseModule:
         """The base layer as a delta sees it when it binds (shape, and its weight as [out, in])."""
@@ -60,9 +61,14 @@ class MultiAdapterLayer(nn.Module):
         weight = self.base_layer.weight
         return weight.T if isinstance(self.base_layer, Conv1D) else weight  # [out, in]
 
-    def load(self, slot: int, delta: Delta) -> None:
-        """Put a delta (already on the layer's device and dtype) into a slot, each part in its form."""
+    def load(self, slot: int, delta: Delta, ready: torch.cuda.Event | None = None) -> None:
+        """Put a delta (already on the layer's device and dtype) into a slot, each part in its form.
+
+        ready: the event its host -> device copies complete at (transfer.py); the next forward waits for it.
+        """
         self.clear(slot)
+        if ready is not None:
+            self._ready = ready  # later copies on the copier's one stream fence the earlier ones too
         holding = []
         for part in delta.parts():
             form = self.forms.get(part.form)
@@ -82,6 +88,9 @@ class MultiAdapterLayer(nn.Module):
         batch = self.context.batch
         if batch is None:
             return self.base_layer(x, *args, **kwargs)
+        if self._ready is not None:
+            torch.cuda.current_stream(x.device).wait_event(self._ready)
+            self._ready = None
         active = [form for form in self.forms.values() if form.active(batch)]
         if not active:
             return self.base_layer(x, *args, **kwargs)

@@ -405,7 +405,9 @@ class AdapterManager:
         for key in self.registry.add(manifest, source, store_root):
             self._free(key)
         if adapter is not None:
-            self.host.put(version_key(manifest.adapter_id, parse_version(manifest.version)), adapter)
+            self.host.put(
+                version_key(manifest.adapter_id, parse_version(manifest.version)), self._pinned(adapter)
+            )
 
     def _hold(self, key: str) -> None:
         self.registry.hold(key)
@@ -434,7 +436,11 @@ class AdapterManager:
             inside(record.store_root, record.source)  # no folder on the way was swapped for a symlink
         adapter = self._fit(load_adapter(record.source, expected, follow_symlinks=record.store_root is None))
         self.metrics.observe_load("host", time.perf_counter() - start)
-        return adapter
+        return self._pinned(adapter)
+
+    def _pinned(self, adapter: NormalizedAdapter) -> NormalizedAdapter:
+        """The host copy as the device tier copies it best: page-locked when copies are asynchronous."""
+        return adapter.pin_memory() if self.slots.copier.pins_host_memory else adapter
 
     def _host_copy(self, key: str) -> NormalizedAdapter:
         """The held version's host copy; loads it here (blocking) only if nobody ensured it first."""

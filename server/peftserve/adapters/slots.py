@@ -20,6 +20,7 @@ from peftserve.errors import CapacityExceeded, FailedPrecondition
 
 from .layer import MultiAdapterLayer
 from .normalized import NormalizedAdapter
+from .transfer import DeltaCopier
 
 
 @dataclass
@@ -46,6 +47,7 @@ class DeviceSlots:
         self.num_slots = num_slots
         self.device = device
         self.dtype = dtype
+        self.copier = DeltaCopier(device, dtype)
         self.max_pins = num_slots // 2
         """At most half the slots may be pinned, so a mixture of up to num_slots - max_pins always fits."""
         self.stats = SlotStats()
@@ -184,7 +186,8 @@ class DeviceSlots:
         slot = self._free_slot()
         start = time.perf_counter()
         for path, delta in adapter.deltas.items():
-            self.layers[path].load(slot, delta.to(self.device, self.dtype))
+            moved, ready = self.copier.copy(delta)
+            self.layers[path].load(slot, moved, ready)
         self._owner[slot] = key
         self._slot_of[key] = slot
         self._paths[key] = tuple(adapter.deltas)

@@ -128,13 +128,19 @@ class Delta:
         """Tensors held once for all slots that share them (by key); none for most forms."""
         return {}
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> Delta:
+    def to(self, device: torch.device | str, dtype: torch.dtype, non_blocking: bool = False) -> Delta:
         """The delta on a device, floating tensors in `dtype`, contiguous."""
         moved = {
-            name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
+            name: t.to(
+                device=device, dtype=dtype if t.is_floating_point() else t.dtype, non_blocking=non_blocking
+            ).contiguous()
             for name, t in self.tensors().items()
         }
         return type(self)(**{**self.__dict__, **moved})
+
+    def pin_memory(self) -> Delta:
+        """The delta with its tensors in page-locked host memory (asynchronous copies to a GPU)."""
+        return type(self)(**{**self.__dict__, **{n: t.pin_memory() for n, t in self.tensors().items()}})
 
     def bind(self, module: BaseModule) -> Delta:
         """The servable delta once the base module is known (deltas with needs_base override this)."""
@@ -216,8 +222,11 @@ class JointDelta(Delta):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.tensors().items()}
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> JointDelta:
-        return JointDelta(tuple(m.to(device, dtype) for m in self.members))
+    def to(self, device: torch.device | str, dtype: torch.dtype, non_blocking: bool = False) -> JointDelta:
+        return JointDelta(tuple(m.to(device, dtype, non_blocking) for m in self.members))
+
+    def pin_memory(self) -> JointDelta:
+        return JointDelta(tuple(m.pin_memory() for m in self.members))
 
     @property
     def rank(self) -> int | None:
