@@ -95,7 +95,9 @@ class AdapterManager:
         max_rank: int = 256,
         load_threads: int = 2,
         metrics_top_n: int = 20,
+        kernels: str | None = None,
     ) -> None:
+        """kernels: the forms' kernels (kernels.KERNELS); None picks the device's (kernels.py)."""
         if num_slots <= 0:
             raise InvalidRequest(f"num_slots must be > 0, got {num_slots}")
         self.device = torch.device(device)
@@ -103,7 +105,7 @@ class AdapterManager:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.context = AdapterContext()
-        self.kernels = select_kernels(self.device)
+        self.kernels = kernels or select_kernels(self.device)
         self.shared = SharedTensors()
         """Tensors held once for all slots and layers that use them (VeRA's projections)."""
         self.layers = wrap_model(model, self.context, FORMS, num_slots, self.kernels, self.shared)
