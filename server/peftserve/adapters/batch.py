@@ -59,7 +59,11 @@ class AdapterBatch:
         num_tokens: int,
         groups: tuple[SlotGroup, ...],
         device: torch.device | str = "cpu",
+        forms: tuple[type, ...] | None = None,
     ) -> None:
+        """forms: the forms every layer applies whatever the step's slots (a captured CUDA graph's step,
+        whose kernels read the slots from device tables at replay); None: the forms holding its slots."""
+        self.forms = forms
         self.spans = spans
         self.num_tokens = num_tokens
         self.groups = groups
@@ -183,3 +187,5 @@ class AdapterContext:
 
     def __init__(self) -> None:
         self.batch: AdapterBatch | None = None
+        self.slot_forms: dict[int, frozenset[type]] = {}
+        """Slot -> the forms its adapter's deltas use (DeviceSlots keeps it): which steps a graph can run."""

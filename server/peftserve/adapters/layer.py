@@ -80,6 +80,12 @@ class MultiAdapterLayer(nn.Module):
             holding.append(form)
         self._holding[slot] = holding
 
+    def wait_for_copies(self) -> None:
+        """Make the compute stream wait for the host -> device copies of the latest load (CUDA)."""
+        if self._ready is not None:
+            torch.cuda.current_stream(self.base_layer.weight.device).wait_event(self._ready)
+            self._ready = None
+
     def clear(self, slot: int) -> None:
         for form in self._holding.pop(slot, ()):
             form.clear(slot)
@@ -88,10 +94,11 @@ class MultiAdapterLayer(nn.Module):
         batch = self.context.batch
         if batch is None:
             return self.base_layer(x, *args, **kwargs)
-        if self._ready is not None:
-            torch.cuda.current_stream(x.device).wait_event(self._ready)
-            self._ready = None
-        active = [form for form in self.forms.values() if form.active(batch)]
+        self.wait_for_copies()
+        if batch.forms is not None:
+            active = [self.forms[cls] for cls in batch.forms if cls in self.forms]
+        else:
+            active = [form for form in self.forms.values() if form.active(batch)]
         if not active:
             return self.base_layer(x, *args, **kwargs)
         x2 = x.reshape(-1, self.in_features)  # [T, in]

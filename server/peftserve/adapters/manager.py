@@ -120,6 +120,7 @@ class AdapterManager:
             self.device,
             dtype,
             on_load=lambda s: self.metrics.observe_load("device", s),
+            slot_forms=self.context.slot_forms,
         )
         self._lock = threading.Lock()
 

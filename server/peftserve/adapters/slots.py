@@ -42,8 +42,11 @@ class DeviceSlots:
         device: torch.device,
         dtype: torch.dtype,
         on_load: Callable[[float], None] | None = None,
+        slot_forms: dict[int, frozenset[type]] | None = None,
     ) -> None:
+        """slot_forms: kept up to date with the forms each slot's adapter uses (AdapterContext's)."""
         self.layers = layers
+        self.slot_forms = slot_forms if slot_forms is not None else {}
         self.num_slots = num_slots
         self.device = device
         self.dtype = dtype
@@ -188,6 +191,7 @@ class DeviceSlots:
         for path, delta in adapter.deltas.items():
             moved, ready = self.copier.copy(delta)
             self.layers[path].load(slot, moved, ready)
+        self.slot_forms[slot] = frozenset(part.form for d in adapter.deltas.values() for part in d.parts())
         self._owner[slot] = key
         self._slot_of[key] = slot
         self._paths[key] = tuple(adapter.deltas)
@@ -212,6 +216,7 @@ class DeviceSlots:
         for path in self._paths.pop(key):
             self.layers[path].clear(slot)
         self._owner[slot] = None
+        self.slot_forms.pop(slot, None)
         self._idle.pop(key, None)
         self._drop_at_release.discard(key)
         self._pinned.discard(key)  # a pin lasts while the adapter is resident, never beyond

@@ -159,6 +159,7 @@ def expand_kernel(
             h_rows = tok
         else:
             h_rows = (tl.load(pairs_ptr + num_pairs + pair0 + j) + offset + m).to(tl.int64)
+        m_ptr = _ptr(row, COL_B, w_ptr)
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, inner, BLOCK_K):
             k = k0 + kk
@@ -168,7 +169,7 @@ def expand_kernel(
             if KRON:
                 m_t = _kron_block(row, w_ptr, n, n_ok, k, k_ok, inner)
             else:
-                m_at = _ptr(row, COL_B, w_ptr) + n[None, :].to(tl.int64) * inner + k[:, None]
+                m_at = m_ptr + n[None, :].to(tl.int64) * inner + k[:, None]
                 m_t = tl.load(m_at, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
             part = _dot(hs.to(w_ptr.dtype.element_ty), m_t, part, UPCAST)  # [BLOCK_M, BLOCK_N]
         if HAS_VEC:

@@ -12,7 +12,7 @@ sorted by row).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +21,18 @@ import triton
 from ..batch import AdapterBatch
 from ..forms import (
     DenseDelta,
+    DenseForm,
+    Form,
     InputScaleDelta,
     KroneckerDelta,
+    KroneckerForm,
     LowRankDelta,
+    LowRankForm,
     OutputScaleDelta,
+    ProjectedForm,
     SlotList,
     SparseDelta,
+    SparseForm,
 )
 from ..forms.projected import Projected
 from . import kernels as k
@@ -267,3 +273,23 @@ def output_scale_triton(
 ) -> None:
     """Semantics: as output_scale_reference. One launch; y0 is read before y is written (it may be y)."""
     _scale(y, y0, batch, slots, bias)
+
+
+CAPTURABLE: dict[
+    type[Form], Callable[[Form], tuple[SlotList, Callable[[object, list[torch.Tensor]], Row]]]
+] = {
+    LowRankForm: lambda f: (f.slots, _low_rank_row),
+    ProjectedForm: lambda f: (f.projected, _projected_row),
+    DenseForm: lambda f: (f.slots, _dense_row),
+    KroneckerForm: lambda f: (f.slots, _kron_row),
+    SparseForm: lambda f: (f.slots, lambda d, keep: _sparse_row(d, keep, f.spec.out_features)),
+}
+"""The forms a captured CUDA graph can run (the ADD ones: launches fixed by the plan's capacity alone),
+each with the slots and row builder of its table."""
+
+
+def refresh_tables(forms: Iterable[Form], device: torch.device) -> None:
+    """Bring these forms' slot tables up to date before a graph replay (no Python runs inside one)."""
+    for form in forms:
+        slots, row = CAPTURABLE[type(form)](form)
+        slot_table(slots, row, device)
