@@ -2,8 +2,9 @@
 
 Every kernel reads the same plan: tiles of at most BLOCK_M token rows of one signature group, each group
 with its (slot, weight) pairs. A layer's slots are reached through its slot table ([num_slots, TABLE_W]
-int64, ops.py), whose row holds data pointers and sizes, so each slot keeps its own rank and its own
-tensors: nothing is padded to the step's largest rank, and one launch serves every adapter of the step.
+int64, ops.py), whose row holds data pointers and sizes (sizes read as int32, so that loop-carried values
+keep one type when compiled), so each slot keeps its own rank and its own tensors: nothing is padded to
+the step's largest rank, and one launch serves every adapter of the step.
 A program skips its tile when no pair of the tile's group holds a delta here, so rows of tokens whose
 adapters do not touch this layer, like rows of no adapter, are never written.
 
@@ -31,6 +32,9 @@ COL_W2: tl.constexpr = 6  # Kronecker factor w2 [b, d]
 COL_KB: tl.constexpr = 7  # b, rows of w2; sparse: pointer to the CSR row starts [out + 1]
 COL_KD: tl.constexpr = 8  # d, columns of w2; sparse: pointer to the column of each entry [k]
 TABLE_W: tl.constexpr = 9
+
+STEP_SIZES = ["num_tiles", "num_groups", "num_pairs"]
+"""Arguments that change every step: not specialized on (Triton would compile a variant for value 1)."""
 
 
 @triton.jit
@@ -61,7 +65,7 @@ def _tile(tiles_ptr, num_tiles, groups_ptr, num_groups):
     return first, rows, pair0, npairs, offset
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_SIZES)
 def shrink_kernel(
     x_ptr, h_ptr, tokens_ptr, tiles_ptr, groups_ptr, pairs_ptr, table_ptr,
     num_tiles, num_groups, num_pairs, in_features, x_stride, h_stride,
@@ -82,7 +86,7 @@ def shrink_kernel(
     slot = tl.load(pairs_ptr + pair0 + j)
     h_first = tl.load(pairs_ptr + num_pairs + pair0 + j) + offset
     row = table_ptr + slot * TABLE_W
-    rank = tl.load(row + COL_K)
+    rank = tl.load(row + COL_K).to(tl.int32)
     if r0 >= rank:
         return
     a_ptr = _ptr(row, COL_A, x_ptr)
@@ -114,8 +118,8 @@ def shrink_kernel(
 @triton.jit
 def _kron_block(row, w_ptr, n, n_ok, k, k_ok, in_features):
     """[BLOCK_K, BLOCK_N] block of kron(w1, w2).T: dW[n, k] = w1[n // b, k // d] * w2[n % b, k % d]."""
-    b = tl.load(row + COL_KB)
-    d = tl.load(row + COL_KD)
+    b = tl.load(row + COL_KB).to(tl.int32)
+    d = tl.load(row + COL_KD).to(tl.int32)
     c = in_features // d
     w1 = _ptr(row, COL_B, w_ptr)
     w2 = _ptr(row, COL_W2, w_ptr)
@@ -125,7 +129,7 @@ def _kron_block(row, w_ptr, n, n_ok, k, k_ok, in_features):
     return (f1 * f2).to(w_ptr.dtype.element_ty)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_SIZES)
 def expand_kernel(
     y_ptr, h_ptr, w_ptr, tokens_ptr, tiles_ptr, groups_ptr, pairs_ptr, weights_ptr, table_ptr,
     num_tiles, num_groups, num_pairs, out_features, y_stride, h_stride,
@@ -153,7 +157,7 @@ def expand_kernel(
         slot = tl.load(pairs_ptr + pair0 + j)
         weight = tl.load(weights_ptr + pair0 + j)
         row = table_ptr + slot * TABLE_W
-        inner = tl.load(row + COL_K)
+        inner = tl.load(row + COL_K).to(tl.int32)
         touched += inner
         if H_IS_X:
             h_rows = tok
@@ -183,7 +187,7 @@ def expand_kernel(
     tl.store(at, (y + acc).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles", "num_groups"])
 def sparse_kernel(
     y_ptr, x_ptr, tokens_ptr, tiles_ptr, groups_ptr, pairs_ptr, weights_ptr, table_ptr,
     num_tiles, num_groups, out_features, y_stride, x_stride,
@@ -207,7 +211,7 @@ def sparse_kernel(
         slot = tl.load(pairs_ptr + pair0 + j)
         weight = tl.load(weights_ptr + pair0 + j)
         row = table_ptr + slot * TABLE_W
-        present = tl.load(row + COL_K)
+        present = tl.load(row + COL_K).to(tl.int32)
         touched += present
         if present > 0:
             starts_ptr = _ptr(row, COL_KB, table_ptr)
@@ -228,7 +232,7 @@ def sparse_kernel(
     tl.store(at, (y + acc).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles", "num_groups"])
 def scale_kernel(
     y_ptr, src_ptr, bias_ptr, tokens_ptr, tiles_ptr, groups_ptr, pairs_ptr, weights_ptr, table_ptr,
     num_tiles, num_groups, features, y_stride, src_stride,
@@ -256,7 +260,7 @@ def scale_kernel(
         slot = tl.load(pairs_ptr + pair0 + j)
         weight = tl.load(weights_ptr + pair0 + j)
         row = table_ptr + slot * TABLE_W
-        present = tl.load(row + COL_K)
+        present = tl.load(row + COL_K).to(tl.int32)
         touched += present
         vec_ok = n < features * present
         vec = tl.load(_ptr(row, COL_VEC_B, src_ptr) + n, mask=vec_ok, other=0.0).to(tl.float32)
