@@ -43,7 +43,8 @@ def capture_cuda_graph(run: Callable[[], None], pool: object) -> Callable[[], No
         run()  # warm-up off the capture: Triton compiles, the allocator settles
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: the adapter load threads may pin host memory meanwhile, which global mode forbids
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         run()
     return graph.replay
 
@@ -146,10 +147,13 @@ class DecodeGraphs:
             return None
         forms: set[type] = set()
         pairs = 1
+        slot_forms = self.adapters.slot_forms if self.adapters is not None else {}
         for _, _, slot_weights in step.adapter_spans:
             pairs = max(pairs, len(slot_weights))
             for slot, _ in slot_weights:
-                forms |= self.adapters.slot_forms.get(slot, frozenset()) if self.adapters else frozenset()
+                if slot not in slot_forms:
+                    return None
+                forms |= slot_forms[slot]
         if forms and not (
             self.adapter_steps and forms.issubset(ops.CAPTURABLE) and pairs <= self.max_mixture
         ):
