@@ -46,8 +46,8 @@ KERNELS = [
     pytest.param("cuda", None, marks=[pytest.mark.gpu, needs_cuda], id="cuda"),
     pytest.param("cpu", "triton", marks=pytest.mark.triton, id="cpu-triton-interpreted"),
 ]
-INTERPRETED_FAMILIES = ("llama", "gpt2")
-"""The interpreter is slow: the Triton kernels run against PEFT on one Linear and one Conv1D family."""
+INTERPRETED_FAMILIES = ("llama",)
+"""The interpreter is slow: the Triton kernels run against PEFT on one family (they see [T, in] rows only)."""
 
 
 @pytest.mark.parametrize(("device", "kernels"), KERNELS)

@@ -131,3 +131,12 @@ def test_buckets() -> None:
 def test_cuda_graphs_need_cuda() -> None:
     with pytest.raises(InvalidRequest, match="CUDA"):
         EngineConfig(device="cpu", cuda_graphs=True)
+
+
+def test_cuda_graphs_flag() -> None:
+    from peftserve.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--cuda-graphs", "on"]).cuda_graphs is True
+    assert build_parser().parse_args(["serve"]).cuda_graphs is None  # EngineConfig's default: off
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--cuda-graphs", "yes"])
