@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from peftserve.adapters import AdapterManager
 from tests.adapters import peft_factory as pf
-from tests.helpers.devices import needs_cuda
+from tests.helpers.devices import interpreted, needs_cuda
 from tests.helpers.tiny_models import FAMILIES, build_tiny_model
 
 SEQ = 7
@@ -44,7 +44,7 @@ def _input_ids(base: PreTrainedModel, rows: int, seed: int = 11) -> torch.Tensor
 KERNELS = [
     pytest.param("cpu", None, id="cpu"),
     pytest.param("cuda", None, marks=[pytest.mark.gpu, needs_cuda], id="cuda"),
-    pytest.param("cpu", "triton", marks=pytest.mark.triton, id="cpu-triton-interpreted"),
+    pytest.param("cpu", "triton", marks=[pytest.mark.triton, interpreted], id="cpu-triton-interpreted"),
 ]
 INTERPRETED_FAMILIES = ("llama",)
 """The interpreter is slow: the Triton kernels run against PEFT on one family (they see [T, in] rows only)."""

@@ -6,6 +6,10 @@ import pytest
 import torch
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+interpreted = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="Triton on CPU tensors: its interpreter, which is off with a GPU"
+)
+"""For tests that run the Triton kernels on CPU (their cuda variant runs them compiled)."""
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
 """For `@pytest.mark.parametrize("device", DEVICES)`."""

@@ -20,7 +20,7 @@ from peftserve.engine.request import AdapterRef, GenerationRequest, SamplingPara
 from peftserve.errors import InvalidRequest
 from tests.adapters import peft_factory as pf
 from tests.engine.conftest import random_prompts, run_recording
-from tests.helpers.devices import needs_cuda
+from tests.helpers.devices import interpreted, needs_cuda
 from tests.helpers.tiny_models import tiny_config, tiny_tokenizer
 
 pytest.importorskip("triton")
@@ -97,6 +97,7 @@ def _compare(dirs: dict[str, Path], device: str, capture, uses=USES) -> tuple[in
 
 
 @pytest.mark.triton
+@interpreted
 def test_replayed_decode_steps_equal_eager_steps(adapter_dirs: dict[str, Path]) -> None:
     from peftserve.runner.graphs import capture_eagerly
 
@@ -104,6 +105,8 @@ def test_replayed_decode_steps_equal_eager_steps(adapter_dirs: dict[str, Path]) 
     assert _compare(adapter_dirs, "cpu", capture_eagerly) == (5, 2)
 
 
+@pytest.mark.triton
+@interpreted
 def test_steps_with_other_forms_run_eagerly(adapter_dirs: dict[str, Path]) -> None:
     """DoRA's output scaling is not captured: every step holding it runs eagerly."""
     from peftserve.runner.graphs import capture_eagerly
@@ -118,6 +121,7 @@ def test_cuda_graphs_equal_eager_steps(adapter_dirs: dict[str, Path]) -> None:
     from peftserve.runner.graphs import capture_cuda_graph
 
     assert _compare(adapter_dirs, "cuda", capture_cuda_graph) == (5, 2)
+    assert _compare(adapter_dirs, "cuda", capture_cuda_graph, {"dora": (AdapterRef("dora"),)})[0] == 0
 
 
 def test_buckets() -> None:
