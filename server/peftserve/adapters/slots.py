@@ -18,7 +18,7 @@ import torch
 
 from peftserve.errors import CapacityExceeded, FailedPrecondition
 
-from .layer import MultiAdapterLayer
+from .layer import AdapterTarget, MultiAdapterLayer
 from .normalized import NormalizedAdapter
 from .transfer import DeltaCopier
 
@@ -37,7 +37,7 @@ class DeviceSlots:
 
     def __init__(
         self,
-        layers: dict[str, MultiAdapterLayer],
+        layers: dict[str, AdapterTarget],
         num_slots: int,
         device: torch.device,
         dtype: torch.dtype,
@@ -188,10 +188,18 @@ class DeviceSlots:
     def _place(self, key: str, adapter: NormalizedAdapter) -> int:
         slot = self._free_slot()
         start = time.perf_counter()
+        forms: set[type] = set()
         for path, delta in adapter.deltas.items():
             moved, ready = self.copier.copy(delta)
-            self.layers[path].load(slot, moved, ready)
-        self.slot_forms[slot] = frozenset(part.form for d in adapter.deltas.values() for part in d.parts())
+            target = self.layers[path]
+            if isinstance(target, MultiAdapterLayer):
+                target.load(slot, moved, ready)
+                forms.update(part.form for part in delta.parts())
+            else:  # expert stacks and routers do not wait for their copies: the compute stream does now
+                self.copier.fence(ready)
+                target.load(slot, moved)
+                forms.add(type(target))
+        self.slot_forms[slot] = frozenset(forms)
         self._owner[slot] = key
         self._slot_of[key] = slot
         self._paths[key] = tuple(adapter.deltas)

@@ -38,3 +38,8 @@ class DeltaCopier:
             for tensor in part.tensors().values():
                 tensor.record_stream(compute)  # freed on the compute stream: not reused before it is done
         return moved, ready
+
+    def fence(self, ready: torch.cuda.Event | None) -> None:
+        """Make the compute stream wait for a copy now (for targets that do not wait themselves)."""
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
