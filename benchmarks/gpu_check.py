@@ -54,12 +54,7 @@ def steps(args: argparse.Namespace) -> list[Step | None]:
         engine = ["--quick", "--requests", "8", "--sequential-limit", "2"]
         adapters = ["--shape", "bench-mid", "--ks", "1", "32", "--repeats", "1"]
         serving = ["--quick", "--sweep-adapters", "--load-fractions", "--systems", "peftserve", "base"]
-        tests += [
-            "-m",
-            "triton",
-            "tests/adapters/test_triton_kernels.py",
-            "tests/adapters/test_triton_plan.py",
-        ]
+        tests += ["-m", "triton", "tests/adapters/test_triton_kernels.py"]
     else:
         engine = ["--shape", "bench-1b", "--requests", "64", "--sequential-limit", "4"]
         adapters = ["--shape", "bench-1b", "--ks", "1", "32", "--repeats", "10"]
