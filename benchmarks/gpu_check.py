@@ -64,76 +64,44 @@ def steps(args: argparse.Namespace) -> list[Step | None]:
             "--peft-sequential-limit", "8",
         ]  # fmt: skip
         tests += ["-m", "gpu or triton", "tests"]
-    bench = [py]
+    threads = ["--threads", "1"] if device == "cpu" else []  # a shared CPU box: no OpenMP barriers
+    common = [*threads, "--device", device, "--dtype", dtype]
+    graphs = [py, "benchmarks/bench_engine.py", *engine, *common, "--systems", "peftserve", "--cuda-graphs"]
     return [
         Step("tests (gpu, triton) on the device", tests, 120),
         Step(
             "engine vs transformers",
-            [
-                *bench,
-                "benchmarks/bench_engine.py",
-                *engine,
-                "--device",
-                device,
-                "--dtype",
-                dtype,
-                "--json-out",
-                str(out / "engine.json"),
-            ],
+            [py, "benchmarks/bench_engine.py", *engine, *common, "--json-out", str(out / "engine.json")],
             70,
             out / "engine.json",
-        ),  # fmt: skip
+        ),
         Step(
             "engine, decode from CUDA graphs",
-            [
-                *bench,
-                "benchmarks/bench_engine.py",
-                *engine,
-                "--device",
-                device,
-                "--dtype",
-                dtype,
-                "--systems",
-                "peftserve",
-                "--cuda-graphs",
-                "--json-out",
-                str(out / "engine-graphs.json"),
-            ],
+            [*graphs, "--json-out", str(out / "engine-graphs.json")],
             40,
             out / "engine-graphs.json",
         )
         if device == "cuda"
-        else None,  # fmt: skip
+        else None,
         Step(
             "adapter layers: 32 distinct vs base",
             [
-                *bench,
+                py,
                 "benchmarks/bench_adapters.py",
                 *adapters,
-                "--device",
-                device,
-                "--dtype",
-                dtype,
+                *common,
                 "--json-out",
                 str(out / "adapters.json"),
             ],
             60,
             out / "adapters.json",
-        ),  # fmt: skip
+        ),
         Step(
             "serving 100 adapters",
-            [
-                *bench,
-                "benchmarks/bench_serving.py",
-                *serving,
-                "--device",
-                device,
-                "--out",
-                str(out / "serving"),
-            ],
+            [py, "benchmarks/bench_serving.py", *serving, "--device", device, "--out", str(out / "serving")],
             150,
             out / "serving" / "results.json",
-        ),  # fmt: skip
+        ),
     ]
 
 
