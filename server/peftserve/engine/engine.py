@@ -94,6 +94,13 @@ class LLMEngine:
             adapters=adapters.context if adapters is not None else None,
             cpu_linear=config.cpu_linear,
         )
+        if config.cuda_graphs:
+            self.runner.enable_graphs(
+                max_batch=config.max_running,
+                max_context=self.max_context,
+                max_mixture=adapters.max_mixture if adapters is not None else 1,
+                max_rank=config.adapter_max_rank,
+            )
         eos = list(eos_token_ids(model))
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(int(tokenizer.eos_token_id))
