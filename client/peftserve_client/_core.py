@@ -20,6 +20,7 @@ from peftserve_client.types import (
     FinishReason,
     GenerateResult,
     ModelInfo,
+    PrefixCacheStats,
     StreamChunk,
     Tier,
     TokenizeResult,
@@ -186,6 +187,18 @@ def to_model_info(msg: pb.ModelInfoResponse) -> ModelInfo:
         kv_block_size=msg.kv_block_size,
         server_version=msg.server_version,
         eos_token_ids=tuple(msg.eos_token_ids),
+        prefix_cache=_prefix_cache(msg.prefix_cache) if msg.HasField("prefix_cache") else None,
+    )
+
+
+def _prefix_cache(msg: pb.PrefixCacheStats) -> PrefixCacheStats:
+    return PrefixCacheStats(
+        enabled=msg.enabled,
+        query_tokens=msg.query_tokens,
+        hit_tokens=msg.hit_tokens,
+        hit_rate=msg.hit_rate,
+        cached_blocks=msg.cached_blocks,
+        evictions=msg.evictions,
     )
 
 

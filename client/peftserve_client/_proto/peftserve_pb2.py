@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpeftserve/v1/peftserve.proto\x12\x0cpeftserve.v1\"\xc2\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1b.peftserve.v1.AdapterWeight\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.peftserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"3\n\rAdapterWeight\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xc6\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.peftserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.peftserve.v1.Usage\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\"\xb6\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.peftserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.peftserve.v1.Usage\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xa3\x02\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x15\n\rkv_block_size\x18\x0b \x01(\r\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12\x15\n\reos_token_ids\x18\r \x03(\r\"K\n\x14UploadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"9\n\x0b\x41\x64\x61pterFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x82\x02\n\x0f\x41\x64\x61pterManifest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tpeft_type\x18\x04 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x05 \x01(\t\x12\r\n\x05ranks\x18\x06 \x03(\r\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x1a\n\x12num_virtual_tokens\x18\x08 \x01(\r\x12\x0e\n\x06nbytes\x18\t \x01(\x04\x12(\n\x05\x66iles\x18\n \x03(\x0b\x32\x19.peftserve.v1.AdapterFile\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\"\x94\x01\n\rAdapterStatus\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.peftserve.v1.AdapterManifest\x12)\n\x04tier\x18\x02 \x01(\x0e\x32\x1b.peftserve.v1.ResidencyTier\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\"5\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"^\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.peftserve.v1.AdapterStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*|\n\rResidencyTier\x12\x1e\n\x1aRESIDENCY_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13RESIDENCY_TIER_DISK\x10\x01\x12\x17\n\x13RESIDENCY_TIER_HOST\x10\x02\x12\x19\n\x15RESIDENCY_TIER_DEVICE\x10\x03\x32\xc8\x02\n\tInference\x12I\n\x08Generate\x12\x1d.peftserve.v1.GenerateRequest\x1a\x1e.peftserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.peftserve.v1.GenerateRequest\x1a$.peftserve.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.peftserve.v1.TokenizeRequest\x1a\x1e.peftserve.v1.TokenizeResponse\x12L\n\tModelInfo\x12\x1e.peftserve.v1.ModelInfoRequest\x1a\x1f.peftserve.v1.ModelInfoResponse2\xfd\x03\n\x08\x41\x64\x61pters\x12T\n\rUploadAdapter\x12\".peftserve.v1.UploadAdapterRequest\x1a\x1d.peftserve.v1.AdapterManifest(\x01\x12L\n\x0bLoadAdapter\x12 .peftserve.v1.LoadAdapterRequest\x1a\x1b.peftserve.v1.AdapterStatus\x12P\n\rUnloadAdapter\x12\".peftserve.v1.UnloadAdapterRequest\x1a\x1b.peftserve.v1.AdapterStatus\x12X\n\rDeleteAdapter\x12\".peftserve.v1.DeleteAdapterRequest\x1a#.peftserve.v1.DeleteAdapterResponse\x12U\n\x0cListAdapters\x12!.peftserve.v1.ListAdaptersRequest\x1a\".peftserve.v1.ListAdaptersResponse\x12J\n\nGetAdapter\x12\x1f.peftserve.v1.GetAdapterRequest\x1a\x1b.peftserve.v1.AdapterStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpeftserve/v1/peftserve.proto\x12\x0cpeftserve.v1\"\xc2\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32\x1b.peftserve.v1.AdapterWeight\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.peftserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"3\n\rAdapterWeight\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xc6\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.peftserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.peftserve.v1.Usage\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\"\xb6\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.peftserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.peftserve.v1.Usage\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xd9\x02\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x15\n\rkv_block_size\x18\x0b \x01(\r\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12\x15\n\reos_token_ids\x18\r \x03(\r\x12\x34\n\x0cprefix_cache\x18\x0e \x01(\x0b\x32\x1e.peftserve.v1.PrefixCacheStats\"\x89\x01\n\x10PrefixCacheStats\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x14\n\x0cquery_tokens\x18\x02 \x01(\x04\x12\x12\n\nhit_tokens\x18\x03 \x01(\x04\x12\x10\n\x08hit_rate\x18\x04 \x01(\x01\x12\x15\n\rcached_blocks\x18\x05 \x01(\r\x12\x11\n\tevictions\x18\x06 \x01(\x04\"K\n\x14UploadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"9\n\x0b\x41\x64\x61pterFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x82\x02\n\x0f\x41\x64\x61pterManifest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tpeft_type\x18\x04 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x05 \x01(\t\x12\r\n\x05ranks\x18\x06 \x03(\r\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x1a\n\x12num_virtual_tokens\x18\x08 \x01(\r\x12\x0e\n\x06nbytes\x18\t \x01(\x04\x12(\n\x05\x66iles\x18\n \x03(\x0b\x32\x19.peftserve.v1.AdapterFile\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\"\x94\x01\n\rAdapterStatus\x12/\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.peftserve.v1.AdapterManifest\x12)\n\x04tier\x18\x02 \x01(\x0e\x32\x1b.peftserve.v1.ResidencyTier\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\"5\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"^\n\x14ListAdaptersResponse\x12-\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1b.peftserve.v1.AdapterStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*|\n\rResidencyTier\x12\x1e\n\x1aRESIDENCY_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13RESIDENCY_TIER_DISK\x10\x01\x12\x17\n\x13RESIDENCY_TIER_HOST\x10\x02\x12\x19\n\x15RESIDENCY_TIER_DEVICE\x10\x03\x32\xc8\x02\n\tInference\x12I\n\x08Generate\x12\x1d.peftserve.v1.GenerateRequest\x1a\x1e.peftserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.peftserve.v1.GenerateRequest\x1a$.peftserve.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.peftserve.v1.TokenizeRequest\x1a\x1e.peftserve.v1.TokenizeResponse\x12L\n\tModelInfo\x12\x1e.peftserve.v1.ModelInfoRequest\x1a\x1f.peftserve.v1.ModelInfoResponse2\xfd\x03\n\x08\x41\x64\x61pters\x12T\n\rUploadAdapter\x12\".peftserve.v1.UploadAdapterRequest\x1a\x1d.peftserve.v1.AdapterManifest(\x01\x12L\n\x0bLoadAdapter\x12 .peftserve.v1.LoadAdapterRequest\x1a\x1b.peftserve.v1.AdapterStatus\x12P\n\rUnloadAdapter\x12\".peftserve.v1.UnloadAdapterRequest\x1a\x1b.peftserve.v1.AdapterStatus\x12X\n\rDeleteAdapter\x12\".peftserve.v1.DeleteAdapterRequest\x1a#.peftserve.v1.DeleteAdapterResponse\x12U\n\x0cListAdapters\x12!.peftserve.v1.ListAdaptersRequest\x1a\".peftserve.v1.ListAdaptersResponse\x12J\n\nGetAdapter\x12\x1f.peftserve.v1.GetAdapterRequest\x1a\x1b.peftserve.v1.AdapterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2366
-  _globals['_FINISHREASON']._serialized_end=2513
-  _globals['_RESIDENCYTIER']._serialized_start=2515
-  _globals['_RESIDENCYTIER']._serialized_end=2639
+  _globals['_FINISHREASON']._serialized_start=2560
+  _globals['_FINISHREASON']._serialized_end=2707
+  _globals['_RESIDENCYTIER']._serialized_start=2709
+  _globals['_RESIDENCYTIER']._serialized_end=2833
   _globals['_GENERATEREQUEST']._serialized_start=47
   _globals['_GENERATEREQUEST']._serialized_end=241
   _globals['_ADAPTERWEIGHT']._serialized_start=243
@@ -54,31 +54,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFOREQUEST']._serialized_start=1136
   _globals['_MODELINFOREQUEST']._serialized_end=1154
   _globals['_MODELINFORESPONSE']._serialized_start=1157
-  _globals['_MODELINFORESPONSE']._serialized_end=1448
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1450
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1525
-  _globals['_ADAPTERFILE']._serialized_start=1527
-  _globals['_ADAPTERFILE']._serialized_end=1584
-  _globals['_ADAPTERMANIFEST']._serialized_start=1587
-  _globals['_ADAPTERMANIFEST']._serialized_end=1845
-  _globals['_ADAPTERSTATUS']._serialized_start=1848
-  _globals['_ADAPTERSTATUS']._serialized_end=1996
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1998
-  _globals['_LOADADAPTERREQUEST']._serialized_end=2051
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2053
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2095
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=2097
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=2139
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=2141
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=2164
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=2166
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=2226
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2228
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2322
-  _globals['_GETADAPTERREQUEST']._serialized_start=2324
-  _globals['_GETADAPTERREQUEST']._serialized_end=2363
-  _globals['_INFERENCE']._serialized_start=2642
-  _globals['_INFERENCE']._serialized_end=2970
-  _globals['_ADAPTERS']._serialized_start=2973
-  _globals['_ADAPTERS']._serialized_end=3482
+  _globals['_MODELINFORESPONSE']._serialized_end=1502
+  _globals['_PREFIXCACHESTATS']._serialized_start=1505
+  _globals['_PREFIXCACHESTATS']._serialized_end=1642
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=1644
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=1719
+  _globals['_ADAPTERFILE']._serialized_start=1721
+  _globals['_ADAPTERFILE']._serialized_end=1778
+  _globals['_ADAPTERMANIFEST']._serialized_start=1781
+  _globals['_ADAPTERMANIFEST']._serialized_end=2039
+  _globals['_ADAPTERSTATUS']._serialized_start=2042
+  _globals['_ADAPTERSTATUS']._serialized_end=2190
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2192
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2245
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2247
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2289
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=2291
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=2333
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=2335
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=2358
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2360
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2420
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2422
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2516
+  _globals['_GETADAPTERREQUEST']._serialized_start=2518
+  _globals['_GETADAPTERREQUEST']._serialized_end=2557
+  _globals['_INFERENCE']._serialized_start=2836
+  _globals['_INFERENCE']._serialized_end=3164
+  _globals['_ADAPTERS']._serialized_start=3167
+  _globals['_ADAPTERS']._serialized_end=3676
 # @@protoc_insertion_point(module_scope)

@@ -115,6 +115,7 @@ class AdapterManager:
             on_load=lambda s: self.metrics.observe_load("device", s),
         )
         self._lock = threading.Lock()
+        self._removed: list[str] = []  # version keys removed since take_removed last ran
 
     @property
     def max_mixture(self) -> int:
@@ -326,6 +327,7 @@ class AdapterManager:
         """Make all but the newest `keep` versions unaddressable (0: delete); their memory goes when idle."""
         with self._lock:
             removal = self.registry.remove(adapter_id, keep)
+            self._removed += [record.key for record in removal.removed]
             for key in removal.freed:
                 self._free(key)
             for record in removal.held:
@@ -333,6 +335,12 @@ class AdapterManager:
         if keep == 0:
             self.metrics.traffic.forget(adapter_id)
         return removal
+
+    def take_removed(self) -> list[str]:
+        """Version keys removed (deleted or pruned) since the last call: the engine forgets their KV."""
+        with self._lock:
+            removed, self._removed = self._removed, []
+        return removed
 
     def status(self, adapter_id: str) -> AdapterStatus:
         """The current version's manifest, tier and pin, and the requests holding any version."""

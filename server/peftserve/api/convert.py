@@ -6,7 +6,13 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from peftserve import __version__
-from peftserve.engine.protocol import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AdapterStatus, ModelInfo
+from peftserve.engine.protocol import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    AdapterStatus,
+    ModelInfo,
+    PrefixCacheStats,
+)
 from peftserve.engine.request import (
     MAX_MIXTURE_ADAPTERS,
     AdapterRef,
@@ -162,6 +168,18 @@ def to_model_info_response(info: ModelInfo) -> pb.ModelInfoResponse:
         kv_block_size=info.kv_block_size,
         server_version=__version__,
         eos_token_ids=info.eos_token_ids,
+        prefix_cache=_prefix_cache_message(info.prefix_cache) if info.prefix_cache is not None else None,
+    )
+
+
+def _prefix_cache_message(stats: PrefixCacheStats) -> pb.PrefixCacheStats:
+    return pb.PrefixCacheStats(
+        enabled=stats.enabled,
+        query_tokens=stats.query_tokens,
+        hit_tokens=stats.hit_tokens,
+        hit_rate=stats.hit_rate,
+        cached_blocks=stats.cached_blocks,
+        evictions=stats.evictions,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from typing import TypeVar
 
 from ray.serve.handle import DeploymentHandle
@@ -69,8 +70,10 @@ class RemoteEngine:
         return await _remote(self._replicas.tokenize.remote(text))
 
     async def model_info(self) -> ModelInfo:
+        """One replica's info without its prefix-cache counters (each replica has its own cache)."""
         if self._model_info is None:
-            self._model_info = await _remote(self._replicas.model_info.remote())
+            info = await _remote(self._replicas.model_info.remote())
+            self._model_info = replace(info, prefix_cache=None)
         return self._model_info
 
     async def ready(self) -> str:

@@ -17,7 +17,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.adapter_binding import AdapterBinding
 from peftserve.engine.detokenizer import IncrementalDetokenizer
 from peftserve.engine.fairness import TokenBuckets
-from peftserve.engine.protocol import EngineStats, ModelInfo
+from peftserve.engine.protocol import EngineStats, ModelInfo, PrefixCacheStats
 from peftserve.engine.request import (
     FinishReason,
     GenerationRequest,
@@ -84,6 +84,8 @@ class LLMEngine:
             max_running=config.max_running,
             max_slot_adapters=self.adapters.num_slots if self.adapters else 0,
             policy=config.scheduling,
+            prefix_cache=config.prefix_cache == "on",
+            prefix_cache_tenant_share=config.prefix_cache_tenant_share,
         )
         self._tokens = TokenBuckets()
         self.runner = ModelRunner(
@@ -146,7 +148,7 @@ class LLMEngine:
 
     @property
     def model_info(self) -> ModelInfo:
-        return self._info
+        return replace(self._info, prefix_cache=self.prefix_cache_stats())
 
     def stats(self) -> EngineStats:
         alloc = self.scheduler.allocator
@@ -155,6 +157,18 @@ class LLMEngine:
             running=len(self.scheduler.running),
             kv_blocks_used=alloc.num_used,
             kv_blocks_free=alloc.num_free,
+            prefix_cache=self.prefix_cache_stats(),
+        )
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        pool = self.scheduler.allocator
+        counters = pool.counters
+        return PrefixCacheStats(
+            enabled=pool.caching,
+            query_tokens=counters.query_tokens,
+            hit_tokens=counters.hit_tokens,
+            cached_blocks=pool.num_cached,
+            evictions=counters.evictions,
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -282,6 +296,7 @@ class LLMEngine:
         """Run one engine step; returns an output for every sequence that sampled a token."""
         if self.adapters is not None:
             self.scheduler.reserved_slot_adapters = self.adapters.pinned_keys()
+            self.scheduler.allocator.drop_versions(self.adapters.removed_versions())
         plan = self.scheduler.schedule()
         if self.adapters is not None:
             for seq in self.adapters.on_plan(plan):
@@ -289,8 +304,7 @@ class LLMEngine:
         if not plan.chunks:
             return []
         step = self.runner.execute(plan)
-        for chunk in plan.chunks:
-            chunk.seq.num_computed += chunk.num_tokens
+        self.scheduler.computed(plan, step.non_finite)
         failed = [self._on_non_finite(seq) for seq in step.non_finite]
         return [self._on_token(s.seq, s.token_id, s.logprob) for s in step.sampled] + failed
 

@@ -16,6 +16,9 @@ Plain Python, no torch. The policy, per step:
    sequences, plus the pinned ones the engine reserves) allow. When the next sequence lacks blocks,
    admission stops for this step (smaller requests behind it would starve it). A sequence lacking only
    adapter slots is passed over, up to MAX_SLOT_WAITS steps; then it holds admission until it fits.
+   An admitted sequence starts with the longest prefix of its own identity found in the prefix cache
+   (engine/prefix_cache.py): those blocks join its table and their tokens are neither computed nor
+   charged to its tenant (only computed tokens are).
 4. **Pack by adapter.** The step's chunks are ordered by adapter, so each adapter's tokens are
    contiguous in the packed batch.
 
@@ -26,8 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peftserve.engine.blocks import BlockAllocator, blocks_needed
 from peftserve.engine.fairness import TenantQueues
+from peftserve.engine.prefix_cache import BlockPool, blocks_needed
 from peftserve.engine.request import FinishReason
 from peftserve.engine.sequence import SeqStatus, Sequence
 
@@ -59,7 +62,7 @@ class StepPlan:
 
 
 class Scheduler:
-    """Owns the waiting queue, the running set and the KV block allocator."""
+    """Owns the waiting queue, the running set and the KV blocks (with the prefix cache over them)."""
 
     def __init__(
         self,
@@ -69,12 +72,14 @@ class Scheduler:
         max_running: int,
         max_slot_adapters: int,
         policy: str = "fair",
+        prefix_cache: bool = True,
+        prefix_cache_tenant_share: float | None = None,
     ) -> None:
         self.block_size = block_size
         self.max_batched_tokens = max_batched_tokens
         self.max_running = max_running
         self.max_slot_adapters = max_slot_adapters
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockPool(num_blocks, block_size, prefix_cache, prefix_cache_tenant_share)
         self.waiting = TenantQueues(policy)
         self.running: list[Sequence] = []  # oldest first
         self._by_id: dict[str, Sequence] = {}
@@ -137,8 +142,9 @@ class Scheduler:
             seq = self.waiting.next_candidate(passed_over, self._under_running_limit)
             if seq is None:
                 break
-            need = blocks_needed(seq.kv_len, self.block_size)
-            if need > self.allocator.num_free:
+            hits = self.allocator.lookup(seq)
+            need = blocks_needed(seq.kv_len, self.block_size) - len(hits)
+            if need + self.allocator.num_idle(hits) > self.allocator.num_free:
                 break
             if not self._slots_allow(seq):
                 seq.slot_waits += 1
@@ -147,8 +153,7 @@ class Scheduler:
                 passed_over.add(seq)
                 continue
             self.waiting.remove(seq)
-            seq.blocks = self.allocator.allocate(need)
-            seq.num_computed = seq.num_virtual
+            self.allocator.admit(seq, hits, need)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self.waiting.started(seq)
@@ -158,6 +163,14 @@ class Scheduler:
         # run in the packed batch (sliced, not gathered, by the adapter kernels). Stable: FCFS within.
         plan.chunks.sort(key=lambda c: c.seq.slot_adapters)
         return plan
+
+    def computed(self, plan: StepPlan, failed: list[Sequence]) -> None:
+        """The plan ran: its tokens are computed, and the blocks they filled join the prefix cache
+        (except those of failed sequences, whose logits were not finite)."""
+        for chunk in plan.chunks:
+            chunk.seq.num_computed += chunk.num_tokens
+            if chunk.seq not in failed:
+                self.allocator.cache_computed(chunk.seq)
 
     def _add_chunk(self, plan: StepPlan, seq: Sequence, n: int, decode: bool = False) -> int:
         """Schedule seq's next n tokens (sampling after the last pending one) and charge its tenant."""

@@ -92,9 +92,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
         for seq in plan.admitted:
-            if seq.num_virtual:
+            start = seq.num_cached  # virtual entries in blocks found in the prefix cache are there already
+            if seq.num_virtual > start:
                 prefix_kv = self.adapters.prefix_kv(seq.prefix_adapter)  # [L, 2, Hkv, nvt, D]
-                self.cache.write_prefix(self._slots(seq.blocks, 0, seq.num_virtual), prefix_kv)
+                slots = self._slots(seq.blocks, start, seq.num_virtual)
+                self.cache.write_prefix(slots, prefix_kv[:, :, :, start:])
 
         input_ids: list[int] = []
         positions: list[int] = []
