@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from peftserve.api import adapter_ids, convert
 from peftserve.auth import LOCAL_CALLER
-from peftserve.engine.protocol import AdapterStatus
+from peftserve.engine.protocol import AdapterStatus, ModelInfo, PrefixCacheStats
 from peftserve.engine.request import AdapterRef, FinishReason, RequestOutput, SamplingParams
 from peftserve.errors import InvalidRequest
 from peftserve.store.manifest import AdapterManifest, FileEntry
+from peftserve_client._core import to_model_info
 from peftserve_client._proto import peftserve_pb2 as pb
 
 
@@ -129,3 +132,18 @@ def test_status_message_mirrors_the_domain_status() -> None:
 @pytest.mark.parametrize(("requested", "used"), [(0, 100), (1, 1), (1000, 1000), (5000, 1000)])
 def test_page_size_defaults_and_caps(requested: int, used: int) -> None:
     assert convert.page_size(requested) == used
+
+
+def test_model_info_carries_the_prefix_cache_counters_when_known() -> None:
+    info = ModelInfo("m", "llama", 320, 512, 256, "float32", "cpu", 2, 64, 100, 16, (2,))
+    assert to_model_info(convert.to_model_info_response(info)).prefix_cache is None  # a cluster's
+    stats = PrefixCacheStats(enabled=True, query_tokens=400, hit_tokens=300, cached_blocks=7, evictions=2)
+    got = to_model_info(convert.to_model_info_response(replace(info, prefix_cache=stats))).prefix_cache
+    assert (got.enabled, got.query_tokens, got.hit_tokens, got.cached_blocks, got.evictions) == (
+        True,
+        400,
+        300,
+        7,
+        2,
+    )
+    assert got.hit_rate == 0.75
