@@ -10,16 +10,18 @@ and measures each request's time to first token (TTFT):
   flood-fair   with the flood, fair share (virtual token counters)
   flood-fair+limit  the same plus a per-tenant running limit (--tenant-max-running)
 
-Target: the quiet tenants' TTFT p90 under the flood within 1.5x of their p90 alone.
+Target: the quiet tenants' TTFT p90 under the flood within 1.5x of their p90 alone. By default the
+quiet tenants alone load the server to about a third of its throughput and the flood overloads it.
 
-  PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_fairness.py            # ~4 min, 2 cores
-  PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_fairness.py --quick    # ~1 min
+  PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_fairness.py            # ~7 min, 2 cores
+  PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_fairness.py --quick    # ~2 min
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import time
@@ -52,6 +54,8 @@ class Scenario:
     ttft: dict[str, list[float]] = field(default_factory=dict)
     tokens: int = 0
     seconds: float = 0.0
+    load: float = 0.0
+    """1-minute load average around the run (2.0 is both cores busy)."""
 
 
 def make_arrivals(args: argparse.Namespace, flood: bool) -> list[Arrival]:
@@ -97,58 +101,72 @@ def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
-    shape = SHAPES[args.shape]
-    scenarios = [
+def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
+    return [
         Scenario("alone", flood=False, scheduling="fair"),
         Scenario("flood-fcfs", flood=True, scheduling="fcfs"),
         Scenario("flood-fair", flood=True, scheduling="fair"),
-        Scenario("flood-fair+limit", flood=True, scheduling="fair", tenant_max_running=args.tenant_max_running),
+        Scenario(
+            "flood-fair+limit", flood=True, scheduling="fair", tenant_max_running=args.tenant_max_running
+        ),
     ]
-    tokenizer = bench_tokenizer()
-    for scenario in scenarios:
-        model = build_model(shape, seed=args.seed)
-        config = EngineConfig(
-            kv_cache_mb=args.kv_cache_mb,
-            max_running=args.max_running,
-            max_batched_tokens=args.max_batched_tokens,
-            scheduling=scenario.scheduling,
-            tenant_max_running=scenario.tenant_max_running,
-            max_queue=100_000,
-        )
-        engine = LLMEngine.from_model(model, tokenizer, config)
-        engine.warmup()
-        front = AsyncEngine(engine)
-        try:
-            asyncio.run(replay(front, make_arrivals(args, scenario.flood), scenario))
-        finally:
-            front.shutdown()
-        print(f"{scenario.name}: {scenario.tokens / scenario.seconds:.1f} tok/s", flush=True)
 
-    alone_p90 = p([t for k, v in scenarios[0].ttft.items() if k != "flood" for t in v], 90)
-    rows = []
-    for s in scenarios:
-        quiet = [t for k, v in s.ttft.items() if k != "flood" for t in v]
-        flood = s.ttft.get("flood", [])
-        rows.append(
-            {
-                "scenario": s.name,
-                "quiet_requests": len(quiet),
-                "quiet_ttft_p50_s": p(quiet, 50),
-                "quiet_ttft_p90_s": p(quiet, 90),
-                "quiet_p90_vs_alone": p(quiet, 90) / alone_p90,
-                "flood_requests": len(flood),
-                "flood_ttft_p90_s": p(flood, 90) if flood else None,
-                "tokens_per_s": s.tokens / s.seconds,
-            }
-        )
+
+def play(args: argparse.Namespace, scenario: Scenario) -> None:
+    model = build_model(SHAPES[args.shape], seed=args.seed)
+    config = EngineConfig(
+        kv_cache_mb=args.kv_cache_mb,
+        max_running=args.max_running,
+        max_batched_tokens=args.max_batched_tokens,
+        scheduling=scenario.scheduling,
+        tenant_max_running=scenario.tenant_max_running,
+        max_queue=100_000,
+    )
+    engine = LLMEngine.from_model(model, bench_tokenizer(), config)
+    engine.warmup()
+    front = AsyncEngine(engine)
+    load_before = os.getloadavg()[0]
+    try:
+        asyncio.run(replay(front, make_arrivals(args, scenario.flood), scenario))
+    finally:
+        front.shutdown()
+    scenario.load = (load_before + os.getloadavg()[0]) / 2
+
+
+def summary(s: Scenario, alone_p90: float) -> dict:
+    quiet = [t for k, v in s.ttft.items() if k != "flood" for t in v]
+    flood = s.ttft.get("flood", [])
+    return {
+        "scenario": s.name,
+        "quiet_requests": len(quiet),
+        "quiet_ttft_p50_s": p(quiet, 50),
+        "quiet_ttft_p90_s": p(quiet, 90),
+        "quiet_p90_vs_alone": p(quiet, 90) / alone_p90,
+        "flood_requests": len(flood),
+        "flood_ttft_p90_s": p(flood, 90) if flood else None,
+        "tokens_per_s": s.tokens / s.seconds,
+        "load_avg": s.load,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every scenario once per round, rounds in turn (a busy machine disturbs all alike); per round,
+    the quiet tenants' p90 against that round's `alone`."""
+    torch.set_num_threads(args.threads)
+    rounds = []
+    for r in range(args.repeats):
+        scenarios = make_scenarios(args)
+        for scenario in scenarios:
+            play(args, scenario)
+            print(f"round {r}, {scenario.name}: {scenario.tokens / scenario.seconds:.1f} tok/s", flush=True)
+        alone_p90 = p([t for k, v in scenarios[0].ttft.items() if k != "flood" for t in v], 90)
+        rounds.append([summary(s, alone_p90) for s in scenarios])
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    return {"environment": environment("cpu"), "args": settings, "rows": rows}
+    return {"environment": environment("cpu"), "args": settings, "rounds": rounds}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("scenario", "quiet p50", "quiet p90", "p90 vs alone", "flood p90", "tok/s")
+    head = ("scenario", "quiet p50", "quiet p90", "p90 vs alone", "flood p90", "tok/s", "load avg")
     lines = [head]
     for r in rows:
         flood = f"{r['flood_ttft_p90_s']:.2f}s" if r["flood_ttft_p90_s"] is not None else "-"
@@ -160,6 +178,7 @@ def table(rows: list[dict]) -> str:
                 f"{r['quiet_p90_vs_alone']:.2f}x",
                 flood,
                 f"{r['tokens_per_s']:.1f}",
+                f"{r['load_avg']:.1f}",
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -167,28 +186,33 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="shorter traces on the same shape")
     parser.add_argument("--shape", default="bench-mid", choices=sorted(SHAPES))
     parser.add_argument("--quiet-tenants", type=int, default=4)
-    parser.add_argument("--rate", type=float, default=1.0, help="requests per second of each quiet tenant")
+    parser.add_argument("--rate", type=float, default=0.5, help="requests per second of each quiet tenant")
     parser.add_argument("--flood-factor", type=float, default=10.0)
-    parser.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(32, 128))
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 64))
     parser.add_argument("--max-running", type=int, default=32)
-    parser.add_argument("--max-batched-tokens", type=int, default=512)
-    parser.add_argument("--tenant-max-running", type=int, default=8)
+    parser.add_argument("--max-batched-tokens", type=int, default=128)
+    parser.add_argument("--tenant-max-running", type=int, default=4)
     parser.add_argument("--kv-cache-mb", type=float, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of every scenario, in turn")
     parser.add_argument("--out", type=Path, default=Path("bench_out/fairness.json"))
     args = parser.parse_args()
     if args.quick:
         args.duration = 15.0
     result = run(args)
     write_json(args.out, result)
-    print(table(result["rows"]))
+    for i, rows in enumerate(result["rounds"]):
+        print(f"\nround {i}")
+        print(table(rows))
     print(f"\nwrote {args.out}")
 
 

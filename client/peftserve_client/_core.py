@@ -256,6 +256,10 @@ def to_adapter_manifest(msg: pb.AdapterManifest) -> AdapterManifest:
         nbytes=msg.nbytes,
         files=tuple(AdapterFile(f.name, f.size, f.sha256) for f in msg.files),
         created_at=msg.created_at,
+        device_bytes=msg.device_bytes,
+        shared_bytes=msg.shared_bytes,
+        forms=tuple(sorted(msg.forms.items())),
+        needs_max_rank=msg.needs_max_rank,
     )
 
 

@@ -155,7 +155,7 @@ class AdapterManifest:
     version: str
     """'v1', 'v2', ... increasing per adapter id."""
     kind: str
-    """'lora', 'sparse' or 'prefix'."""
+    """How it is served: 'lora', 'adalora', 'dora', 'ia3', 'loha', 'lokr', 'vera', 'sparse' or 'prefix'."""
     peft_type: str
     base_fingerprint: str
     ranks: tuple[int, ...]
@@ -166,6 +166,14 @@ class AdapterManifest:
     files: tuple[AdapterFile, ...]
     created_at: float
     """Unix time of the commit."""
+    device_bytes: int = 0
+    """Bytes one device slot holds for it (prefix tuning: its K/V) in the served dtype."""
+    shared_bytes: int = 0
+    """Bytes held once for every adapter sharing them (VeRA's frozen projections)."""
+    forms: tuple[tuple[str, int], ...] = ()
+    """(compute form, modules) it is served as, e.g. (('dense', 3), ('low_rank', 11)) for a LoHa."""
+    needs_max_rank: int = 0
+    """The smallest --adapter-max-rank that serves it."""
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,15 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-context", "max_context", int, "longest prompt plus completion (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
     ("--cpu-linear", "cpu_linear", str, "onednn (default: prepacked weights, faster) or torch (less memory)"),
-    ("--adapter-slots", "adapter_slots", int, "LoRA/sparse adapters resident on the device at once"),
+    (
+        "--adapter-slots",
+        "adapter_slots",
+        int,
+        "adapters resident on the device at once (prefix tuning needs none)",
+    ),
     ("--host-cache-mb", "host_cache_mb", float, "CPU memory for adapters loaded from disk (LRU)"),
     ("--adapter-load-threads", "adapter_load_threads", int, "threads loading adapters from disk"),
-    ("--adapter-max-rank", "adapter_max_rank", int, "largest LoRA rank accepted"),
+    ("--adapter-max-rank", "adapter_max_rank", int, "largest adapter rank (or that many rank-equivalents)"),
     ("--adapter-versions-kept", "adapter_versions_kept", int, "versions of each adapter kept in the store"),
     ("--max-adapters-per-tenant", "max_adapters_per_tenant", int, "adapters a tenant may hold in the store"),
     ("--max-upload-bytes", "max_upload_bytes", int, "bytes of all files of one upload"),
@@ -239,7 +244,13 @@ def _describe(result: AdapterManifest | AdapterStatus | dict[str, object]) -> st
         return f"{line}, {len(manifest.files)} files, {manifest.nbytes} bytes"
     tier = result.tier.value if result.tier else "unknown"
     pinned = ", pinned" if result.pinned else ""
-    return f"{line}, tier {tier}{pinned}, {result.active_requests} active requests"
+    forms = ", ".join(f"{name} x {count}" for name, count in manifest.forms) or "prefix K/V"
+    shared = f" (+{manifest.shared_bytes} shared)" if manifest.shared_bytes else ""
+    return (
+        f"{line}, tier {tier}{pinned}, {result.active_requests} active requests\n"
+        f"  served as {forms}: {manifest.device_bytes} bytes per slot{shared}, "
+        f"needs --adapter-max-rank >= {manifest.needs_max_rank}"
+    )
 
 
 def _cmd_adapters(args: argparse.Namespace) -> int:
@@ -289,7 +300,9 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     except InvalidRequest as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"revoked key {args.key_id}; restart the server to apply", file=sys.stderr)
+    print(
+        f"revoked key {args.key_id}; a running server applies it on SIGHUP (kill -HUP <pid>)", file=sys.stderr
+    )
     return 0
 
 

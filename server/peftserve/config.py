@@ -57,7 +57,7 @@ class EngineConfig:
     """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.1-3.6x faster on serving
     shapes, one more copy of their weights in memory); torch: plain F.linear."""
     adapter_slots: int = 32
-    """LoRA / sparse adapters resident on the device at once (prefix adapters need no slot)."""
+    """Adapters resident on the device at once, of any kind but prefix tuning (which needs no slot)."""
     adapters: tuple[tuple[str, str], ...] = ()
     """Adapters registered at start: (id, PEFT directory) pairs; a bare name is the default tenant's."""
     store: str | None = None
@@ -67,7 +67,7 @@ class EngineConfig:
     adapter_load_threads: int = 2
     """Threads loading adapters from disk, off the engine thread."""
     adapter_max_rank: int = 256
-    """Largest LoRA rank accepted (sparse adapters: max_rank * (out + in) entries per module)."""
+    """Largest adapter rank accepted (kinds without a rank: max_rank * (out + in) entries per module)."""
     adapter_versions_kept: int = 3
     """Versions of each adapter kept in the store; older ones go once no request uses them."""
     max_adapters_per_tenant: int = 1000

@@ -8,10 +8,14 @@ from pathlib import Path
 import torch
 from peft import (
     AdaLoraConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
     ShiraConfig,
+    VeraConfig,
     get_peft_model,
 )
 from torch import nn
@@ -25,13 +29,22 @@ def targets(family: str) -> list[str]:
     return GPT2_TARGETS if family == "gpt2" else LLAMA_TARGETS
 
 
-def _fill(model: nn.Module, seed: int, std: float, names: tuple[str, ...]) -> None:
+def _fill(model: nn.Module, seed: int, std: float, names: tuple[str, ...], around: float = 0.0) -> None:
     """Overwrite the adapter parameters whose name contains one of `names` with seeded noise."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if any(n in name for n in names):
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
+                param.copy_(around + torch.randn(param.shape, generator=gen) * std)
+
+
+def _perturb(model: nn.Module, seed: int, std: float, names: tuple[str, ...]) -> None:
+    """Multiply the adapter parameters whose name contains one of `names` by (1 + seeded noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(n in name for n in names):
+                param.mul_(1 + torch.randn(param.shape, generator=gen) * std)
 
 
 def _save(model: PeftModel, out: Path) -> Path:
@@ -127,6 +140,88 @@ def make_prefix(base: PreTrainedModel, out: Path, projection: bool, seed: int = 
     return _save(model, out)
 
 
+def make_dora(base: PreTrainedModel, family: str, out: Path, seed: int = 6) -> Path:
+    """DoRA on every projection, with rslora and rank/alpha patterns; magnitudes moved off their init."""
+    if family == "gpt2":
+        rank_pattern, alpha_pattern = {"c_fc": 6}, {r"h\.1\.attn\.c_attn": 12}
+    else:
+        rank_pattern, alpha_pattern = (
+            {"down_proj": 6, r"model\.layers\.1\.self_attn\.q_proj": 2},
+            {"v_proj": 12},
+        )
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_dora=True,
+        use_rslora=True,
+        target_modules=targets(family),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        init_lora_weights=False,
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.1, ("lora_A", "lora_B"))
+    _perturb(model, seed + 100, 0.2, ("lora_magnitude_vector",))
+    return _save(model, out)
+
+
+def make_ia3(base: PreTrainedModel, family: str, out: Path, seed: int = 7, other: bool = False) -> Path:
+    """IA³ with peft's split: input scaling on the feedforward modules, output scaling elsewhere."""
+    if family == "gpt2":
+        config = IA3Config(
+            target_modules=["c_attn", "attn.c_proj", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]
+        )
+    elif other:  # every projection, two of them on the input side
+        config = IA3Config(target_modules=LLAMA_TARGETS, feedforward_modules=["down_proj", "o_proj"])
+    else:  # peft's defaults for Llama-like models
+        config = IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+        )
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.3, ("ia3_l",), around=1.0)
+    return _save(model, out)
+
+
+def make_loha(base: PreTrainedModel, family: str, out: Path, seed: int = 8) -> Path:
+    """LoHa with a rank pattern: r=4 modules are served as rank 16, the r=8 ones (rank 64) densely."""
+    config = LoHaConfig(
+        r=4,
+        alpha=8,
+        target_modules=LLAMA_TARGETS,
+        rank_pattern={"down_proj": 8, r"model\.layers\.1\.self_attn\.q_proj": 8},
+        alpha_pattern={"up_proj": 3},
+        init_weights=False,
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.2, ("hada_",))
+    return _save(model, out)
+
+
+def make_lokr(base: PreTrainedModel, family: str, out: Path, seed: int = 9) -> Path:
+    """LoKr with whole and low-rank factors (decompose_both, and a smaller rank on down_proj)."""
+    config = LoKrConfig(
+        r=4,
+        alpha=8,
+        target_modules=LLAMA_TARGETS,
+        decompose_both=True,
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"q_proj": 3},
+        init_weights=False,
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.2, ("lokr_",))
+    return _save(model, out)
+
+
+def make_vera(base: PreTrainedModel, family: str, out: Path, seed: int = 10, prng_key: int = 0) -> Path:
+    """VeRA on every projection (projections saved, peft's default) with non-trivial vectors."""
+    config = VeraConfig(r=8, target_modules=targets(family), projection_prng_key=prng_key)
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.5, ("vera_lambda_b",), around=1.0)
+    _fill(model, seed + 1, 0.5, ("vera_lambda_d",))
+    return _save(model, out)
+
+
 def peft_logits(base: PreTrainedModel, adapter_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
     """PEFT's own forward for one adapter alone, reloaded from disk onto a fresh copy of the base."""
     model = PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
@@ -135,14 +230,45 @@ def peft_logits(base: PreTrainedModel, adapter_dir: Path, input_ids: torch.Tenso
 
 
 def merged_mixture(base: PreTrainedModel, parts: list[tuple[Path, float]]) -> PreTrainedModel:
-    """A copy of the base with sum_i w_i * dW_i added to its weights (dW_i from peft's get_delta_weight)."""
-    merged = copy.deepcopy(base)
-    prefix = "base_model.model."
+    """A copy of the base plus sum_i w_i * (merged_i - base), merged_i = peft's merge_and_unload of adapter i.
+
+    The merged-weights reading of a mixture, for every kind: peft itself merges each adapter (DoRA's
+    magnitudes, IA³'s scalings of weights and biases included).
+    """
+    mixed = copy.deepcopy(base)
+    reference = dict(base.named_parameters())
     with torch.no_grad():
         for adapter_dir, weight in parts:
             model = PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
-            for name, module in model.named_modules():
-                if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-                    target = merged.get_submodule(name[len(prefix) :])
-                    target.weight += weight * module.get_delta_weight("default")
-    return merged
+            merged = dict(model.merge_and_unload().named_parameters())
+            for name, param in mixed.named_parameters():
+                param += weight * (merged[name] - reference[name])
+    return mixed
+
+
+def make_all(base: PreTrainedModel, family: str, root: Path) -> dict[str, Path]:
+    """One adapter of every served delta kind peft can put on this family (prefix tuning aside)."""
+    dirs = {
+        "lora-patterns": make_lora_patterns(base, family, root / "lora-patterns"),
+        "lora-layers": make_lora_layers(base, family, root / "lora-layers"),
+        "adalora": make_adalora(base, family, root / "adalora"),
+        "dora": make_dora(base, family, root / "dora"),
+        "ia3": make_ia3(base, family, root / "ia3"),
+        "vera": make_vera(base, family, root / "vera"),
+    }
+    if family != "gpt2":  # peft's SHiRA, LoHa and LoKr wrap nn.Linear only, not GPT-2's Conv1D
+        dirs["shira"] = make_shira(base, family, root / "shira")
+        dirs["ia3-other"] = make_ia3(base, family, root / "ia3-other", seed=11, other=True)
+        dirs["loha"] = make_loha(base, family, root / "loha")
+        dirs["lokr"] = make_lokr(base, family, root / "lokr")
+        dirs["vera-other"] = make_vera(base, family, root / "vera-other", seed=12, prng_key=5)
+    return dirs
+
+
+MIXTURES: tuple[tuple[tuple[str, float], ...], ...] = (
+    (("lora-patterns", 0.7), ("lora-layers", -0.4)),
+    (("dora", 0.6), ("ia3", 0.5), ("lora-layers", 0.3)),  # input and output scaling on one module
+    (("vera", 0.8), ("loha", -0.5), ("lokr", 0.3), ("vera-other", 0.4)),
+    (("ia3", 0.7), ("ia3-other", 0.6), ("shira", -1.2)),
+)
+"""Weighted mixtures across kinds (a test keeps those whose adapters the family has)."""

@@ -32,14 +32,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     family = request.param
     base, _ = build_tiny_model(family, seed=0)
     root = tmp_path_factory.mktemp(f"adapters-{family}")
-    dirs = {
-        "lora-patterns": pf.make_lora_patterns(base, family, root / "lora-patterns"),
-        "lora-layers": pf.make_lora_layers(base, family, root / "lora-layers"),
-        "adalora": pf.make_adalora(base, family, root / "adalora"),
-    }
-    if family != "gpt2":  # peft's SHiRA supports nn.Linear only, not GPT-2's Conv1D
-        dirs["shira"] = pf.make_shira(base, family, root / "shira")
-    return Setup(family, base, dirs)
+    return Setup(family, base, pf.make_all(base, family, root))
 
 
 def _input_ids(base: PreTrainedModel, rows: int, seed: int = 11) -> torch.Tensor:
@@ -49,18 +42,17 @@ def _input_ids(base: PreTrainedModel, rows: int, seed: int = 11) -> torch.Tensor
 
 def test_mixed_batch_equals_peft_per_adapter(setup: Setup) -> None:
     model = copy.deepcopy(setup.base)
-    manager = AdapterManager(model, num_slots=8, device="cpu", dtype=torch.float32)
+    manager = AdapterManager(model, num_slots=len(setup.dirs), device="cpu", dtype=torch.float32)
     infos = {name: manager.register(name, path) for name, path in setup.dirs.items()}
     assert len(infos["lora-patterns"].ranks) == 3  # r=4, rank_pattern 2 and 6, no padding
-    assert infos["adalora"].kind == "lora" and len(infos["adalora"].ranks) >= 2  # pruned unevenly
+    assert infos["adalora"].kind == "adalora" and len(infos["adalora"].ranks) >= 2  # pruned unevenly
 
-    # Rows: each adapter alone, base rows between them, and a weighted mixture of two LoRAs.
+    # Rows: each adapter alone, base rows between them, and weighted mixtures across kinds.
     names = list(setup.dirs)
     rows: list[tuple[tuple[str, float], ...]] = []
     for name in names:
         rows += [((name, 1.0),), ()]
-    mixture = (("lora-patterns", 0.7), ("lora-layers", -0.4))
-    rows.append(mixture)
+    rows += [mixture for mixture in pf.MIXTURES if all(n in setup.dirs for n, _ in mixture)]
     ids = _input_ids(setup.base, len(rows))
 
     spans = []

@@ -46,9 +46,9 @@ def files_of(folder: Path) -> AsyncIterator[tuple[str, bytes]]:
 def slow_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     real = model_runner.ModelRunner.execute
 
-    def execute(self, plan):
+    def execute(self, step):
         time.sleep(STEP_DELAY_S)
-        return real(self, plan)
+        return real(self, step)
 
     monkeypatch.setattr(model_runner.ModelRunner, "execute", execute)
 

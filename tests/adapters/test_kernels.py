@@ -1,56 +1,125 @@
-"""Fast kernels vs the torch reference, and the reference vs a per-token formula, on random data."""
+"""Every form's fast kernel vs its torch reference, and the reference vs a per-token formula (float64)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from peftserve.adapters import AdapterBatch, LoraDelta, SparseDelta
-from peftserve.adapters.kernels import GROUPED, REFERENCE, select_kernels
+from peftserve.adapters import AdapterBatch
+from peftserve.adapters.forms import (
+    DenseDelta,
+    DenseForm,
+    Form,
+    InputScaleDelta,
+    InputScaleForm,
+    KroneckerDelta,
+    KroneckerForm,
+    LayerSpec,
+    LowRankDelta,
+    LowRankForm,
+    OutputScaleDelta,
+    OutputScaleForm,
+    ProjectedDelta,
+    ProjectedForm,
+    SharedTensors,
+    SparseDelta,
+    SparseForm,
+)
+from peftserve.adapters.kernels import select_kernels
+from peftserve.adapters.kinds import FORMS
 
-IN, OUT, T = 24, 40, 30
-
-
-def _lora_slots(ranks: list[int | None], seed: int = 0) -> list[LoraDelta | None]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        None
-        if r is None
-        else LoraDelta(a=torch.randn(r, IN, generator=gen), b=torch.randn(OUT, r, generator=gen))
-        for r in ranks
-    ]
-
-
-def _sparse_slots(sizes: list[int | None], seed: int = 0) -> list[SparseDelta | None]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        None
-        if k is None
-        else SparseDelta(
-            rows=torch.randint(0, OUT, (k,), generator=gen),  # duplicates allowed: they accumulate
-            cols=torch.randint(0, IN, (k,), generator=gen),
-            values=torch.randn(k, generator=gen),
-        )
-        for k in sizes
-    ]
+IN, OUT, T = 24, 40, 30  # IN = 4 * 6, OUT = 5 * 8 for Kronecker factors
+SLOTS = 5  # slot 4 holds nothing in this layer
 
 
-def _per_token(x: torch.Tensor, spans, delta_of) -> torch.Tensor:
-    """y[t] = sum w * x[t] @ dW[s].T, token by token (the definition the kernels must meet)."""
-    y = torch.zeros(x.shape[0], OUT, dtype=torch.float64)
-    for start, length, pairs in spans:
-        for t in range(start, start + length):
-            for slot, w in pairs:
-                dw = delta_of(slot)
-                if dw is not None:
-                    y[t] += w * (x[t].double() @ dw.double().T)
-    return y
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
+
+@dataclass(frozen=True)
+class Case:
+    """How to make random deltas of one form and what each means per token (the definition)."""
+
+    form: type[Form]
+    make: Callable[[int, torch.Generator], object]
+    """slot -> a delta"""
+    per_token: Callable[[object, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    """(delta, x [in], base output y0 [out], bias) -> what the slot adds to this token at weight 1
+    (INPUT forms: what it adds to the base layer's input [in])."""
+
+
+BIAS = torch.randn(OUT, generator=_gen(99))
+PROJ_A, PROJ_B = torch.randn(6, IN + 3, generator=_gen(7)), torch.randn(OUT + 5, 6, generator=_gen(8))
+
+CASES = {
+    "low_rank": Case(
+        LowRankForm,
+        lambda s, g: LowRankDelta(
+            a=torch.randn((4, 1, 16, 7)[s], IN, generator=g),
+            b=torch.randn(OUT, (4, 1, 16, 7)[s], generator=g),
+        ),
+        lambda d, x, y0, bias: d.b.double() @ (d.a.double() @ x),
+    ),
+    "sparse": Case(
+        SparseForm,
+        lambda s, g: SparseDelta(
+            rows=torch.randint(0, OUT, ((50, 3, 200, 17)[s],), generator=g),  # duplicates accumulate
+            cols=torch.randint(0, IN, ((50, 3, 200, 17)[s],), generator=g),
+            values=torch.randn((50, 3, 200, 17)[s], generator=g),
+        ),
+        lambda d, x, y0, bias: (
+            torch.zeros(OUT, IN, dtype=torch.float64).index_put_(
+                (d.rows, d.cols), d.values.double(), accumulate=True
+            )
+            @ x
+        ),
+    ),
+    "dense": Case(
+        DenseForm,
+        lambda s, g: DenseDelta(weight=torch.randn(OUT, IN, generator=g), origin="test"),
+        lambda d, x, y0, bias: d.weight.double() @ x,
+    ),
+    "kronecker": Case(
+        KroneckerForm,
+        lambda s, g: KroneckerDelta(
+            w1=torch.randn(((5, 4), (8, 6), (5, 6), (8, 4))[s], generator=g),
+            w2=torch.randn(((8, 6), (5, 4), (8, 4), (5, 6))[s], generator=g),
+        ),
+        lambda d, x, y0, bias: torch.kron(d.w1.double(), d.w2.double()) @ x,
+    ),
+    "projected": Case(
+        ProjectedForm,
+        lambda s, g: ProjectedDelta(
+            lambda_d=torch.randn(6, generator=g),
+            lambda_b=torch.randn(OUT, generator=g),
+            vera_a=PROJ_A if s != 2 else PROJ_A * 2,  # slot 2 has projections of its own
+            vera_b=PROJ_B,
+            key="shared" if s != 2 else "other",
+        ),
+        lambda d, x, y0, bias: (
+            d.lambda_b.double()
+            * (PROJ_B[:OUT].double() @ (d.lambda_d.double() * (d.vera_a[:, :IN].double() @ x)))
+        ),
+    ),
+    "output_scale": Case(
+        OutputScaleForm,
+        lambda s, g: OutputScaleDelta(shift=torch.randn(OUT, generator=g), with_bias=s % 2 == 0),
+        lambda d, x, y0, bias: d.shift.double() * (y0 if d.with_bias else y0 - bias.double()),
+    ),
+    "input_scale": Case(
+        InputScaleForm,
+        lambda s, g: InputScaleDelta(shift=torch.randn(IN, generator=g)),
+        lambda d, x, y0, bias: d.shift.double() * x,
+    ),
+}
 
 SPAN_CASES = {
     "empty": [],
     "one-slot-all-tokens": [(0, T, ((2, 1.0),))],
-    "mixed-ranks-contiguous": [
+    "contiguous-per-slot": [
         (0, 5, ((0, 1.0),)),
         (5, 1, ((1, 1.0),)),
         (9, 8, ((2, 1.0),)),
@@ -73,48 +142,66 @@ SPAN_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SPAN_CASES))
-def test_lora_grouped_equals_reference(case: str) -> None:
-    spans = SPAN_CASES[case]
-    slots = _lora_slots([4, 1, 16, 7, None])
-    x = torch.randn(T, IN)  # [T, in]
-    base = torch.randn(T, OUT)  # [T, out]
+def make_form(case: Case, kernels: str, seed: int = 0) -> Form:
+    form = case.form(LayerSpec(IN, OUT, SLOTS, BIAS, kernels, SharedTensors()))
+    gen = _gen(seed)
+    for slot in range(SLOTS - 1):
+        form.load(slot, case.make(slot, gen).to("cpu", torch.float32))
+    return form
+
+
+def run(form: Form, spans, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     batch = AdapterBatch.build(spans, T, "cpu")
-    y_ref, y_fast = base.clone(), base.clone()
-    REFERENCE.lora(y_ref, x, batch, slots)
-    GROUPED.lora(y_fast, x, batch, slots)
+    if case_stage_input(form):
+        y = x.clone()
+        form.apply(y, x, batch)
+    elif form.stage.value == "output":
+        y = base.clone()
+        form.apply(y, y, batch)  # the layer passes y itself as the base output when it can
+    else:
+        y = base.clone()
+        form.apply(y, x, batch)
+    return y
+
+
+def case_stage_input(form: Form) -> bool:
+    return form.stage.value == "input"
+
+
+def expected(case: Case, form: Form, spans, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The per-token definition in float64: base (or x for INPUT forms) plus each slot's weighted term."""
+    out = (x if case_stage_input(form) else base).double().clone()
+    for start, length, pairs in spans:
+        for t in range(start, start + length):
+            for slot, w in pairs:
+                d = form.slots[slot]
+                if d is not None:
+                    out[t] += w * case.per_token(d, x[t].double(), base[t].double(), BIAS)
+    return out
+
+
+def test_every_registered_form_is_tested() -> None:
+    assert set(FORMS) == {case.form for case in CASES.values()}
+
+
+@pytest.mark.parametrize("spans_name", list(SPAN_CASES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_grouped_equals_reference_equals_definition(name: str, spans_name: str) -> None:
+    case, spans = CASES[name], SPAN_CASES[spans_name]
+    width = IN if case.form is InputScaleForm else OUT
+    x = torch.randn(T, IN, generator=_gen(1))  # [T, in]
+    base = torch.randn(T, width, generator=_gen(2))  # [T, out]
+    y_ref = run(make_form(case, "reference"), spans, x, base)
+    form = make_form(case, "grouped")
+    y_fast = run(form, spans, x, base)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
-    expected = base.double() + _per_token(
-        x, spans, lambda s: None if slots[s] is None else slots[s].b @ slots[s].a
-    )
-    torch.testing.assert_close(y_ref.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y_ref.double(), expected(case, form, spans, x, base), rtol=1e-5, atol=1e-4)
     untouched = torch.ones(T, dtype=torch.bool)
-    for start, length, _ in spans:
-        untouched[start : start + length] = False
-    assert torch.equal(y_fast[untouched], base[untouched])  # no-adapter rows are bitwise the base
-
-
-@pytest.mark.parametrize("case", list(SPAN_CASES))
-def test_sparse_grouped_equals_reference(case: str) -> None:
-    spans = SPAN_CASES[case]
-    slots = _sparse_slots([50, 3, 200, 17, None])
-    x = torch.randn(T, IN)
-    base = torch.randn(T, OUT)
-    batch = AdapterBatch.build(spans, T, "cpu")
-    y_ref, y_fast = base.clone(), base.clone()
-    REFERENCE.sparse(y_ref, x, batch, slots)
-    GROUPED.sparse(y_fast, x, batch, slots)
-    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
-
-    def dense(slot: int) -> torch.Tensor | None:
-        d = slots[slot]
-        if d is None:
-            return None
-        return torch.zeros(OUT, IN).index_put_((d.rows, d.cols), d.values, accumulate=True)
-
-    torch.testing.assert_close(
-        y_ref.double(), base.double() + _per_token(x, spans, dense), rtol=1e-5, atol=1e-4
-    )
+    for start, length, pairs in spans:
+        if any(s < SLOTS - 1 for s, _ in pairs):
+            untouched[start : start + length] = False
+    reference = x if case.form is InputScaleForm else base
+    assert torch.equal(y_fast[untouched], reference[untouched])  # rows of no slot here: bitwise untouched
 
 
 def test_batch_groups_once_per_slot() -> None:
@@ -144,18 +231,27 @@ def test_batch_rejects_bad_spans(spans) -> None:
 
 
 def test_kernels_selected_per_device() -> None:
-    assert select_kernels("cpu") is GROUPED
-    assert select_kernels(torch.device("meta")) is REFERENCE
+    assert select_kernels("cpu") == "grouped"
+    assert select_kernels(torch.device("meta")) == "reference"
 
 
-@pytest.mark.parametrize("case", ["one-slot-all-tokens", "mixtures"])
-def test_sparse_grouped_in_chunks(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("peftserve.adapters.sparse.kernels.GATHER_BUDGET", 100)  # chunks of 1-2 tokens
-    spans = SPAN_CASES[case]
-    slots = _sparse_slots([50, 3, 200, 17, None])
-    x, base = torch.randn(T, IN), torch.randn(T, OUT)
-    batch = AdapterBatch.build(spans, T, "cpu")
-    y_ref, y_fast = base.clone(), base.clone()
-    REFERENCE.sparse(y_ref, x, batch, slots)
-    GROUPED.sparse(y_fast, x, batch, slots)
-    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("spans_name", ["one-slot-all-tokens", "mixtures"])
+def test_sparse_grouped_in_chunks(spans_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("peftserve.adapters.forms.sparse.GATHER_BUDGET", 100)  # chunks of 1-2 tokens
+    case, spans = CASES["sparse"], SPAN_CASES[spans_name]
+    x, base = torch.randn(T, IN, generator=_gen(3)), torch.randn(T, OUT, generator=_gen(4))
+    torch.testing.assert_close(
+        run(make_form(case, "grouped"), spans, x, base),
+        run(make_form(case, "reference"), spans, x, base),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_shared_projections_are_held_once_and_released() -> None:
+    form = make_form(CASES["projected"], "grouped")
+    shared = form.spec.shared
+    assert len(shared) == 4  # A and B of two distinct projections, whatever the number of slots
+    for slot in range(SLOTS - 1):
+        form.clear(slot)
+    assert len(shared) == 0 and shared.nbytes == 0

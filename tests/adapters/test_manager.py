@@ -10,8 +10,10 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from peftserve.adapters import AdapterManager, LoraDelta, MultiAdapterLayer, load_adapter
+from peftserve.adapters import AdapterManager, LowRankDelta, MultiAdapterLayer, load_adapter
+from peftserve.adapters.forms import LowRankForm
 from peftserve.engine.request import AdapterRef
+from peftserve.engine.sequence import HeldVersion
 from peftserve.errors import (
     AdapterNotFound,
     AdapterRejected,
@@ -59,8 +61,8 @@ def test_register_makes_versions_of_the_default_tenant(
     assert manager.info("prefix").num_virtual_tokens == 5 and manager.info("shira").kind == "sparse"
     again = manager.register("default/lora-a", dirs["lora-b"])
     assert again.version == "v2" and manager.info("lora-a").version == "v2"
-    assert manager.resolve((AdapterRef("lora-a"),)).deltas == (AdapterRef("default/lora-a@v2"),)
-    assert manager.resolve((AdapterRef("default/lora-a@v1"),)).deltas == (AdapterRef("default/lora-a@v1"),)
+    assert manager.resolve((AdapterRef("lora-a"),)).deltas == (HeldVersion("default/lora-a@v2"),)
+    assert manager.resolve((AdapterRef("default/lora-a@v1"),)).deltas == (HeldVersion("default/lora-a@v1"),)
     with pytest.raises(AdapterNotFound, match="'default/lora-a@v3' not found"):
         manager.resolve((AdapterRef("lora-a@v3"),))
     with pytest.raises(InvalidRequest):
@@ -72,7 +74,7 @@ def test_resolve_checks_and_holds(manager: AdapterManager) -> None:
     prefix = manager.resolve((AdapterRef("prefix"),))
     assert prefix.prefix == "default/prefix@v1" and prefix.num_virtual_tokens == 5 and not prefix.deltas
     mix = manager.resolve((AdapterRef("lora-a", 0.5), AdapterRef("shira", 0.5)))
-    assert [r.adapter_id for r in mix.deltas] == ["default/lora-a@v1", "default/shira@v1"]
+    assert [held.key for held in mix.deltas] == ["default/lora-a@v1", "default/shira@v1"]
     assert manager.registry.record("default/lora-a@v1").holds == 1
     manager.release_holds(mix.keys)
     manager.release_holds(prefix.keys)
@@ -102,7 +104,9 @@ def test_slots_lru_holds_and_pins(base: PreTrainedModel, dirs: dict[str, Path]) 
     manager.release("lora-b")
     c = manager.acquire("layers")  # evicts lora-b, the only unheld one
     assert c == b and manager.slot_of("lora-b") is None
-    assert manager.layers["model.layers.0.self_attn.k_proj"].lora_slots[b] is None  # lora-b's modules cleared
+    assert (
+        manager.layers["model.layers.0.self_attn.k_proj"].forms[LowRankForm].slots[b] is None
+    )  # lora-b's modules cleared
     manager.release("lora-a")
     manager.release("lora-a")
     with pytest.raises(FailedPrecondition):
@@ -268,7 +272,7 @@ def test_normalized_delta_equals_peft_delta_weight(family: str, kind: str, tmp_p
         if delta is None:  # AdaLoRA module pruned to rank 0
             assert kind == "adalora" and not expected.any()
             continue
-        assert isinstance(delta, LoraDelta)
+        assert isinstance(delta, LowRankDelta)
         torch.testing.assert_close(delta.b @ delta.a, expected, rtol=1e-6, atol=1e-7)
         seen += 1
     assert seen > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, get_peft_model
+from peft import BOFTConfig, IA3Config, LoraConfig, VeraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
@@ -76,15 +76,32 @@ TARGETS = ["q_proj", "v_proj"]
 @pytest.mark.parametrize(
     ("peft_config", "needle"),
     [
-        (LoraConfig(target_modules=TARGETS, use_dora=True), "use_dora"),
+        (LoraConfig(target_modules=TARGETS, use_dora=True, bias="all"), "bias"),
+        (VeraConfig(target_modules=TARGETS, r=4, save_projection=False), "save_projection"),
+        (VeraConfig(target_modules=TARGETS, r=4, bias="all"), "bias"),
         (LoraConfig(target_modules=TARGETS, bias="all"), "bias"),
         (LoraConfig(target_modules=TARGETS, bias="lora_only"), "bias"),
         (LoraConfig(target_modules=TARGETS, lora_bias=True), "lora_bias"),
         (LoraConfig(target_modules=TARGETS, modules_to_save=["lm_head"]), "modules_to_save"),
         (LoraConfig(target_modules=["q_proj", "lm_head"]), "lm_head"),
-        (IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), "peft_type"),
+        (
+            IA3Config(target_modules=["k_proj"], feedforward_modules=[], modules_to_save=["lm_head"]),
+            "modules_to_save",
+        ),
+        (BOFTConfig(target_modules=TARGETS, boft_block_size=4), "peft_type='BOFT'"),
     ],
-    ids=["dora", "bias-all", "bias-lora-only", "lora-bias", "modules-to-save", "lm-head", "ia3"],
+    ids=[
+        "dora-bias",
+        "vera-no-projection",
+        "vera-bias",
+        "bias-all",
+        "bias-lora-only",
+        "lora-bias",
+        "modules-to-save",
+        "lm-head",
+        "ia3-modules-to-save",
+        "unserved-peft-type",
+    ],
 )
 def test_peft_made_unserved_adapters(base, manager, tmp_path, peft_config, needle) -> None:
     _reject(manager, _peft_dir(base, peft_config, tmp_path / "a"), needle)
@@ -187,7 +204,7 @@ def test_rank_disagreeing_with_config(manager, lora_dir, tmp_path) -> None:
 
 
 def test_unknown_peft_type_and_bad_json(manager, lora_dir, tmp_path) -> None:
-    _reject(manager, _edited(lora_dir, tmp_path / "a", config={"peft_type": "VERA"}), "peft_type='VERA'")
+    _reject(manager, _edited(lora_dir, tmp_path / "a", config={"peft_type": "OFT"}), "peft_type='OFT'")
     broken = _edited(lora_dir, tmp_path / "b")
     (broken / "adapter_config.json").write_text("{not json")
     _reject(manager, broken, "JSON")
@@ -208,3 +225,94 @@ def test_adapters_for_another_architecture(manager, tmp_path) -> None:
     ):
         with pytest.raises(FailedPrecondition, match="another base model"):
             manager.register("bad", adapter_dir)
+
+
+@pytest.fixture(scope="module")
+def kind_dirs(base: PreTrainedModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("kinds")
+    return {
+        "dora": pf.make_dora(base, "llama", root / "dora"),
+        "ia3": pf.make_ia3(base, "llama", root / "ia3"),
+        "loha": pf.make_loha(base, "llama", root / "loha"),
+        "lokr": pf.make_lokr(base, "llama", root / "lokr"),
+        "vera": pf.make_vera(base, "llama", root / "vera"),
+    }
+
+
+def _set(key: str, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
+    def edit(state: dict[str, torch.Tensor]) -> None:
+        state[key] = value(state[key])
+
+    return edit
+
+
+def _drop(key: str) -> Callable[[dict], None]:
+    return lambda state: state.pop(key)
+
+
+DOWN0 = "base_model.model.model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "edit", "needles"),
+    [
+        ("dora", None, _drop(f"{Q0}.lora_magnitude_vector"), ("lora_magnitude_vector is missing",)),
+        (
+            "dora",
+            None,
+            _set(f"{Q0}.lora_magnitude_vector", lambda t: t[:8]),
+            ("lora_magnitude_vector has 8",),
+        ),
+        # within the bound as stored; divided by the merged weight's norm, beyond it
+        (
+            "dora",
+            None,
+            _set(f"{Q0}.lora_magnitude_vector", lambda t: t * 0 + 9000),
+            ("magnitude_vector/norm", "limit"),
+        ),
+        (
+            "ia3",
+            {"feedforward_modules": ["k_proj", "down_proj"]},
+            None,
+            ("k_proj", "shape (32, 1)", "(1, in)"),
+        ),
+        ("ia3", {"feedforward_modules": []}, None, ("down_proj", "ia3_l has shape (1, 128)", "(out, 1)")),
+        ("ia3", None, _set(f"{DOWN0}.ia3_l", lambda t: t * 0 + 2e4), (f"{DOWN0}.ia3_l", "limit of 10000")),
+        ("loha", {"r": 5}, None, ("r=5", "hada_w1_a")),
+        ("loha", {"alpha": 1e9}, None, ("alpha and rank", "limit of 10000")),
+        ("loha", None, _drop(f"{Q0}.hada_w2_b"), ("hada_w2_b is missing",)),
+        ("lokr", None, _drop(f"{DOWN0}.lokr_w2_a"), ("lokr_w2",)),
+        ("lokr", {"rank_pattern": {}}, None, ("r=4", "lokr_w1_a has rank 2")),
+        ("vera", None, _drop("base_model.vera_A"), ("base_model.vera_A", "missing")),
+        ("vera", None, _set(f"{Q0}.vera_lambda_d", lambda t: t[:4]), ("vera_lambda_d (4,)",)),
+        ("vera", {"r": 4}, None, ("r=4",)),
+    ],
+    ids=[
+        "dora-no-magnitude",
+        "dora-magnitude-shape",
+        "dora-huge-after-norm",
+        "ia3-side-input",
+        "ia3-side-output",
+        "ia3-huge",
+        "loha-rank",
+        "loha-alpha",
+        "loha-missing",
+        "lokr-missing",
+        "lokr-rank",
+        "vera-no-projection",
+        "vera-lambda-rank",
+        "vera-config-rank",
+    ],
+)
+def test_new_kinds_name_the_field(manager, kind_dirs, tmp_path, kind, config, edit, needles) -> None:
+    _reject(manager, _edited(kind_dirs[kind], tmp_path / "a", config=config, tensors=edit), *needles)
+
+
+def test_limits_per_form(base, kind_dirs, tmp_path) -> None:
+    """max_rank bounds every form: LoRA-like ranks, VeRA's rank, dense and factor entries."""
+    small = AdapterManager(copy.deepcopy(base), num_slots=2, device="cpu", dtype=torch.float32, max_rank=4)
+    _reject(small, kind_dirs["dora"], "rank 6 exceeds the server's max rank 4")
+    _reject(small, kind_dirs["vera"], "VeRA rank 8 exceeds")
+    _reject(small, kind_dirs["loha"], "LoHa r=")  # rank 16 as factors, or dense beyond 4 * (out + in)
+    small.register("lokr", kind_dirs["lokr"])  # its factors hold no more than 1 * (out + in) entries
+    small.register("ia3", kind_dirs["ia3"])  # vectors: no rank to bound

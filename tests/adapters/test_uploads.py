@@ -243,8 +243,13 @@ CORPUS: list[tuple[str, Callable[[Files], Files], type[Exception], str]] = [
     ("config-too-deep", with_config(deep=json.loads("[" * 40 + "]" * 40)), InvalidRequest, "nested deeper"),
     ("config-not-utf8", with_file(CONFIG, b"\xff{}"), InvalidRequest, "UTF-8"),
     ("weights-missing", with_file(WEIGHTS, None), InvalidRequest, "no adapter_model.safetensors"),
-    ("unknown-peft-type", with_config(peft_type="VERA"), InvalidRequest, "peft_type='VERA'"),
-    ("dora", with_config(use_dora=True), InvalidRequest, "use_dora"),
+    ("unknown-peft-type", with_config(peft_type="OFT"), InvalidRequest, "peft_type='OFT'"),
+    (
+        "dora-without-magnitudes",
+        with_config(use_dora=True),
+        InvalidRequest,
+        "lora_magnitude_vector is missing",
+    ),
     ("unexpected-file", with_file("modeling.py", b"import os"), InvalidRequest, "unexpected file"),
     *[
         (f"pickle{ext}", with_file(f"adapter_model{ext}", b"\x80\x04K\x01."), InvalidRequest, "pickle")

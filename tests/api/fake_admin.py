@@ -64,6 +64,9 @@ class FakeAdmin:
             nbytes=nbytes,
             files=entries,
             created_at=time.time(),
+            device_bytes=4096,
+            forms=(("low_rank", 2),),
+            needs_max_rank=config.get("r", 8),
         )
         self.adapters[tenant, name] = AdapterStatus(manifest, "disk", pinned=False, active_requests=0)
         return manifest

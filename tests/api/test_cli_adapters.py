@@ -39,9 +39,18 @@ def test_adapter_lifecycle_with_json_and_text_output(served: Served, tmp_path: P
     listed = json.loads(_ok(_peftserve("adapters", "list", *at, "--json")))
     assert [(s["manifest"]["adapter_id"], s["tier"]) for s in listed] == [("default/x", "disk")]
     loaded = _ok(_peftserve("adapters", "load", "x", "--pin", *at))
-    assert loaded == "default/x v2: lora (LORA), tier device, pinned, 0 active requests\n"
+    assert loaded == (
+        "default/x v2: lora (LORA), tier device, pinned, 0 active requests\n"
+        "  served as low_rank x 2: 4096 bytes per slot, needs --adapter-max-rank >= 8\n"
+    )
     status = json.loads(_ok(_peftserve("adapters", "get", "x", *at, "--json")))
     assert (status["tier"], status["pinned"], status["active_requests"]) == ("device", True, 0)
+    manifest = status["manifest"]
+    assert (manifest["device_bytes"], manifest["forms"], manifest["needs_max_rank"]) == (
+        4096,
+        [["low_rank", 2]],
+        8,
+    )
     assert json.loads(_ok(_peftserve("adapters", "unload", "x", *at, "--json")))["tier"] == "disk"
     assert _ok(_peftserve("adapters", "delete", "x", *at)) == "deleted x\n"
 

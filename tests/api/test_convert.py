@@ -12,7 +12,7 @@ from peftserve.engine.protocol import AdapterStatus, ModelInfo, PrefixCacheStats
 from peftserve.engine.request import AdapterRef, FinishReason, RequestOutput, SamplingParams
 from peftserve.errors import InvalidRequest
 from peftserve.store.manifest import AdapterManifest, FileEntry
-from peftserve_client._core import to_model_info
+from peftserve_client._core import to_adapter_manifest, to_model_info
 from peftserve_client._proto import peftserve_pb2 as pb
 
 
@@ -116,6 +116,10 @@ def test_status_message_mirrors_the_domain_status() -> None:
         nbytes=12,
         files=(FileEntry("adapter_config.json", 12, "ab" * 32),),
         created_at=1700000000.5,
+        device_bytes=4096,
+        shared_bytes=64,
+        forms=(("dense", 3), ("low_rank", 11)),
+        needs_max_rank=43,
     )
     msg = convert.to_status_message(AdapterStatus(manifest, "host", pinned=True, active_requests=2))
     assert (msg.tier, msg.pinned, msg.active_requests) == (pb.RESIDENCY_TIER_HOST, True, 2)
@@ -127,6 +131,14 @@ def test_status_message_mirrors_the_domain_status() -> None:
         ["q_proj", "v_proj"],
     )
     assert (m.files[0].name, m.files[0].size, m.created_at) == ("adapter_config.json", 12, 1700000000.5)
+    assert (m.device_bytes, m.shared_bytes, dict(m.forms), m.needs_max_rank) == (
+        4096,
+        64,
+        {"dense": 3, "low_rank": 11},
+        43,
+    )
+    client_side = to_adapter_manifest(m)  # what the SDK hands its caller
+    assert (client_side.forms, client_side.device_bytes) == ((("dense", 3), ("low_rank", 11)), 4096)
 
 
 @pytest.mark.parametrize(("requested", "used"), [(0, 100), (1, 1), (1000, 1000), (5000, 1000)])

@@ -6,17 +6,14 @@ import copy
 from pathlib import Path
 
 import pytest
+from peft import PeftModel
 
-pytest.importorskip("peftserve.adapters.admin", reason="no AdapterAdmin implementation (issue 4) yet")
-
-from peft import PeftModel  # noqa: E402
-
-from peftserve.auth import KeyRing, Scope  # noqa: E402
-from peftserve.bench.server import ServerProcess  # noqa: E402
-from peftserve_client import Client, NotFound  # noqa: E402
-from tests.adapters import peft_factory as pf  # noqa: E402
-from tests.engine.test_adapter_fidelity import reference_run  # noqa: E402
-from tests.helpers.tiny_models import build_tiny_model  # noqa: E402
+from peftserve.auth import KeyRing, Scope
+from peftserve.bench.server import ServerProcess
+from peftserve_client import Client, NotFound
+from tests.adapters import peft_factory as pf
+from tests.engine.test_adapter_fidelity import reference_run
+from tests.helpers.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.slow
 

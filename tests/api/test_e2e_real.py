@@ -7,11 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest.importorskip("peftserve.engine.async_engine", reason="the real engine is not there yet")
-pytest.importorskip("peftserve.model.default_model", reason="the default model is not there yet")
-
-from peftserve.bench.server import ServerProcess  # noqa: E402
-from peftserve_client import Client, FinishReason, PeftServeError, Unavailable  # noqa: E402
+from peftserve.bench.server import ServerProcess
+from peftserve_client import Client, FinishReason, PeftServeError, Unavailable
 
 pytestmark = pytest.mark.slow
 

@@ -30,9 +30,9 @@ from tests.engine.conftest import random_prompts
 from tests.helpers.tiny_models import build_tiny_model
 
 NEW_TOKENS = 12
-VICTIMS = ("base", "lora", "prefix", "shira", "mix", "lora")
-"""What the other requests use: base model, another tenant's LoRA, prefix tuning, a sparse delta and a
-benign mixture (a LoRA and the sparse delta)."""
+VICTIMS = ("base", "lora", "prefix", "shira", "mix", "dora", "ia3", "loha", "lokr", "vera", "mix-kinds")
+"""What the other requests use: base model, another tenant's LoRA, prefix tuning, a sparse delta, a
+benign mixture (a LoRA and the sparse delta), each other served kind and a mixture across kinds."""
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,11 @@ def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "prefix": pf.make_prefix(base, root / "prefix", projection=False),
         "shira": pf.make_shira(base, "llama", root / "shira"),
         "other": pf.make_lora_layers(base, "llama", root / "other"),
+        "dora": pf.make_dora(base, "llama", root / "dora"),
+        "ia3": pf.make_ia3(base, "llama", root / "ia3"),
+        "loha": pf.make_loha(base, "llama", root / "loha"),
+        "lokr": pf.make_lokr(base, "llama", root / "lokr"),
+        "vera": pf.make_vera(base, "llama", root / "vera"),
     }
     # Finite but extreme: 1e38 (x scaling 5/3) is below float32's largest number and overflows the
     # first activation it touches.
@@ -67,7 +72,7 @@ def no_input_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def make_engine(dirs: dict[str, Path], **config) -> LLMEngine:
     model, tokenizer = build_tiny_model("llama")
-    manager = AdapterManager(model, num_slots=6, device="cpu", dtype=torch.float32)
+    manager = AdapterManager(model, num_slots=len(dirs), device="cpu", dtype=torch.float32)
     for name, path in dirs.items():
         manager.register(name, path)
     config = {"kv_cache_mb": 1, "block_size": 4, "max_batched_tokens": 40, **config}
@@ -79,6 +84,13 @@ def adapters_of(use: str) -> tuple[AdapterRef, ...]:
         return ()
     if use == "mix":
         return (AdapterRef("lora", 0.6), AdapterRef("shira", 0.4))
+    if use == "mix-kinds":
+        return (
+            AdapterRef("dora", 0.5),
+            AdapterRef("ia3", 0.7),
+            AdapterRef("vera", -0.4),
+            AdapterRef("lokr", 0.3),
+        )
     if use == "mixture-poison":
         return (AdapterRef("other", 3e38), AdapterRef("lora", 1.0))
     if use == "adapter-poison":
@@ -172,8 +184,8 @@ def test_no_step_reads_a_slot_outside_its_own_context(adapter_dirs) -> None:
     identical, bit for bit, to the same run without it.
     """
     waves = [victims_wave("a", 4), victims_wave("b", 5), victims_wave("c", 6)]
-    # 0.02 MB: 20 blocks of 4 tokens for 18 requests of up to 40 tokens, so sequences are preempted.
-    config = {"kv_cache_mb": 0.02, "max_batched_tokens": 24}
+    # 0.03 MB: 15 blocks of 4 tokens (512 bytes a token) for 33 requests of up to 55 tokens: preemptions.
+    config = {"kv_cache_mb": 0.03, "max_batched_tokens": 24}
     adapter_dirs = {k: v for k, v in adapter_dirs.items() if k != "poisoned"}
     clean_engine = make_engine(adapter_dirs, **config)
     clean = run_waves(clean_engine, waves)

@@ -7,6 +7,7 @@ import torch
 
 from peftserve.engine.request import FinishReason, GenerationRequest, SamplingParams
 from peftserve.errors import CapacityExceeded, InvalidRequest
+from peftserve.runner.linear import PackedLinear
 from tests.engine.conftest import random_prompts, reference_greedy, request
 
 
@@ -184,7 +185,7 @@ def test_text_prompt_is_tokenized_with_the_models_tokenizer(make_engine):
 @pytest.mark.parametrize("cpu_linear", ["onednn", "torch"])
 def test_cpu_linear_choice_and_exactness(make_engine, cpu_linear):
     engine, reference, _ = make_engine(cpu_linear=cpu_linear)
-    packed = [m for m in engine.runner.model.modules() if "forward" in vars(m)]
+    packed = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
     assert bool(packed) == (cpu_linear == "onednn")
     prompts = random_prompts([5, 19, 33], engine.model_info.vocab_size, seed=3)
     done = engine.generate_all([request(str(i), p, max_new_tokens=12) for i, p in enumerate(prompts)])

@@ -132,3 +132,17 @@ def test_engine_limits_are_resource_exhausted_with_a_retry_hint(make_engine) -> 
         vip = request(rid, [5] * 30, max_new_tokens=30)
         vip.tenant, vip.limits = "vip", TenantLimits(tokens_per_minute=10_000)
         engine.add_request(vip)
+
+
+@pytest.mark.parametrize(("policy", "quiet_first_chunk"), [("fair", 4), ("fcfs", 0)])
+def test_prompts_under_way_share_the_budget_with_admissions_fairly(policy, quiet_first_chunk) -> None:
+    s = Scheduler(num_blocks=100, block_size=4, max_batched_tokens=8, max_running=8, max_slot_adapters=0)
+    s.waiting.policy = policy
+    s.add(seq("long", "flood", n=40))
+    step(s)  # the long prompt's first chunk: its tenant has now been served 8 tokens
+    s.add(seq("short", "quiet", n=4))
+    plan = s.schedule()
+    chunks = {c.seq.request_id: c.num_tokens for c in plan.chunks}
+    # fair: the quiet tenant's whole prompt goes first, the long prompt takes the rest of the budget;
+    # fcfs: the prompt under way takes the whole budget and the new request waits.
+    assert chunks.get("short", 0) == quiet_first_chunk and chunks["long"] == 8 - quiet_first_chunk

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from peftserve.engine.prefix_cache import BlockPool, block_digests, identity_digest
-from peftserve.engine.request import AdapterRef, FinishReason, SamplingParams
+from peftserve.engine.request import FinishReason, SamplingParams
 from peftserve.engine.scheduler import Scheduler
-from peftserve.engine.sequence import Sequence
+from peftserve.engine.sequence import HeldVersion, Sequence
+from peftserve.engine.step import StepOutput
 
 BS = 4
 
@@ -24,16 +25,16 @@ def computed(pool: BlockPool, s: Sequence, hits: list[int] | None = None) -> Seq
 
 
 def test_the_identity_is_tenant_adapter_versions_contents_weights_and_prefix() -> None:
-    lora = (AdapterRef("acme/a@v1", 1.0),)
+    lora = (HeldVersion("acme/a@v1", 1.0),)
     base = seq("x", [1], deltas=lora, adapter_contents=("w:1",))
     same = seq("y", [2, 3], deltas=lora, adapter_contents=("w:1",))
     assert identity_digest(base) == identity_digest(same)  # the tokens are not part of it
     others = [
         seq("t", [1], tenant="other", deltas=lora, adapter_contents=("w:1",)),
-        seq("v", [1], deltas=(AdapterRef("acme/a@v2", 1.0),), adapter_contents=("w:1",)),
+        seq("v", [1], deltas=(HeldVersion("acme/a@v2", 1.0),), adapter_contents=("w:1",)),
         seq("c", [1], deltas=lora, adapter_contents=("w:2",)),  # a version key back with other weights
-        seq("w", [1], deltas=(AdapterRef("acme/a@v1", 0.5),), adapter_contents=("w:1",)),
-        seq("m", [1], deltas=(*lora, AdapterRef("acme/b@v1", 0.1)), adapter_contents=("w:1", "w:3")),
+        seq("w", [1], deltas=(HeldVersion("acme/a@v1", 0.5),), adapter_contents=("w:1",)),
+        seq("m", [1], deltas=(*lora, HeldVersion("acme/b@v1", 0.1)), adapter_contents=("w:1", "w:3")),
         seq("p", [1], prefix_adapter="acme/a@v1", num_virtual=3, adapter_contents=("w:1",)),
         seq("b", [1]),  # the base model
     ]
@@ -119,7 +120,7 @@ def test_one_tenant_never_holds_more_than_its_share() -> None:
 
 def test_removed_versions_are_dropped_in_use_or_not() -> None:
     pool = BlockPool(16, BS)
-    lora = {"deltas": (AdapterRef("acme/a@v1"),), "adapter_contents": ("w:1",)}
+    lora = {"deltas": (HeldVersion("acme/a@v1"),), "adapter_contents": ("w:1",)}
     idle = computed(pool, seq("idle", list(range(8)), **lora))
     pool.free(idle.blocks)
     running = computed(pool, seq("running", list(range(50, 58)), **lora))
@@ -136,7 +137,8 @@ def test_removed_versions_are_dropped_in_use_or_not() -> None:
 
 
 def run(plan, s: Scheduler) -> None:
-    s.computed(plan, [])
+    """What the engine does after a step: the scheduler takes in what it computed; a token is sampled."""
+    s.update(StepOutput(computed=tuple((c.seq, c.num_tokens) for c in plan.chunks)))
     for chunk in plan.chunks:
         if chunk.sample:
             chunk.seq.output_ids.append(7)

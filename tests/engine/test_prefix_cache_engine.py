@@ -177,7 +177,7 @@ def test_chunked_prefill_and_preemption_equal_the_uncached_run(adapter_dirs) -> 
         for k, tail in enumerate(tails)
     ]
     waves = [requests[k : k + 2] for k in range(0, 12, 2)]
-    config = {"kv_cache_mb": 0.03, "max_batched_tokens": 8}
+    config = {"kv_cache_mb": 0.03, "max_batched_tokens": 8, "max_running": 8}
     off = make_engine(adapter_dirs, prefix_cache="off", **config)
     want = run_waves(off, waves, every=2)
     on = make_engine(adapter_dirs, **config)

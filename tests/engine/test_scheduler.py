@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from peftserve.engine.request import AdapterRef, FinishReason, SamplingParams
+from peftserve.engine.request import FinishReason, SamplingParams
 from peftserve.engine.scheduler import MAX_SLOT_WAITS, Scheduler
-from peftserve.engine.sequence import SeqStatus, Sequence
+from peftserve.engine.sequence import HeldVersion, SeqStatus, Sequence
 
 
 def seq(rid: str, n: int, adapters: tuple[str, ...] = ()) -> Sequence:
-    return Sequence(rid, list(range(n)), SamplingParams(), deltas=tuple(AdapterRef(a) for a in adapters))
+    return Sequence(rid, list(range(n)), SamplingParams(), deltas=tuple(HeldVersion(a) for a in adapters))
 
 
 def run(plan) -> None:

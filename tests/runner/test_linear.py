@@ -1,11 +1,11 @@
-"""Packed oneDNN linears: the same numbers as F.linear at every batch size, the module left intact."""
+"""Packed oneDNN linears: the numbers of F.linear at every batch size, weights shared, visible in repr."""
 
 import pytest
 import torch
 from torch import nn
 
 from peftserve.runner import linear
-from peftserve.runner.linear import MIN_ROWS, onednn_usable, pack_linears
+from peftserve.runner.linear import MIN_ROWS, PackedLinear, onednn_usable, pack_linears
 
 _real_packed_linear = linear.packed_linear
 
@@ -50,11 +50,14 @@ def test_autograd_takes_the_plain_weight():
     assert x.grad is not None and model[0].weight.grad is not None
 
 
-def test_modules_stay_linears_with_their_weights():
+def test_linears_are_replaced_by_visible_modules_sharing_their_weights():
     model = _model()
     weight = model[0].weight
     pack_linears(model)
-    assert type(model[0]) is nn.Linear and model[0].weight is weight
+    assert isinstance(model[0], PackedLinear) and isinstance(model[0], nn.Linear)
+    assert model[0].weight is weight and model[2].bias is None
+    assert "onednn_packed=True" in repr(model)  # a replaced module, not a patched forward
+    assert "forward" not in vars(model[0])
     assert set(model.state_dict()) == set(_model().state_dict())
 
 

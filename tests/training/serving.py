@@ -9,9 +9,10 @@ from peft import PeftModel
 
 from peftserve.adapters.manager import AdapterManager
 from peftserve.config import EngineConfig
-from peftserve.engine.engine import Completion, LLMEngine
+from peftserve.engine.engine import LLMEngine
 from peftserve.engine.request import AdapterRef, GenerationRequest, SamplingParams
 from peftserve.model.loader import load_base_model
+from tests.engine.conftest import Recorded, run_recording
 
 
 def engine_with(base: str | Path, adapters: dict[str, Path]) -> LLMEngine:
@@ -26,8 +27,8 @@ def engine_with(base: str | Path, adapters: dict[str, Path]) -> LLMEngine:
 
 def ask_all(
     engine: LLMEngine, questions: dict[str, tuple[str, str]], max_new_tokens: int = 48
-) -> dict[str, Completion]:
-    """request id -> greedy completion, for {request id: (adapter id, prompt text)}, all in one batch."""
+) -> dict[str, Recorded]:
+    """request id -> greedy completion and logits, for {request id: (adapter id, prompt)}, in one batch."""
     requests = [
         GenerationRequest(
             request_id=rid,
@@ -37,7 +38,7 @@ def ask_all(
         )
         for rid, (adapter_id, prompt) in questions.items()
     ]
-    return engine.generate_all(requests)
+    return run_recording(engine, [requests])
 
 
 def peft_reference(base: str | Path, adapter: Path) -> PeftModel:

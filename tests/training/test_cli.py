@@ -12,7 +12,15 @@ from types import SimpleNamespace
 import pytest
 
 from peftserve.cli import build_parser, main
-from peftserve.training import LoraOptions, SparseOptions, TrainConfig, train
+from peftserve.training import (
+    Ia3Options,
+    LokrOptions,
+    LoraOptions,
+    SparseOptions,
+    TrainConfig,
+    VeraOptions,
+    train,
+)
 from peftserve.training.cli import _cmd_demo, train_config
 from peftserve_client import Client
 
@@ -36,6 +44,20 @@ def test_flags_build_the_config():
         TrainConfig.epochs,
         "default",
     )
+    vera = build_parser().parse_args(
+        ["train", "--method", "vera", "--data", "d.jsonl", "--rank", "64", "--d-initial", "0.2",
+         "--projection-prng-key", "7", "--early-stopping", "0", "--eval-every", "5"]
+    )  # fmt: skip
+    config = train_config(vera, None)
+    assert config.method == VeraOptions(rank=64, d_initial=0.2, projection_prng_key=7)
+    assert (config.early_stopping, config.eval_every, config.epochs) == (0, 5, None)
+    ia3 = build_parser().parse_args(
+        ["train", "--method", "ia3", "--data", "d", "--target-modules", "k_proj,down_proj",
+         "--feedforward-modules", "down_proj"]
+    )  # fmt: skip
+    assert train_config(ia3, None).method == Ia3Options(("k_proj", "down_proj"), ("down_proj",))
+    lokr = build_parser().parse_args(["train", "--method", "lokr", "--data", "d", "--decompose-both"])
+    assert train_config(lokr, None).method == LokrOptions(decompose_both=True)
     demo = build_parser().parse_args(["train", "demo", "--out", "store"])
     assert (demo.run, demo.out, demo.base, demo.threads) == (_cmd_demo, "store", "default", 1)
 
@@ -45,6 +67,10 @@ def test_flags_build_the_config():
     [
         (["--data", "missing.jsonl", "--out", "o"], "does not exist"),
         (["--data", "{data}", "--method", "prefix", "--rank", "4", "--out", "o"], "--rank applies to"),
+        (["--data", "{data}", "--method", "ia3", "--rank", "4", "--out", "o"], "--rank applies to"),
+        (["--data", "{data}", "--method", "lora", "--d-initial", "1", "--out", "o"], "--d-initial applies"),
+        (["--data", "{data}", "--method", "ia3", "--feedforward-modules", "down_proj", "--out", "o"],
+         "feedforward_modules needs target_modules"),
         (["--data", "{data}"], "give --out DIR, or --push HOST:PORT"),
         (["--data", "{data}", "--push", "127.0.0.1:1"], "--push HOST:PORT and --adapter-id NAME go together"),
         (["--out", "o"], "--data FILE is required"),

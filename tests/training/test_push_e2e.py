@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("peftserve.adapters.admin", reason="no adapter upload API (issue 4) yet")
+from peftserve.bench.server import ServerProcess
+from peftserve.cli import main
+from peftserve_client import Client
 
-from peftserve.bench.server import ServerProcess  # noqa: E402
-from peftserve.cli import main  # noqa: E402
-from peftserve_client import Client  # noqa: E402
-
-from .conftest import TASK  # noqa: E402
+from .conftest import TASK
 
 pytestmark = pytest.mark.slow
 

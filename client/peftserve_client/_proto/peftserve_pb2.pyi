@@ -206,7 +206,14 @@ class AdapterFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class AdapterManifest(_message.Message):
-    __slots__ = ("adapter_id", "version", "kind", "peft_type", "base_fingerprint", "ranks", "target_modules", "num_virtual_tokens", "nbytes", "files", "created_at")
+    __slots__ = ("adapter_id", "version", "kind", "peft_type", "base_fingerprint", "ranks", "target_modules", "num_virtual_tokens", "nbytes", "files", "created_at", "device_bytes", "shared_bytes", "forms", "needs_max_rank")
+    class FormsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +225,10 @@ class AdapterManifest(_message.Message):
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FORMS_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_MAX_RANK_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     version: str
     kind: str
@@ -229,7 +240,11 @@ class AdapterManifest(_message.Message):
     nbytes: int
     files: _containers.RepeatedCompositeFieldContainer[AdapterFile]
     created_at: float
-    def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., peft_type: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., nbytes: _Optional[int] = ..., files: _Optional[_Iterable[_Union[AdapterFile, _Mapping]]] = ..., created_at: _Optional[float] = ...) -> None: ...
+    device_bytes: int
+    shared_bytes: int
+    forms: _containers.ScalarMap[str, int]
+    needs_max_rank: int
+    def __init__(self, adapter_id: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., peft_type: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., ranks: _Optional[_Iterable[int]] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., nbytes: _Optional[int] = ..., files: _Optional[_Iterable[_Union[AdapterFile, _Mapping]]] = ..., created_at: _Optional[float] = ..., device_bytes: _Optional[int] = ..., shared_bytes: _Optional[int] = ..., forms: _Optional[_Mapping[str, int]] = ..., needs_max_rank: _Optional[int] = ...) -> None: ...
 
 class AdapterStatus(_message.Message):
     __slots__ = ("manifest", "tier", "pinned", "active_requests")

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
 from peftserve.errors import AdapterRejected, FailedPrecondition
+from peftserve.model.geometry import head_dim, kv_heads, text_config
 
+from .forms import BaseModule, Delta
 from .layer import MultiAdapterLayer
-from .normalized import LoraDelta, NormalizedAdapter, SparseDelta
+from .normalized import NormalizedAdapter
+from .peft_format import check_magnitude
 
 
 @dataclass(frozen=True)
@@ -36,41 +40,25 @@ class BaseSpec:
 
 
 def base_spec(model: nn.Module, layers: dict[str, MultiAdapterLayer]) -> BaseSpec:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    config = text_config(model.config)
     return BaseSpec(
         model_type=str(getattr(config, "model_type", "unknown")),
         modules={path: (m.out_features, m.in_features) for path, m in layers.items()},
         model_paths=frozenset(path for path, _ in model.named_modules()),
         num_layers=config.num_hidden_layers,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
+        kv_heads=kv_heads(config),
+        head_dim=head_dim(config),
     )
 
 
-def _misfit(path: str, delta: LoraDelta | SparseDelta, base: BaseSpec) -> str | None:
+def _misfit(path: str, delta: Delta, base: BaseSpec) -> str | None:
     """Why one delta does not fit the base, or None when it does."""
     if path not in base.modules:
         if path in base.model_paths:
             return f"target module {path!r} is not served (only Linear/Conv1D modules below the output head)"
         return f"target module {path!r} does not exist in the base model"
-    out_features, in_features = base.modules[path]
-    if isinstance(delta, LoraDelta):
-        if delta.shape != (out_features, in_features):
-            return (
-                f"module {path!r}: lora_B/lora_A give shape (out, in) = {delta.shape}, the base module "
-                f"is {(out_features, in_features)}"
-            )
-    else:
-        rows_ok = bool(((delta.rows >= 0) & (delta.rows < out_features)).all())
-        cols_ok = bool(((delta.cols >= 0) & (delta.cols < in_features)).all())
-        if not (rows_ok and cols_ok):
-            return (
-                f"module {path!r}: shira_indices fall outside the base module's {(out_features, in_features)}"
-            )
-    return None
+    reason = delta.misfit(base.modules[path])
+    return None if reason is None else f"module {path!r}: {reason}"
 
 
 def check_same_base(adapter: NormalizedAdapter, base: BaseSpec) -> None:
@@ -110,18 +98,11 @@ def check_against_base(adapter: NormalizedAdapter, base: BaseSpec) -> None:
 
 
 def check_limits(adapter: NormalizedAdapter, base: BaseSpec, max_rank: int) -> None:
-    """LoRA ranks at most max_rank; sparse deltas at most max_rank * (out + in) entries per module."""
+    """Each delta within its form's limit for max_rank (a rank, or max_rank * (out + in) entries)."""
     for path, delta in adapter.deltas.items():
-        if isinstance(delta, LoraDelta) and delta.rank > max_rank:
-            raise AdapterRejected(
-                f"module {path!r}: rank {delta.rank} exceeds the server's max rank {max_rank}"
-            )
-        if isinstance(delta, SparseDelta) and path in base.modules:
-            limit = max_rank * sum(base.modules[path])
-            if delta.nnz > limit:
-                raise AdapterRejected(
-                    f"module {path!r}: {delta.nnz} sparse entries exceed max_rank * (out + in) = {limit}"
-                )
+        reason = delta.over_limit(base.modules[path], max_rank)
+        if reason is not None:
+            raise AdapterRejected(f"module {path!r}: {reason}")
 
 
 def validate_for_base(adapter: NormalizedAdapter, base: BaseSpec, max_rank: int) -> None:
@@ -129,3 +110,16 @@ def validate_for_base(adapter: NormalizedAdapter, base: BaseSpec, max_rank: int)
     check_same_base(adapter, base)
     check_against_base(adapter, base)
     check_limits(adapter, base, max_rank)
+
+
+def fit_to_base(
+    adapter: NormalizedAdapter, base: BaseSpec, max_rank: int, module_of: Callable[[str], BaseModule]
+) -> NormalizedAdapter:
+    """validate_for_base, then bind what reads the base (DoRA's norms) and bound what it computes."""
+    validate_for_base(adapter, base, max_rank)
+    if not adapter.needs_base:
+        return adapter
+    bound = adapter.bind(module_of)
+    for name, value in bound.served_tensors():
+        check_magnitude(name, value)
+    return bound

@@ -32,6 +32,18 @@ class SlotGroup:
     num_tokens: int
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """The tokens of several slots as one batch of rows, a token once per slot of its own among them."""
+
+    index: torch.Tensor
+    """[N] int64 token rows, slot after slot"""
+    member: torch.Tensor
+    """[N] int64 position of each row's slot in the slots asked for"""
+    weight: torch.Tensor
+    """[N, 1] each row's mixture weight for that slot"""
+
+
 class AdapterBatch:
     """Which slots (and mixture weights) apply to which tokens in this step; built once, read by every layer.
 
@@ -39,11 +51,46 @@ class AdapterBatch:
     and never looks at individual tokens.
     """
 
-    def __init__(self, spans: tuple[Span, ...], num_tokens: int, groups: tuple[SlotGroup, ...]) -> None:
+    def __init__(
+        self,
+        spans: tuple[Span, ...],
+        num_tokens: int,
+        groups: tuple[SlotGroup, ...],
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.spans = spans
         self.num_tokens = num_tokens
         self.groups = groups
         self.slots = frozenset(g.slot for g in groups)
+        self.device = torch.device(device)
+        self._gathered: dict[tuple[int, ...], Gathered] = {}
+
+    def gather(self, slots: tuple[int, ...]) -> Gathered:
+        """The rows of these slots' tokens, for forms that compute several slots in one product.
+
+        Built once per step and set of slots (every layer of a form asks for the same ones), in three
+        host-to-device copies.
+        """
+        found = self._gathered.get(slots)
+        if found is not None:
+            return found
+        position = {slot: i for i, slot in enumerate(slots)}
+        rows: list[list[int]] = [[] for _ in slots]
+        weights: list[list[float]] = [[] for _ in slots]
+        for start, length, pairs in self.spans:
+            for slot, weight in pairs:
+                if slot in position:
+                    rows[position[slot]] += range(start, start + length)
+                    weights[position[slot]] += [weight] * length
+        member = [i for i, r in enumerate(rows) for _ in r]
+        flat_weights = [w for ws in weights for w in ws]
+        gathered = Gathered(
+            index=torch.tensor([t for r in rows for t in r], dtype=torch.long).to(self.device),  # [N]
+            member=torch.tensor(member, dtype=torch.long).to(self.device),  # [N]
+            weight=torch.tensor(flat_weights, dtype=torch.float32).to(self.device)[:, None],  # [N, 1]
+        )
+        self._gathered[slots] = gathered
+        return gathered
 
     @property
     def empty(self) -> bool:
@@ -115,7 +162,7 @@ class AdapterBatch:
                 weight_at += n
             groups.append(SlotGroup(slot, 0, 0, index[index_at : index_at + n], scale, w, n))
             index_at += n
-        return cls(tuple(clean), num_tokens, tuple(groups))
+        return cls(tuple(clean), num_tokens, tuple(groups), device)
 
 
 class AdapterContext:

@@ -1,28 +1,15 @@
-"""Normalize a PEFT adapter directory with the loader of its peft_type (one folder per kind)."""
+"""Normalize a PEFT adapter directory with the loader of its kind (kinds.py: one folder per kind)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from peftserve.errors import AdapterRejected
 
-from .adalora import load_adalora
-from .lora import load_lora
+from .kinds import PEFT_TYPES, kind_for
 from .normalized import NormalizedAdapter
-from .peft_format import Config, Tensors, check_magnitude, read_adapter_dir, reject_if_set
-from .prefix import load_prefix
-from .sparse import load_shira
-
-Loader = Callable[[Config, Tensors], NormalizedAdapter]
-
-LOADERS: dict[str, Loader] = {
-    "LORA": load_lora,
-    "ADALORA": load_adalora,
-    "PREFIX_TUNING": load_prefix,
-    "SHIRA": load_shira,
-}
-"""peft_type -> loader; adding a kind is adding a folder and a line here."""
+from .peft_format import check_magnitude, read_adapter_dir, reject_if_set
 
 
 def load_adapter(
@@ -34,14 +21,14 @@ def load_adapter(
     """
     config, tensors = read_adapter_dir(path, expected_sha256, follow_symlinks)
     peft_type = config.get("peft_type")
-    loader = LOADERS.get(peft_type) if isinstance(peft_type, str) else None
-    if loader is None:
-        raise AdapterRejected(f"peft_type={peft_type!r} is not served (served: {', '.join(LOADERS)})")
+    kind = kind_for(config)
+    if kind is None:
+        raise AdapterRejected(f"peft_type={peft_type!r} is not served (served: {', '.join(PEFT_TYPES)})")
     reject_if_set(config, "modules_to_save", "full copies of base modules cannot be batched per request")
     for key, value in tensors.items():
         check_magnitude(key, value)
     try:
-        adapter = loader(config, tensors)
+        adapter = kind.load(config, tensors)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         # A malformed field the loader did not foresee is still the adapter's fault, not the server's.
         raise AdapterRejected(f"malformed {peft_type} adapter ({type(exc).__name__}: {exc})") from exc

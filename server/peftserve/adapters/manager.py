@@ -22,6 +22,7 @@ from torch import nn
 
 from peftserve.engine.protocol import AdapterStatus, Tier
 from peftserve.engine.request import AdapterRef
+from peftserve.engine.sequence import HeldVersion
 from peftserve.errors import AdapterNotFound, InvalidRequest, quote
 from peftserve.metrics import AdapterMetrics, AdapterSnapshot
 from peftserve.store import AdapterStore, StoredVersion
@@ -37,13 +38,15 @@ from peftserve.store.ids import (
 from peftserve.store.manifest import AdapterManifest, FileEntry, file_entry
 from peftserve.store.peft_files import CONFIG_NAME, WEIGHTS_NAME
 
-from .base_spec import base_spec, validate_for_base
+from .base_spec import base_spec, fit_to_base
 from .batch import AdapterBatch, AdapterContext, Span
+from .forms import SharedTensors
 from .host_cache import HostCache
 from .kernels import select_kernels
+from .kinds import FORMS
 from .layer import wrap_model
 from .loading import load_adapter
-from .normalized import LoraDelta, NormalizedAdapter
+from .normalized import NormalizedAdapter
 from .registry import AdapterRegistry, Removal, VersionRecord
 from .slots import DeviceSlots
 
@@ -63,15 +66,15 @@ def canonical_id(text: str) -> str:
 class ResolvedAdapters:
     """A request's adapters bound to versions, one hold each, released with release_holds(keys)."""
 
-    deltas: tuple[AdapterRef, ...] = ()
-    """LoRA/AdaLoRA/sparse version keys and their mixture weights; each needs a slot (acquire)."""
+    deltas: tuple[HeldVersion, ...] = ()
+    """Delta adapter versions (every kind but prefix tuning) and their weights; each needs a slot."""
     prefix: str | None = None
     """The prefix adapter's version key; its K/V (prefix_kv) fill the first num_virtual_tokens positions."""
     num_virtual_tokens: int = 0
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return tuple(r.adapter_id for r in self.deltas) + ((self.prefix,) if self.prefix else ())
+        return tuple(held.key for held in self.deltas) + ((self.prefix,) if self.prefix else ())
 
     @property
     def is_base(self) -> bool:
@@ -101,7 +104,9 @@ class AdapterManager:
         self.max_rank = max_rank
         self.context = AdapterContext()
         self.kernels = select_kernels(self.device)
-        self.layers = wrap_model(model, self.context, self.kernels, num_slots)
+        self.shared = SharedTensors()
+        """Tensors held once for all slots and layers that use them (VeRA's projections)."""
+        self.layers = wrap_model(model, self.context, FORMS, num_slots, self.kernels, self.shared)
         self.base = base_spec(model, self.layers)
         self.metrics = AdapterMetrics(self.snapshot, metrics_top_n)
         self.registry = AdapterRegistry()
@@ -130,27 +135,32 @@ class AdapterManager:
 
     def validate(self, path: str | Path, follow_symlinks: bool = False) -> NormalizedAdapter:
         """Normalize a PEFT folder and check it against the base; InvalidRequest / FailedPrecondition."""
-        adapter = load_adapter(path, follow_symlinks=follow_symlinks)
-        validate_for_base(adapter, self.base, self.max_rank)
-        return adapter
+        return self._fit(load_adapter(path, follow_symlinks=follow_symlinks))
+
+    def _fit(self, adapter: NormalizedAdapter) -> NormalizedAdapter:
+        """Checked against the base and bound to it (DoRA reads the base weights)."""
+        return fit_to_base(adapter, self.base, self.max_rank, lambda path: self.layers[path].base_module())
 
     def manifest_for(
         self, adapter_id: str, number: int, adapter: NormalizedAdapter, files: tuple[FileEntry, ...]
     ) -> AdapterManifest:
         """The manifest of a validated adapter's files as version `number` of adapter_id."""
-        ranks = sorted({d.rank for d in adapter.deltas.values() if isinstance(d, LoraDelta)})
         return AdapterManifest(
             adapter_id=adapter_id,
             version=version_name(number),
             kind=adapter.kind,
             peft_type=adapter.peft_type,
             base_fingerprint=self.base.fingerprint,
-            ranks=tuple(ranks),
+            ranks=adapter.ranks,
             target_modules=tuple(sorted(adapter.deltas)),
             num_virtual_tokens=adapter.prefix.num_virtual_tokens if adapter.prefix is not None else 0,
             nbytes=sum(f.size for f in files),
             files=files,
             created_at=time.time(),
+            device_bytes=adapter.device_nbytes(self.dtype),
+            shared_bytes=adapter.shared_nbytes(self.dtype),
+            forms=adapter.forms,
+            needs_max_rank=adapter.needed_rank(self.base.modules),
         )
 
     def register(self, adapter_id: str, path: str | Path) -> AdapterManifest:
@@ -218,7 +228,8 @@ class AdapterManager:
             if prefixes:
                 if len(refs) > 1:
                     raise InvalidRequest(
-                        f"prefix adapter {prefixes[0].adapter_id!r} cannot be in a mixture (LoRA/sparse only)"
+                        f"prefix adapter {prefixes[0].adapter_id!r} cannot be in a mixture (only the kinds "
+                        "computed in the layers can: every kind but prefix tuning)"
                     )
                 if refs[0].weight != 1.0:
                     raise InvalidRequest(
@@ -234,7 +245,7 @@ class AdapterManager:
                 )
             else:
                 resolved = ResolvedAdapters(
-                    deltas=tuple(AdapterRef(k, ref.weight) for k, ref in zip(keys, refs, strict=True))
+                    deltas=tuple(HeldVersion(k, ref.weight) for k, ref in zip(keys, refs, strict=True))
                 )
             for key in keys:
                 self._hold(key)
@@ -429,8 +440,7 @@ class AdapterManager:
         expected = {f.name: f.sha256 for f in record.manifest.files}
         if record.store_root is not None:
             inside(record.store_root, record.source)  # no folder on the way was swapped for a symlink
-        adapter = load_adapter(record.source, expected, follow_symlinks=record.store_root is None)
-        validate_for_base(adapter, self.base, self.max_rank)
+        adapter = self._fit(load_adapter(record.source, expected, follow_symlinks=record.store_root is None))
         self.metrics.observe_load("host", time.perf_counter() - start)
         return adapter
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
@@ -86,8 +89,8 @@ def module_tensors(tensors: Tensors, param_names: tuple[str, ...]) -> dict[str, 
     """Group tensors by module path: {'model.layers.0.mlp.up_proj': {'lora_A.weight': ...}}.
 
     Every key must be `base_model.model.<module path>.<one of param_names>`; anything else (a trained
-    bias, a modules_to_save copy, a DoRA magnitude, an embedding adapter) is not served and is rejected
-    with the tensor's name.
+    bias, a modules_to_save copy, an embedding adapter, a tensor of another kind) is not served and is
+    rejected with the tensor's name.
     """
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -139,3 +142,64 @@ def finite_number(config: Config, field: str, default: float | None = None) -> f
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise AdapterRejected(f"{field}={quote(value)}: expected a finite number")
     return float(value)
+
+
+def positive_int(config: Config, field: str, default: int | None = None) -> int:
+    value = config.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdapterRejected(f"{field}={value!r}: expected a positive integer")
+    return value
+
+
+def _pattern(config: Config, field: str) -> Mapping[str, object]:
+    value = config.get(field) or {}
+    if not isinstance(value, Mapping):
+        raise AdapterRejected(f"{field}: expected an object mapping module patterns to numbers")
+    return value
+
+
+def pattern_key(patterns: Mapping[str, object], module_path: str) -> str | None:
+    """The key of a rank_pattern/alpha_pattern that names this module, resolved by peft itself."""
+    try:
+        key = get_pattern_key(list(patterns), module_path)
+    except re.error as exc:
+        raise AdapterRejected(f"a pattern key of {list(patterns)!r} is not a valid regex ({exc})") from exc
+    return key if key in patterns else None
+
+
+@dataclass(frozen=True)
+class RankAlpha:
+    """A module's configured rank and alpha, with the config fields they came from (for messages)."""
+
+    r: int
+    alpha: float
+    r_field: str
+    alpha_field: str
+
+
+def rank_and_alpha(
+    config: Config, path: str, r_default: int, alpha_name: str, alpha_default: float
+) -> RankAlpha:
+    """r and alpha of one module: rank_pattern/alpha_pattern when a key names it, else r / `alpha_name`."""
+    r_key = pattern_key(_pattern(config, "rank_pattern"), path)
+    if r_key is None:
+        r, r_field = config.get("r", r_default), "r"
+    else:
+        r, r_field = config["rank_pattern"][r_key], f"rank_pattern[{r_key!r}]"
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterRejected(f"{r_field}={r!r}: expected a positive integer")
+    alpha_key = pattern_key(_pattern(config, "alpha_pattern"), path)
+    if alpha_key is None:
+        alpha, alpha_field = finite_number(config, alpha_name, alpha_default), alpha_name
+    else:
+        alpha_field = f"alpha_pattern[{alpha_key!r}]"
+        alpha = finite_number(config["alpha_pattern"], alpha_key)
+    return RankAlpha(r, alpha, r_field, alpha_field)
+
+
+def require(params: Mapping[str, torch.Tensor], path: str, *names: str) -> list[torch.Tensor]:
+    """The named tensors of one module, AdapterRejected naming the first one missing."""
+    for name in names:
+        if name not in params:
+            raise AdapterRejected(f"module {path!r}: {name} is missing")
+    return [params[name] for name in names]

@@ -197,6 +197,10 @@ def to_manifest_message(manifest: AdapterManifest) -> pb.AdapterManifest:
         nbytes=manifest.nbytes,
         files=[pb.AdapterFile(name=f.name, size=f.size, sha256=f.sha256) for f in manifest.files],
         created_at=manifest.created_at,
+        device_bytes=manifest.device_bytes,
+        shared_bytes=manifest.shared_bytes,
+        forms=dict(manifest.forms),
+        needs_max_rank=manifest.needs_max_rank,
     )
 
 

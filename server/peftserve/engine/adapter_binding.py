@@ -3,7 +3,8 @@
 Plain Python over the AdapterManager (which owns the tensors). The engine calls ``bind`` when a request
 arrives (the request then holds the versions it resolved to, whatever is uploaded or deleted later),
 ``on_plan`` after each schedule (slots for admitted sequences, released for preempted ones) and
-``unbind`` when a sequence ends or is dropped before it ran; the runner calls ``build_batch``.
+``unbind`` when a sequence ends or is dropped before it ran; it packs each step with ``slot_weights``
+and hands the runner the K/V of ``prefix_kv``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from concurrent.futures import Future
 from peftserve.engine.request import AdapterRef
 from peftserve.engine.scheduler import StepPlan
 from peftserve.engine.sequence import Sequence
+from peftserve.engine.step import SlotWeights
 from peftserve.errors import CapacityExceeded
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,8 @@ class AdapterBinding:
 
     def __init__(self, manager) -> None:
         self.manager = manager
-        self._slots: dict[Sequence, tuple[tuple[int, float], ...]] = {}  # engine thread: held (slot, weight)
+        self.slot_weights: dict[Sequence, SlotWeights] = {}
+        """Running sequences' held (slot, weight) pairs (engine thread), read by pack()."""
         self._bound: set[Sequence] = set()  # sequences holding versions (bound on any thread)
         self._lock = threading.Lock()
 
@@ -93,40 +96,25 @@ class AdapterBinding:
         for seq in plan.admitted:
             if not seq.deltas:
                 continue
-            held: list[tuple[int, float]] = []
+            pairs: list[tuple[int, float]] = []
             try:
-                for ref in seq.deltas:
-                    held.append((self.manager.acquire(ref.adapter_id), ref.weight))
+                for held in seq.deltas:
+                    pairs.append((self.manager.acquire(held.key), held.weight))
             except CapacityExceeded:
-                for ref in seq.deltas[: len(held)]:
-                    self.manager.release(ref.adapter_id)
+                for held in seq.deltas[: len(pairs)]:
+                    self.manager.release(held.key)
                 log.error("request %s: no device slot for %s; it goes back to the queue", seq.request_id,
                           ", ".join(seq.slot_adapters))  # fmt: skip
                 unplaced.append(seq)
                 continue
-            self._slots[seq] = tuple(held)
+            self.slot_weights[seq] = tuple(pairs)
         return unplaced
 
     def _release_slots(self, seq: Sequence) -> None:
-        if self._slots.pop(seq, None) is not None:
-            for ref in seq.deltas:
-                self.manager.release(ref.adapter_id)
-
-    # -- runner side ----------------------------------------------------------------------------
-
-    def build_batch(self, plan: StepPlan, num_tokens: int):
-        """The step's AdapterBatch: each chunk's packed token span and its (slot, weight) pairs."""
-        spans = []
-        start = 0
-        for chunk in plan.chunks:
-            pairs = self._slots.get(chunk.seq)
-            if pairs:
-                spans.append((start, chunk.num_tokens, pairs))
-            start += chunk.num_tokens
-        return self.manager.build_batch(spans, num_tokens) if spans else None
-
-    def set_batch(self, batch) -> None:
-        self.manager.set_batch(batch)
+        if self.slot_weights.pop(seq, None) is not None:
+            for held in seq.deltas:
+                self.manager.release(held.key)
 
     def prefix_kv(self, key: str):
+        """A prefix adapter version's [L, 2, kv_heads, nvt, head_dim] K/V on the model's device."""
         return self.manager.prefix_kv(key)

@@ -1,8 +1,9 @@
 """The synchronous engine: admits requests, runs steps, turns sampled tokens into outputs.
 
-One thread drives it (see async_engine.py for the asyncio front). A step is
-``Scheduler.schedule() -> StepPlan``, ``ModelRunner.execute(plan) -> [Sampled]``, then the
-engine's own bookkeeping: append tokens, detokenize, detect stops, free finished sequences.
+One thread drives it (see async_engine.py for the asyncio front). A step is data handed along:
+``Scheduler.schedule() -> StepPlan``, ``pack(plan) -> StepInput``, ``ModelRunner.execute(input) ->
+StepOutput``, ``Scheduler.update(output)``, then the engine's own bookkeeping: append tokens,
+detokenize, detect stops, free finished sequences.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from peftserve.engine.request import (
 )
 from peftserve.engine.scheduler import Scheduler
 from peftserve.engine.sequence import Sequence
+from peftserve.engine.step import PrefixWrite, StepInput, StepOutput, pack
 from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput, quote
+from peftserve.model.geometry import head_dim, kv_heads
+from peftserve.model.loader import eos_token_ids, max_context
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
 
@@ -64,18 +68,14 @@ class LLMEngine:
         self.store = store
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
-        num_heads = hf.num_attention_heads
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
-        per_token = kv_bytes_per_token(
-            hf.num_hidden_layers, getattr(hf, "num_key_value_heads", None) or num_heads, head_dim, dtype
-        )
+        per_token = kv_bytes_per_token(hf.num_hidden_layers, kv_heads(hf), head_dim(hf), dtype)
         num_blocks = int(config.kv_cache_mb * 2**20) // (per_token * config.block_size)
         if num_blocks < 2:
             raise InvalidRequest(
                 f"kv_cache_mb={config.kv_cache_mb} holds fewer than 2 blocks of {config.block_size} tokens"
                 f" ({per_token} bytes per token); raise it"
             )
-        model_max = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", 2048)
+        model_max = max_context(model)
         self.max_context = min(config.max_context or model_max, model_max, num_blocks * config.block_size)
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
@@ -89,9 +89,15 @@ class LLMEngine:
         )
         self._tokens = TokenBuckets()
         self.runner = ModelRunner(
-            model, num_blocks, config.block_size, adapters=self.adapters, cpu_linear=config.cpu_linear
+            model,
+            num_blocks,
+            config.block_size,
+            adapters=adapters.context if adapters is not None else None,
+            cpu_linear=config.cpu_linear,
         )
-        eos = _eos_ids(model, tokenizer)
+        eos = list(eos_token_ids(model))
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(int(tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._info = ModelInfo(
@@ -294,6 +300,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every sequence that sampled a token."""
+        return self.step_with_output()[0]
+
+    def step_with_output(self) -> tuple[list[RequestOutput], StepInput | None, StepOutput | None]:
+        """One engine step, with what the runner was given and gave back (its logits among them).
+
+        (outputs, None, None) when nothing was scheduled.
+        """
         if self.adapters is not None:
             self.scheduler.reserved_slot_adapters = self.adapters.pinned_keys()
             self.scheduler.allocator.drop_versions(self.adapters.removed_versions())
@@ -302,15 +315,29 @@ class LLMEngine:
             for seq in self.adapters.on_plan(plan):
                 self.scheduler.requeue(seq, plan)
         if not plan.chunks:
-            return []
-        step = self.runner.execute(plan)
-        self.scheduler.computed(plan, step.non_finite)
-        failed = [self._on_non_finite(seq) for seq in step.non_finite]
-        return [self._on_token(s.seq, s.token_id, s.logprob) for s in step.sampled] + failed
+            return [], None, None
+        step = self._step_input(plan)
+        output = self.runner.execute(step)
+        self.scheduler.update(output)
+        failed = [self._on_non_finite(seq) for seq in output.non_finite]
+        outputs = [self._on_token(s.seq, s.token_id, s.logprob) for s in output.sampled] + failed
+        return outputs, step, output
+
+    def _step_input(self, plan) -> StepInput:
+        """The packed step, with each delta sequence's slots and each admitted prefix's K/V."""
+        if self.adapters is None:
+            return pack(plan)
+        step = pack(plan, self.adapters.slot_weights)
+        prefixes = tuple(  # virtual entries in blocks found in the prefix cache are written already
+            PrefixWrite(seq, self.adapters.prefix_kv(seq.prefix_adapter), start=seq.num_cached)
+            for seq in plan.admitted
+            if seq.num_virtual > seq.num_cached
+        )
+        return replace(step, prefixes=prefixes)
 
     def _on_non_finite(self, seq: Sequence) -> RequestOutput:
         """End a sequence whose logits were NaN/Inf with an error of its own; the batch carries on."""
-        adapters = ", ".join(f"{r.adapter_id} x {r.weight:g}" for r in seq.deltas) or seq.prefix_adapter
+        adapters = ", ".join(f"{held.key} x {held.weight:g}" for held in seq.deltas) or seq.prefix_adapter
         log.warning("request %s: non-finite logits (adapters: %s)", seq.request_id, adapters or "none")
         cause = f"its adapters ({adapters}) overflow" if adapters else "the model overflows"
         message = (
@@ -399,13 +426,3 @@ def _gather(outputs: list[RequestOutput]) -> Completion:
         finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens,
     )
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        for i in value if isinstance(value, (list, tuple)) else [value]:
-            if i is not None and i not in ids:
-                ids.append(int(i))
-    return ids

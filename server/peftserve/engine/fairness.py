@@ -92,7 +92,22 @@ class TenantQueues:
         else:  # no credit for the time away, no penalty beyond what it used
             self.counters[tenant] = max(self.counters.get(tenant, 0.0), min(active))
 
-    # -- admission order ----------------------------------------------------------------------
+    # -- order --------------------------------------------------------------------------------
+
+    def priority(self, seq: Sequence) -> tuple[float, float]:
+        """Sort key of prefill work: fair: (the tenant's counter, arrival); fcfs: (0, arrival)."""
+        return (self.counters.get(seq.tenant, 0.0) if self.policy == "fair" else 0.0, seq.arrival)
+
+    def goes_first(self, under_way: Sequence, waiting: Sequence) -> bool:
+        """Whether a prompt under way takes its next chunk before a waiting sequence is admitted.
+
+        fcfs, or both of one tenant: always (it was admitted first). fair: when its tenant has received
+        less service than the waiting one's; on a tie the waiting one goes first (a tenant that just
+        became active starts level with the least served one, and is owed its turn).
+        """
+        if self.policy == "fcfs" or under_way.tenant == waiting.tenant:
+            return True
+        return self.priority(under_way)[0] < self.priority(waiting)[0]
 
     def next_candidate(
         self, passed_over: set[Sequence], admissible: Callable[[Sequence], bool]
@@ -104,13 +119,11 @@ class TenantQueues:
         """
         best: Sequence | None = None
         best_key: tuple[float, float] = (math.inf, math.inf)
-        for tenant, queue in self._queues.items():
+        for queue in self._queues.values():
             seq = next((s for s in queue if s not in passed_over), None)
             if seq is None or not admissible(seq):
                 continue
-            key = (
-                (self.counters.get(tenant, 0.0), seq.arrival) if self.policy == "fair" else (0.0, seq.arrival)
-            )
+            key = self.priority(seq)
             if key < best_key:
                 best, best_key = seq, key
         return best

@@ -50,7 +50,7 @@ def identity_digest(seq: Sequence) -> bytes:
     identity = [
         IDENTITY_FORMAT,
         seq.tenant,
-        [[ref.adapter_id, ref.weight] for ref in seq.deltas],  # json writes floats exactly (repr)
+        [[held.key, held.weight] for held in seq.deltas],  # json writes floats exactly (repr)
         seq.prefix_adapter,
         seq.num_virtual,
         list(seq.adapter_contents),

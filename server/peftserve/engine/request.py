@@ -156,7 +156,7 @@ class GenerationRequest:
     prompt_token_ids: list[int] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapters: tuple[AdapterRef, ...] = ()
-    """Empty: the base model. One: that adapter. Several: a weighted LoRA mixture."""
+    """Empty: the base model. One: that adapter. Several: a weighted mixture (no prefix tuning in one)."""
     tenant: str = DEFAULT_TENANT
     """The authenticated caller's tenant: the scheduler shares the engine fairly between tenants."""
     limits: TenantLimits | None = None

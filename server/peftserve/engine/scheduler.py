@@ -6,20 +6,20 @@ Plain Python, no torch. The policy, per step:
    oldest first. A sequence that crosses a block boundary takes a new block; when none is free,
    the youngest running sequence is preempted (its blocks freed, it goes back to the head of the
    queue and later recomputes its prompt and output), so the oldest always progress.
-2. **Unfinished prefills next.** Running sequences part-way through their prompt (chunked prefill)
-   take the next chunk of what is left of the token budget.
-3. **Admit from the queues,** one per tenant (engine/fairness.py): next is the first waiting sequence
-   of the tenant that has received the least service (``fair``, the default; its virtual token
-   counter), or the oldest waiting sequence (``fcfs``); a tenant at its running limit waits. Admission
-   goes on while the token budget, the running limit, the free blocks (enough for the whole prompt,
+2. **Prefill work shares the rest of the budget,** in fair order: the next chunk of a prompt under
+   way (chunked prefill), or the admission of a waiting sequence from the queues, one per tenant
+   (engine/fairness.py), whichever belongs to the tenant that has received the least service
+   (``fair``, the default: its virtual token counter; on a tie, the admission). Under
+   ``fcfs``, prompts under way first, then admissions in arrival order. A tenant at its running limit
+   waits. Admission goes on while the running limit, the free blocks (enough for the whole prompt,
    prefix-tuning virtual tokens included) and the adapter slots (distinct adapters among running
    sequences, plus the pinned ones the engine reserves) allow. When the next sequence lacks blocks,
    admission stops for this step (smaller requests behind it would starve it). A sequence lacking only
    adapter slots is passed over, up to MAX_SLOT_WAITS steps; then it holds admission until it fits.
    An admitted sequence starts with the longest prefix of its own identity found in the prefix cache
    (engine/prefix_cache.py): those blocks join its table and their tokens are neither computed nor
-   charged to its tenant (only computed tokens are).
-4. **Pack by adapter.** The step's chunks are ordered by adapter, so each adapter's tokens are
+   charged to its tenant (only computed tokens are), and it needs free blocks for the rest only.
+3. **Pack by adapter.** The step's chunks are ordered by adapter, so each adapter's tokens are
    contiguous in the packed batch.
 
 Prefill chunks and decode tokens share one step of at most ``max_batched_tokens`` tokens.
@@ -27,12 +27,25 @@ Prefill chunks and decode tokens share one step of at most ``max_batched_tokens`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from peftserve.engine.fairness import TenantQueues
 from peftserve.engine.prefix_cache import BlockPool, blocks_needed
 from peftserve.engine.request import FinishReason
 from peftserve.engine.sequence import SeqStatus, Sequence
+
+
+class StepOutcome(Protocol):
+    """What the scheduler reads of a step's output (engine.step.StepOutput)."""
+
+    @property
+    def computed(self) -> Iterable[tuple[Sequence, int]]: ...
+
+    @property
+    def non_finite(self) -> Iterable[Sequence]: ...
+
 
 MAX_SLOT_WAITS = 16
 """Steps a request waiting for adapter slots may be passed over before it holds the queue."""
@@ -131,46 +144,61 @@ class Scheduler:
             self._add_chunk(plan, seq, 1, decode=True)
             budget -= 1
 
-        for seq in self.running:  # chunked prefills already under way
-            if budget == 0:
-                break
-            if seq.is_prefilling:
-                budget -= self._add_chunk(plan, seq, min(seq.num_pending, budget))
-
+        # Prefill work: chunks of prompts under way and admissions share what is left of the budget,
+        # the least served tenant first (fcfs: prompts under way first, then arrival order).
+        under_way = [seq for seq in self.running if seq.is_prefilling]  # oldest first
         passed_over: set[Sequence] = set()
-        while budget > 0 and len(self.running) < self.max_running:
-            seq = self.waiting.next_candidate(passed_over, self._under_running_limit)
-            if seq is None:
-                break
-            hits = self.allocator.lookup(seq)
-            need = blocks_needed(seq.kv_len, self.block_size) - len(hits)
-            if need + self.allocator.num_idle(hits) > self.allocator.num_free:
-                break
-            if not self._slots_allow(seq):
-                seq.slot_waits += 1
-                if seq.slot_waits > MAX_SLOT_WAITS:
-                    break  # it has been passed over long enough: admit nobody else until it fits
-                passed_over.add(seq)
+        admitting = True
+        while budget > 0:
+            candidate = None
+            if admitting and len(self.running) < self.max_running:
+                candidate = self.waiting.next_candidate(passed_over, self._under_running_limit)
+            going = min(under_way, key=self.waiting.priority) if under_way else None
+            if going is not None and (candidate is None or self.waiting.goes_first(going, candidate)):
+                under_way.remove(going)
+                budget -= self._add_chunk(plan, going, min(going.num_pending, budget))
                 continue
-            self.waiting.remove(seq)
-            self.allocator.admit(seq, hits, need)
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            self.waiting.started(seq)
-            plan.admitted.append(seq)
-            budget -= self._add_chunk(plan, seq, min(seq.num_pending, budget))
+            if candidate is None:
+                break
+            if not self._admit(candidate, plan, passed_over):
+                admitting = candidate in passed_over  # lacking blocks, or holding the line: stop
+                continue
+            budget -= self._add_chunk(plan, candidate, min(candidate.num_pending, budget))
         # Sequences sharing adapters sit side by side, so each adapter's tokens form one contiguous
         # run in the packed batch (sliced, not gathered, by the adapter kernels). Stable: FCFS within.
         plan.chunks.sort(key=lambda c: c.seq.slot_adapters)
         return plan
 
-    def computed(self, plan: StepPlan, failed: list[Sequence]) -> None:
-        """The plan ran: its tokens are computed, and the blocks they filled join the prefix cache
-        (except those of failed sequences, whose logits were not finite)."""
-        for chunk in plan.chunks:
-            chunk.seq.num_computed += chunk.num_tokens
-            if chunk.seq not in failed:
-                self.allocator.cache_computed(chunk.seq)
+    def update(self, output: StepOutcome) -> None:
+        """Take in what a step computed: each scheduled sequence's KV grew by its chunk, and the blocks
+        it filled join the prefix cache (not those of a sequence whose logits were not finite)."""
+        failed = set(output.non_finite)
+        for seq, num_tokens in output.computed:
+            seq.num_computed += num_tokens
+            if seq not in failed:
+                self.allocator.cache_computed(seq)
+
+    def _admit(self, seq: Sequence, plan: StepPlan, passed_over: set[Sequence]) -> bool:
+        """Admit seq if its blocks and adapter slots allow; a sequence lacking only slots is passed over.
+
+        It starts with its longest prefix in the prefix cache and needs free blocks for the rest only
+        (and for the cached blocks no sequence holds, which leave the free queue)."""
+        hits = self.allocator.lookup(seq)
+        need = blocks_needed(seq.kv_len, self.block_size) - len(hits)
+        if need + self.allocator.num_idle(hits) > self.allocator.num_free:
+            return False
+        if not self._slots_allow(seq):
+            seq.slot_waits += 1
+            if seq.slot_waits <= MAX_SLOT_WAITS:
+                passed_over.add(seq)  # others may go ahead of it this step
+            return False  # else it has been passed over long enough: admit nobody else until it fits
+        self.waiting.remove(seq)
+        self.allocator.admit(seq, hits, need)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        self.waiting.started(seq)
+        plan.admitted.append(seq)
+        return True
 
     def _add_chunk(self, plan: StepPlan, seq: Sequence, n: int, decode: bool = False) -> int:
         """Schedule seq's next n tokens (sampling after the last pending one) and charge its tenant."""

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from peftserve.engine.request import AdapterRef, FinishReason, SamplingParams, TenantLimits
+from peftserve.engine.request import FinishReason, SamplingParams, TenantLimits
 from peftserve.store.ids import DEFAULT_TENANT
 
 
@@ -14,6 +14,14 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class HeldVersion:
+    """An adapter version a sequence holds, by its version key ('tenant/name@vN'), and its weight."""
+
+    key: str
+    weight: float = 1.0
 
 
 @dataclass(eq=False)
@@ -30,8 +38,8 @@ class Sequence:
     tenant: str = DEFAULT_TENANT
     limits: TenantLimits = field(default_factory=TenantLimits)
     """The tenant's limits in force for this request (engine defaults under its key's)."""
-    deltas: tuple[AdapterRef, ...] = ()
-    """LoRA / sparse adapter versions ('tenant/name@vN') with mixture weights; one slot each."""
+    deltas: tuple[HeldVersion, ...] = ()
+    """Delta adapter versions (every kind but prefix tuning) with mixture weights; one slot each."""
     prefix_adapter: str | None = None
     """The prefix-tuning adapter version whose virtual tokens lead the KV, if any."""
     num_virtual: int = 0
@@ -57,8 +65,8 @@ class Sequence:
 
     @property
     def slot_adapters(self) -> tuple[str, ...]:
-        """Adapter ids that must hold a device slot while the sequence runs."""
-        return tuple(ref.adapter_id for ref in self.deltas)
+        """Version keys that must hold a device slot while the sequence runs."""
+        return tuple(held.key for held in self.deltas)
 
     @property
     def adapter_keys(self) -> tuple[str, ...]:

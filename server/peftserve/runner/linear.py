@@ -16,7 +16,7 @@ torch wherever it fails, and torch's upper bound in pyproject.toml.
 from __future__ import annotations
 
 import logging
-from functools import cache, partial
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -58,29 +58,42 @@ def onednn_usable(dtype: torch.dtype) -> bool:
     return got.shape == (2, 5, 24) and torch.allclose(got, F.linear(x, weight, bias), atol=tolerance, rtol=0)
 
 
-def _forward(
-    weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, x: torch.Tensor
-) -> torch.Tensor:
-    rows = x.numel() // weight.shape[1]
-    if rows < MIN_ROWS or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
-    return packed_linear(x, packed, bias)
+class PackedLinear(nn.Linear):
+    """An nn.Linear that runs oneDNN on its weight packed once; it shares the weight and bias of the
+    Linear it replaces (shape checks, adapter wrapping, autograd and small batches use them)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        with torch.inference_mode():
+            self.packed = pack(linear.weight)  # opaque, not in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows < MIN_ROWS or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        return packed_linear(x, self.packed, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, onednn_packed=True"
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Run every CPU Linear of the model in `DTYPES` on a packed oneDNN weight; how many were packed.
+    """Replace every CPU nn.Linear of the model in `DTYPES` by a PackedLinear; how many were replaced.
 
-    The modules stay nn.Linear with their weights (shape checks, adapter wrapping and small batches use
-    them); only their forward changes. Weights must not be replaced afterwards: the packed copy would
-    not follow.
+    Weights must not be changed afterwards: the packed copy would not follow.
     """
-    packed = 0
-    with torch.inference_mode():
-        for module in model.modules():
-            if type(module) is not nn.Linear or module.weight.device.type != "cpu":
-                continue
-            if not onednn_usable(module.weight.dtype):
-                continue
-            module.forward = partial(_forward, module.weight, module.bias, pack(module.weight))
-            packed += 1
-    return packed
+    targets = [
+        (path, module)
+        for path, module in model.named_modules()
+        if type(module) is nn.Linear
+        and module.weight.device.type == "cpu"
+        and onednn_usable(module.weight.dtype)
+    ]
+    for path, module in targets:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, name, PackedLinear(module))
+    return len(targets)

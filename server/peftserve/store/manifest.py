@@ -35,7 +35,7 @@ class AdapterManifest:
     version: str
     """'v1', 'v2', ... increasing per adapter id."""
     kind: str
-    """'lora' (LORA, ADALORA), 'sparse' (SHIRA) or 'prefix' (PREFIX_TUNING)."""
+    """How it is served (adapters/kinds.py): lora, adalora, dora, ia3, loha, lokr, vera, sparse, prefix."""
     peft_type: str
     base_fingerprint: str
     """Identifies the base model architecture the adapter was validated against."""
@@ -47,6 +47,14 @@ class AdapterManifest:
     files: tuple[FileEntry, ...]
     created_at: float
     """Unix time of the commit."""
+    device_bytes: int = 0
+    """Bytes one device slot holds for it (prefix tuning: its K/V) in the served dtype."""
+    shared_bytes: int = 0
+    """Bytes held once for every adapter sharing them (VeRA's frozen projections), in the served dtype."""
+    forms: tuple[tuple[str, int], ...] = ()
+    """(compute form, modules) it is served as, e.g. (('dense', 3), ('low_rank', 11)) for a LoHa."""
+    needs_max_rank: int = 0
+    """The smallest --adapter-max-rank that serves it: its largest rank, or entries / (out + in)."""
 
 
 def file_entry(path: Path, follow_symlinks: bool = False) -> FileEntry:
@@ -72,6 +80,10 @@ def manifest_to_json(manifest: AdapterManifest) -> bytes:
         "nbytes": manifest.nbytes,
         "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in manifest.files],
         "created_at": manifest.created_at,
+        "device_bytes": manifest.device_bytes,
+        "shared_bytes": manifest.shared_bytes,
+        "forms": dict(manifest.forms),
+        "needs_max_rank": manifest.needs_max_rank,
     }
     return (json.dumps(body, indent=1) + "\n").encode()
 
@@ -112,6 +124,14 @@ def manifest_from_json(data: bytes) -> AdapterManifest:
     targets = _field(body, "target_modules", list)
     if not all(isinstance(t, str) for t in targets):
         raise ValueError("target_modules must be strings")
+    forms = body.get("forms", {})
+    if not isinstance(forms, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in forms.items()
+    ):
+        raise ValueError("forms must map form names to module counts")
+    sizes = {name: body.get(name, 0) for name in ("device_bytes", "shared_bytes", "needs_max_rank")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values()):
+        raise ValueError("device_bytes, shared_bytes and needs_max_rank must be non-negative integers")
     created = body.get("created_at")
     if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
         raise ValueError("created_at must be a number")
@@ -127,4 +147,6 @@ def manifest_from_json(data: bytes) -> AdapterManifest:
         nbytes=_field(body, "nbytes", int),
         files=tuple(files),
         created_at=float(created),
+        forms=tuple(sorted(forms.items())),
+        **sizes,
     )

@@ -1,4 +1,5 @@
-"""The bundled trainer: LoRA, AdaLoRA, prefix tuning and gradient-selected sparse adapters from JSONL data.
+"""The bundled trainer: every kind the server serves (LoRA, DoRA, AdaLoRA, IA³, LoHa, LoKr, VeRA, prefix
+tuning, gradient-selected sparse), trained with peft from JSONL data.
 
 `train(TrainConfig(...)) -> TrainResult`; the options classes name the method. Importing this package
 does not import torch (the CLI builds its parser from it); `train` and `TrainResult` load on first use.
@@ -10,11 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 from peftserve.training.config import (
     AdaLoraOptions,
+    DoraOptions,
+    Ia3Options,
+    LohaOptions,
+    LokrOptions,
     LoraOptions,
     MethodOptions,
     PrefixOptions,
     SparseOptions,
     TrainConfig,
+    VeraOptions,
 )
 
 if TYPE_CHECKING:
@@ -22,12 +28,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AdaLoraOptions",
+    "DoraOptions",
+    "Ia3Options",
+    "LohaOptions",
+    "LokrOptions",
     "LoraOptions",
     "MethodOptions",
     "PrefixOptions",
     "SparseOptions",
     "TrainConfig",
     "TrainResult",
+    "VeraOptions",
     "train",
 ]
 

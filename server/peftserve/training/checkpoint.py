@@ -41,6 +41,8 @@ class Checkpoint:
     method: MethodState
     meta: dict[str, Any] = field(default_factory=dict)
     """The run's own bookkeeping (eval loss before, recent losses, tokens seen) and its fingerprint."""
+    best: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Trainable parameters at the best evaluation so far (empty before the first)."""
 
 
 def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, keep: int) -> Path:
@@ -56,6 +58,7 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint, keep: int) ->
         tensors |= {f"optim/{index}/{key}": value for key, value in state.items()}
     tensors |= {f"rng/{name}": value for name, value in checkpoint.rng.items()}
     tensors |= {f"method/{name}": value for name, value in checkpoint.method.tensors.items()}
+    tensors |= {f"best/{name}": value for name, value in checkpoint.best.items()}
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp / TENSORS))
     state = {
         "format": FORMAT,
@@ -90,7 +93,13 @@ def load_checkpoint(path: str | Path, device: torch.device) -> Checkpoint:
         raise InvalidRequest(f"checkpoint {path} is unreadable: {exc}") from exc
     if state.get("format") != FORMAT:
         raise InvalidRequest(f"checkpoint {path} has format {state.get('format')!r}, expected {FORMAT}")
-    groups: dict[str, dict[str, torch.Tensor]] = {"param": {}, "optim": {}, "rng": {}, "method": {}}
+    groups: dict[str, dict[str, torch.Tensor]] = {
+        "param": {},
+        "optim": {},
+        "rng": {},
+        "method": {},
+        "best": {},
+    }
     for key, value in tensors.items():
         kind, _, name = key.partition("/")
         groups[kind][name] = value.to(device) if kind == "method" else value
@@ -105,11 +114,17 @@ def load_checkpoint(path: str | Path, device: torch.device) -> Checkpoint:
         rng=groups["rng"],
         method=MethodState(groups["method"], state.get("method") or {}),
         meta=state.get("meta") or {},
+        best=groups["best"],
     )
 
 
 def capture(
-    step: int, model: nn.Module, optimizer: torch.optim.Optimizer, method: MethodState, meta: dict[str, Any]
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: MethodState,
+    meta: dict[str, Any],
+    best: dict[str, torch.Tensor] | None = None,
 ) -> Checkpoint:
     """The run's state right after optimizer step `step` - 1 (that is, after `step` steps)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -121,7 +136,7 @@ def capture(
     device = next(iter(params.values())).device
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    return Checkpoint(step, params, optimizer_state, rng, method, meta)
+    return Checkpoint(step, params, optimizer_state, rng, method, meta, dict(best or {}))
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:

@@ -24,15 +24,24 @@ from peftserve.training.config import (
     MethodOptions,
     TrainConfig,
 )
+from peftserve.training.run_length import DEFAULT_EPOCHS, MAX_STEPS, MIN_STEPS
 
 if TYPE_CHECKING:
     from peftserve.training.trainer import TrainResult
 
 METHOD_FLAGS: dict[str, dict[str, str]] = {
-    "rank": {"lora": "rank"},
-    "alpha": {"lora": "alpha", "adalora": "alpha"},
-    "dropout": {"lora": "dropout", "adalora": "dropout"},
-    "target_modules": {"lora": "target_modules", "adalora": "target_modules", "sparse": "target_modules"},
+    "rank": {m: "rank" for m in ("lora", "dora", "loha", "lokr", "vera")},
+    "alpha": {m: "alpha" for m in ("lora", "dora", "adalora", "loha", "lokr")},
+    "dropout": {m: "dropout" for m in ("lora", "dora", "adalora", "vera")},
+    "target_modules": {
+        m: "target_modules" for m in ("lora", "dora", "adalora", "ia3", "loha", "lokr", "vera", "sparse")
+    },
+    "feedforward_modules": {"ia3": "feedforward_modules"},
+    "module_dropout": {"loha": "module_dropout"},
+    "decompose_both": {"lokr": "decompose_both"},
+    "decompose_factor": {"lokr": "decompose_factor"},
+    "d_initial": {"vera": "d_initial"},
+    "projection_prng_key": {"vera": "projection_prng_key"},
     "init_r": {"adalora": "init_r"},
     "target_r": {"adalora": "target_r"},
     "tinit": {"adalora": "tinit"},
@@ -51,7 +60,7 @@ METHOD_FLAGS: dict[str, dict[str, str]] = {
 RUN_FLAGS = (
     "base", "epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm",
     "batch_size", "max_length", "seed", "device", "dtype", "checkpoint_dir", "checkpoint_every",
-    "keep_checkpoints", "resume",
+    "keep_checkpoints", "resume", "eval_every", "early_stopping",
 )  # fmt: skip
 """Flags copied onto TrainConfig fields of the same name when given."""
 
@@ -64,7 +73,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add `train` (and its `demo` subcommand) to the peftserve command."""
     train = subparsers.add_parser(
         "train",
-        help="train a LoRA, AdaLoRA, prefix or gradient-selected sparse adapter from a JSONL file",
+        help="train an adapter of any served kind (LoRA, DoRA, AdaLoRA, IA3, LoHa, LoKr, VeRA, prefix, "
+        "gradient-selected sparse) from a JSONL file",
         description="Train an adapter on the base model and save it in PEFT format (--out) and/or upload it "
         "to a running server (--push). Data: JSONL lines with prompt/completion (loss on the completion), "
         "text, or messages (with the tokenizer's chat template).",
@@ -86,14 +96,33 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     add_tls_args(train)
 
     method = train.add_argument_group("method options (each applies to the methods named)")
-    method.add_argument("--rank", type=int, help=f"lora: r (default {LoraOptions.rank})")
-    method.add_argument("--alpha", type=float, help="lora, adalora: lora_alpha (default 16)")
-    method.add_argument("--dropout", type=float, help="lora, adalora: adapter dropout (default 0)")
+    method.add_argument(
+        "--rank",
+        type=int,
+        help=f"lora, dora, loha, lokr: r (default {LoraOptions.rank}); vera: r (default 256)",
+    )
+    method.add_argument("--alpha", type=float, help="lora, dora, adalora, loha, lokr: alpha (default 16)")
+    method.add_argument(
+        "--dropout", type=float, help="lora, dora, adalora, vera: adapter dropout (default 0)"
+    )
     method.add_argument(
         "--target-modules",
         type=_modules,
-        help="lora, adalora, sparse: comma-separated names (default all-linear)",
+        help="every method but prefix: comma-separated names (default all-linear; ia3: peft's choice for "
+        "the model family)",
     )
+    method.add_argument(
+        "--feedforward-modules",
+        type=_modules,
+        help="ia3: the targets whose input is scaled (default: peft's choice for the model family)",
+    )
+    method.add_argument("--module-dropout", type=float, help="loha: drop a module's update (default 0)")
+    method.add_argument(
+        "--decompose-both", action="store_true", default=None, help="lokr: make both factors low-rank"
+    )
+    method.add_argument("--decompose-factor", type=int, help="lokr: factor size, -1 near the square root")
+    method.add_argument("--d-initial", type=float, help="vera: initial lambda_d (default 0.1)")
+    method.add_argument("--projection-prng-key", type=int, help="vera: seed of the frozen projections")
     method.add_argument("--init-r", type=int, help="adalora: starting rank (default 12)")
     method.add_argument("--target-r", type=int, help="adalora: average final rank (default 4)")
     method.add_argument(
@@ -123,10 +152,26 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     method.add_argument("--calibration-examples", type=int, help="sparse: examples scored (default 128)")
 
     loop = train.add_argument_group("optimization")
-    loop.add_argument("--epochs", type=int, help=f"passes over the data (default {TrainConfig.epochs})")
-    loop.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     loop.add_argument(
-        "--lr", type=float, help="peak learning rate (default: lora/adalora/sparse 1e-3, prefix 1e-2)"
+        "--epochs",
+        type=int,
+        help=f"passes over the data (default: chosen from its size, {DEFAULT_EPOCHS} unless that makes fewer "
+        f"than {MIN_STEPS} or more than {MAX_STEPS} steps)",
+    )
+    loop.add_argument("--max-steps", type=int, help="optimizer steps, exactly (overrides --epochs)")
+    loop.add_argument("--eval-every", type=int, help="steps between evaluations (default: 20 over the run)")
+    loop.add_argument(
+        "--early-stopping",
+        type=int,
+        help="evaluations without improvement that stop a run of epochs, keeping its best adapter "
+        f"(default {TrainConfig.early_stopping}; 0: never)",
+    )
+    loop.add_argument(
+        "--lr",
+        type=float,
+        help="peak learning rate (default per method: "
+        + ", ".join(f"{name} {options.default_lr:g}" for name, options in METHOD_OPTIONS.items())
+        + ")",
     )
     loop.add_argument("--lr-schedule", choices=("linear", "constant"), help="default: linear decay")
     loop.add_argument("--warmup-steps", type=int)

@@ -153,9 +153,151 @@ class SparseOptions:
         _targets(self.target_modules)
 
 
-MethodOptions = LoraOptions | AdaLoraOptions | PrefixOptions | SparseOptions
+@dataclass(frozen=True)
+class DoraOptions:
+    """DoRA: LoRA's update with a learned magnitude per output feature (weight-decomposed LoRA)."""
+
+    name: ClassVar[str] = "dora"
+    default_lr: ClassVar[float] = 2e-3
+
+    rank: int = 8
+    """r of every target module."""
+    alpha: float = 16.0
+    """lora_alpha; the update is scaled by alpha/rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    """Module names (or path suffixes) to adapt; 'all-linear' is every Linear except the head."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank", "alpha")
+        _dropout(self.dropout)
+        _targets(self.target_modules)
+
+
+@dataclass(frozen=True)
+class Ia3Options:
+    """IA³: learned vectors scaling the input of feedforward modules and the output of the others."""
+
+    name: ClassVar[str] = "ia3"
+    default_lr: ClassVar[float] = 2e-2
+
+    target_modules: tuple[str, ...] | None = None
+    """Modules to scale; None takes peft's choice for the model family (Llama: k_proj, v_proj, down_proj)."""
+    feedforward_modules: tuple[str, ...] | None = None
+    """The targets whose input is scaled (a subset of them); None takes peft's choice (Llama: down_proj)."""
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "feedforward_modules"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, tuple) and all(isinstance(t, str) and t for t in value)
+            ):
+                raise InvalidRequest(f"{name} must be module names, got {value!r}")
+        if self.feedforward_modules is not None and self.target_modules is None:
+            raise InvalidRequest("feedforward_modules needs target_modules (a subset of them)")
+        if self.target_modules is not None and self.feedforward_modules is not None:
+            extra = set(self.feedforward_modules) - set(self.target_modules)
+            if extra:
+                raise InvalidRequest(f"feedforward_modules {sorted(extra)} are not among target_modules")
+
+
+@dataclass(frozen=True)
+class LohaOptions:
+    """LoHa: the Hadamard product of two rank-r products on each target module."""
+
+    name: ClassVar[str] = "loha"
+    default_lr: ClassVar[float] = 2e-3
+
+    rank: int = 8
+    """r of both products."""
+    alpha: float = 16.0
+    """alpha; the update is scaled by alpha/rank."""
+    module_dropout: float = 0.0
+    """Probability of leaving a module's update out in a training step."""
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    """Module names (or path suffixes) to adapt; 'all-linear' is every Linear except the head."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank", "alpha")
+        _dropout(self.module_dropout)
+        _targets(self.target_modules)
+
+
+@dataclass(frozen=True)
+class LokrOptions:
+    """LoKr: the Kronecker product of two factors (the second, or both, low-rank) on each target module."""
+
+    name: ClassVar[str] = "lokr"
+    default_lr: ClassVar[float] = 2e-3
+
+    rank: int = 8
+    """r of the low-rank factors."""
+    alpha: float = 16.0
+    """alpha; the update is scaled by alpha/rank."""
+    decompose_both: bool = False
+    """Make the first factor low-rank too."""
+    decompose_factor: int = -1
+    """Split each dimension into factors near this size; -1: near its square root."""
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    """Module names (or path suffixes) to adapt; 'all-linear' is every Linear except the head."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank", "alpha")
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise InvalidRequest(f"decompose_factor must be -1 or > 0, got {self.decompose_factor}")
+        _targets(self.target_modules)
+
+
+@dataclass(frozen=True)
+class VeraOptions:
+    """VeRA: two learned vectors per module around frozen random projections shared by all modules."""
+
+    name: ClassVar[str] = "vera"
+    default_lr: ClassVar[float] = 1e-2
+
+    rank: int = 256
+    """r of the shared projections (they are frozen: only r + out values per module are trained)."""
+    d_initial: float = 0.1
+    """Initial value of the lambda_d vectors."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
+    projection_prng_key: int = 0
+    """Seed of the shared projections (adapters with the same key and rank share them when served)."""
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    """Module names (or path suffixes) to adapt; 'all-linear' is every Linear except the head."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "rank", "d_initial")
+        _non_negative(self, "projection_prng_key")
+        _dropout(self.dropout)
+        _targets(self.target_modules)
+
+
+MethodOptions = (
+    LoraOptions
+    | AdaLoraOptions
+    | PrefixOptions
+    | SparseOptions
+    | DoraOptions
+    | Ia3Options
+    | LohaOptions
+    | LokrOptions
+    | VeraOptions
+)
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
-    options.name: options for options in (LoraOptions, AdaLoraOptions, PrefixOptions, SparseOptions)
+    options.name: options
+    for options in (
+        LoraOptions,
+        DoraOptions,
+        AdaLoraOptions,
+        Ia3Options,
+        LohaOptions,
+        LokrOptions,
+        VeraOptions,
+        PrefixOptions,
+        SparseOptions,
+    )
 }
 """Method name -> its options class."""
 
@@ -174,10 +316,10 @@ class TrainConfig:
     """JSONL evaluation file; None evaluates on the training data."""
     out_dir: str | None = None
     """Where the PEFT adapter directory is written; None skips saving (a push uses a temporary one)."""
-    epochs: int = 3
-    """Passes over the training data (ignored when max_steps is set)."""
+    epochs: int | None = None
+    """Passes over the training data; None chooses them from the data's size (run_length.py)."""
     max_steps: int | None = None
-    """Optimizer steps of the run; None runs `epochs` epochs."""
+    """Optimizer steps of the run, exactly (no early stopping); None runs epochs."""
     lr: float | None = None
     """Peak learning rate; None takes the method's default."""
     lr_schedule: str = "linear"
@@ -190,6 +332,11 @@ class TrainConfig:
     """Clip the gradient norm of the trainable parameters; None disables clipping."""
     batch_size: int = 8
     """Examples per optimizer step."""
+    eval_every: int | None = None
+    """Optimizer steps between evaluations; None: 20 evaluations over the run."""
+    early_stopping: int = 3
+    """Evaluations without improvement after which a run of epochs stops, keeping its best adapter
+    (0: never); a max_steps run never stops early."""
     max_length: int = 512
     """Longest example in tokens; longer ones are skipped (with a warning)."""
     seed: int = 0
@@ -215,8 +362,8 @@ class TrainConfig:
         if not isinstance(self.method, tuple(METHOD_OPTIONS.values())):
             raise InvalidRequest(f"method must be one of {', '.join(METHOD_OPTIONS)} options")
         _positive(self, "epochs", "max_steps", "lr", "batch_size", "max_length", "checkpoint_every")
-        _positive(self, "keep_checkpoints", "max_grad_norm")
-        _non_negative(self, "warmup_steps", "weight_decay")
+        _positive(self, "keep_checkpoints", "max_grad_norm", "eval_every")
+        _non_negative(self, "warmup_steps", "weight_decay", "early_stopping")
         if self.lr is not None and not math.isfinite(self.lr):
             raise InvalidRequest(f"lr must be finite, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:

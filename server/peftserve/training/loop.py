@@ -35,6 +35,10 @@ class Schedule:
         return self.peak_lr * (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps)
 
 
+MIN_IMPROVEMENT = 1e-3
+"""An evaluation improves on the best one when its loss is lower by more than this (nats)."""
+
+
 @dataclass
 class LoopState:
     """What the loop accumulates; checkpointed so a resumed run reports the same numbers."""
@@ -45,6 +49,50 @@ class LoopState:
     """Non-padding tokens fed over the whole run."""
     recent_losses: deque[float] | None = None
     """Training losses of the last steps (up to one epoch), for the final train loss."""
+    eval_loss: float | None = None
+    """The last evaluation's loss."""
+    best_loss: float | None = None
+    best_step: int = 0
+    """The step of the best evaluation (whose parameters are in `best`)."""
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    best: dict[str, torch.Tensor] | None = None
+    """The trainable parameters at the best evaluation."""
+
+    def record_eval(self, loss: float, params: dict[str, torch.nn.Parameter]) -> None:
+        """Take in an evaluation; a new best keeps a copy of the parameters."""
+        self.eval_loss = loss
+        if self.best_loss is None or loss < self.best_loss - MIN_IMPROVEMENT:
+            self.best_loss, self.best_step, self.evals_without_improvement = loss, self.step, 0
+            self.best = {name: p.detach().clone() for name, p in params.items()}
+        else:
+            self.evals_without_improvement += 1
+
+    def meta(self) -> dict:
+        """The JSON part, for checkpoints (`best` goes with the tensors)."""
+        return {
+            "tokens": self.tokens,
+            "recent_losses": list(self.recent_losses or []),
+            "eval_loss": self.eval_loss,
+            "best_loss": self.best_loss,
+            "best_step": self.best_step,
+            "evals_without_improvement": self.evals_without_improvement,
+        }
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """When and how the loop evaluates, and when it stops early."""
+
+    loss: Callable[[], float]
+    """The eval loss of the model as it is (leaving it in the mode it found it in)."""
+    every: int
+    """Steps between evaluations; the last step is always evaluated."""
+    patience: int = 0
+    """Evaluations without improvement that stop the run (0: never)."""
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.every == 0 or step == total_steps
 
 
 @dataclass(frozen=True)
@@ -92,10 +140,13 @@ def run(
     device: torch.device,
     max_grad_norm: float | None,
     progress: bool,
+    evaluation: Evaluation | None = None,
     on_step: Callable[[LoopState], None] | None = None,
 ) -> LoopStats:
-    """Train from state.step to schedule.total_steps; `on_step` runs after each step (checkpoints)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Train from state.step to schedule.total_steps, evaluating on the way (and stopping early when
+    evaluation says so); `on_step` runs after each step and its evaluation (checkpoints)."""
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     state.recent_losses = deque(state.recent_losses or (), maxlen=order.steps_per_epoch)
     model.train()
     start_step, start_tokens, started = state.step, state.tokens, time.perf_counter()
@@ -116,12 +167,22 @@ def run(
             state.step += 1
             state.tokens += int(batch["attention_mask"].sum())
             state.recent_losses.append(loss)
+            if evaluation is not None and evaluation.due(state.step, schedule.total_steps):
+                state.record_eval(evaluation.loss(), named)
+                stop = evaluation.patience and state.evals_without_improvement >= evaluation.patience
+                state.stopped_early = bool(stop) and state.step < schedule.total_steps
             elapsed = time.perf_counter() - started
             rate = (state.tokens - start_tokens) / elapsed if elapsed > 0 else 0.0
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+            postfix = {"loss": f"{loss:.4f}"}
+            if state.eval_loss is not None:
+                postfix["eval"] = f"{state.eval_loss:.4f}"
+                postfix["best"] = f"{state.best_loss:.4f}@{state.best_step}"
+            bar.set_postfix(**postfix, tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
             if on_step is not None:
                 on_step(state)
+            if state.stopped_early:
+                break
     model.eval()
     return LoopStats(state.step - start_step, state.tokens - start_tokens, time.perf_counter() - started)
 

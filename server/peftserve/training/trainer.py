@@ -21,8 +21,9 @@ from peftserve.model.loader import load_base_model
 from peftserve.training import checkpoint as ckpt
 from peftserve.training.config import PrefixOptions, TrainConfig
 from peftserve.training.data import BatchOrder, Dataset, Example, load_dataset
-from peftserve.training.loop import LoopState, Schedule, evaluate, run
+from peftserve.training.loop import Evaluation, LoopState, Schedule, evaluate, run
 from peftserve.training.methods import BuildContext, TrainingMethod, method_for
+from peftserve.training.run_length import RunLength, choose_length
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ class TrainResult:
     """The PEFT adapter directory, or None when it was not saved."""
     steps: int
     """Optimizer steps of the run (including those done before a resume)."""
+    epochs: int | None
+    """Epochs the run was given or chose (None for a max_steps run)."""
+    stopped_early: bool
+    """The run stopped before its last step: eval loss had stopped improving."""
+    best_step: int
+    """The step whose adapter was saved: the best evaluation's."""
     examples: int
     skipped_examples: int
     """Training examples longer than max_length, left out."""
@@ -63,9 +70,11 @@ class TrainResult:
         """A few human-readable lines."""
         share = 100.0 * self.trainable_params / self.total_params
         before, after, speed = self.eval_loss_before, self.eval_loss_after, self.tokens_per_s
+        stopped = f", stopped early, kept step {self.best_step}" if self.stopped_early else ""
         return (
-            f"{self.method}: {self.steps} steps on {self.examples} examples, {speed:,.0f} tokens/s\n"
-            f"eval loss ({self.eval_source}): {before:.4f} before, {after:.4f} after\n"
+            f"{self.method}: {self.steps} steps on {self.examples} examples{stopped}, {speed:,.0f} tokens/s\n"
+            f"train loss {self.train_loss:.4f}; eval loss ({self.eval_source}): {before:.4f} before, "
+            f"{after:.4f} after\n"
             f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({share:.3f}%)"
         )
 
@@ -82,6 +91,7 @@ class RunData:
     pad_id: int
     order: BatchOrder
     schedule: Schedule
+    length: RunLength
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -92,6 +102,11 @@ def train(config: TrainConfig) -> TrainResult:
     resumed = _resume_point(config, fingerprint, loaded.device)
     method = method_for(config.method)
     device, batch_size = loaded.device, config.batch_size
+    lr_source = "--lr" if config.lr is not None else f"{config.method.name}'s default"
+    log.info(
+        "%s: %s; lr %g (%s), %s schedule", config.method.name, data.length.chosen, data.schedule.peak_lr,
+        lr_source, config.lr_schedule,
+    )  # fmt: skip
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         if resumed is None:
@@ -110,6 +125,11 @@ def train(config: TrainConfig) -> TrainResult:
         optimizer = torch.optim.AdamW(params, lr=data.schedule.peak_lr, weight_decay=config.weight_decay)
         state = _restore(model, optimizer, method, resumed) if resumed else LoopState()
         meta = {"eval_before": eval_before, **fingerprint}
+        evaluation = Evaluation(
+            lambda: evaluate(model, data.eval_examples, batch_size, data.pad_id, device),
+            data.length.eval_every,
+            data.length.early_stopping,
+        )
         stats = run(
             model,
             method,
@@ -122,8 +142,12 @@ def train(config: TrainConfig) -> TrainResult:
             device=device,
             max_grad_norm=config.max_grad_norm,
             progress=config.progress,
+            evaluation=evaluation,
             on_step=_checkpointer(config, data.schedule.total_steps, model, optimizer, method, meta),
         )
+        if state.best is not None and state.best_step != state.step:
+            _load_params(model, state.best)  # the best evaluation's adapter, not the last step's
+            log.info("kept the adapter of step %d (eval loss %.4f)", state.best_step, state.best_loss)
         eval_after = evaluate(model, data.eval_examples, batch_size, data.pad_id, device)
     output_dir = save_adapter(model, config.out_dir) if config.out_dir else None
     losses = state.recent_losses or [float("nan")]
@@ -131,6 +155,9 @@ def train(config: TrainConfig) -> TrainResult:
         method=config.method.name,
         output_dir=output_dir,
         steps=state.step,
+        epochs=data.length.epochs,
+        stopped_early=state.stopped_early,
+        best_step=state.best_step if state.best is not None else state.step,
         examples=len(data.train_set),
         skipped_examples=data.train_set.skipped,
         trainable_params=sum(p.numel() for p in params),
@@ -157,14 +184,18 @@ def prepare_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, max_co
         more = len(train_set) > TRAIN_EVAL_EXAMPLES
         eval_source = "training data" + (f", first {TRAIN_EVAL_EXAMPLES}" if more else "")
     order = BatchOrder(len(train_set), config.batch_size, config.seed)
+    length = choose_length(
+        len(train_set), config.batch_size, config.epochs, config.max_steps, config.eval_every,
+        config.early_stopping,
+    )  # fmt: skip
     schedule = Schedule(
-        total_steps=config.max_steps or config.epochs * order.steps_per_epoch,
+        total_steps=length.total_steps,
         peak_lr=config.learning_rate,
         warmup_steps=config.warmup_steps,
         kind=config.lr_schedule,
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return RunData(train_set, eval_set, eval_examples, eval_source, pad_id, order, schedule)
+    return RunData(train_set, eval_set, eval_examples, eval_source, pad_id, order, schedule, length)
 
 
 def save_adapter(model: PeftModel, out_dir: str | Path) -> Path:
@@ -195,7 +226,7 @@ def _max_length(config: TrainConfig, max_context: int) -> int:
 def _fingerprint(config: TrainConfig, data: RunData) -> dict[str, Any]:
     """Everything that shapes the trajectory; a checkpoint resumes only a run with the same fingerprint."""
     fields = ("base", "epochs", "max_steps", "lr", "lr_schedule", "warmup_steps", "weight_decay")
-    fields += ("max_grad_norm", "batch_size", "max_length", "seed", "dtype")
+    fields += ("max_grad_norm", "batch_size", "max_length", "seed", "dtype", "eval_every", "early_stopping")
     return {
         "run": {name: getattr(config, name) for name in fields},
         "method": {"name": config.method.name, **dataclasses.asdict(config.method)},
@@ -231,7 +262,24 @@ def _restore(
     ckpt.restore(model, optimizer, checkpoint)
     method.load_state(model, checkpoint.method)
     log.info("resumed from step %d", checkpoint.step)
-    return LoopState(checkpoint.step, checkpoint.meta["tokens"], deque(checkpoint.meta["recent_losses"]))
+    meta = checkpoint.meta
+    return LoopState(
+        step=checkpoint.step,
+        tokens=meta["tokens"],
+        recent_losses=deque(meta["recent_losses"]),
+        eval_loss=meta.get("eval_loss"),
+        best_loss=meta.get("best_loss"),
+        best_step=meta.get("best_step", 0),
+        evals_without_improvement=meta.get("evals_without_improvement", 0),
+        best=checkpoint.best or None,
+    )
+
+
+def _load_params(model: PeftModel, params: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in params:
+                param.copy_(params[name])
 
 
 def _canonical(value: Any) -> str:
@@ -253,8 +301,9 @@ def _checkpointer(
     def on_step(state: LoopState) -> None:
         if state.step % config.checkpoint_every and state.step != total_steps:
             return
-        run_meta = {**meta, "tokens": state.tokens, "recent_losses": list(state.recent_losses or [])}
-        snapshot = ckpt.capture(state.step, model, optimizer, method.state(model), run_meta)
+        snapshot = ckpt.capture(
+            state.step, model, optimizer, method.state(model), {**meta, **state.meta()}, state.best
+        )
         ckpt.save_checkpoint(config.checkpoint_dir, snapshot, config.keep_checkpoints)
 
     return on_step

@@ -6,9 +6,10 @@ import torch
 
 from peftserve.errors import AdapterRejected
 
+from ..forms import LowRankDelta
 from ..lora import check_lora_family_config
-from ..normalized import LoraDelta, NormalizedAdapter
-from ..peft_format import Config, Tensors, check_scaling, finite_number, module_tensors
+from ..normalized import NormalizedAdapter
+from ..peft_format import Config, Tensors, check_scaling, finite_number, module_tensors, positive_int, require
 
 RANKNUM_EPS = 1e-5
 """peft's SVDLinear divides by (ranknum + 1e-5)."""
@@ -20,9 +21,7 @@ def adalora_scaling(config: Config) -> float:
     scaling is lora_alpha (or init_r when lora_alpha <= 0) and ranknum, not saved, is init_r after a
     reload (pruning removes rows but keeps ranknum), so every module shares one factor.
     """
-    init_r = config.get("init_r", 12)
-    if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r <= 0:
-        raise AdapterRejected(f"init_r={init_r!r}: expected a positive integer")
+    init_r = positive_int(config, "init_r", 12)
     alpha = finite_number(config, "lora_alpha", 8)
     scaling = alpha if alpha > 0 else float(init_r)
     return check_scaling(scaling / (init_r + RANKNUM_EPS), "lora_alpha and init_r")
@@ -35,12 +34,9 @@ def load_adalora(config: Config, tensors: Tensors) -> NormalizedAdapter:
     modules = module_tensors(tensors, ("lora_A", "lora_E", "lora_B"))
     if not modules:
         raise AdapterRejected("adapter_model.safetensors holds no lora_A/lora_E/lora_B tensors")
-    deltas: dict[str, LoraDelta] = {}
+    deltas: dict[str, LowRankDelta] = {}
     for path, params in sorted(modules.items()):
-        for needed in ("lora_A", "lora_E", "lora_B"):
-            if needed not in params:
-                raise AdapterRejected(f"module {path!r}: {needed} is missing")
-        a, e, b = params["lora_A"], params["lora_E"], params["lora_B"]  # [r, in], [r, 1], [out, r]
+        a, e, b = require(params, path, "lora_A", "lora_E", "lora_B")  # [r, in], [r, 1], [out, r]
         rank = a.shape[0] if a.dim() == 2 else -1
         if rank < 0 or e.shape != (rank, 1) or b.dim() != 2 or b.shape[1] != rank:
             raise AdapterRejected(
@@ -49,7 +45,9 @@ def load_adalora(config: Config, tensors: Tensors) -> NormalizedAdapter:
             )
         if rank == 0:
             continue  # fully pruned: peft computes nothing for it either
-        deltas[path] = LoraDelta(a=a.to(torch.float32) * e.to(torch.float32), b=b.to(torch.float32) * factor)
+        deltas[path] = LowRankDelta(
+            a=a.to(torch.float32) * e.to(torch.float32), b=b.to(torch.float32) * factor
+        )
     if not deltas:
         raise AdapterRejected("every module was pruned to rank 0; the adapter is the base model")
-    return NormalizedAdapter(peft_type="ADALORA", kind="lora", deltas=deltas)
+    return NormalizedAdapter(peft_type="ADALORA", kind="adalora", deltas=deltas)

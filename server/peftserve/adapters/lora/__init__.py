@@ -1,6 +1,5 @@
-"""LoRA: loading PEFT's LORA format and the low-rank delta kernels."""
+"""LoRA: PEFT's LORA format as low-rank deltas."""
 
-from .kernels import lora_grouped, lora_reference
-from .loader import check_lora_family_config, load_lora
+from .loader import check_lora_family_config, load_lora, lora_modules
 
-__all__ = ["check_lora_family_config", "load_lora", "lora_grouped", "lora_reference"]
+__all__ = ["check_lora_family_config", "load_lora", "lora_modules"]

@@ -1,23 +1,29 @@
-"""LORA directories -> per-module LoraDelta (scaling folded into B, each module keeps its own rank)."""
+"""LORA directories -> per-module low-rank deltas (scaling folded into B, each module keeps its own rank)."""
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping
 
 import torch
 
 from peftserve.errors import AdapterRejected
 
-from ..normalized import LoraDelta, NormalizedAdapter
-from ..peft_format import Config, Tensors, check_scaling, finite_number, module_tensors, reject_if_set
+from ..forms import LowRankDelta
+from ..normalized import NormalizedAdapter
+from ..peft_format import (
+    Config,
+    Tensors,
+    check_scaling,
+    module_tensors,
+    rank_and_alpha,
+    reject_if_set,
+    require,
+)
 
 UNCONVERTED_INITS = ("pissa", "olora", "lora_ga", "corda", "loftq", "mica")
 """init_lora_weights values whose saved A/B are not a delta over the unmodified base weights."""
 
 UNSERVED_FIELDS: dict[str, str] = {
-    "use_dora": "DoRA rescales the merged weight per column and is not served",
     "lora_bias": "a trained lora_B bias is not served",
     "alora_invocation_tokens": "activated LoRA (aLoRA) is not served",
     "layer_replication": "layer replication changes the base model and is not served",
@@ -29,6 +35,8 @@ UNSERVED_FIELDS: dict[str, str] = {
     "kasa_config": "KaSA modifies the base weights and is not served",
     "monteclora_config": "MonteCLoRA is not served",
 }
+
+LORA_PARAMS = ("lora_A.weight", "lora_B.weight")
 
 
 def check_lora_family_config(config: Config) -> None:
@@ -46,50 +54,23 @@ def check_lora_family_config(config: Config) -> None:
         )
 
 
-def match_pattern(patterns: Mapping[str, object], module_path: str) -> str | None:
-    """The first key of a rank_pattern/alpha_pattern that names this module, as peft resolves it.
-
-    A key matches when it is a regex matching the whole path or a '.'-separated suffix of it.
-    """
-    for key in patterns:
-        try:
-            if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_path):
-                return key
-        except re.error as exc:
-            raise AdapterRejected(f"pattern key {key!r} is not a valid regex ({exc})") from exc
-    return None
-
-
-def _pattern(config: Config, field: str) -> Mapping[str, object]:
-    value = config.get(field) or {}
-    if not isinstance(value, Mapping):
-        raise AdapterRejected(f"{field}: expected an object mapping module patterns to numbers")
-    return value
-
-
-def load_lora(config: Config, tensors: Tensors) -> NormalizedAdapter:
-    """Normalize a LORA directory.
+def lora_modules(
+    config: Config, tensors: Tensors, extra: tuple[str, ...] = ()
+) -> dict[str, tuple[LowRankDelta, dict[str, torch.Tensor]]]:
+    """Every module's low-rank delta and its `extra` tensors (DoRA's magnitude), from a LORA directory.
 
     Scaling per module is alpha/r (alpha/sqrt(r) with use_rslora), where r and alpha come from
-    rank_pattern/alpha_pattern when a key matches the module path, else from r/lora_alpha.
+    rank_pattern/alpha_pattern when a key names the module (resolved by peft), else from r/lora_alpha.
     """
     check_lora_family_config(config)
-    default_r = config.get("r", 8)
-    default_alpha = finite_number(config, "lora_alpha", 8)
-    rank_pattern = _pattern(config, "rank_pattern")
-    alpha_pattern = _pattern(config, "alpha_pattern")
     use_rslora = bool(config.get("use_rslora", False))
-
-    modules = module_tensors(tensors, ("lora_A.weight", "lora_B.weight"))
+    modules = module_tensors(tensors, LORA_PARAMS + extra)
     if not modules:
         raise AdapterRejected("adapter_model.safetensors holds no lora_A/lora_B tensors")
-    deltas: dict[str, LoraDelta] = {}
+    out: dict[str, tuple[LowRankDelta, dict[str, torch.Tensor]]] = {}
     for path, params in sorted(modules.items()):
-        for needed in ("lora_A.weight", "lora_B.weight"):
-            if needed not in params:
-                raise AdapterRejected(f"module {path!r}: {needed} is missing")
-        a = params["lora_A.weight"]  # [r, in]
-        b = params["lora_B.weight"]  # [out, r]
+        a, b = require(params, path, *LORA_PARAMS)  # [r, in], [out, r]
+        extras = dict(zip(extra, require(params, path, *extra), strict=True))
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise AdapterRejected(
                 f"module {path!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
@@ -98,17 +79,16 @@ def load_lora(config: Config, tensors: Tensors) -> NormalizedAdapter:
         rank = a.shape[0]
         if rank == 0:
             raise AdapterRejected(f"module {path!r}: rank 0 (lora_A has no rows)")
-        r_key = match_pattern(rank_pattern, path)
-        configured_r = rank_pattern[r_key] if r_key is not None else default_r
-        if configured_r != rank:
-            field = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
-            raise AdapterRejected(f"module {path!r}: {field}={configured_r!r} but lora_A has rank {rank}")
-        alpha_key = match_pattern(alpha_pattern, path)
-        alpha = default_alpha
-        if alpha_key is not None:
-            alpha = finite_number(alpha_pattern, alpha_key)
-        scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        alpha_field = f"alpha_pattern[{alpha_key!r}]" if alpha_key is not None else "lora_alpha"
-        check_scaling(scaling, f"module {path!r}: {alpha_field} and rank {rank}")
-        deltas[path] = LoraDelta(a=a.to(torch.float32), b=b.to(torch.float32) * scaling)
+        conf = rank_and_alpha(config, path, 8, "lora_alpha", 8)
+        if conf.r != rank:
+            raise AdapterRejected(f"module {path!r}: {conf.r_field}={conf.r!r} but lora_A has rank {rank}")
+        scaling = conf.alpha / math.sqrt(rank) if use_rslora else conf.alpha / rank
+        check_scaling(scaling, f"module {path!r}: {conf.alpha_field} and rank {rank}")
+        out[path] = (LowRankDelta(a=a.to(torch.float32), b=b.to(torch.float32) * scaling), extras)
+    return out
+
+
+def load_lora(config: Config, tensors: Tensors) -> NormalizedAdapter:
+    """Normalize a LORA directory (without use_dora: the DoRA kind takes those)."""
+    deltas = {path: delta for path, (delta, _) in lora_modules(config, tensors).items()}
     return NormalizedAdapter(peft_type="LORA", kind="lora", deltas=deltas)

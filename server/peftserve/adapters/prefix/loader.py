@@ -7,16 +7,9 @@ import torch
 from peftserve.errors import AdapterRejected
 
 from ..normalized import NormalizedAdapter, PrefixKV
-from ..peft_format import Config, Tensors
+from ..peft_format import Config, Tensors, positive_int
 
 EMBEDDINGS_KEY = "prompt_embeddings"
-
-
-def _positive_int(config: Config, field: str) -> int:
-    value = config.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise AdapterRejected(f"{field}={value!r}: expected a positive integer")
-    return value
 
 
 def prefix_kv_from_embeddings(embeddings: torch.Tensor, num_layers: int, kv_heads: int) -> torch.Tensor:
@@ -42,10 +35,10 @@ def load_prefix(config: Config, tensors: Tensors) -> NormalizedAdapter:
         raise AdapterRejected(
             f"num_transformer_submodules={submodules!r}: only decoder-only prefixes (1) are served"
         )
-    nvt = _positive_int(config, "num_virtual_tokens")
-    num_layers = _positive_int(config, "num_layers")
-    kv_heads = _positive_int(config, "num_attention_heads")
-    token_dim = _positive_int(config, "token_dim")
+    nvt = positive_int(config, "num_virtual_tokens")
+    num_layers = positive_int(config, "num_layers")
+    kv_heads = positive_int(config, "num_attention_heads")
+    token_dim = positive_int(config, "token_dim")
     if token_dim % kv_heads:
         raise AdapterRejected(f"token_dim={token_dim} is not a multiple of num_attention_heads={kv_heads}")
     extra = sorted(set(tensors) - {EMBEDDINGS_KEY})

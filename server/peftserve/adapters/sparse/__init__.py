@@ -1,6 +1,5 @@
-"""Sparse deltas: loading PEFT's SHIRA format and the sparse delta kernels."""
+"""Gradient-selected sparse deltas, stored in PEFT's SHIRA format."""
 
-from .kernels import sparse_grouped, sparse_reference
 from .loader import load_shira
 
-__all__ = ["load_shira", "sparse_grouped", "sparse_reference"]
+__all__ = ["load_shira"]

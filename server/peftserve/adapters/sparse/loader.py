@@ -6,8 +6,9 @@ import torch
 
 from peftserve.errors import AdapterRejected
 
-from ..normalized import NormalizedAdapter, SparseDelta
-from ..peft_format import Config, Tensors, module_tensors, reject_if_set
+from ..forms import SparseDelta
+from ..normalized import NormalizedAdapter
+from ..peft_format import Config, Tensors, module_tensors, reject_if_set, require
 
 
 def load_shira(config: Config, tensors: Tensors) -> NormalizedAdapter:
@@ -22,11 +23,7 @@ def load_shira(config: Config, tensors: Tensors) -> NormalizedAdapter:
         raise AdapterRejected("adapter_model.safetensors holds no shira_weight/shira_indices tensors")
     deltas: dict[str, SparseDelta] = {}
     for path, params in sorted(modules.items()):
-        for needed in ("shira_weight", "shira_indices"):
-            if needed not in params:
-                raise AdapterRejected(f"module {path!r}: {needed} is missing")
-        values = params["shira_weight"]  # [k]
-        indices = params["shira_indices"]  # [2, k]
+        values, indices = require(params, path, "shira_weight", "shira_indices")  # [k], [2, k]
         if values.dim() != 1 or indices.dim() != 2 or indices.shape != (2, values.shape[0]):
             raise AdapterRejected(
                 f"module {path!r}: shira_indices {tuple(indices.shape)} and shira_weight "

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
-from peftserve.training.config import AdaLoraOptions, LoraOptions, MethodOptions, PrefixOptions, SparseOptions
+from peftserve.training.config import (
+    AdaLoraOptions,
+    DoraOptions,
+    Ia3Options,
+    LohaOptions,
+    LokrOptions,
+    LoraOptions,
+    MethodOptions,
+    PrefixOptions,
+    SparseOptions,
+    VeraOptions,
+)
 
 from .adalora import AdaLoraMethod
 from .base import BuildContext, MethodState, TrainingMethod
+from .dora import DoraMethod
+from .ia3 import Ia3Method
+from .loha import LohaMethod
+from .lokr import LokrMethod
 from .lora import LoraMethod
 from .prefix import PrefixMethod
 from .sparse import SparseMethod
+from .vera import VeraMethod
 
 METHODS: dict[type, type[TrainingMethod]] = {
     LoraOptions: LoraMethod,
+    DoraOptions: DoraMethod,
     AdaLoraOptions: AdaLoraMethod,
+    Ia3Options: Ia3Method,
+    LohaOptions: LohaMethod,
+    LokrOptions: LokrMethod,
+    VeraOptions: VeraMethod,
     PrefixOptions: PrefixMethod,
     SparseOptions: SparseMethod,
 }

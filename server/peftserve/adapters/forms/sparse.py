@@ -1,13 +1,15 @@
-"""Sparse delta kernels: a dense-materializing torch reference and a gather/index_add fast path."""
+"""Additive sparse: y[t, rows[i]] += x[t, cols[i]] * values[i] (SHiRA, gradient-selected sparse deltas)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..batch import AdapterBatch
-from ..normalized import SparseDelta
+from .base import Delta, Form, Stage, entries_limit, entries_rank
 
 
 def sparse_reference(
@@ -67,3 +69,50 @@ def sparse_grouped(
         ys = torch.zeros(g.num_tokens, y.shape[1], dtype=y.dtype, device=y.device)  # [n, out]
         _add_sparse(ys, xs, d, g.scale)
         y.index_add_(0, g.index, ys)
+
+
+class SparseForm(Form):
+    stage = Stage.ADD
+    name = "sparse"
+    kernels = {"reference": sparse_reference, "grouped": sparse_grouped}
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
+        self.kernels[self.spec.kernels](y, x, batch, self.slots)
+
+
+@dataclass(frozen=True)
+class SparseDelta(Delta):
+    """A sparse update dW[rows[i], cols[i]] += values[i] of one module (duplicates accumulate)."""
+
+    form: ClassVar[type[Form]] = SparseForm
+
+    rows: torch.Tensor
+    """[k] int64, output feature of each entry"""
+    cols: torch.Tensor
+    """[k] int64, input feature of each entry"""
+    values: torch.Tensor
+    """[k]"""
+
+    @property
+    def nnz(self) -> int:
+        return self.values.shape[0]
+
+    def misfit(self, shape: tuple[int, int]) -> str | None:
+        out_features, in_features = shape
+        rows_ok = bool(((self.rows >= 0) & (self.rows < out_features)).all())
+        cols_ok = bool(((self.cols >= 0) & (self.cols < in_features)).all())
+        if not (rows_ok and cols_ok):
+            return f"shira_indices fall outside the base module's {shape}"
+        return None
+
+    def needed_rank(self, shape: tuple[int, int]) -> int:
+        return entries_rank(self.nnz, shape)
+
+    def over_limit(self, shape: tuple[int, int], max_rank: int) -> str | None:
+        limit = entries_limit(shape, max_rank)
+        if self.nnz > limit:
+            return f"{self.nnz} sparse entries exceed max_rank * (out + in) = {limit}"
+        return None
+
+    def served_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return [("values", self.values)]
