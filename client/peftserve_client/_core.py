@@ -149,7 +149,7 @@ def to_generate_result(msg: pb.GenerateResponse) -> GenerateResult:
         text=msg.text,
         token_ids=tuple(msg.token_ids),
         finish_reason=_finish_reason(msg.finish_reason),
-        usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens),
+        usage=_to_usage(msg.usage),
         logprobs=tuple(msg.logprobs) if msg.logprobs else None,
     )
 
@@ -162,13 +162,17 @@ def to_stream_chunk(msg: pb.GenerateStreamResponse) -> StreamChunk:
         token_ids=tuple(msg.token_ids),
         logprobs=tuple(msg.logprobs) if msg.logprobs else None,
         finish_reason=_finish_reason(msg.finish_reason),
-        usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens) if msg.HasField("usage") else None,
+        usage=_to_usage(msg.usage) if msg.HasField("usage") else None,
     )
 
 
 def to_tokenize_result(msg: pb.TokenizeResponse) -> TokenizeResult:
     """The typed form of a TokenizeResponse."""
     return TokenizeResult(token_ids=tuple(msg.token_ids), tokens=tuple(msg.tokens))
+
+
+def _to_usage(msg: pb.Usage) -> Usage:
+    return Usage(msg.prompt_tokens, msg.completion_tokens, msg.cached_tokens)
 
 
 def to_model_info(msg: pb.ModelInfoResponse) -> ModelInfo:

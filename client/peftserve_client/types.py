@@ -22,6 +22,8 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose KV the server reused from an earlier request (its prefix cache)."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from peftserve.engine.protocol import AdapterStatus, ModelInfo, PrefixCacheStats
 from peftserve.engine.request import AdapterRef, FinishReason, RequestOutput, SamplingParams
 from peftserve.errors import InvalidRequest
 from peftserve.store.manifest import AdapterManifest, FileEntry
-from peftserve_client._core import to_adapter_manifest, to_model_info
+from peftserve_client import Usage
+from peftserve_client._core import to_adapter_manifest, to_generate_result, to_model_info, to_stream_chunk
 from peftserve_client._proto import peftserve_pb2 as pb
 
 
@@ -159,3 +160,10 @@ def test_model_info_carries_the_prefix_cache_counters_when_known() -> None:
         2,
     )
     assert got.hit_rate == 0.75
+
+
+def test_usage_carries_the_cached_prompt_tokens() -> None:
+    last = replace(_out("b", (2,), 2, FinishReason.LENGTH), cached_tokens=16)
+    assert to_stream_chunk(convert.to_stream_response(last)).usage.cached_tokens == 16
+    whole = convert.to_generate_response("r1", [_out("a", (1,), 1), last])
+    assert to_generate_result(whole).usage == Usage(prompt_tokens=3, completion_tokens=2, cached_tokens=16)

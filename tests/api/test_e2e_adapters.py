@@ -61,6 +61,7 @@ def test_adapters_by_id_in_one_batch_equal_peft(tiny_llama_dir, tmp_path):
     half, _ = reference_run(pf.merged_mixture(base, [(lora, 0.5)]), ids, 12)
     assert list(mixed.token_ids) == half
     assert chat[0].token_ids == chat[1].token_ids
+    assert (chat[0].usage.cached_tokens, chat[1].usage.cached_tokens) == (0, after.hit_tokens)
     assert before.enabled and before.hit_tokens == 0  # every earlier request had an identity of its own
     full_blocks = (len(tokenizer(LONG_PROMPT)["input_ids"]) - 1) // 16
     assert after.hit_tokens == 16 * full_blocks > 0 and after.cached_blocks > before.cached_blocks

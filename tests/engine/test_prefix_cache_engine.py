@@ -192,11 +192,13 @@ def test_a_replaced_or_deleted_version_never_finds_the_old_blocks(adapter_dirs) 
     manager = engine.adapters.manager
     prompt = random_prompts([14], VOCAB, seed=5)[0]
 
-    def run(rid: str) -> list[int]:
-        return engine.generate_all([request(rid, "acme", "lora", prompt)])[rid].token_ids
+    def run(rid: str, cached: int = 0) -> list[int]:
+        done = engine.generate_all([request(rid, "acme", "lora", prompt)])[rid]
+        assert done.cached_tokens == cached, rid  # what its usage reports
+        return done.token_ids
 
     v1 = run("v1")
-    assert run("v1-again") == v1 and hit_tokens(engine) == 12
+    assert run("v1-again", cached=12) == v1 and hit_tokens(engine) == 12
     manager.register("acme/lora", adapter_dirs["lora-v2"])  # a new version of the same id
     v2 = run("v2")
     assert hit_tokens(engine) == 12, "the new version found the old version's blocks"

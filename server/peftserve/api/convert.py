@@ -125,10 +125,16 @@ def to_stream_response(output: RequestOutput) -> pb.GenerateStreamResponse:
         finish_reason=_finish_reason(output),
     )
     if output.finished:
-        msg.usage.CopyFrom(
-            pb.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens)
-        )
+        msg.usage.CopyFrom(_usage(output))
     return msg
+
+
+def _usage(output: RequestOutput) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        cached_tokens=output.cached_tokens,
+    )
 
 
 def to_generate_response(request_id: str, outputs: Sequence[RequestOutput]) -> pb.GenerateResponse:
@@ -139,10 +145,7 @@ def to_generate_response(request_id: str, outputs: Sequence[RequestOutput]) -> p
         text="".join(o.text for o in outputs),
         token_ids=[t for o in outputs for t in o.token_ids],
         finish_reason=_finish_reason(last) if last else pb.FINISH_REASON_UNSPECIFIED,
-        usage=pb.Usage(
-            prompt_tokens=last.prompt_tokens if last else 0,
-            completion_tokens=last.completion_tokens if last else 0,
-        ),
+        usage=_usage(last) if last else pb.Usage(),
         logprobs=[lp for o in outputs for lp in (o.logprobs or ())],
     )
 

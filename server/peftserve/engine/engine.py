@@ -48,6 +48,8 @@ class Completion:
     logprobs: list[float]
     finish_reason: FinishReason
     prompt_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache."""
 
 
 class LLMEngine:
@@ -383,6 +385,7 @@ class LLMEngine:
             token_ids=tokens,
             logprobs=logprobs,
             prompt_tokens=len(seq.prompt_ids),
+            cached_tokens=seq.num_cached_prompt,
             completion_tokens=len(seq.output_ids),
             finish_reason=seq.finish_reason,
         )
@@ -425,4 +428,5 @@ def _gather(outputs: list[RequestOutput]) -> Completion:
         logprobs=[lp for o in outputs for lp in (o.logprobs or ())],
         finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens,
+        cached_tokens=last.cached_tokens,
     )

@@ -188,6 +188,8 @@ class BlockPool:
         seq.num_cached = len(hits) * self.block_size
         seq.num_indexed_blocks = len(hits)
         seq.num_computed = max(seq.num_virtual, seq.num_cached)
+        if not seq.num_preemptions:  # readmitted, it finds what it computed itself: that is not reported
+            seq.num_cached_prompt = min(len(seq.prompt_ids), max(0, seq.num_cached - seq.num_virtual))
         if self.caching:
             self.counters.query_tokens += seq.kv_len - seq.num_virtual
             self.counters.hit_tokens += max(0, seq.num_cached - seq.num_virtual)

@@ -53,6 +53,8 @@ class Sequence:
     """KV entries already written (virtual tokens included)."""
     num_cached: int = 0
     """KV entries found in the prefix cache at its last admission (whole blocks; virtual tokens included)."""
+    num_cached_prompt: int = 0
+    """Prompt tokens found in the prefix cache at its first admission (what its usage reports)."""
     num_indexed_blocks: int = 0
     """Blocks at the head of ``blocks`` already offered to the prefix cache's index."""
     block_digests: list[bytes] = field(default_factory=list)
