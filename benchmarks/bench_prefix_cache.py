@@ -158,6 +158,7 @@ def pct(values: list[float], q: int) -> float:
 
 def summary(run: Run) -> dict:
     ttft = [t.ttft_s for t in run.turns]
+    first = [t.ttft_s for t in run.turns if t.turn == 0]
     later = [t.ttft_s for t in run.turns if t.turn > 0]
     generated = sum(len(t.reply) for t in run.turns)
     return {
@@ -169,7 +170,10 @@ def summary(run: Run) -> dict:
         "tokens_per_s": generated / run.seconds,
         "ttft_p50_s": pct(ttft, 50),
         "ttft_p90_s": pct(ttft, 90),
+        "ttft_p50_first_turns_s": pct(first, 50),
+        "ttft_p90_first_turns_s": pct(first, 90),
         "ttft_p50_later_turns_s": pct(later, 50) if later else None,
+        "ttft_p90_later_turns_s": pct(later, 90) if later else None,
         "prefix_cache": run.cache,
     }
 
@@ -219,30 +223,21 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def table(result: dict) -> str:
-    head = (
-        "round",
-        "cache",
-        "TTFT p50",
-        "TTFT p90",
-        "p50 turns 2+",
-        "tok/s",
-        "hit rate",
-        "seconds",
-        "ratios",
-    )
+    """One line per round and mode: TTFT p50/p90 of all turns, of first turns, of later turns; tok/s."""
+    ttft_keys = ("ttft_p50_s", "ttft_p90_s", "ttft_p50_first_turns_s", "ttft_p90_first_turns_s",
+                 "ttft_p50_later_turns_s", "ttft_p90_later_turns_s")  # fmt: skip
+    head = ("round", "cache", "TTFT p50", "p90", "turn 1 p50", "p90", "turns 2+ p50", "p90", "tok/s",
+            "hit rate", "seconds", "ratios")  # fmt: skip
     lines = [head]
     for row in result["rounds"]:
         for mode in ("off", "on"):
             r = row[mode]
-            later = r["ttft_p50_later_turns_s"]
             ratios = f"TTFT p50 {row['ttft_p50_ratio']:.1f}x, tok/s {row['throughput_ratio']:.2f}x"
             lines.append(
                 (
                     str(row["round"]),
                     mode,
-                    f"{r['ttft_p50_s']:.3f}s",
-                    f"{r['ttft_p90_s']:.3f}s",
-                    f"{later:.3f}s" if later is not None else "-",
+                    *(f"{r[k]:.3f}s" if r[k] is not None else "-" for k in ttft_keys),
                     f"{r['tokens_per_s']:.1f}",
                     f"{r['prefix_cache']['hit_rate']:.1%}",
                     f"{r['seconds']:.1f}",
