@@ -2,9 +2,10 @@
 
 Greedy fp32 on a tiny Llama with block size 4: every request's tokens equal the cache-off run's and its
 logprobs are within 1e-4 (a cached prefix changes how the rest is chunked, so logits may differ in the
-last bits). Covered: multi-turn chats over every adapter kind and a mixture in two tenants that share
-the same system prompt tokens, prompts ending mid-block, prefix tuning's 5 virtual tokens across block
-boundaries, chunked prefill, preemption, a replaced and a deleted adapter version.
+last bits). Covered: multi-turn chats on the base model, LoRA, AdaLoRA, prefix tuning, SHiRA, DoRA, VeRA
+and a mixture in two tenants that share the same system prompt tokens, prompts ending mid-block, prefix
+tuning's 5 virtual tokens across block boundaries, chunked prefill, preemption, a replaced and a deleted
+adapter version.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tests.helpers.tiny_models import build_tiny_model
 TOL = 1e-4
 NEW_TOKENS = 6
 TENANTS = ("acme", "globex")
-USES = ("base", "lora", "adalora", "prefix", "shira", "mix")
+USES = ("base", "lora", "adalora", "prefix", "shira", "dora", "vera", "mix")
 VOCAB = 320
 
 
@@ -41,15 +42,17 @@ def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "adalora": pf.make_adalora(base, "llama", root / "adalora"),
         "prefix": pf.make_prefix(base, root / "prefix", projection=False),
         "shira": pf.make_shira(base, "llama", root / "shira"),
+        "dora": pf.make_dora(base, "llama", root / "dora"),
+        "vera": pf.make_vera(base, "llama", root / "vera"),
     }
 
 
 def make_engine(dirs: dict[str, Path], prefix_cache: str = "on", **config) -> LLMEngine:
     """Every tenant registers the same adapter files under its own ids."""
     model, tokenizer = build_tiny_model("llama")
-    manager = AdapterManager(model, num_slots=8, device="cpu", dtype=torch.float32)
+    manager = AdapterManager(model, num_slots=12, device="cpu", dtype=torch.float32)
     for tenant in TENANTS:
-        for name in ("lora", "adalora", "prefix", "shira"):
+        for name in ("lora", "adalora", "prefix", "shira", "dora", "vera"):
             manager.register(f"{tenant}/{name}", dirs[name])
     config = {"kv_cache_mb": 1, "block_size": 4, "max_batched_tokens": 40, **config}
     engine_config = EngineConfig(prefix_cache=prefix_cache, **config)
@@ -103,7 +106,7 @@ def check_tables(engine: LLMEngine) -> int:
 
 
 def chat_turns(engine: LLMEngine) -> tuple[dict[str, dict], list[int], int]:
-    """Two turns of 24 chats (every tenant and use twice) on one 13-token system prompt: turn 2 is turn
+    """Two turns of 32 chats (every tenant and use twice) on one 13-token system prompt: turn 2 is turn
     1's prompt, its answer and a new message. Returns every result, the hit tokens after each turn and
     how many blocks sequences shared over all steps (checked by check_tables before every step)."""
     system = random_prompts([13], VOCAB, seed=11)[0]  # 3 full blocks and one token
@@ -126,7 +129,7 @@ def chat_turns(engine: LLMEngine) -> tuple[dict[str, dict], list[int], int]:
     return results, hits, sum(shared)
 
 
-def test_multi_turn_chats_of_every_kind_and_tenant_equal_the_uncached_run(adapter_dirs) -> None:
+def test_multi_turn_chats_of_every_compute_form_and_two_tenants_equal_the_uncached_run(adapter_dirs) -> None:
     off = make_engine(adapter_dirs, prefix_cache="off")
     want, _, _ = chat_turns(off)
     assert off.prefix_cache_stats().hit_tokens == 0 and off.prefix_cache_stats().cached_blocks == 0
@@ -136,8 +139,9 @@ def test_multi_turn_chats_of_every_kind_and_tenant_equal_the_uncached_run(adapte
     assert_same(got, want)
     # Turn 1: the second of each pair finds the 12 system tokens its twin cached; with prefix tuning's
     # 5 virtual tokens first, 4 blocks hold 11 system tokens. Turn 2 finds whole earlier turns.
-    assert hits[0] == 2 * 5 * 12 + 2 * 11
-    assert hits[1] - hits[0] > 24 * 12
+    pairs = len(TENANTS) * len(USES)
+    assert hits[0] == (pairs - len(TENANTS)) * 12 + len(TENANTS) * 11
+    assert hits[1] - hits[0] > 2 * pairs * 12
     assert shared > 0  # running sequences did share blocks (and only their own identity's)
     assert on.stats().kv_blocks_used == 0 and on.prefix_cache_stats().cached_blocks > 0
 
