@@ -7,6 +7,7 @@ Systems, all greedy on the same seeded workload of random-id prompts, EOS ignore
   hf-cb           model.generate_batch (transformers' own continuous batching)
 
 Run: PYTHONPATH=server:client:. python benchmarks/bench_engine.py [--quick] [--shape bench-mid|bench-1b|both]
+Other families: --shape gemma2-like (Gemma-2-2B layers: soft-caps, windows) or mixtral-like (8 experts).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerF
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    FAMILY_SHAPES,
     SHAPES,
     Result,
     Shape,
@@ -186,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shape", choices=[*SHAPES, "both"], default="both")
+    parser.add_argument("--shape", choices=[*SHAPES, *FAMILY_SHAPES, "both"], default="both")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--min-prompt", type=int, default=16)
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = list(SHAPES.values()) if args.shape == "both" else [SHAPES[args.shape]]
+    shapes = list(SHAPES.values()) if args.shape == "both" else [{**SHAPES, **FAMILY_SHAPES}[args.shape]]
     peak = matmul_rate(args.device, torch.float32, seconds=1.0 if args.quick else 3.0)
     print(f"dense fp32 matmul rate on {args.device}: {peak / 1e9:.1f} GFLOP/s", flush=True)
     all_results: list[Result] = []

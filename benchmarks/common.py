@@ -17,9 +17,10 @@ from pathlib import Path
 
 from peftserve.bench.machine import environment, matmul_rate, synchronize
 from peftserve.bench.models import bench_tokenizer, build_model, llama_config
-from peftserve.bench.shapes import SHAPES, Shape, useful_flops
+from peftserve.bench.shapes import FAMILY_SHAPES, SHAPES, Shape, useful_flops
 
 __all__ = [
+    "FAMILY_SHAPES",
     "SHAPES",
     "Result",
     "Shape",

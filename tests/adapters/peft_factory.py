@@ -23,10 +23,30 @@ from transformers import PreTrainedModel
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+FAMILY_TARGETS = {
+    "gpt2": GPT2_TARGETS,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
+}
+"""Every projection of families not named like Llama's. On Qwen3-MoE peft itself turns the MLP names into
+LoRA on the experts' fused parameters (target_parameters), with the fused ranks doubled."""
+LAYER_TARGETS = {
+    "gpt2": ["c_attn", "c_fc"],
+    "phi3": ["qkv_proj", "gate_up_proj"],
+    "starcoder2": ["q_proj", "v_proj", "c_fc"],
+    "qwen3_moe": ["q_proj", "v_proj", "o_proj"],  # peft refuses up_proj alone (fused with gate_proj)
+}
+"""Some modules of one layer (make_lora_layers); Llama's names otherwise."""
 
 
 def targets(family: str) -> list[str]:
-    return GPT2_TARGETS if family == "gpt2" else LLAMA_TARGETS
+    return FAMILY_TARGETS.get(family, LLAMA_TARGETS)
+
+
+def linear_targets(family: str) -> list[str]:
+    """targets() without the names peft turns into LoRA on experts (Qwen3-MoE's MLP): kinds peft cannot
+    put on parameters (DoRA) stay on the Linear layers."""
+    return ["q_proj", "k_proj", "v_proj", "o_proj"] if family == "qwen3_moe" else targets(family)
 
 
 def _fill(model: nn.Module, seed: int, std: float, names: tuple[str, ...], around: float = 0.0) -> None:
@@ -76,7 +96,7 @@ def make_lora_patterns(base: PreTrainedModel, family: str, out: Path, seed: int 
 
 def make_lora_layers(base: PreTrainedModel, family: str, out: Path, seed: int = 2) -> Path:
     """Plain LoRA on some modules of layer 1 only (layers_to_transform)."""
-    modules = ["c_attn", "c_fc"] if family == "gpt2" else ["q_proj", "v_proj", "up_proj"]
+    modules = LAYER_TARGETS.get(family, ["q_proj", "v_proj", "up_proj"])
     config = LoraConfig(r=3, lora_alpha=5, target_modules=modules, layers_to_transform=[1])
     model = get_peft_model(copy.deepcopy(base), config)
     _fill(model, seed, 0.15, ("lora_A", "lora_B"))
@@ -154,7 +174,7 @@ def make_dora(base: PreTrainedModel, family: str, out: Path, seed: int = 6) -> P
         lora_alpha=8,
         use_dora=True,
         use_rslora=True,
-        target_modules=targets(family),
+        target_modules=linear_targets(family),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         init_lora_weights=False,
@@ -272,3 +292,32 @@ MIXTURES: tuple[tuple[tuple[str, float], ...], ...] = (
     (("ia3", 0.7), ("ia3-other", 0.6), ("shira", -1.2)),
 )
 """Weighted mixtures across kinds (a test keeps those whose adapters the family has)."""
+
+
+def _router_name(model: nn.Module) -> str:
+    """The attribute name of the router beside a model's experts ('gate', or 'router' in GPT-OSS)."""
+    for path, _ in model.named_modules():
+        if path.endswith(".experts"):
+            parent = model.get_submodule(path.rpartition(".")[0])
+            for name, child in parent.named_children():
+                weight = getattr(child, "weight", None)
+                if name != "experts" and not isinstance(child, nn.Linear) and weight is not None:
+                    return name
+    raise ValueError("the model has no experts module with a router beside it")
+
+
+def make_expert_lora(base: PreTrainedModel, family: str, out: Path, seed: int = 6) -> Path:
+    """LoRA on the stacked experts and the router (target_parameters) and on q_proj, v_proj; rslora,
+    and a rank_pattern on the down projections (the key is the parameter's path)."""
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj", f"{_router_name(base)}.weight"],
+        rank_pattern={r".*\.experts\.down_proj": 3},
+        init_lora_weights=False,
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    _fill(model, seed, 0.1, ("lora_A", "lora_B"))
+    return _save(model, out)

@@ -6,10 +6,11 @@ or, suite-wide, `pytest_plugins = ["tests.helpers.fixtures"]` in tests/conftest.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.tiny_models import FAMILIES, save_tiny_model
 
@@ -51,3 +52,13 @@ def tiny_mistral_dir(tiny_model_dir: Callable[[str], Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tiny_model_dir: Callable[[str], Path]) -> Path:
     return tiny_model_dir("gpt2")
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the test: tiny tensors run faster, and on a shared machine two threads'
+    OpenMP spinning can slow small matmuls tenfold. Use with pytest.mark.usefixtures."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

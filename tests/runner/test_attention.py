@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+import peftserve.runner.attention as attention
 from peftserve.runner.attention import AttentionMetadata, PrefillChunk, paged_attention
 from peftserve.runner.kv_cache import PagedKVCache
 
@@ -28,8 +30,33 @@ def reference(q, k, v, window=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [H, n, D]
 
 
-def run_case(seqs, window=None):
-    """seqs: (context already cached, new tokens) per sequence; new tokens of 1 with context > 0 decode."""
+def explicit_reference(q, k, v, window=None, softcap=None, sinks=None, scale=0.3):
+    """The formula of transformers' eager attention (Gemma 2, GPT-OSS) in float64. q: [H, n, D]."""
+    n, ctx = q.shape[1], k.shape[1]
+    qpos = torch.arange(ctx - n, ctx)[:, None]
+    kpos = torch.arange(ctx)[None]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    q = q.double()
+    k, v = (t.repeat_interleave(HQ // HKV, 0).double() for t in (k, v))  # [H, ctx, D]
+    scores = q @ k.transpose(1, 2) * scale  # [H, n, ctx]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.double()[:, None, None].expand(HQ, n, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return (probs @ v).float()  # [H, n, D]
+
+
+def run_case(seqs, window=None, softcap=None, sinks=None):
+    """seqs: (context already cached, new tokens) per sequence; new tokens of 1 with context > 0 decode.
+
+    With softcap or sinks the layer takes the explicit path, checked against explicit_reference.
+    """
     g = torch.Generator().manual_seed(0)
     cache = PagedKVCache(1, 64, BS, HKV, D, torch.float32, torch.device("cpu"))
     blocks = iter(torch.randperm(64, generator=g).tolist())
@@ -71,11 +98,18 @@ def run_case(seqs, window=None):
     k_new = torch.cat([k[:, c:] for k, (c, _) in zip(full_k, seqs, strict=True)], dim=1)[None]
     v_new = torch.cat([v[:, c:] for v, (c, _) in zip(full_v, seqs, strict=True)], dim=1)[None]
     cache.update(k_new, v_new, 0, kwargs={"peftserve_attn": meta})
-    out, _ = paged_attention(_Layer(), q, k_new, v_new, None, sliding_window=window, peftserve_attn=meta)
+    explicit = softcap is not None or sinks is not None
+    extra = {"softcap": softcap, "s_aux": sinks, "scaling": 0.3} if explicit else {}
+    out, _ = paged_attention(
+        _Layer(), q, k_new, v_new, None, sliding_window=window, peftserve_attn=meta, **extra
+    )
 
     start = 0
     for (_, new), q_i, k, v in zip(seqs, queries, full_k, full_v, strict=True):
-        want = reference(q_i, k, v, window).transpose(0, 1)  # [n, H, D]
+        if explicit:
+            want = explicit_reference(q_i, k, v, window, softcap, sinks).transpose(0, 1)  # [n, H, D]
+        else:
+            want = reference(q_i, k, v, window).transpose(0, 1)  # [n, H, D]
         torch.testing.assert_close(out[0, start : start + new], want, atol=1e-5, rtol=1e-5)
         start += new
 
@@ -86,6 +120,46 @@ def test_decode_rows_fresh_prefills_and_chunks_with_context():
 
 def test_sliding_window_in_every_path():
     run_case([(0, 11), (14, 1), (6, 9)], window=4)
+
+
+MIXED = [(0, 7), (9, 1), (5, 6), (13, 1), (0, 1), (3, 1), (0, 12)]
+"""Fresh prefills, decode rows and prefill chunks over cached context, in one step."""
+SINKS = torch.tensor([0.5, -1.0, 2.0, 0.0])
+"""One logit per query head."""
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_soft_capping_in_every_path(window):
+    # scale 0.3 on unit-variance q, k puts scores around +-2, where a cap of 1.5 bends them
+    run_case(MIXED, window=window, softcap=1.5)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_attention_sinks_in_every_path(window):
+    run_case(MIXED, window=window, sinks=SINKS)
+
+
+def test_soft_capping_and_sinks_together():
+    run_case(MIXED, window=5, softcap=2.0, sinks=SINKS)
+
+
+def test_long_prefills_go_by_query_tiles(monkeypatch):
+    monkeypatch.setattr(attention, "EXPLICIT_TILE_ELEMENTS", HQ * 16 * 3)  # 3 queries a tile at 16 keys
+    run_case([(0, 13), (4, 9), (7, 1)], window=6, softcap=1.5, sinks=SINKS)
+
+
+def test_the_explicit_path_is_the_eager_formula_and_sdpa_otherwise():
+    """Soft-capping and sinks really change the output (so the tests above can fail), and with
+    neither the explicit kernel equals SDPA."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, HQ, 5, D, generator=g)
+    k, v = torch.randn(2, HKV, 9, D, generator=g), torch.randn(2, HKV, 9, D, generator=g)
+    mask = torch.ones(2, 1, 5, 9, dtype=torch.bool).tril(4)
+    plain = attention.explicit_attention(q, k, v, mask, 0.3, None, None)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(plain, sdpa, atol=1e-6, rtol=1e-5)
+    assert (attention.explicit_attention(q, k, v, mask, 0.3, 1.5, None) - plain).abs().max() > 1e-2
+    assert (attention.explicit_attention(q, k, v, mask, 0.3, None, SINKS) - plain).abs().max() > 1e-2
 
 
 def test_only_decode_rows():

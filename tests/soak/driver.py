@@ -1,7 +1,8 @@
 """The soak: a real server under concurrent streams, hot swaps, cancellations and admin calls, checked.
 
-Three tenants (API keys) generate concurrently over six adapters of every kind (LoRA, sparse, prefix)
-and the base model, pinned to a version or not, some streams cancelled after their first token, while
+Three tenants (API keys) generate concurrently over six adapters, each replaced at random by another
+of every kind served (LoRA, DoRA, IA3, LoHa, LoKr, VeRA, sparse, prefix), and over the base model,
+pinned to a version or not, some streams cancelled after their first token, while
 adapters are replaced several times a second and admin calls (list, get, load, pin, unload) run beside
 them. Every completed output must equal the expected output of the version that served it (computed
 once, one request at a time, before the soak starts); any error is unexpected. At the end the KV

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -13,7 +14,8 @@ from peftserve.errors import AdapterRejected, FailedPrecondition
 from peftserve.model.geometry import head_dim, kv_heads, text_config
 
 from .forms import BaseModule, Delta
-from .layer import MultiAdapterLayer
+from .forms.experts import ExpertLowRankDelta, ExpertStackForm
+from .layer import AdapterTarget
 from .normalized import NormalizedAdapter
 from .peft_format import check_magnitude
 
@@ -24,22 +26,26 @@ class BaseSpec:
 
     model_type: str
     modules: dict[str, tuple[int, int]]
-    """Wrapped module path -> (out, in)."""
+    """Wrapped module path -> (out, in); an expert stack '<experts>.<param>' -> each expert's (out, in)."""
     model_paths: frozenset[str]
     """Every module path of the model (wrapped or not), to tell 'not served' from 'does not exist'."""
     num_layers: int
     kv_heads: int
     head_dim: int
+    experts: dict[str, int] = field(default_factory=dict)
+    """Expert stack path -> its number of experts (mixture-of-experts models only)."""
 
     @property
     def fingerprint(self) -> str:
         """Identifies the architecture (type, layer geometry, served module shapes): '<type>-<16 hex>'."""
         facts = [self.model_type, self.num_layers, self.kv_heads, self.head_dim, sorted(self.modules.items())]
+        if self.experts:
+            facts.append(sorted(self.experts.items()))
         digest = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
         return f"{self.model_type}-{digest}"
 
 
-def base_spec(model: nn.Module, layers: dict[str, MultiAdapterLayer]) -> BaseSpec:
+def base_spec(model: nn.Module, layers: dict[str, AdapterTarget]) -> BaseSpec:
     config = text_config(model.config)
     return BaseSpec(
         model_type=str(getattr(config, "model_type", "unknown")),
@@ -48,15 +54,35 @@ def base_spec(model: nn.Module, layers: dict[str, MultiAdapterLayer]) -> BaseSpe
         num_layers=config.num_hidden_layers,
         kv_heads=kv_heads(config),
         head_dim=head_dim(config),
+        experts={path: m.num_experts for path, m in layers.items() if isinstance(m, ExpertStackForm)},
     )
+
+
+V4_EXPERT = re.compile(r"\.experts\.\d+\.")
+"""A per-expert Linear of transformers 4 (experts.3.w1): transformers 5 stacks the experts instead."""
 
 
 def _misfit(path: str, delta: Delta, base: BaseSpec) -> str | None:
     """Why one delta does not fit the base, or None when it does."""
     if path not in base.modules:
         if path in base.model_paths:
-            return f"target module {path!r} is not served (only Linear/Conv1D modules below the output head)"
+            return (
+                f"target module {path!r} is not served (only Linear/Conv1D modules below the output head, "
+                "expert stacks and routers)"
+            )
+        if V4_EXPERT.search(path):
+            return (
+                f"target module {path!r} does not exist in the base model: it is an expert in transformers "
+                "4's layout; load the adapter with peft on transformers 5 and save it again, which stores "
+                "it as LoRA on the stacked experts (target_parameters)"
+            )
         return f"target module {path!r} does not exist in the base model"
+    if isinstance(delta, ExpertLowRankDelta) != (path in base.experts):
+        what = "an expert stack" if path in base.experts else "a module"
+        return f"{path!r} is {what}; the adapter's tensors for it are of another kind"
+    if isinstance(delta, ExpertLowRankDelta) and delta.num_experts != base.experts[path]:
+        have = base.experts[path]
+        return f"expert stack {path!r}: the adapter has {delta.num_experts} experts, the base has {have}"
     reason = delta.misfit(base.modules[path])
     return None if reason is None else f"module {path!r}: {reason}"
 

@@ -9,7 +9,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .batch import AdapterBatch, AdapterContext
+from .experts import MultiAdapterRouter, wrap_experts
 from .forms import BaseModule, Delta, Form, LayerSpec, SharedTensors, Stage
+from .forms.experts import ExpertStackForm
 
 WRAPPABLE = (nn.Linear, Conv1D)
 
@@ -141,6 +143,10 @@ class MultiAdapterLayer(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, slots={self.num_slots}, forms=[{forms}]"
 
 
+AdapterTarget = MultiAdapterLayer | ExpertStackForm | MultiAdapterRouter
+"""What a delta loads into by path: a wrapped Linear/Conv1D, an expert stack or a router."""
+
+
 def wrap_model(
     model: nn.Module,
     context: AdapterContext,
@@ -148,13 +154,13 @@ def wrap_model(
     num_slots: int,
     kernels: str,
     shared: SharedTensors,
-) -> dict[str, MultiAdapterLayer]:
-    """Wrap every Linear/Conv1D of the model except the output head, once, at start.
+) -> dict[str, AdapterTarget]:
+    """Wrap every Linear/Conv1D of the model except the output head, and its experts, once, at start.
 
     Wrapping everything up front keeps the module tree fixed while serving (registering an adapter never
     mutates the model under a running forward); an unused wrapper costs one check per form and call.
     The output head is left alone: the runner computes logits only at kept positions, so its rows are
-    not the step's tokens.
+    not the step's tokens. Experts modules and their routers: experts.py.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [
@@ -162,11 +168,12 @@ def wrap_model(
         for path, module in model.named_modules()
         if isinstance(module, WRAPPABLE) and module is not head and not isinstance(module, MultiAdapterLayer)
     ]
-    layers: dict[str, MultiAdapterLayer] = {}
+    layers: dict[str, AdapterTarget] = {}
     for path, module in targets:
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         wrapper = MultiAdapterLayer(module, context, forms, num_slots, kernels, shared)
         setattr(parent, name, wrapper)
         layers[path] = wrapper
+    layers.update(wrap_experts(model, context, num_slots, kernels, shared))
     return layers

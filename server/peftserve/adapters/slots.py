@@ -18,7 +18,7 @@ import torch
 
 from peftserve.errors import CapacityExceeded, FailedPrecondition
 
-from .layer import MultiAdapterLayer
+from .layer import AdapterTarget
 from .normalized import NormalizedAdapter
 
 
@@ -36,7 +36,7 @@ class DeviceSlots:
 
     def __init__(
         self,
-        layers: dict[str, MultiAdapterLayer],
+        layers: dict[str, AdapterTarget],
         num_slots: int,
         device: torch.device,
         dtype: torch.dtype,

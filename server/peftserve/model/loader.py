@@ -11,12 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from peftserve.errors import InvalidRequest
 from peftserve.model.default_model import ensure_default_model
+from peftserve.model.families import check_config
 
-VERIFIED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
-"""Tested end to end against sdpa with our attention function and paged cache."""
-INTERFACE_FAMILIES = ("gemma", "phi3", "starcoder2", "olmo", "granite")
-"""Use transformers' attention interface and pass kwargs to cache.update, like the verified ones."""
-SUPPORTED_FAMILIES = VERIFIED_FAMILIES + INTERFACE_FAMILIES
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,17 +75,14 @@ def resolve_model_dir(model: str) -> tuple[Path, str]:
 
 
 def check_family(directory: Path) -> str:
-    """The config's model_type, if it is a family we can serve; InvalidRequest otherwise."""
+    """The config's model_type if we serve its family; InvalidRequest naming the nearest one otherwise."""
     try:
-        family = json.loads((directory / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as exc:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as exc:
         raise InvalidRequest(f"{directory / 'config.json'} is not a readable JSON object: {exc}") from exc
-    if family not in SUPPORTED_FAMILIES:
-        raise InvalidRequest(
-            f"model family {family!r} is not supported (it does not use transformers' attention interface "
-            f"the way peftserve drives it); supported: {', '.join(SUPPORTED_FAMILIES)}"
-        )
-    return family
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"{directory / 'config.json'} is not a JSON object")
+    return check_config(config).model_type
 
 
 def check_safetensors(directory: Path) -> None:
@@ -132,10 +125,11 @@ def load_base_model(model: str, device: str, dtype: str) -> LoadedModel:
     directory, model_id = resolve_model_dir(model)
     family = check_family(directory)
     check_safetensors(directory)
+    # transformers' default attention (sdpa, or eager for families without it: Gemma 2, GPT-OSS) until
+    # the runner installs its own.
     hf_model = AutoModelForCausalLM.from_pretrained(
         directory,
         dtype=torch_dtype,
-        attn_implementation="sdpa",
         local_files_only=True,
         use_safetensors=True,
         trust_remote_code=False,

@@ -4,7 +4,10 @@ Batch isolation: every operation of a step is row-wise (embeddings, norms, the L
 their adapter deltas, the output head, sampling) except attention, which reads only its own
 sequence's cache slots; positions it pads or masks read the cache's zeroed null slot. So a row's
 values, NaN included, never reach another row (tests/engine/test_batch_isolation.py poisons every
-slot outside a sequence's context with NaN and checks the outputs do not change by a bit).
+slot outside a sequence's context with NaN and checks the outputs do not change by a bit). Mixture-
+of-experts layers route each token on its own, with no capacity limit and no batch statistic; only the
+grouping of their expert matmuls depends on the other rows' routes, which can move a row's last bits
+(about 5e-7 in fp32, adapters/experts.py), never carry another row's values into it.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import torch
 
 from peftserve.errors import AdapterRejected
 
-from ..forms import LowRankDelta
+from ..forms import Delta, LowRankDelta
 from ..normalized import NormalizedAdapter
 from ..peft_format import (
     Config,
@@ -19,6 +19,7 @@ from ..peft_format import (
     reject_if_set,
     require,
 )
+from .parameters import parameter_deltas, split_parameter_tensors
 
 UNCONVERTED_INITS = ("pissa", "olora", "lora_ga", "corda", "loftq", "mica")
 """init_lora_weights values whose saved A/B are not a delta over the unmodified base weights."""
@@ -28,7 +29,6 @@ UNSERVED_FIELDS: dict[str, str] = {
     "alora_invocation_tokens": "activated LoRA (aLoRA) is not served",
     "layer_replication": "layer replication changes the base model and is not served",
     "trainable_token_indices": "trainable token embeddings are not served",
-    "target_parameters": "LoRA on nn.Parameter targets is not served",
     "use_qalora": "QALoRA is not served",
     "use_bdlora": "BD-LoRA is not served",
     "arrow_config": "Arrow routing is not served",
@@ -39,10 +39,15 @@ UNSERVED_FIELDS: dict[str, str] = {
 LORA_PARAMS = ("lora_A.weight", "lora_B.weight")
 
 
-def check_lora_family_config(config: Config) -> None:
-    """Flags shared by LORA and ADALORA that would change what the forward computes."""
+def check_lora_family_config(config: Config, parameters_served: bool = False) -> None:
+    """Flags shared by LORA and ADALORA that would change what the forward computes.
+
+    target_parameters is served for plain LoRA (experts and routers, parameters.py) and for no other kind.
+    """
     for field, why in UNSERVED_FIELDS.items():
         reject_if_set(config, field, why)
+    if not parameters_served:
+        reject_if_set(config, "target_parameters", "adapting nn.Parameter targets is served for LoRA only")
     bias = config.get("bias", "none")
     if bias != "none":
         raise AdapterRejected(f"bias={bias!r}: trained base biases are not served (only bias='none')")
@@ -55,14 +60,14 @@ def check_lora_family_config(config: Config) -> None:
 
 
 def lora_modules(
-    config: Config, tensors: Tensors, extra: tuple[str, ...] = ()
+    config: Config, tensors: Tensors, extra: tuple[str, ...] = (), parameters_served: bool = False
 ) -> dict[str, tuple[LowRankDelta, dict[str, torch.Tensor]]]:
     """Every module's low-rank delta and its `extra` tensors (DoRA's magnitude), from a LORA directory.
 
     Scaling per module is alpha/r (alpha/sqrt(r) with use_rslora), where r and alpha come from
     rank_pattern/alpha_pattern when a key names the module (resolved by peft), else from r/lora_alpha.
     """
-    check_lora_family_config(config)
+    check_lora_family_config(config, parameters_served)
     use_rslora = bool(config.get("use_rslora", False))
     modules = module_tensors(tensors, LORA_PARAMS + extra)
     if not modules:
@@ -89,6 +94,19 @@ def lora_modules(
 
 
 def load_lora(config: Config, tensors: Tensors) -> NormalizedAdapter:
-    """Normalize a LORA directory (without use_dora: the DoRA kind takes those)."""
-    deltas = {path: delta for path, (delta, _) in lora_modules(config, tensors).items()}
+    """Normalize a LORA directory (without use_dora: the DoRA kind takes those).
+
+    Modules adapted through target_parameters (experts and routers: their tensors nest under
+    `.base_layer`, or target_modules does not name them) are normalized by parameters.py.
+    """
+    check_lora_family_config(config, parameters_served=True)
+    by_module, by_parameter = split_parameter_tensors(config, tensors)
+    deltas: dict[str, Delta] = {}
+    if by_module or not by_parameter:
+        modules = lora_modules(config, by_module, parameters_served=True)
+        deltas = {path: delta for path, (delta, _) in modules.items()}
+    for path, delta in parameter_deltas(config, by_parameter).items():
+        if path in deltas:
+            raise AdapterRejected(f"{path!r} is adapted twice (target_modules and target_parameters)")
+        deltas[path] = delta
     return NormalizedAdapter(peft_type="LORA", kind="lora", deltas=deltas)
