@@ -165,21 +165,71 @@ def test_a_cached_prefix_is_neither_computed_nor_charged() -> None:
     assert s.waiting.counters["acme"] == charged + 1
 
 
-def test_a_request_admitted_mid_chunked_prefill_finds_the_chunks_computed_so_far() -> None:
+def test_a_prompt_being_computed_is_waited_for_not_computed_twice() -> None:
+    s = scheduler(max_batched_tokens=8)
+    system = list(range(100, 124))  # 6 blocks
+    first, second = seq("first", [*system, 1]), seq("second", [*system, 2])
+    other = seq("other", [*system, 3], tenant="globex")  # the same tokens, another tenant: no waiting
+    s.add(first)
+    run(s.schedule(), s)  # first: 8 of 25 tokens
+    s.add(second)
+    s.add(other)
+    s.max_batched_tokens = 20
+    plan = s.schedule()  # second fits, but first is computing the blocks after the 8 cached tokens
+    assert [(c.seq.request_id, c.num_tokens) for c in plan.chunks] == [("first", 17), ("other", 3)]
+    assert list(s.waiting) == [second] and second.slot_waits == 0
+    run(plan, s)
+    s.max_batched_tokens = 64
+    plan = s.schedule()  # first's prompt is all cached: second computes its last token only
+    assert plan.admitted == [second] and second.num_cached == 24 and second.blocks[:6] == first.blocks[:6]
+    assert [c.num_tokens for c in plan.chunks if c.seq is second] == [1]
+    assert other.num_cached == 0 and not set(other.blocks) & set(first.blocks)
+
+
+def test_the_wait_ends_when_the_prompt_being_computed_stops() -> None:
     s = scheduler(max_batched_tokens=8)
     system = list(range(100, 124))
     first, second = seq("first", [*system, 1]), seq("second", [*system, 2])
     s.add(first)
-    run(s.schedule(), s)  # first: 8 of 25 tokens
+    run(s.schedule(), s)  # first: 8 of 25 tokens, 2 blocks cached
+    s.add(second)
+    s.max_batched_tokens = 20
+    plan = s.schedule()
+    assert [c.seq for c in plan.chunks] == [first] and list(s.waiting) == [second]
+    s.finish(first, FinishReason.CANCELLED)  # before that step runs
+    plan = s.schedule()  # nobody computes the rest now: second does, after what was cached
+    assert plan.admitted == [second] and second.num_cached == 8
+    assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(second, 17)]
+
+
+def test_a_prompt_diverging_from_one_being_computed_starts_from_the_chunks_computed_so_far() -> None:
+    s = scheduler(max_batched_tokens=8)
+    system = list(range(100, 124))
+    first = seq("first", [*system, 1])
+    second = seq("second", [*system[:16], 7, 7, 7, 7, 2])  # its fifth block differs from first's
+    s.add(first)
+    run(s.schedule(), s)
     s.add(second)
     plan = s.schedule()  # the budget goes to first's next chunk; second waits
     assert [c.seq for c in plan.chunks] == [first]
     run(plan, s)
     s.max_batched_tokens = 24
-    plan = s.schedule()  # first: 9 more (all of it); second: admitted after its 16 cached tokens
+    plan = s.schedule()  # first: its last 9 tokens; second: admitted after its 16 cached tokens
     assert second in plan.admitted and second.num_cached == 16
-    assert [(c.seq.request_id, c.num_tokens) for c in plan.chunks] == [("first", 9), ("second", 9)]
+    assert [(c.seq.request_id, c.num_tokens) for c in plan.chunks] == [("first", 9), ("second", 5)]
     assert second.blocks[:4] == first.blocks[:4]
+
+
+def test_waiting_for_a_prefix_does_not_give_up_a_place_in_line_held_for_blocks() -> None:
+    s = scheduler(num_blocks=10)
+    system = list(range(100, 108))
+    first = seq("first", [*system, 1])  # 3 blocks
+    big = seq("big", [*system, *range(21)])  # 8 blocks: one more than first leaves
+    small = seq("small", [5])
+    for each in (first, big, small):
+        s.add(each)
+    plan = s.schedule()  # big lacks blocks before it could wait for first's: small stays behind it
+    assert plan.admitted == [first] and list(s.waiting) == [big, small]
 
 
 def test_a_preempted_sequence_finds_its_own_blocks_again() -> None:

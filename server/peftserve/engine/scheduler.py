@@ -18,7 +18,10 @@ Plain Python, no torch. The policy, per step:
    adapter slots is passed over, up to MAX_SLOT_WAITS steps; then it holds admission until it fits.
    An admitted sequence starts with the longest prefix of its own identity found in the prefix cache
    (engine/prefix_cache.py): those blocks join its table and their tokens are neither computed nor
-   charged to its tenant (only computed tokens are), and it needs free blocks for the rest only.
+   charged to its tenant (only computed tokens are), and it needs free blocks for the rest only. A
+   sequence that would fit but whose next block a running sequence is computing right now (the same
+   system prompt sent twice at once) is passed over until that block is cached, rather than compute it
+   a second time; the running sequence's prefill keeps going, so the wait ends within its prompt.
 3. **Pack by adapter.** The step's chunks are ordered by adapter, so each adapter's tokens are
    contiguous in the packed batch.
 
@@ -182,7 +185,8 @@ class Scheduler:
         """Admit seq if its blocks and adapter slots allow; a sequence lacking only slots is passed over.
 
         It starts with its longest prefix in the prefix cache and needs free blocks for the rest only
-        (and for the cached blocks no sequence holds, which leave the free queue)."""
+        (and for the cached blocks no sequence holds, which leave the free queue). One that would fit
+        but whose next block a running sequence is computing is passed over until that block is cached."""
         hits = self.allocator.lookup(seq)
         need = blocks_needed(seq.kv_len, self.block_size) - len(hits)
         if need + self.allocator.num_idle(hits) > self.allocator.num_free:
@@ -192,6 +196,10 @@ class Scheduler:
             if seq.slot_waits <= MAX_SLOT_WAITS:
                 passed_over.add(seq)  # others may go ahead of it this step
             return False  # else it has been passed over long enough: admit nobody else until it fits
+        # Checked last, so a sequence lacking blocks or slots keeps its place in the line as above.
+        if self._prefix_under_way(seq, len(hits)):
+            passed_over.add(seq)  # admitted once that prefix is computed, it finds it in the cache
+            return False
         self.waiting.remove(seq)
         self.allocator.admit(seq, hits, need)
         seq.status = SeqStatus.RUNNING
@@ -199,6 +207,24 @@ class Scheduler:
         self.waiting.started(seq)
         plan.admitted.append(seq)
         return True
+
+    def _prefix_under_way(self, seq: Sequence, block: int) -> bool:
+        """Whether a running sequence is prefilling seq's block `block` (its first one not cached).
+
+        The wait ends: that sequence computes the block (cached then, or, over its tenant's share, not:
+        seq no longer waits for it either way), or it is preempted or finished and leaves the running set.
+        Only a sequence of seq's own identity can be computing a block with seq's digest."""
+        if block >= min(len(seq.block_digests), (seq.kv_len - 1) // self.block_size):
+            return False  # nothing more it could find cached (or no cache: lookup left no digests)
+        digest = seq.block_digests[block]
+        end = (block + 1) * self.block_size
+        return any(
+            other.num_computed < end
+            and block < len(other.block_digests)
+            and other.block_digests[block] == digest
+            for other in self.running
+            if other.is_prefilling
+        )
 
     def _add_chunk(self, plan: StepPlan, seq: Sequence, n: int, decode: bool = False) -> int:
         """Schedule seq's next n tokens (sampling after the last pending one) and charge its tenant."""
