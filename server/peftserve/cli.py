@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 
 DEFAULT_ADDRESS = os.environ.get("PEFTSERVE_ADDRESS", "127.0.0.1:50051")
 
+
+def _switch(value: str) -> bool:
+    """Parse on/off."""
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+    return value == "on"
+
+
 # (flag, EngineConfig field, type, help): flags left out keep EngineConfig's own default.
 _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--model", "model", str, "'default' (the embedded model) or a local Hugging Face model directory"),
@@ -43,6 +51,12 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-context", "max_context", int, "longest prompt plus completion (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
     ("--cpu-linear", "cpu_linear", str, "onednn (default: prepacked weights, faster) or torch (less memory)"),
+    (
+        "--cuda-graphs",
+        "cuda_graphs",
+        _switch,
+        "on: replay decode steps from CUDA graphs (default off)",
+    ),
     (
         "--adapter-slots",
         "adapter_slots",

@@ -56,6 +56,8 @@ class EngineConfig:
     cpu_linear: str = "onednn"
     """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.1-3.6x faster on serving
     shapes, one more copy of their weights in memory); torch: plain F.linear."""
+    cuda_graphs: bool = False
+    """CUDA only: replay pure decode steps from graphs captured per batch-size bucket (runner/graphs.py)."""
     adapter_slots: int = 32
     """Adapters resident on the device at once, of any kind but prefix tuning (which needs no slot)."""
     adapters: tuple[tuple[str, str], ...] = ()
@@ -97,6 +99,8 @@ class EngineConfig:
         share = self.prefix_cache_tenant_share
         if share is not None and not 0.0 < share <= 1.0:
             raise InvalidRequest(f"prefix_cache_tenant_share must be in (0, 1], got {share}")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise InvalidRequest(f"cuda_graphs needs a CUDA device, got device {self.device!r}")
         if self.cpu_linear not in CPU_LINEARS:
             choices = ", ".join(CPU_LINEARS)
             raise InvalidRequest(f"cpu_linear must be one of {choices}, got {self.cpu_linear!r}")

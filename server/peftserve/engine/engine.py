@@ -32,6 +32,7 @@ from peftserve.engine.step import PrefixWrite, StepInput, StepOutput, pack
 from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput, quote
 from peftserve.model.geometry import head_dim, kv_heads
 from peftserve.model.loader import eos_token_ids, max_context
+from peftserve.model.text import encode
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
 
@@ -97,6 +98,13 @@ class LLMEngine:
             adapters=adapters.context if adapters is not None else None,
             cpu_linear=config.cpu_linear,
         )
+        if config.cuda_graphs:
+            self.runner.enable_graphs(
+                max_batch=config.max_running,
+                max_context=self.max_context,
+                max_mixture=adapters.max_mixture if adapters is not None else 1,
+                max_rank=config.adapter_max_rank,
+            )
         eos = list(eos_token_ids(model))
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(int(tokenizer.eos_token_id))
@@ -180,7 +188,7 @@ class LLMEngine:
         )
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return encode(self.tokenizer, text)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
