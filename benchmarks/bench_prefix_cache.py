@@ -10,7 +10,8 @@ process) with ``prefix_cache="off"`` and then ``"on"``; the replies must be the 
 
 Targets: TTFT p50 at least 5x lower with the cache, throughput (generated tokens per second over the
 whole trace) at least 1.5x higher. On a shared machine, --rounds runs off and on in turn and reports
-the ratios of each round (and their median), so load from others falls on both alike.
+the ratios of each round (and their median), so load from others falls on both alike. The same trace
+against vLLM's CPU build with its prefix caching is not yet run (benchmarks/README.md).
 
   PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_prefix_cache.py            # ~6 min, 2 cores
   PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_prefix_cache.py --quick    # ~30 s
