@@ -4,8 +4,8 @@ Greedy fp32 on a tiny Llama with block size 4: every request's tokens equal the 
 logprobs are within 1e-4 (a cached prefix changes how the rest is chunked, so logits may differ in the
 last bits). Covered: multi-turn chats on the base model, LoRA, AdaLoRA, prefix tuning, SHiRA, DoRA, VeRA
 and a mixture in two tenants that share the same system prompt tokens, prompts ending mid-block, prefix
-tuning's 5 virtual tokens across block boundaries, chunked prefill, preemption, a replaced and a deleted
-adapter version.
+tuning's 5 virtual tokens across block boundaries, chunked prefill, preemption, one prompt sent twice at
+once (computed once), a replaced and a deleted adapter version.
 """
 
 from __future__ import annotations
@@ -189,6 +189,23 @@ def test_chunked_prefill_and_preemption_equal_the_uncached_run(adapter_dirs) -> 
     assert_same(got, want)
     assert on.scheduler.num_preemptions > 0 and hit_tokens(on) > 0
     assert on.prefix_cache_stats().evictions > 0 and on.stats().kv_blocks_used == 0
+
+
+def test_a_prompt_sent_twice_at_once_is_computed_once(adapter_dirs) -> None:
+    # Two requests per identity (two tenants, three adapter uses) on one 21-token prompt, all at once:
+    # each second one waits for its twin's 5 full blocks instead of computing them too.
+    shared = random_prompts([21], VOCAB, seed=31)[0]
+    tails = random_prompts([1 + k % 3 for k in range(12)], VOCAB, seed=32)
+    twins = [(t, u, i) for t in TENANTS for u in ("base", "lora", "mix") for i in range(2)]
+    requests = [
+        request(f"{t}-{u}-{i}", t, u, shared + tail) for (t, u, i), tail in zip(twins, tails, strict=True)
+    ]
+    off = make_engine(adapter_dirs, prefix_cache="off")
+    want = run_waves(off, [requests])
+    on = make_engine(adapter_dirs)
+    got = run_waves(on, [requests])
+    assert_same(got, want)
+    assert hit_tokens(on) == len(twins) // 2 * 20
 
 
 def test_a_replaced_or_deleted_version_never_finds_the_old_blocks(adapter_dirs) -> None:
