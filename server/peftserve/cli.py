@@ -71,6 +71,13 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-upload-bytes", "max_upload_bytes", int, "bytes of all files of one upload"),
     ("--adapter-metrics-top-n", "adapter_metrics_top_n", int, "adapters with their own metrics label"),
     ("--scheduling", "scheduling", str, "fair (the least served tenant goes first) or fcfs"),
+    ("--prefix-cache", "prefix_cache", str, "on (default: reuse the KV of shared prompt prefixes) or off"),
+    (
+        "--prefix-cache-tenant-share",
+        "prefix_cache_tenant_share",
+        float,
+        "largest fraction of the KV blocks one tenant's cached prefixes may hold (default: no limit)",
+    ),
     ("--tenant-max-queued", "tenant_max_queued", int, "waiting requests per tenant (keys may set their own)"),
     (
         "--tenant-max-running",

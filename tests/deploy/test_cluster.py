@@ -101,6 +101,8 @@ def test_greedy_output_and_errors_equal_one_server(cluster: Cluster, single: Sin
         assert text == local.generate(PROMPTS[0], adapter_id="acme/a0", max_new_tokens=NEW_TOKENS).text
         assert remote.tokenize(PROMPTS[1]) == local.tokenize(PROMPTS[1])
         assert remote.model_info().vocab_size == local.model_info().vocab_size
+        assert remote.model_info().prefix_cache is None  # each replica has its own cache
+        assert local.model_info().prefix_cache is not None
         assert remote.health() == "SERVING"
         failures = [_failure(call) for call in _bad_calls(remote)]
         assert failures == [_failure(call) for call in _bad_calls(local)]

@@ -123,6 +123,7 @@ class AdapterManager:
             slot_forms=self.context.slot_forms,
         )
         self._lock = threading.Lock()
+        self._removed: list[str] = []  # version keys removed since take_removed last ran
 
     @property
     def max_mixture(self) -> int:
@@ -340,6 +341,7 @@ class AdapterManager:
         """Make all but the newest `keep` versions unaddressable (0: delete); their memory goes when idle."""
         with self._lock:
             removal = self.registry.remove(adapter_id, keep)
+            self._removed += [record.key for record in removal.removed]
             for key in removal.freed:
                 self._free(key)
             for record in removal.held:
@@ -347,6 +349,12 @@ class AdapterManager:
         if keep == 0:
             self.metrics.traffic.forget(adapter_id)
         return removal
+
+    def take_removed(self) -> list[str]:
+        """Version keys removed (deleted or pruned) since the last call: the engine forgets their KV."""
+        with self._lock:
+            removed, self._removed = self._removed, []
+        return removed
 
     def status(self, adapter_id: str) -> AdapterStatus:
         """The current version's manifest, tier and pin, and the requests holding any version."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from typing import TypeVar
 
 from ray.serve.handle import DeploymentHandle
@@ -71,7 +72,8 @@ class RemoteEngine:
         directory, _ = await asyncio.to_thread(resolve_model_dir, model)
         tokenizer = await asyncio.to_thread(load_tokenizer, directory)
         info = await _remote(replicas.model_info.remote())
-        return cls(replicas, pins, store, tokenizer, info)
+        # Without prefix-cache counters: each replica has its own cache, one replica's are not the cluster's.
+        return cls(replicas, pins, store, tokenizer, replace(info, prefix_cache=None))
 
     @property
     def model_info(self) -> ModelInfo:

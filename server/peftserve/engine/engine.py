@@ -18,7 +18,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.adapter_binding import AdapterBinding
 from peftserve.engine.detokenizer import IncrementalDetokenizer
 from peftserve.engine.fairness import TokenBuckets
-from peftserve.engine.protocol import EngineStats, ModelInfo
+from peftserve.engine.protocol import EngineStats, ModelInfo, PrefixCacheStats
 from peftserve.engine.request import (
     FinishReason,
     GenerationRequest,
@@ -49,6 +49,8 @@ class Completion:
     logprobs: list[float]
     finish_reason: FinishReason
     prompt_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache."""
 
 
 class LLMEngine:
@@ -85,6 +87,8 @@ class LLMEngine:
             max_running=config.max_running,
             max_slot_adapters=self.adapters.num_slots if self.adapters else 0,
             policy=config.scheduling,
+            prefix_cache=config.prefix_cache == "on",
+            prefix_cache_tenant_share=config.prefix_cache_tenant_share,
         )
         self._tokens = TokenBuckets()
         self.runner = ModelRunner(
@@ -160,7 +164,7 @@ class LLMEngine:
 
     @property
     def model_info(self) -> ModelInfo:
-        return self._info
+        return replace(self._info, prefix_cache=self.prefix_cache_stats())
 
     def stats(self) -> EngineStats:
         alloc = self.scheduler.allocator
@@ -169,6 +173,18 @@ class LLMEngine:
             running=len(self.scheduler.running),
             kv_blocks_used=alloc.num_used,
             kv_blocks_free=alloc.num_free,
+            prefix_cache=self.prefix_cache_stats(),
+        )
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        pool = self.scheduler.allocator
+        counters = pool.counters
+        return PrefixCacheStats(
+            enabled=pool.caching,
+            query_tokens=counters.query_tokens,
+            hit_tokens=counters.hit_tokens,
+            cached_blocks=pool.num_cached,
+            evictions=counters.evictions,
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -303,6 +319,7 @@ class LLMEngine:
         """
         if self.adapters is not None:
             self.scheduler.reserved_slot_adapters = self.adapters.pinned_keys()
+            self.scheduler.allocator.drop_versions(self.adapters.removed_versions())
         plan = self.scheduler.schedule()
         if self.adapters is not None:
             for seq in self.adapters.on_plan(plan):
@@ -321,10 +338,10 @@ class LLMEngine:
         if self.adapters is None:
             return pack(plan)
         step = pack(plan, self.adapters.slot_weights)
-        prefixes = tuple(
-            PrefixWrite(seq, self.adapters.prefix_kv(seq.prefix_adapter))
+        prefixes = tuple(  # virtual entries in blocks found in the prefix cache are written already
+            PrefixWrite(seq, self.adapters.prefix_kv(seq.prefix_adapter), start=seq.num_cached)
             for seq in plan.admitted
-            if seq.num_virtual
+            if seq.num_virtual > seq.num_cached
         )
         return replace(step, prefixes=prefixes)
 
@@ -376,6 +393,7 @@ class LLMEngine:
             token_ids=tokens,
             logprobs=logprobs,
             prompt_tokens=len(seq.prompt_ids),
+            cached_tokens=seq.num_cached_prompt,
             completion_tokens=len(seq.output_ids),
             finish_reason=seq.finish_reason,
         )
@@ -418,4 +436,5 @@ def _gather(outputs: list[RequestOutput]) -> Completion:
         logprobs=[lp for o in outputs for lp in (o.logprobs or ())],
         finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens,
+        cached_tokens=last.cached_tokens,
     )

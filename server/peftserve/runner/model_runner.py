@@ -94,7 +94,8 @@ class ModelRunner:
         """Prefix-tuning K/V into the first KV entries of the sequences admitted this step."""
         for write in step.prefixes:
             num_virtual = write.kv.shape[3]
-            self.cache.write_prefix(self._slots(write.seq.blocks, 0, num_virtual), write.kv)
+            slots = self._slots(write.seq.blocks, write.start, num_virtual)
+            self.cache.write_prefix(slots, write.kv[:, :, :, write.start :])
 
     def _attention(self, step: StepInput) -> AttentionMetadata:
         """Where each token's K/V goes and what each chunk attends to."""
