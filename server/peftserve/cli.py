@@ -42,7 +42,7 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-new-tokens-limit", "max_new_tokens_limit", int, "largest max_new_tokens a request may ask for"),
     ("--max-context", "max_context", int, "longest prompt plus completion (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
-    ("--cpu-linear", "cpu_linear", str, "onednn (default: prepacked weights, faster) or torch (less memory)"),
+    ("--cpu-linear", "cpu_linear", str, "onednn (default: oneDNN on packed weights, faster) or torch"),
     (
         "--adapter-slots",
         "adapter_slots",

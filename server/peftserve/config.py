@@ -48,8 +48,8 @@ class EngineConfig:
     threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's default."""
     cpu_linear: str = "onednn"
-    """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.1-3.6x faster on serving
-    shapes, one more copy of their weights in memory); torch: plain F.linear."""
+    """onednn: the model's Linear layers run on weights packed for oneDNN on CPU, which replace the
+    plain ones (1.1-3.6x faster on serving shapes); torch: plain F.linear."""
     adapter_slots: int = 32
     """Adapters resident on the device at once, of any kind but prefix tuning (which needs no slot)."""
     adapters: tuple[tuple[str, str], ...] = ()
