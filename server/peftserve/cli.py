@@ -33,7 +33,7 @@ DEFAULT_ADDRESS = os.environ.get("PEFTSERVE_ADDRESS", "127.0.0.1:50051")
 _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--model", "model", str, "'default' (the embedded model) or a local Hugging Face model directory"),
     ("--device", "device", str, "cpu, cuda or cuda:N"),
-    ("--dtype", "dtype", str, "auto is float32 on CPU, bfloat16 on CUDA"),
+    ("--dtype", "dtype", str, "auto: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32"),
     ("--kv-cache-mb", "kv_cache_mb", float, "memory for the paged KV cache; sets the block budget"),
     ("--block-size", "block_size", int, "tokens per KV block"),
     ("--max-batched-tokens", "max_batched_tokens", int, "prefill and decode tokens in one engine step"),

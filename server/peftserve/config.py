@@ -22,7 +22,8 @@ class EngineConfig:
     device: str = "cpu"
     """'cpu' or 'cuda' (or 'cuda:N')."""
     dtype: str = "auto"
-    """auto: float32 on CPU, bfloat16 on CUDA; or float32|bfloat16|float16."""
+    """auto: bfloat16 on CUDA and on CPUs with bfloat16 units (AVX512-BF16, AMX), float32 on other
+    CPUs (logged, and in ModelInfo); or float32|bfloat16|float16."""
     kv_cache_mb: float = 512.0
     """Memory for the paged KV cache; the block budget is derived from it."""
     block_size: int = 16

@@ -101,3 +101,15 @@ def test_bfloat16_and_other_dtypes():
     x = torch.randn(8, 64, dtype=torch.bfloat16)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), _model().to(torch.bfloat16)(x), rtol=2e-2, atol=2e-2)
+
+
+def test_pages_of_a_weight_mapped_from_a_file_are_released_and_still_read_right(tmp_path):
+    path = tmp_path / "weights.bin"
+    values = torch.randn(3 * linear.PAGE)  # 12 pages of float32
+    values.numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=values.numel())  # a private mapping
+    weight = mapped[1000 : 1000 + 160 * 64].view(160, 64)  # starts and ends inside a page
+    mappings = linear.file_mappings()
+    assert any(s <= weight.data_ptr() < e for s, e in mappings)
+    linear.release_file_pages(weight, mappings)
+    assert torch.equal(mapped, values)  # dropped pages come back from the file

@@ -6,8 +6,9 @@ layout is 1.1-3.6x faster there from 4 rows up (benchmarks/bench_linear.py on th
 thread, bench-1b shapes: gate_proj at 32 rows 55 -> 87 GFLOP/s, lm_head at 32 rows 43 -> 96), within
 0.75-1.5x of sgemm at 1-3 rows in float32, and 1.4-2.6x faster than torch's at 1-3 rows in bfloat16.
 So every row count runs on the packed weight, and the packed weight is the only copy: the plain one
-is freed as soon as its packed copy exists (peak memory stays the weights plus one layer). What reads
-`.weight` (a DoRA adapter binding its norms, autograd) gets it unpacked, exactly, on each read.
+is freed as soon as its packed copy exists, its pages too when it was mapped from the checkpoint file
+(peak memory stays the weights plus a layer). What reads `.weight` (a DoRA adapter binding its norms,
+autograd) gets it unpacked, exactly, on each read.
 
 A Linear whose weight another module also holds (an output head tied to the embeddings) is left
 alone: packing it would add a second copy of that matrix rather than replace the first.
@@ -19,8 +20,11 @@ torch wherever it fails, and torch's upper bound in pyproject.toml.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16)
+PAGE = 4096
+MADV_DONTNEED = 4
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -95,11 +101,50 @@ class PackedLinear(nn.Linear):
         return f"{super().extra_repr()}, onednn_packed=True"
 
 
+def file_mappings() -> list[tuple[int, int]]:
+    """[start, end) of this process's private file mappings (where weights loaded by mmap live); Linux."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        if len(fields) == 6 and fields[4] != "0" and fields[1].endswith("p") and fields[5].startswith("/"):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+    """Drop from this process the pages of a weight read through a private file mapping.
+
+    A model loaded from safetensors keeps its weights in one mapping of the file, held while any of its
+    tensors lives (the embeddings do), so a dropped weight's pages would stay resident. They were never
+    written (a frozen weight), so discarding them only means a later read would fetch them from the file
+    again; pages the weight shares with its neighbours are kept.
+    """
+    first = weight.data_ptr()
+    last = first + weight.numel() * weight.element_size()
+    inside = any(s <= first and last <= e for s, e in mappings)
+    if not sys.platform.startswith("linux") or not inside or not weight.is_contiguous():
+        return
+    start, end = -(-first // PAGE) * PAGE, last // PAGE * PAGE
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def pack_linears(model: nn.Module) -> int:
     """Replace every CPU nn.Linear of the model in `DTYPES` by a PackedLinear; how many were replaced.
 
-    One layer at a time, each plain weight dropped once its packed copy exists, so memory peaks at the
-    weights plus one layer. Weights must not be changed afterwards.
+    One layer at a time, each plain weight dropped (and its pages released, release_file_pages) once its
+    packed copy exists, so memory peaks at the weights plus one layer. Weights must not be changed
+    afterwards.
     """
     holders: dict[int, int] = {}  # id(weight) -> modules holding it (tied weights count twice)
     for module in model.modules():
@@ -113,8 +158,11 @@ def pack_linears(model: nn.Module) -> int:
         and holders[id(module.weight)] == 1
         and onednn_usable(module.weight.dtype)
     ]
+    mappings = file_mappings()
     for path in targets:
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, PackedLinear(getattr(parent, name)))  # the plain Linear goes with its weight
+        plain = getattr(parent, name)
+        setattr(parent, name, PackedLinear(plain))
+        release_file_pages(plain.weight, mappings)
     return len(targets)
