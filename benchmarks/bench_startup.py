@@ -4,6 +4,7 @@ Builds a random-weight model of a DESIGN.md shape with --layers layers (bench-1b
 parameters, 3.4 GB in float32), saves it as safetensors in --dtype once, then starts each system in a
 fresh process, one after the other:
 
+  runtime  the imports alone (python, torch, transformers, peftserve): what every system starts from
   load     load_base_model, then every weight read once: what loading the weights costs (the floor;
            safetensors are mapped, so a weight is only read from the file when first touched)
   torch    LLMEngine.create with cpu_linear=torch (plain F.linear), then one 4-token request
@@ -11,7 +12,8 @@ fresh process, one after the other:
 
 It reports the wall time until the system is ready (for the engines: the request served, so every
 weight has been read), resident memory then (VmRSS) and its peak (VmHWM), each also over the weight
-bytes. The KV pool and the adapter host cache are not written, so their pages are not resident.
+bytes, and over the weights once the runtime's own memory is taken off. The adapter host cache is
+empty; the KV pool (512 MiB) is allocated zeroed.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_startup.py --layers 16
 """
@@ -34,7 +36,7 @@ from common import SHAPES, bench_tokenizer, build_model, environment  # noqa: E4
 
 from peftserve.bench.report import format_rows  # noqa: E402
 
-SYSTEMS = ("load", "torch", "onednn")
+SYSTEMS = ("runtime", "load", "torch", "onednn")
 PAGE = 4096
 
 
@@ -56,7 +58,10 @@ def start(system: str, model_dir: Path, dtype: str) -> dict[str, float]:
     from peftserve.model.loader import load_base_model
 
     began = time.perf_counter()
-    if system == "load":
+    started = None
+    if system == "runtime":
+        created = began
+    elif system == "load":
         started = load_base_model(str(model_dir), "cpu", dtype)
         for param in started.model.parameters():
             param.detach().view(-1)[:: PAGE // param.element_size()].sum()  # one read per page
@@ -113,12 +118,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         model_dir = args.model_dir or Path(tmp) / "model"
         build(model_dir, args.shape, args.layers, getattr(torch, args.dtype))
-        rows = [["system", "created s", "ready s", "RSS GB", "peak GB", "RSS / weights", "peak / weights"]]
+        rows = [["system", "created s", "ready s", "RSS GB", "peak GB", "RSS / weights", "peak / weights",
+                 "(RSS - runtime) / weights"]]  # fmt: skip
+        runtime = 0.0
         for system in args.systems.split(","):
             r = run_child(system, model_dir, args.dtype)
+            runtime = r["rss"] if system == "runtime" else runtime
             rows.append(
                 [system, f"{r['created']:.1f}", f"{r['ready']:.1f}", f"{r['rss']:.2f}", f"{r['peak']:.2f}",
-                 f"{r['rss'] / r['weights']:.2f}x", f"{r['peak'] / r['weights']:.2f}x"]
+                 f"{r['rss'] / r['weights']:.2f}x", f"{r['peak'] / r['weights']:.2f}x",
+                 f"{(r['rss'] - runtime) / r['weights']:.2f}x" if runtime else "-"]
             )  # fmt: skip
     print(f"{args.shape}, {args.layers} layers, {args.dtype}, weights {r['weights']:.2f} GB")
     print(environment("cpu"))
