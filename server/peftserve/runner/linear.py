@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import sys
 from functools import cache
 from pathlib import Path
@@ -33,8 +34,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16)
-PAGE = 4096
+PAGE = mmap.PAGESIZE
 MADV_DONTNEED = 4
+"""Linux's madvise advice that drops pages from the process (the same value on every architecture)."""
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
