@@ -1,8 +1,8 @@
 """CPU Linear layers: torch's F.linear (MKL sgemm) vs the server's prepacked oneDNN path (runner/linear.py).
 
 Every projection of a DESIGN.md shape and its lm_head, at the row counts a serving step feeds them
-(1 row: one decode; 4-64: decode batches; 256-1024: prefill chunks). Both kernels run in the same
-process, interleaved, best of several bursts; the table gives GFLOP/s and the speed-up.
+(1-3 rows: a few decodes; 4-64: decode batches; 256-1024: prefill chunks). Both kernels run in the
+same process, interleaved, best of several bursts; the table gives GFLOP/s and the speed-up.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_linear.py --shape bench-1b --threads 1
 """
@@ -23,9 +23,9 @@ from common import SHAPES, environment  # noqa: E402
 
 from peftserve.bench.report import format_rows  # noqa: E402
 from peftserve.bench.shapes import PROJECTIONS  # noqa: E402
-from peftserve.runner.linear import MIN_ROWS, onednn_usable, pack, packed_linear  # noqa: E402
+from peftserve.runner.linear import onednn_usable, pack, packed_linear  # noqa: E402
 
-ROWS = (1, 4, 16, 32, 64, 256, 1024)
+ROWS = (1, 2, 3, 4, 16, 32, 64, 256, 1024)
 
 
 def best_seconds(kernel: Callable[[], object], bursts: int = 5, burst_s: float = 0.05) -> float:
@@ -68,13 +68,12 @@ def main() -> None:
                 plain = best_seconds(lambda x=x, w=weight: F.linear(x, w))
                 onednn = best_seconds(lambda x=x, p=packed: packed_linear(x, p))
                 flops = 2 * rows * out_features * in_features
-                served = "onednn" if rows >= MIN_ROWS else "torch"
                 rows_out.append(
                     [name, f"{out_features}x{in_features}", str(rows), f"{flops / plain / 1e9:.1f}",
-                     f"{flops / onednn / 1e9:.1f}", f"{plain / onednn:.2f}x", served]
+                     f"{flops / onednn / 1e9:.1f}", f"{plain / onednn:.2f}x"]
                 )  # fmt: skip
     print(f"{args.shape}, {args.dtype}, {torch.get_num_threads()} thread(s); {environment('cpu')}")
-    headers = ["layer", "out x in", "rows", "torch GFLOP/s", "oneDNN GFLOP/s", "speed-up", "server uses"]
+    headers = ["layer", "out x in", "rows", "torch GFLOP/s", "oneDNN GFLOP/s", "speed-up"]
     print(format_rows([headers, *rows_out]))
 
 

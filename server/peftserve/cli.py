@@ -41,7 +41,7 @@ def _switch(value: str) -> bool:
 _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--model", "model", str, "'default' (the embedded model) or a local Hugging Face model directory"),
     ("--device", "device", str, "cpu, cuda or cuda:N"),
-    ("--dtype", "dtype", str, "auto is float32 on CPU, bfloat16 on CUDA"),
+    ("--dtype", "dtype", str, "auto: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32"),
     ("--kv-cache-mb", "kv_cache_mb", float, "memory for the paged KV cache; sets the block budget"),
     ("--block-size", "block_size", int, "tokens per KV block"),
     ("--max-batched-tokens", "max_batched_tokens", int, "prefill and decode tokens in one engine step"),
@@ -50,7 +50,7 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-new-tokens-limit", "max_new_tokens_limit", int, "largest max_new_tokens a request may ask for"),
     ("--max-context", "max_context", int, "longest prompt plus completion (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
-    ("--cpu-linear", "cpu_linear", str, "onednn (default: prepacked weights, faster) or torch (less memory)"),
+    ("--cpu-linear", "cpu_linear", str, "onednn (default: oneDNN on packed weights, faster) or torch"),
     (
         "--cuda-graphs",
         "cuda_graphs",

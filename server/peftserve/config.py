@@ -23,7 +23,8 @@ class EngineConfig:
     device: str = "cpu"
     """'cpu' or 'cuda' (or 'cuda:N')."""
     dtype: str = "auto"
-    """auto: float32 on CPU, bfloat16 on CUDA; or float32|bfloat16|float16."""
+    """auto: bfloat16 on CUDA and on CPUs with bfloat16 units (AVX512-BF16, AMX), float32 on other
+    CPUs (logged, and in ModelInfo); or float32|bfloat16|float16."""
     kv_cache_mb: float = 512.0
     """Memory for the paged KV cache; the block budget is derived from it."""
     block_size: int = 16
@@ -54,8 +55,8 @@ class EngineConfig:
     threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's default."""
     cpu_linear: str = "onednn"
-    """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.1-3.6x faster on serving
-    shapes, one more copy of their weights in memory); torch: plain F.linear."""
+    """onednn: the model's Linear layers run on weights packed for oneDNN on CPU, which replace the
+    plain ones (1.1-3.6x faster on serving shapes); torch: plain F.linear."""
     cuda_graphs: bool = False
     """CUDA only: replay pure decode steps from graphs captured per batch-size bucket (runner/graphs.py)."""
     adapter_slots: int = 32

@@ -30,6 +30,7 @@ def test_create_scans_the_store_and_registers_adapters(tiny_llama_dir: Path, tmp
 
     config = EngineConfig(
         model=str(tiny_llama_dir),
+        dtype="float32",
         kv_cache_mb=1,
         store=str(tmp_path / "store"),
         adapters=(("mine", str(lora)), ("acme/explicit", str(lora))),

@@ -49,7 +49,8 @@ def test_sigkill_during_uploads_and_replaces_keeps_the_store_whole(
     base, _ = build_tiny_model("llama")
     variants = [pf.make_lora_layers(base, "llama", tmp_path / f"variant{i}", seed=20 + i) for i in range(3)]
     store = tmp_path / "store"
-    serve_args = ["--model", str(tiny_llama_dir), "--store", str(store), "--adapter-versions-kept", "1000"]
+    serve_args = ["--model", str(tiny_llama_dir), "--dtype", "float32", "--store", str(store),
+                  "--adapter-versions-kept", "1000"]  # fmt: skip
     acked: dict[tuple[str, str], dict[str, str]] = {}
     lock = threading.Lock()
     rng = random.Random(5)

@@ -24,8 +24,8 @@ def test_adapters_by_id_in_one_batch_equal_peft(tiny_llama_dir, tmp_path):
     lora = pf.make_lora_patterns(base, "llama", tmp_path / "lora")
     prefix = pf.make_prefix(base, tmp_path / "prefix", projection=True)
     server = ServerProcess.serve(
-        ["--model", str(tiny_llama_dir), "--store", "", "--adapter", f"acme/lora={lora}",
-         "--adapter", f"acme/prefix={prefix}"]
+        ["--model", str(tiny_llama_dir), "--dtype", "float32", "--store", "",
+         "--adapter", f"acme/lora={lora}", "--adapter", f"acme/prefix={prefix}"]
     )  # fmt: skip
     try:
         address = server.wait_ready(240)

@@ -34,7 +34,7 @@ def test_upload_generate_replace_delete(tiny_llama_dir: Path, tmp_path: Path) ->
     ring.save(tmp_path / "keys.json")
 
     server = ServerProcess.serve(
-        ["--model", str(tiny_llama_dir), "--store", str(tmp_path / "store"),
+        ["--model", str(tiny_llama_dir), "--dtype", "float32", "--store", str(tmp_path / "store"),
          "--keys-file", str(tmp_path / "keys.json")]
     )  # fmt: skip
     prompt = "The quick brown fox"

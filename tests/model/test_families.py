@@ -29,7 +29,9 @@ def test_each_family_starts_and_serves(family: str, tiny_model_dir: Callable[[st
     assert loaded.model.config._attn_implementation == ("eager" if family in NO_SDPA else "sdpa")
     assert all(not p.requires_grad for p in loaded.model.parameters())
 
-    engine = LLMEngine.create(EngineConfig(model=str(directory), kv_cache_mb=1, block_size=4))
+    engine = LLMEngine.create(
+        EngineConfig(model=str(directory), dtype="float32", kv_cache_mb=1, block_size=4)
+    )
     assert engine.model_info.family == family
     reference, _ = build_tiny_model(family)
     prompt = random_prompts([13], engine.model_info.vocab_size, seed=4)[0]

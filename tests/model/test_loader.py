@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from peftserve.errors import InvalidRequest
+from peftserve.model import loader
 from peftserve.model.default_model import DEFAULT_MODEL_NAME
-from peftserve.model.loader import LoadedModel, load_base_model
+from peftserve.model.loader import LoadedModel, load_base_model, resolve_dtype
 
 
 def copy_model(source: Path, target: Path) -> Path:
@@ -20,7 +22,7 @@ def copy_model(source: Path, target: Path) -> Path:
 
 
 def test_loads_each_family_frozen(tiny_family_dir: Path) -> None:
-    loaded = load_base_model(str(tiny_family_dir), device="cpu", dtype="auto")
+    loaded = load_base_model(str(tiny_family_dir), device="cpu", dtype="float32")
     assert isinstance(loaded, LoadedModel)
     assert loaded.family == loaded.model.config.model_type
     assert loaded.model_id == tiny_family_dir.name
@@ -92,3 +94,32 @@ def test_cuda_auto_is_bfloat16(tiny_llama_dir: Path) -> None:
     loaded = load_base_model(str(tiny_llama_dir), "cuda", "auto")
     assert loaded.dtype == torch.bfloat16 and loaded.device.type == "cuda"
     assert next(loaded.model.parameters()).device.type == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("units", "expected"), [("AVX512-BF16", torch.bfloat16), ("AMX", torch.bfloat16), (None, torch.float32)]
+)
+def test_auto_on_cpu_is_bfloat16_where_the_cpu_has_bfloat16_units(
+    units, expected, monkeypatch, caplog
+) -> None:
+    monkeypatch.setattr(loader, "cpu_bf16_units", lambda: units)
+    with caplog.at_level(logging.INFO, logger=loader.__name__):
+        assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert f"dtype auto: {str(expected).removeprefix('torch.')}" in caplog.text
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # a named dtype is kept
+
+
+def test_bf16_units_agree_with_the_kernel_flags(monkeypatch) -> None:
+    found = loader.cpu_bf16_units()
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # torch's probe gone: /proc/cpuinfo
+    assert loader.cpu_bf16_units() == found
+
+
+def test_auto_is_reported_in_model_info(tiny_llama_dir: Path, monkeypatch) -> None:
+    from peftserve.config import EngineConfig
+    from peftserve.engine.engine import LLMEngine
+
+    monkeypatch.setattr(loader, "cpu_bf16_units", lambda: "AVX512-BF16")
+    engine = LLMEngine.create(EngineConfig(model=str(tiny_llama_dir), kv_cache_mb=1))
+    assert engine.model_info.dtype == "bfloat16"
+    assert engine.runner.cache.keys.dtype == torch.bfloat16

@@ -55,7 +55,7 @@ def test_soak(tmp_path: Path) -> None:
         ring, keys[tenant] = ring.add(tenant, [Scope.INFER, Scope.ADMIN])
     ring.save(tmp_path / "keys.json")
     server = ServerProcess.serve(
-        ["--model", str(model_dir), "--store", str(tmp_path / "store"),
+        ["--model", str(model_dir), "--dtype", "float32", "--store", str(tmp_path / "store"),
          "--keys-file", str(tmp_path / "keys.json"), "--adapter-slots", "4", "--max-running", "16",
          "--max-batched-tokens", "128", "--kv-cache-mb", "4", "--threads", "1"],
         log_path=tmp_path / "server.log",

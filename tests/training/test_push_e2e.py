@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 
 def test_pushed_adapter_is_served_without_restart(tiny_llama_dir: Path, task_file: Path, tmp_path: Path):
     server = ServerProcess.serve(
-        ["--model", str(tiny_llama_dir), "--store", str(tmp_path / "store"), "--threads", "1"]
-    )
+        ["--model", str(tiny_llama_dir), "--dtype", "float32", "--store", str(tmp_path / "store"),
+         "--threads", "1"]
+    )  # fmt: skip
     try:
         address = server.wait_ready(240)
         train = ["train", "--base", str(tiny_llama_dir), "--data", str(task_file), "--no-progress"]

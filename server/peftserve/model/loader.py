@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,12 @@ from peftserve.model.default_model import ensure_default_model
 from peftserve.model.families import check_config
 from peftserve.model.text import load_tokenizer
 
+log = logging.getLogger(__name__)
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BF16_UNITS = {"AMX": "amx_bf16", "AVX512-BF16": "avx512_bf16"}
+"""The CPU units that multiply bfloat16 natively, and their /proc/cpuinfo flags."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,37 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def cpu_bf16_units() -> str | None:
+    """The bfloat16 units of this CPU ('AMX' or 'AVX512-BF16'), or None where it has neither."""
+    try:  # torch's own probes; private, hence the kernel's flags where they are missing
+        amx, avx512 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+        present = {"AMX": amx, "AVX512-BF16": avx512}
+    except AttributeError:
+        flags = _cpu_flags()
+        present = {name: flag in flags for name, flag in BF16_UNITS.items()}
+    return next((name for name, yes in present.items() if yes), None)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.partition(":")[2].split()) for line in lines if line.startswith("flags")), set())
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is float32 on CPU and bfloat16 on CUDA; otherwise the named dtype."""
+    """'auto' is bfloat16 on CUDA and on CPUs with bfloat16 units (AVX512-BF16 or AMX), float32 on
+    other CPUs; otherwise the named dtype."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        units = cpu_bf16_units()
+        if units is None:
+            log.info("dtype auto: float32 (this CPU has no bfloat16 units: AVX512-BF16 or AMX)")
+            return torch.float32
+        log.info("dtype auto: bfloat16 (this CPU multiplies it natively: %s)", units)
+        return torch.bfloat16
     if dtype not in TORCH_DTYPES:
         raise InvalidRequest(f"dtype must be 'auto' or one of {', '.join(TORCH_DTYPES)}, got {dtype!r}")
     return TORCH_DTYPES[dtype]

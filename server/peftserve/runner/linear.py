@@ -1,12 +1,17 @@
 """Faster dense layers on CPU: the model's Linear layers run oneDNN on weights packed once at start.
 
 torch sends a float32 `F.linear` on CPU to MKL's sgemm, which is slow on the skinny shapes of serving
-(decode steps multiply 4-64 rows by each weight). oneDNN on a weight reordered once into its blocked
-layout is 1.1-3.6x faster there and never slower from 4 rows up (benchmarks/bench_linear.py on the
-2-core dev box, one thread, bench-1b shapes: gate_proj at 32 rows 55 -> 87 GFLOP/s, lm_head at 32 rows
-43 -> 96). At 1 row neither wins (0.8-1.5x), so rows below MIN_ROWS keep F.linear on the plain
-weight: packing costs one more copy of every Linear weight in host memory (`--cpu-linear torch`
-turns it off).
+(decode steps multiply 1-64 rows by each weight). oneDNN on a weight reordered once into its blocked
+layout is 1.1-3.6x faster there from 4 rows up (benchmarks/bench_linear.py on the 2-core dev box, one
+thread, bench-1b shapes: gate_proj at 32 rows 55 -> 87 GFLOP/s, lm_head at 32 rows 43 -> 96), within
+0.75-1.5x of sgemm at 1-3 rows in float32, and 1.4-2.6x faster than torch's at 1-3 rows in bfloat16.
+So every row count runs on the packed weight, and the packed weight is the only copy: the plain one
+is freed as soon as its packed copy exists, its pages too when it was mapped from the checkpoint file
+(peak memory stays the weights plus a layer). What reads `.weight` (a DoRA adapter binding its norms,
+autograd) gets it unpacked, exactly, on each read.
+
+A Linear whose weight another module also holds (an output head tied to the embeddings) is left
+alone: packing it would add a second copy of that matrix rather than replace the first.
 
 The ops are the ones inductor's CPU weight prepacking uses (torch.ops.mkldnn._reorder_linear_weight and
 _linear_pointwise): private to torch, hence a probe against F.linear at start and the fallback to plain
@@ -15,8 +20,12 @@ torch wherever it fails, and torch's upper bound in pyproject.toml.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
+import sys
 from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +33,20 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MIN_ROWS = 4
-"""Fewer rows than this go to F.linear on the plain weight (oneDNN's blocked layout gains nothing there)."""
 DTYPES = (torch.float32, torch.bfloat16)
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4
+"""Linux's madvise advice that drops pages from the process (the same value on every architecture)."""
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """weight [out, in] reordered into oneDNN's blocked layout (an opaque tensor for packed_linear)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The plain weight [out, in] of a packed one, bit for bit (a new tensor each call)."""
+    return packed.to_dense()
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,50 +65,106 @@ def onednn_usable(dtype: torch.dtype) -> bool:
     x = torch.randn(2, 5, 40, generator=gen).to(dtype)
     try:
         with torch.inference_mode():
-            got = packed_linear(x, pack(weight), bias)
+            packed = pack(weight)
+            got = packed_linear(x, packed, bias)
+            unpacked = unpack(packed)
     except (AttributeError, RuntimeError) as exc:  # AttributeError: a torch without these ops
         log.warning("oneDNN linear unavailable (%s); using torch's", exc)
         return False
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    return got.shape == (2, 5, 24) and torch.allclose(got, F.linear(x, weight, bias), atol=tolerance, rtol=0)
+    return (
+        got.shape == (2, 5, 24)
+        and torch.allclose(got, F.linear(x, weight, bias), atol=tolerance, rtol=0)
+        and torch.equal(unpacked, weight)
+    )
 
 
 class PackedLinear(nn.Linear):
-    """An nn.Linear that runs oneDNN on its weight packed once; it shares the weight and bias of the
-    Linear it replaces (shape checks, adapter wrapping, autograd and small batches use them)."""
+    """An nn.Linear whose weight is held only in oneDNN's packed layout; `.weight` unpacks it."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
         self.bias = linear.bias
         with torch.inference_mode():
             self.packed = pack(linear.weight)  # opaque, not in the state dict
 
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        """The weight [out, in], unpacked on each read (a copy: costs the layer's bytes and a pass)."""
+        return unpack(self.packed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows < MIN_ROWS or torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or self.bias is not None and self.bias.requires_grad):
+            return F.linear(x, self.weight, self.bias)  # no derivatives for the packed op: pay a copy
         return packed_linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, onednn_packed=True"
 
 
+def file_mappings() -> list[tuple[int, int]]:
+    """[start, end) of this process's private file mappings (where weights loaded by mmap live); Linux."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        if len(fields) == 6 and fields[4] != "0" and fields[1].endswith("p") and fields[5].startswith("/"):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
+    """Drop from this process the pages of a weight read through a private file mapping.
+
+    A model loaded from safetensors keeps its weights in one mapping of the file, held while any of its
+    tensors lives (the embeddings do), so a dropped weight's pages would stay resident. They were never
+    written (a frozen weight), so discarding them only means a later read would fetch them from the file
+    again; pages the weight shares with its neighbours are kept.
+    """
+    first = weight.data_ptr()
+    last = first + weight.numel() * weight.element_size()
+    inside = any(s <= first and last <= e for s, e in mappings)
+    if not sys.platform.startswith("linux") or not inside or not weight.is_contiguous():
+        return
+    start, end = -(-first // PAGE) * PAGE, last // PAGE * PAGE
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def pack_linears(model: nn.Module) -> int:
     """Replace every CPU nn.Linear of the model in `DTYPES` by a PackedLinear; how many were replaced.
 
-    Weights must not be changed afterwards: the packed copy would not follow.
+    One layer at a time, each plain weight dropped (and its pages released, release_file_pages) once its
+    packed copy exists, so memory peaks at the weights plus one layer. Weights must not be changed
+    afterwards.
     """
+    holders: dict[int, int] = {}  # id(weight) -> modules holding it (tied weights count twice)
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            holders[id(param)] = holders.get(id(param), 0) + 1
     targets = [
-        (path, module)
+        path
         for path, module in model.named_modules()
         if type(module) is nn.Linear
         and module.weight.device.type == "cpu"
+        and holders[id(module.weight)] == 1
         and onednn_usable(module.weight.dtype)
     ]
-    for path, module in targets:
+    mappings = file_mappings()
+    for path in targets:
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, PackedLinear(module))
+        plain = getattr(parent, name)
+        setattr(parent, name, PackedLinear(plain))
+        release_file_pages(plain.weight, mappings)
     return len(targets)

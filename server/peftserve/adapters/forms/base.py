@@ -105,7 +105,8 @@ class BaseModule:
     shape: tuple[int, int]
     """(out, in)"""
     weight: Callable[[], torch.Tensor]
-    """The frozen weight as [out, in] on its own device (a view; never modified)."""
+    """The frozen weight as [out, in] on its own device (never modified; a packed layer unpacks a copy
+    on each call, so read it once)."""
 
 
 class Delta:

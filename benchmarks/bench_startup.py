@@ -1,0 +1,139 @@
+"""Start-up time and resident memory of the engine on a multi-GB model, against loading its weights.
+
+Builds a random-weight model of a DESIGN.md shape with --layers layers (bench-1b at 16 layers: 0.85B
+parameters, 3.4 GB in float32), saves it as safetensors in --dtype once, then starts each system in a
+fresh process, one after the other:
+
+  runtime  the imports alone (python, torch, transformers, peftserve): what every system starts from
+  load     load_base_model, then every weight read once: what loading the weights costs (the floor;
+           safetensors are mapped, so a weight is only read from the file when first touched)
+  torch    LLMEngine.create with cpu_linear=torch (plain F.linear), then one 4-token request
+  onednn   LLMEngine.create with cpu_linear=onednn (the default: packed weights), then the same request
+
+It reports the wall time until the system is ready (for the engines: the request served, so every
+weight has been read), resident memory then (VmRSS) and its peak (VmHWM), each also over the weight
+bytes, and over the weights once the runtime's own memory is taken off. The adapter host cache is
+empty; the KV pool (512 MiB) is allocated zeroed.
+
+    PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_startup.py --layers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHAPES, bench_tokenizer, build_model, environment  # noqa: E402
+
+from peftserve.bench.report import format_rows  # noqa: E402
+
+SYSTEMS = ("runtime", "load", "torch", "onednn")
+PAGE = 4096
+
+
+def memory_gb() -> tuple[float, float]:
+    """(resident, peak resident) of this process in GB, from /proc/self/status."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) * 1024 / 1e9  # kB
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def start(system: str, model_dir: Path, dtype: str) -> dict[str, float]:
+    """Start one system in this process; seconds until ready, and memory with it alive."""
+    from peftserve.config import EngineConfig
+    from peftserve.engine.engine import LLMEngine
+    from peftserve.engine.request import GenerationRequest, SamplingParams
+    from peftserve.model.loader import load_base_model
+
+    began = time.perf_counter()
+    started = None
+    if system == "runtime":
+        created = began
+    elif system == "load":
+        started = load_base_model(str(model_dir), "cpu", dtype)
+        for param in started.model.parameters():
+            param.detach().view(-1)[:: PAGE // param.element_size()].sum()  # one read per page
+        created = time.perf_counter()
+    else:
+        config = EngineConfig(model=str(model_dir), dtype=dtype, cpu_linear=system, kv_cache_mb=512)
+        started = LLMEngine.create(config)
+        created = time.perf_counter()
+        sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        started.generate_all([GenerationRequest(request_id="r", prompt="hello world", sampling=sampling)])
+    ready = time.perf_counter()
+    rss, peak = memory_gb()
+    weights = json.loads((model_dir / "weights.json").read_text())["bytes"]
+    return {
+        "created": created - began,
+        "ready": ready - began,
+        "rss": rss,
+        "peak": peak,
+        "weights": weights / 1e9,
+    }
+
+
+def build(model_dir: Path, shape_name: str, layers: int, dtype: torch.dtype) -> None:
+    """Save the model and tokenizer once; weights.json holds the weight bytes."""
+    if (model_dir / "weights.json").is_file():
+        return
+    model = build_model(replace(SHAPES[shape_name], layers=layers), dtype=dtype)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    bench_tokenizer().save_pretrained(model_dir)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    (model_dir / "weights.json").write_text(json.dumps({"bytes": weights}))
+
+
+def run_child(system: str, model_dir: Path, dtype: str) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", system, "--model-dir", str(model_dir), "--dtype", dtype]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench-1b")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--model-dir", type=Path, default=None, help="kept between runs (default: temporary)")
+    parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(start(args.child, args.model_dir, args.dtype)))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        model_dir = args.model_dir or Path(tmp) / "model"
+        build(model_dir, args.shape, args.layers, getattr(torch, args.dtype))
+        rows = [["system", "created s", "ready s", "RSS GB", "peak GB", "RSS / weights", "peak / weights",
+                 "(RSS - runtime) / weights"]]  # fmt: skip
+        runtime = 0.0
+        for system in args.systems.split(","):
+            r = run_child(system, model_dir, args.dtype)
+            runtime = r["rss"] if system == "runtime" else runtime
+            rows.append(
+                [system, f"{r['created']:.1f}", f"{r['ready']:.1f}", f"{r['rss']:.2f}", f"{r['peak']:.2f}",
+                 f"{r['rss'] / r['weights']:.2f}x", f"{r['peak'] / r['weights']:.2f}x",
+                 f"{(r['rss'] - runtime) / r['weights']:.2f}x" if runtime else "-"]
+            )  # fmt: skip
+    print(f"{args.shape}, {args.layers} layers, {args.dtype}, weights {r['weights']:.2f} GB")
+    print(environment("cpu"))
+    print(format_rows(rows))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
