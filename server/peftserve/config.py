@@ -11,6 +11,7 @@ from peftserve.store.staging import MAX_UPLOAD_BYTES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_LINEARS = ("onednn", "torch")
+ATTENTIONS = ("flex", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class EngineConfig:
     cpu_linear: str = "onednn"
     """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.1-3.6x faster on serving
     shapes, one more copy of their weights in memory); torch: plain F.linear."""
+    attention: str = "flex"
+    """flex: attention reads each sequence's K/V in place in the paged pools (compiled once per process,
+    before serving); sdpa: each context is gathered into a padded buffer first (nothing to compile)."""
     adapter_slots: int = 32
     """Adapters resident on the device at once, of any kind but prefix tuning (which needs no slot)."""
     adapters: tuple[tuple[str, str], ...] = ()
@@ -89,6 +93,9 @@ class EngineConfig:
         if self.cpu_linear not in CPU_LINEARS:
             choices = ", ".join(CPU_LINEARS)
             raise InvalidRequest(f"cpu_linear must be one of {choices}, got {self.cpu_linear!r}")
+        if self.attention not in ATTENTIONS:
+            choices = ", ".join(ATTENTIONS)
+            raise InvalidRequest(f"attention must be one of {choices}, got {self.attention!r}")
         positive = (
             "block_size",
             "max_batched_tokens",

@@ -92,6 +92,7 @@ class LLMEngine:
             config.block_size,
             adapters=adapters.context if adapters is not None else None,
             cpu_linear=config.cpu_linear,
+            attention=config.attention,
         )
         eos = list(eos_token_ids(model))
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:

@@ -21,6 +21,7 @@ from peftserve.engine.sequence import Sequence
 from peftserve.engine.step import PackedChunk, Sampled, StepInput, StepOutput
 from peftserve.model.geometry import head_dim, kv_heads
 from peftserve.runner.attention import ATTENTION_NAME, AttentionMetadata, PrefillChunk
+from peftserve.runner.flex import PagedLayout, unwritten_tails
 from peftserve.runner.kv_cache import PagedKVCache
 from peftserve.runner.linear import pack_linears
 from peftserve.runner.sampler import SampleRow, sample
@@ -38,8 +39,10 @@ class ModelRunner:
         block_size: int,
         adapters: AdapterContext | None = None,
         cpu_linear: str = "onednn",
+        attention: str = "flex",
     ) -> None:
-        """adapters: the side channel of the model's adapter layers (None: a model without them)."""
+        """adapters: the side channel of the model's adapter layers (None: a model without them);
+        attention: flex (read the pools in place) or sdpa (gather each context, then SDPA)."""
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -60,6 +63,9 @@ class ModelRunner:
             log.info("%d Linear layers run on prepacked oneDNN weights", pack_linears(model))
         self._generators: dict[str, torch.Generator] = {}
         self._offsets = torch.arange(block_size, device=self.device)
+        self.in_place = attention == "flex"
+        if self.in_place:
+            self._warm_up()
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished request's generator."""
@@ -102,8 +108,42 @@ class ModelRunner:
             cache=self.cache,
             slot_mapping=torch.cat([*slot_parts, self._tensor(row_slots)]),
             prefills=prefills,
+            paged=self._paged_layout([(c.position, c.num_tokens, c.seq.blocks) for c in step.chunks])
+            if self.in_place
+            else None,
             **self._decode_metadata(decodes),
         )
+
+    def _paged_layout(self, chunks: list[tuple[int, int, list[int]]]) -> PagedLayout:
+        """The step's layout for attention in place; first zeroes the value rows past each sequence's
+        end in its last block, which the kernel reads with weight 0 (see runner/flex.py)."""
+        tails = unwritten_tails(chunks, self.block_size)
+        if tails:
+            self.cache.values.index_fill_(1, self._tensor(tails), 0)
+        return PagedLayout.build(chunks, self.block_size, self.cache.null_slot + 1, self.device)
+
+    def _warm_up(self) -> None:
+        """Compile attention in place before serving: a one-token and a two-token step on block 0 (the
+        second makes the token count dynamic), then block 0 is zeroed again."""
+        for num_tokens in (1, 2):
+            meta = AttentionMetadata(
+                cache=self.cache,
+                slot_mapping=torch.arange(num_tokens, device=self.device),
+                prefills=[PrefillChunk(0, num_tokens, num_tokens, None)],
+                paged=self._paged_layout([(0, num_tokens, [0] * num_tokens)]),
+                **self._decode_metadata([]),
+            )
+            with torch.inference_mode():
+                self.model(
+                    input_ids=torch.zeros(1, num_tokens, dtype=torch.long, device=self.device),
+                    position_ids=torch.arange(num_tokens, device=self.device)[None],
+                    cache=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    peftserve_attn=meta,
+                )
+        self.cache.keys[:, : max(2, self.block_size)] = 0
+        self.cache.values[:, : max(2, self.block_size)] = 0
 
     def _forward(self, step: StepInput, meta: AttentionMetadata) -> torch.Tensor:
         """The model on the packed [1, T] batch; logits [S, V] at the sampling chunks' last tokens."""

@@ -1,0 +1,55 @@
+"""Attention in place (flex over the paged pool) against the same references as the gathering path.
+
+Every slot outside the sequences' contexts holds NaN, the null slot included: the kernel must read
+nothing but each token's own entries, and the zeroed value rows past each sequence's end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftserve.runner.flex import PagedLayout, unwritten_tails
+from tests.runner.test_attention import MIXED, SINKS, run_case
+
+
+@pytest.mark.parametrize(
+    "seqs",
+    [
+        [(0, 7), (9, 1), (5, 6), (13, 1), (0, 1), (3, 1)],
+        [(1, 1), (30, 1), (17, 1)],  # only decode rows
+        [(3, 1)],  # one token: the compiled kernel's static one-row case
+        [(0, 4), (7, 1), (8, 8)],  # contexts ending on a block boundary
+    ],
+)
+def test_decode_rows_fresh_prefills_and_chunks_with_context(seqs):
+    run_case(seqs, in_place=True)
+
+
+@pytest.mark.parametrize("window", [1, 4, 6])
+def test_sliding_window(window):
+    run_case(MIXED, window=window, in_place=True)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_soft_capping(window):
+    run_case(MIXED, window=window, softcap=1.5, in_place=True)
+
+
+def test_layers_with_sinks_keep_the_gathering_path():
+    run_case(MIXED, window=5, softcap=2.0, sinks=SINKS, in_place=True)
+
+
+def test_layout_lists_only_each_tokens_own_blocks():
+    """Token blocks: the full ones unmasked, at most two masked (window start, own block)."""
+    chunks = [(0, 3, [5, 2]), (9, 1, [7, 1, 4])]  # block size 4: tokens at 0-2 and one at 9
+    layout = PagedLayout.build(chunks, 4, pool_slots=8 * 4 + 1, device=torch.device("cpu"))
+    mask = layout.block_mask(window=None, group=2)
+    kv_num, kv_idx, full_num, full_idx = mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices
+    assert kv_num[0, 0].tolist() == [1, 1, 1, 1] and full_num[0, 0].tolist() == [0, 0, 0, 2]
+    assert kv_idx[0, 0, :, 0].tolist() == [5, 5, 5, 4]
+    assert full_idx[0, 0, 3, :2].tolist() == [7, 1]
+    windowed = layout.block_mask(window=6, group=2)  # token 9 sees 4..9: block 1 whole, block 4 in part
+    assert windowed.full_kv_num_blocks[0, 0, 3] == 1 and windowed.full_kv_indices[0, 0, 3, 0] == 1
+    assert windowed.kv_num_blocks[0, 0, 3] == 1 and windowed.kv_indices[0, 0, 3, 0] == 4
+    assert unwritten_tails(chunks, 4) == [5 * 4 + 3, 4 * 4 + 2, 4 * 4 + 3]
