@@ -25,12 +25,41 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 _compiled = None
 
+RECOMPILE_LIMIT = 64
+"""Shapes compiled per process (one per model geometry, pool size and token count of 1 or more)."""
+
+
+def _attend(q, k, v, blocks, block_pos, token_pos, first, group: int, block_size: int, scale, softcap):
+    """flex attention over the pool with the step's block mask; the mask is built inside the compiled
+    region so that its lengths stay as symbolic as the tensors' (the token count is the one dynamic size)."""
+    num_partial, partial, num_full, full = blocks
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        token = q_idx // group
+        kv_pos = block_pos[kv_idx // block_size] * block_size + kv_idx % block_size
+        return (kv_pos <= token_pos[token]) & (kv_pos >= first[token])
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    mask = BlockMask.from_kv_blocks(
+        num_partial,
+        partial,
+        num_full,
+        full,
+        BLOCK_SIZE=(group, block_size),
+        mask_mod=mask_mod,
+        seq_lengths=(q.shape[2], k.shape[2]),
+        compute_q_blocks=False,
+    )
+    return flex_attention(q, k, v, score_mod=None if softcap is None else score_mod, block_mask=mask, scale=scale)
+
 
 def _kernel():
-    """flex_attention compiled once per process; shapes that change between calls become dynamic."""
+    """_attend compiled once per process: static shapes but the token count (marked at each call)."""
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(flex_attention, fullgraph=True)
+        _compiled = torch.compile(_attend, fullgraph=True, dynamic=False)
     return _compiled
 
 
@@ -81,14 +110,14 @@ class PagedLayout:
         """Blocks of `block_size` slots covering the pool (the null slot's block included)."""
         return -(-self.pool_slots // self.block_size)
 
-    def block_mask(self, window: int | None, group: int) -> BlockMask:
-        """The step's block mask for one sliding window (None: full causal), query blocks of `group` rows."""
-        key = (window, group)
-        if key not in self._masks:
-            self._masks[key] = self._build(window, group)
-        return self._masks[key]
+    def visible(self, window: int | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """For one sliding window (None: causal only): each token's first visible KV index [T], and
+        its blocks as flex's (partial count [1, 1, T], partial [1, 1, T, NB], full count, full)."""
+        if window not in self._masks:
+            self._masks[window] = self._build(window)
+        return self._masks[window]
 
-    def _build(self, window: int | None, group: int) -> BlockMask:
+    def _build(self, window: int | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         bs, pos = self.block_size, self.token_pos  # pos: [T]
         first = (pos - window + 1).clamp_(min=0) if window is not None else torch.zeros_like(pos)  # [T]
         lo, hi = first // bs, pos // bs  # [T] logical blocks holding the first and last visible entry
@@ -110,23 +139,8 @@ class PagedLayout:
             logical = (full_lo[:, None] + torch.arange(width, device=pos.device)).clamp_(max=rows.shape[1] - 1)
             full[0, 0, :, :width] = rows.gather(1, logical)  # [T, width]; entries past num_full unread
 
-        first_pos, block_pos = first, self.block_pos
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            token = q_idx // group
-            kv_pos = block_pos[kv_idx // bs] * bs + kv_idx % bs
-            return (kv_pos <= pos[token]) & (kv_pos >= first_pos[token])
-
-        return BlockMask.from_kv_blocks(
-            num_partial.to(torch.int32),
-            partial,
-            num_full.to(torch.int32)[None, None],
-            full,
-            BLOCK_SIZE=(group, bs),
-            mask_mod=mask_mod,
-            seq_lengths=(num_tokens * group, self.pool_slots),
-            compute_q_blocks=False,
-        )
+        blocks = (num_partial.to(torch.int32), partial, num_full.to(torch.int32)[None, None], full)
+        return first, blocks
 
 
 def unwritten_tails(chunks: list[tuple[int, int, list[int]]], block_size: int) -> list[int]:
@@ -164,13 +178,12 @@ def flex_paged_attention(
     q = q.reshape(1, kv_heads, num_tokens * group, head_dim)
     k = keys.permute(1, 0, 2)[None]  # [1, Hkv, slots, D], a view of the pool
     v = values.permute(1, 0, 2)[None]
-    score_mod = None
-    if softcap is not None:
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.tanh(score / softcap) * softcap
-
-    mask = layout.block_mask(window, group)
-    out = _kernel()(q, k, v, score_mod=score_mod, block_mask=mask, scale=scaling)  # [1, Hkv, T*G, D]
+    first, blocks = layout.visible(window)
+    for tensor, dim in ((q, 2), (layout.token_pos, 0), (first, 0), *((b, 2) for b in blocks)):
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        out = _kernel()(q, k, v, blocks, layout.block_pos, layout.token_pos, first, group,
+                        layout.block_size, scaling, softcap)  # fmt: skip
+    # out: [1, Hkv, T*G, D]
     out = out[0].view(kv_heads, num_tokens, group, head_dim).transpose(0, 1)  # [T, Hkv, G, D]
     return out.reshape(1, num_tokens, num_heads, head_dim)
