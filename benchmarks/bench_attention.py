@@ -62,7 +62,9 @@ def decode_step(cache: PagedKVCache, contexts: list[int], tables: list[list[int]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bench-1b")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--min-context", type=int, default=24)
@@ -102,15 +104,24 @@ def main() -> None:
         for path in ("sdpa", "flex"):
             step_s = best_seconds(lambda p=path: decode_step(cache, contexts, tables, p == "flex"))
             meta = metas[path]
-            layer_s = best_seconds(lambda m=meta: paged_attention(_Layer(), q, kv, kv, None, peftserve_attn=m))
+            layer_s = best_seconds(
+                lambda m=meta: paged_attention(_Layer(), q, kv, kv, None, peftserve_attn=m)
+            )
             rows.append((path, step_s, layer_s))
     diff = (outs["flex"] - outs["sdpa"]).abs().max().item()
     base = rows[0][1] + shape.layers * rows[0][2]
-    table = [
-        [path, f"{layer_s * 1e3:.2f}", f"{step_s * 1e3:.2f}", f"{(step_s + shape.layers * layer_s) * 1e3:.1f}",
-         f"{base / (step_s + shape.layers * layer_s):.2f}x"]
-        for path, step_s, layer_s in rows
-    ]  # fmt: skip
+    table = []
+    for path, step_s, layer_s in rows:
+        total = step_s + shape.layers * layer_s
+        table.append(
+            [
+                path,
+                f"{layer_s * 1e3:.2f}",
+                f"{step_s * 1e3:.2f}",
+                f"{total * 1e3:.1f}",
+                f"{base / total:.2f}x",
+            ]
+        )
     print(environment("cpu"))
     print(
         f"{shape.name}: {args.rows} decode rows, contexts {args.min_context}-{args.max_context} "
@@ -118,7 +129,13 @@ def main() -> None:
         f"threads {torch.get_num_threads()}; max |flex - sdpa| = {diff:.1e}; first calls (compile) "
         f"{first_call_s:.1f} s"
     )
-    header = ["path", "per layer ms", "step metadata ms", f"step attention ms ({shape.layers} layers)", "speed-up"]
+    header = [
+        "path",
+        "per layer ms",
+        "step metadata ms",
+        f"step attention ms ({shape.layers} layers)",
+        "speed-up",
+    ]
     print(format_rows([header, *table]))
 
 

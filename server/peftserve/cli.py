@@ -43,7 +43,7 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-context", "max_context", int, "longest prompt plus completion (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
     ("--cpu-linear", "cpu_linear", str, "onednn (default: prepacked weights, faster) or torch (less memory)"),
-    ("--attention", "attention", str, "flex (default: reads the paged KV in place, compiled at start) or sdpa"),
+    ("--attention", "attention", str, "flex (default: reads the paged KV in place) or sdpa"),
     (
         "--adapter-slots",
         "adapter_slots",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from peftserve.engine.fairness import POLICIES
@@ -51,9 +52,9 @@ class EngineConfig:
     cpu_linear: str = "onednn"
     """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.1-3.6x faster on serving
     shapes, one more copy of their weights in memory); torch: plain F.linear."""
-    attention: str = "flex"
-    """flex: attention reads each sequence's K/V in place in the paged pools (compiled once per process,
-    before serving); sdpa: each context is gathered into a padded buffer first (nothing to compile)."""
+    attention: str = field(default_factory=lambda: os.environ.get("PEFTSERVE_ATTENTION", "flex"))
+    """flex (default, or $PEFTSERVE_ATTENTION): attention reads each sequence's K/V in place in the paged
+    pools, compiled once per process before serving; sdpa: each context is gathered first, no compiling."""
     adapter_slots: int = 32
     """Adapters resident on the device at once, of any kind but prefix tuning (which needs no slot)."""
     adapters: tuple[tuple[str, str], ...] = ()

@@ -2,11 +2,13 @@
 
 The runner packs every token of a step into one ``[1, T]`` batch. Each sequence contributes a
 contiguous run of query tokens; its keys and values live in the paged pools of ``PagedKVCache``
-(written by ``cache.update`` just before this function runs). Decode rows (one query token)
-are attended together in one padded call; prefill chunks one call each.
+(written by ``cache.update`` just before this function runs).
 
-Most families run on torch's SDPA. Attention-logit soft-capping (Gemma 2) and attention sinks
-(GPT-OSS) are not expressible in SDPA: layers that pass ``softcap`` or ``s_aux`` take
+With attention in place (``--attention flex``, runner/flex.py) every token reads its own sequence's
+blocks straight from the pool, in one compiled call per layer. Otherwise (``sdpa``), and in layers
+with attention sinks (GPT-OSS), decode rows are gathered into a padded buffer and attended together
+in one call, prefill chunks one call each, on torch's SDPA. Attention-logit soft-capping (Gemma 2)
+and sinks are not expressible in SDPA: there layers that pass ``softcap`` or ``s_aux`` take
 ``explicit_attention`` instead, so only those models pay for it.
 """
 

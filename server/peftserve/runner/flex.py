@@ -52,7 +52,8 @@ def _attend(q, k, v, blocks, block_pos, token_pos, first, group: int, block_size
         seq_lengths=(q.shape[2], k.shape[2]),
         compute_q_blocks=False,
     )
-    return flex_attention(q, k, v, score_mod=None if softcap is None else score_mod, block_mask=mask, scale=scale)
+    score = None if softcap is None else score_mod
+    return flex_attention(q, k, v, score_mod=score, block_mask=mask, scale=scale)
 
 
 def _kernel():
@@ -136,8 +137,10 @@ class PagedLayout:
         full = torch.zeros_like(partial)
         width = int(num_full.max()) if num_tokens else 0
         if width:
-            logical = (full_lo[:, None] + torch.arange(width, device=pos.device)).clamp_(max=rows.shape[1] - 1)
-            full[0, 0, :, :width] = rows.gather(1, logical)  # [T, width]; entries past num_full unread
+            logical = full_lo[:, None] + torch.arange(width, device=pos.device)  # [T, width]
+            full[0, 0, :, :width] = rows.gather(
+                1, logical.clamp_(max=rows.shape[1] - 1)
+            )  # [T, width]; entries past num_full unread
 
         blocks = (num_partial.to(torch.int32), partial, num_full.to(torch.int32)[None, None], full)
         return first, blocks
