@@ -53,8 +53,8 @@ class EngineConfig:
     """onednn: the model's Linear layers run prepacked oneDNN on CPU (1.1-3.6x faster on serving
     shapes, one more copy of their weights in memory); torch: plain F.linear."""
     attention: str = field(default_factory=lambda: os.environ.get("PEFTSERVE_ATTENTION", "flex"))
-    """flex (default, or $PEFTSERVE_ATTENTION): attention reads each sequence's K/V in place in the paged
-    pools, compiled once per process before serving; sdpa: each context is gathered first, no compiling."""
+    """flex (default, or $PEFTSERVE_ATTENTION): on CPU, attention reads each sequence's K/V in place in
+    the paged pools, compiled once per process before serving; sdpa: each context is gathered first."""
     adapter_slots: int = 32
     """Adapters resident on the device at once, of any kind but prefix tuning (which needs no slot)."""
     adapters: tuple[tuple[str, str], ...] = ()

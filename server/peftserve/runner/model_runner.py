@@ -42,7 +42,7 @@ class ModelRunner:
         attention: str = "flex",
     ) -> None:
         """adapters: the side channel of the model's adapter layers (None: a model without them);
-        attention: flex (read the pools in place) or sdpa (gather each context, then SDPA)."""
+        attention: flex (read the pools in place, on CPU) or sdpa (gather each context, then SDPA)."""
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -63,9 +63,12 @@ class ModelRunner:
             log.info("%d Linear layers run on prepacked oneDNN weights", pack_linears(model))
         self._generators: dict[str, torch.Generator] = {}
         self._offsets = torch.arange(block_size, device=self.device)
-        self.in_place = attention == "flex"
+        # flex's block mask (one query block per token, G rows) is shaped for its CPU kernel; other
+        # devices keep the gathering path until it is measured there.
+        self.in_place = attention == "flex" and self.device.type == "cpu"
         if self.in_place:
             self._warm_up()
+        log.info("attention: %s", "in place (flex)" if self.in_place else "gathered (sdpa)")
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished request's generator."""
