@@ -48,17 +48,18 @@ def test_layers_with_sinks_keep_the_gathering_path():
 
 def test_layout_lists_only_each_tokens_own_blocks():
     """Token blocks: the full ones unmasked, at most two masked (window start, own block)."""
-    chunks = [(0, 3, [5, 2]), (9, 1, [7, 1, 4])]  # block size 4: tokens at 0-2 and one at 9
+    chunks = [(0, 3, [0]), (9, 1, [7, 1, 4])]  # block size 4: tokens at 0-2 and one at 9
     layout = PagedLayout.build(chunks, 4, pool_slots=8 * 4 + 1, device=torch.device("cpu"))
+    assert layout.block_pos[[0, 7, 1, 4]].tolist() == [0, 0, 1, 2]  # the short table's padding owns nothing
     first, (kv_num, kv_idx, full_num, full_idx) = layout.visible(window=None)
     assert first.tolist() == [0, 0, 0, 0]
     assert kv_num[0, 0].tolist() == [1, 1, 1, 1] and full_num[0, 0].tolist() == [0, 0, 0, 2]
-    assert kv_idx[0, 0, :, 0].tolist() == [5, 5, 5, 4]
+    assert kv_idx[0, 0, :, 0].tolist() == [0, 0, 0, 4]
     assert full_idx[0, 0, 3, :2].tolist() == [7, 1]
     first, (kv_num, kv_idx, full_num, full_idx) = layout.visible(window=6)  # token 9 sees 4..9
     assert first[3] == 4 and full_num[0, 0, 3] == 1 and full_idx[0, 0, 3, 0] == 1  # block 1 whole
     assert kv_num[0, 0, 3] == 1 and kv_idx[0, 0, 3, 0] == 4  # block 4 in part
-    assert unwritten_tails(chunks, 4) == [5 * 4 + 3, 4 * 4 + 2, 4 * 4 + 3]
+    assert unwritten_tails(chunks, 4) == [3, 4 * 4 + 2, 4 * 4 + 3]
 
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])

@@ -76,7 +76,7 @@ class PagedLayout:
     token_row: torch.Tensor
     """[T] row of `tables` holding the token's sequence."""
     tables: torch.Tensor
-    """[C, W] block table of each sequence in the step (padding past its blocks is never read)."""
+    """[C, W] block table of each sequence in the step, padded with the null slot's block."""
     block_pos: torch.Tensor
     """[pool_blocks] logical index of each pool block in its sequence (this step's blocks only)."""
     _masks: dict = field(default_factory=dict)
@@ -92,7 +92,9 @@ class PagedLayout:
             positions += range(start, start + num_tokens)
             rows += [row] * num_tokens
         width = max(len(blocks) for _, _, blocks in chunks)
-        table = [blocks + [0] * (width - len(blocks)) for _, _, blocks in chunks]
+        # Padding names the null slot's block, which no sequence owns: its block_pos is never read.
+        pad = (pool_slots - 1) // block_size
+        table = [blocks + [pad] * (width - len(blocks)) for _, _, blocks in chunks]
         tables = torch.tensor(table, dtype=torch.long, device=device)  # [C, W]
         layout = cls(
             block_size=block_size,
