@@ -18,12 +18,11 @@ seconds from inductor's on-disk cache); the runner warms it up before serving.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-_compiled = None
 
 RECOMPILE_LIMIT = 64
 """Shapes compiled per process (one per model geometry, pool size and token count of 1 or more)."""
@@ -56,12 +55,10 @@ def _attend(q, k, v, blocks, block_pos, token_pos, first, group: int, block_size
     return flex_attention(q, k, v, score_mod=score, block_mask=mask, scale=scale)
 
 
+@functools.cache
 def _kernel():
     """_attend compiled once per process: static shapes but the token count (marked at each call)."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_attend, fullgraph=True, dynamic=False)
-    return _compiled
+    return torch.compile(_attend, fullgraph=True, dynamic=False)
 
 
 @dataclass
@@ -79,7 +76,7 @@ class PagedLayout:
     """[C, W] block table of each sequence in the step, padded with the null slot's block."""
     block_pos: torch.Tensor
     """[pool_blocks] logical index of each pool block in its sequence (this step's blocks only)."""
-    _masks: dict = field(default_factory=dict)
+    _visible: dict = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -116,9 +113,9 @@ class PagedLayout:
     def visible(self, window: int | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """For one sliding window (None: causal only): each token's first visible KV index [T], and
         its blocks as flex's (partial count [1, 1, T], partial [1, 1, T, NB], full count, full)."""
-        if window not in self._masks:
-            self._masks[window] = self._build(window)
-        return self._masks[window]
+        if window not in self._visible:
+            self._visible[window] = self._build(window)
+        return self._visible[window]
 
     def _build(self, window: int | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         bs, pos = self.block_size, self.token_pos  # pos: [T]
