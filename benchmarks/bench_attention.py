@@ -56,7 +56,7 @@ def decode_step(cache: PagedKVCache, contexts: list[int], tables: list[list[int]
         tails = unwritten_tails(chunks, bs)
         if tails:
             cache.values.index_fill_(1, torch.tensor(tails), 0)
-        meta.paged = PagedLayout.build(chunks, bs, cache.null_slot + 1, torch.device("cpu"))
+        meta.paged = PagedLayout.build(chunks, bs, cache.keys.shape[1], torch.device("cpu"))
         meta.paged.visible(None)
     return meta
 

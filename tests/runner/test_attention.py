@@ -107,7 +107,7 @@ def run_case(seqs, window=None, softcap=None, sinks=None, in_place=False):
         chunks = [(c, n, t) for (c, n), t in zip(seqs, block_tables, strict=True)]
         tails = torch.tensor(unwritten_tails(chunks, BS), dtype=torch.long)
         cache.values.index_fill_(1, tails, 0)  # as the runner does
-        meta.paged = PagedLayout.build(chunks, BS, cache.null_slot + 1, torch.device("cpu"))
+        meta.paged = PagedLayout.build(chunks, BS, cache.keys.shape[1], torch.device("cpu"))
     q = torch.cat(queries, dim=1)[None]  # [1, HQ, T, D]
     k_new = torch.cat([k[:, c:] for k, (c, _) in zip(full_k, seqs, strict=True)], dim=1)[None]
     v_new = torch.cat([v[:, c:] for v, (c, _) in zip(full_v, seqs, strict=True)], dim=1)[None]

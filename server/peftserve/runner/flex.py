@@ -67,7 +67,7 @@ class PagedLayout:
 
     block_size: int
     pool_slots: int
-    """Slots of the pool, the null slot included."""
+    """Slots of the pool (every slot of a layer's keys, the null slot included)."""
     token_pos: torch.Tensor
     """[T] KV index of each packed token (its own entry, written this step)."""
     token_row: torch.Tensor
@@ -89,7 +89,8 @@ class PagedLayout:
             positions += range(start, start + num_tokens)
             rows += [row] * num_tokens
         width = max(len(blocks) for _, _, blocks in chunks)
-        # Padding names the null slot's block, which no sequence owns: its block_pos is never read.
+        # Padding names the last block of the pool, past the sequences' (it holds the null slot): no
+        # sequence owns it, so its block_pos is never read.
         pad = (pool_slots - 1) // block_size
         table = [blocks + [pad] * (width - len(blocks)) for _, _, blocks in chunks]
         tables = torch.tensor(table, dtype=torch.long, device=device)  # [C, W]

@@ -123,7 +123,7 @@ class ModelRunner:
         tails = unwritten_tails(chunks, self.block_size)
         if tails:
             self.cache.values.index_fill_(1, self._tensor(tails), 0)
-        return PagedLayout.build(chunks, self.block_size, self.cache.null_slot + 1, self.device)
+        return PagedLayout.build(chunks, self.block_size, self.cache.keys.shape[1], self.device)
 
     def _warm_up(self) -> None:
         """Compile attention in place before serving: a one-token and a two-token step on block 0 (the
