@@ -6,7 +6,12 @@ server's own code (runner/attention.py, runner/flex.py) on the same cache, inter
 several bursts; per-step metadata (built once per step for all layers) is timed apart from the
 per-layer attention. A decode step's attention = layers x per-layer + metadata.
 
+--engine: whole engine steps instead. One engine (attention in place, compiled first) serves --rows
+requests (prompts uniform in 16-256, 64 new tokens); its decode-only steps alternate between the two
+paths, so neighbouring steps of nearly the same batch compare them under the same machine load.
+
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_attention.py --shape bench-1b --rows 64
+    PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_attention.py --shape bench-1b --engine
 """
 
 from __future__ import annotations
@@ -61,6 +66,56 @@ def decode_step(cache: PagedKVCache, contexts: list[int], tables: list[list[int]
     return meta
 
 
+def engine_steps(shape, args: argparse.Namespace) -> None:
+    """Decode steps of one engine, alternating attention in place and gathered; mean seconds of each."""
+    from common import bench_tokenizer, build_model, make_prompts
+
+    from peftserve.config import EngineConfig
+    from peftserve.engine.engine import LLMEngine
+    from peftserve.engine.request import GenerationRequest, SamplingParams
+
+    prompts = make_prompts(args.rows, 16, 256, (3, 1024), seed=args.seed)
+    kv_mb = args.rows * (256 + 64) * shape.kv_bytes_per_token() / 2**20
+    config = EngineConfig(
+        dtype="float32", kv_cache_mb=1.25 * kv_mb, max_running=args.rows, block_size=args.block_size,
+        attention="flex",
+    )  # fmt: skip
+    engine = LLMEngine.from_model(build_model(shape, seed=args.seed), bench_tokenizer(), config)
+    runner, execute = engine.runner, engine.runner.execute
+    times: dict[str, list[float]] = {"sdpa": [], "flex": []}
+
+    def timed_execute(step):
+        if not all(c.is_decode for c in step.chunks):
+            runner.in_place = True
+            return execute(step)
+        path = "flex" if len(times["flex"]) <= len(times["sdpa"]) else "sdpa"
+        runner.in_place = path == "flex"
+        start = time.perf_counter()
+        out = execute(step)
+        times[path].append(time.perf_counter() - start)
+        return out
+
+    runner.execute = timed_execute
+    sampling = SamplingParams(max_new_tokens=64, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(GenerationRequest(request_id=str(i), prompt_token_ids=prompt, sampling=sampling))
+    while engine.has_unfinished():
+        engine.step()
+    mean = {path: sum(t) / len(t) for path, t in times.items()}
+    print(environment("cpu"))
+    print(
+        f"{shape.name}: {args.rows} requests, decode-only steps alternating, "
+        f"threads {torch.get_num_threads()}"
+    )
+    rows = [["path", "decode steps", "mean step ms", "tok/s in decode", "speed-up"]]
+    for path in ("sdpa", "flex"):
+        rows.append([
+            path, str(len(times[path])), f"{mean[path] * 1e3:.0f}", f"{args.rows / mean[path]:.1f}",
+            f"{mean['sdpa'] / mean[path]:.2f}x",
+        ])  # fmt: skip
+    print(format_rows(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,10 +127,15 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", action="store_true", help="time whole engine decode steps instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
+    if args.engine:
+        with torch.inference_mode():
+            engine_steps(shape, args)
+        return
     heads, kv_heads, head_dim = shape.heads, shape.kv_heads, shape.hidden // shape.heads
     bs = args.block_size
     rng = random.Random(args.seed)
