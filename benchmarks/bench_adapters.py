@@ -93,8 +93,9 @@ def make_adapters(peft_model: PeftModel, names_ranks: list[tuple[str, int]], see
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
 
 
-def run_shape(shape: Shape, ks: list[int], repeats: int, device: str, store: Path) -> list[Row]:
-    dtype = torch.float32
+def run_shape(
+    shape: Shape, ks: list[int], repeats: int, device: str, store: Path, dtype: torch.dtype = torch.float32
+) -> list[Row]:
     uniform = [(f"r16-{i}", 16) for i in range(BATCH)]
     mixed = [(f"mixed-{i}", MIXED_RANKS[i % len(MIXED_RANKS)]) for i in range(BATCH)]
 
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="bench-mid only, k in {1, 32}, 3 repeats")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--ks", type=int, nargs="+", default=None, help="distinct adapter counts (1-32)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -190,15 +193,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         shapes = ["bench-mid"] if args.shape == "both" else shapes
         ks, repeats = [1, 32], 3
+    ks = args.ks or ks
     machine = (
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {args.device}"
+        f"{torch.get_num_threads()} threads, device {args.device}, {args.dtype}"
     )
     print(f"machine: {machine}", flush=True)
     rows: list[Row] = []
     for name in shapes:
         with tempfile.TemporaryDirectory(prefix="bench-adapters-") as store:
-            rows += run_shape(SHAPES[name], ks, repeats, args.device, Path(store))
+            rows += run_shape(SHAPES[name], ks, repeats, args.device, Path(store), getattr(torch, args.dtype))
     print()
     print(format_rows(rows))
     if args.json_out:

@@ -79,7 +79,8 @@ def run_peftserve(
     kv_mb = args.requests * (args.max_prompt + args.max_new_tokens) * shape.kv_bytes_per_token() / 2**20
     config = EngineConfig(
         device=args.device,
-        dtype="float32",
+        dtype=args.dtype,
+        cuda_graphs=args.cuda_graphs,
         kv_cache_mb=max(64.0, 1.25 * kv_mb),
         max_running=max(len(work.prompts), 1),
         max_batched_tokens=args.max_batched_tokens,
@@ -169,7 +170,7 @@ def run_system(
 def bench_shape(shape: Shape, args: argparse.Namespace) -> list[Result]:
     """Build the shape's model once, then run each system on the same workload."""
     start = time.perf_counter()
-    model = build_model(shape, device=args.device, seed=args.seed)
+    model = build_model(shape, device=args.device, dtype=getattr(torch, args.dtype), seed=args.seed)
     tokenizer = bench_tokenizer()
     print(f"[{shape.name}] model built in {time.perf_counter() - start:.1f}s", flush=True)
     # Ids the tokenizer knows (and below the model vocab), past the specials; the speed does not care.
@@ -210,6 +211,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=16, help="peftserve tokens per KV block")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="peftserve replays decode steps from CUDA graphs"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -232,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = list(SHAPES.values()) if args.shape == "both" else [{**SHAPES, **FAMILY_SHAPES}[args.shape]]
-    peak = matmul_rate(args.device, torch.float32, seconds=1.0 if args.quick else 3.0)
-    print(f"dense fp32 matmul rate on {args.device}: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak = matmul_rate(args.device, getattr(torch, args.dtype), seconds=1.0 if args.quick else 3.0)
+    print(f"dense {args.dtype} matmul rate on {args.device}: {peak / 1e9:.1f} GFLOP/s", flush=True)
     all_results: list[Result] = []
     with torch.inference_mode():
         for shape in shapes:

@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--shape", default="bench-mid", choices=sorted(SHAPES))
     parser.add_argument("--quiet-tenants", type=int, default=4)
     parser.add_argument("--rate", type=float, default=0.5, help="requests per second of each quiet tenant")
-    parser.add_argument("--flood-factor", type=float, default=10.0)
+    parser.add_argument("--flood-factor", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(32, 128))
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 64))

@@ -1,6 +1,8 @@
-"""Suite-wide settings: no network, deterministic torch, few threads."""
+"""Suite-wide settings: no network, deterministic torch, few threads, Triton's interpreter without a GPU."""
 
 import os
+
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -9,5 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tests/runner/test_flex_attention.py covers attention in place; PEFTSERVE_ATTENTION=flex runs the
 # whole suite on it.
 os.environ.setdefault("PEFTSERVE_ATTENTION", "sdpa")
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which must be on when they
+# are defined (at import). With one, the triton tests run compiled on the device.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest_plugins = ["tests.helpers.fixtures"]

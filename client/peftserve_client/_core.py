@@ -20,6 +20,7 @@ from peftserve_client.types import (
     FinishReason,
     GenerateResult,
     ModelInfo,
+    PrefixCacheStats,
     StreamChunk,
     Tier,
     TokenizeResult,
@@ -148,7 +149,7 @@ def to_generate_result(msg: pb.GenerateResponse) -> GenerateResult:
         text=msg.text,
         token_ids=tuple(msg.token_ids),
         finish_reason=_finish_reason(msg.finish_reason),
-        usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens),
+        usage=_to_usage(msg.usage),
         logprobs=tuple(msg.logprobs) if msg.logprobs else None,
     )
 
@@ -161,13 +162,17 @@ def to_stream_chunk(msg: pb.GenerateStreamResponse) -> StreamChunk:
         token_ids=tuple(msg.token_ids),
         logprobs=tuple(msg.logprobs) if msg.logprobs else None,
         finish_reason=_finish_reason(msg.finish_reason),
-        usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens) if msg.HasField("usage") else None,
+        usage=_to_usage(msg.usage) if msg.HasField("usage") else None,
     )
 
 
 def to_tokenize_result(msg: pb.TokenizeResponse) -> TokenizeResult:
     """The typed form of a TokenizeResponse."""
     return TokenizeResult(token_ids=tuple(msg.token_ids), tokens=tuple(msg.tokens))
+
+
+def _to_usage(msg: pb.Usage) -> Usage:
+    return Usage(msg.prompt_tokens, msg.completion_tokens, msg.cached_tokens)
 
 
 def to_model_info(msg: pb.ModelInfoResponse) -> ModelInfo:
@@ -186,6 +191,18 @@ def to_model_info(msg: pb.ModelInfoResponse) -> ModelInfo:
         kv_block_size=msg.kv_block_size,
         server_version=msg.server_version,
         eos_token_ids=tuple(msg.eos_token_ids),
+        prefix_cache=_prefix_cache(msg.prefix_cache) if msg.HasField("prefix_cache") else None,
+    )
+
+
+def _prefix_cache(msg: pb.PrefixCacheStats) -> PrefixCacheStats:
+    return PrefixCacheStats(
+        enabled=msg.enabled,
+        query_tokens=msg.query_tokens,
+        hit_tokens=msg.hit_tokens,
+        hit_rate=msg.hit_rate,
+        cached_blocks=msg.cached_blocks,
+        evictions=msg.evictions,
     )
 
 

@@ -22,6 +22,8 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose KV the server reused from an earlier request (its prefix cache)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,22 @@ class TokenizeResult:
 
 
 @dataclass(frozen=True)
+class PrefixCacheStats:
+    """Reuse of computed prompt prefixes since the server started (within a tenant and adapter version)."""
+
+    enabled: bool
+    query_tokens: int
+    """Prompt tokens looked up when requests were admitted."""
+    hit_tokens: int
+    """Of those, tokens found in the cache (not computed)."""
+    hit_rate: float
+    cached_blocks: int
+    """KV blocks in the cache now."""
+    evictions: int
+    """Cached blocks dropped to make room."""
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """The served base model and the server's limits."""
 
@@ -106,6 +124,8 @@ class ModelInfo:
     kv_block_size: int
     server_version: str
     eos_token_ids: tuple[int, ...]
+    prefix_cache: PrefixCacheStats | None = None
+    """The prefix cache's counters; None when the server does not report them (a cluster)."""
 
 
 class Tier(str, enum.Enum):

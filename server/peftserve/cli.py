@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 
 DEFAULT_ADDRESS = os.environ.get("PEFTSERVE_ADDRESS", "127.0.0.1:50051")
 
+
+def _switch(value: str) -> bool:
+    """Parse on/off."""
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+    return value == "on"
+
+
 # (flag, EngineConfig field, type, help): flags left out keep EngineConfig's own default.
 _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--model", "model", str, "'default' (the embedded model) or a local Hugging Face model directory"),
@@ -45,6 +53,12 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--cpu-linear", "cpu_linear", str, "onednn (default: prepacked weights, faster) or torch (less memory)"),
     ("--attention", "attention", str, "flex (default: reads the paged KV in place) or sdpa"),
     (
+        "--cuda-graphs",
+        "cuda_graphs",
+        _switch,
+        "on: replay decode steps from CUDA graphs (default off)",
+    ),
+    (
         "--adapter-slots",
         "adapter_slots",
         int,
@@ -58,6 +72,13 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-upload-bytes", "max_upload_bytes", int, "bytes of all files of one upload"),
     ("--adapter-metrics-top-n", "adapter_metrics_top_n", int, "adapters with their own metrics label"),
     ("--scheduling", "scheduling", str, "fair (the least served tenant goes first) or fcfs"),
+    ("--prefix-cache", "prefix_cache", str, "on (default: reuse the KV of shared prompt prefixes) or off"),
+    (
+        "--prefix-cache-tenant-share",
+        "prefix_cache_tenant_share",
+        float,
+        "largest fraction of the KV blocks one tenant's cached prefixes may hold (default: no limit)",
+    ),
     ("--tenant-max-queued", "tenant_max_queued", int, "waiting requests per tenant (keys may set their own)"),
     (
         "--tenant-max-running",

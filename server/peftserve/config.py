@@ -11,6 +11,7 @@ from peftserve.errors import InvalidRequest
 from peftserve.store.staging import MAX_UPLOAD_BYTES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ON_OFF = ("on", "off")
 CPU_LINEARS = ("onednn", "torch")
 ATTENTIONS = ("flex", "sdpa")
 
@@ -43,6 +44,11 @@ class EngineConfig:
     """Default per-tenant limit on running requests (an API key may set its own); None: no limit."""
     tenant_tokens_per_minute: int | None = None
     """Default per-tenant prompt + max_new_tokens per minute (an API key may set its own); None: no limit."""
+    prefix_cache: str = "on"
+    """on: full KV blocks of a prompt are reused by later requests of the same tenant and adapter version
+    that start with the same tokens (engine/prefix_cache.py); off: every prompt is computed in full."""
+    prefix_cache_tenant_share: float | None = None
+    """Largest fraction of the KV blocks one tenant's cached prefixes may hold, in (0, 1]; None: no limit."""
     max_new_tokens_limit: int = 2048
     """Upper bound a request may ask for in max_new_tokens."""
     max_context: int | None = None
@@ -55,6 +61,8 @@ class EngineConfig:
     attention: str = field(default_factory=lambda: os.environ.get("PEFTSERVE_ATTENTION", "flex"))
     """flex (default, or $PEFTSERVE_ATTENTION): on CPU, attention reads each sequence's K/V in place in
     the paged pools, compiled once per process before serving; sdpa: each context is gathered first."""
+    cuda_graphs: bool = False
+    """CUDA only: replay pure decode steps from graphs captured per batch-size bucket (runner/graphs.py)."""
     adapter_slots: int = 32
     """Adapters resident on the device at once, of any kind but prefix tuning (which needs no slot)."""
     adapters: tuple[tuple[str, str], ...] = ()
@@ -91,6 +99,13 @@ class EngineConfig:
             self.tenant_limits  # noqa: B018 - validates the three fields
         except ValueError as exc:
             raise InvalidRequest(f"tenant limits: {exc}") from exc
+        if self.prefix_cache not in ON_OFF:
+            raise InvalidRequest(f"prefix_cache must be on or off, got {self.prefix_cache!r}")
+        share = self.prefix_cache_tenant_share
+        if share is not None and not 0.0 < share <= 1.0:
+            raise InvalidRequest(f"prefix_cache_tenant_share must be in (0, 1], got {share}")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise InvalidRequest(f"cuda_graphs needs a CUDA device, got device {self.device!r}")
         if self.cpu_linear not in CPU_LINEARS:
             choices = ", ".join(CPU_LINEARS)
             raise InvalidRequest(f"cpu_linear must be one of {choices}, got {self.cpu_linear!r}")

@@ -48,7 +48,7 @@ class RequestTrace:
 
 
 class EngineStatsCollector(Collector):
-    """Gauges read from engine.stats() at scrape time."""
+    """Gauges and the prefix cache's counters, read from engine.stats() at scrape time."""
 
     def __init__(self, engine: EngineClient) -> None:
         self._engine = engine
@@ -63,6 +63,33 @@ class EngineStatsCollector(Collector):
         yield GaugeMetricFamily("peftserve_running_requests", "Requests being decoded.", stats.running)
         yield GaugeMetricFamily("peftserve_kv_blocks_used", "KV cache blocks in use.", stats.kv_blocks_used)
         yield GaugeMetricFamily("peftserve_kv_blocks_free", "KV cache blocks free.", stats.kv_blocks_free)
+        cache = stats.prefix_cache
+        if cache is not None:
+            yield CounterMetricFamily(
+                "peftserve_prefix_cache_query_tokens",
+                "Prompt tokens looked up in the prefix cache at admission.",
+                cache.query_tokens,
+            )
+            yield CounterMetricFamily(
+                "peftserve_prefix_cache_hit_tokens",
+                "Prompt tokens found in the prefix cache (their KV reused, not computed).",
+                cache.hit_tokens,
+            )
+            yield GaugeMetricFamily(
+                "peftserve_prefix_cache_hit_rate",
+                "Prefix-cache hit tokens over query tokens since start.",
+                cache.hit_rate,
+            )
+            yield GaugeMetricFamily(
+                "peftserve_prefix_cache_blocks",
+                "KV blocks in the prefix cache, in use or not.",
+                cache.cached_blocks,
+            )
+            yield CounterMetricFamily(
+                "peftserve_prefix_cache_evictions",
+                "Prefix-cache blocks dropped to make room.",
+                cache.evictions,
+            )
 
 
 @dataclass(frozen=True)

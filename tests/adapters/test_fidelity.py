@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 
 from peftserve.adapters import AdapterManager
 from tests.adapters import peft_factory as pf
+from tests.helpers.devices import interpreted, needs_cuda
 from tests.helpers.tiny_models import FAMILIES, build_tiny_model
 
 SEQ = 7
@@ -40,9 +41,25 @@ def _input_ids(base: PreTrainedModel, rows: int, seed: int = 11) -> torch.Tensor
     return torch.randint(3, base.config.vocab_size, (rows, SEQ), generator=gen)  # [B, S]
 
 
-def test_mixed_batch_equals_peft_per_adapter(setup: Setup) -> None:
-    model = copy.deepcopy(setup.base)
-    manager = AdapterManager(model, num_slots=len(setup.dirs), device="cpu", dtype=torch.float32)
+KERNELS = [
+    pytest.param("cpu", None, id="cpu"),
+    pytest.param("cuda", None, marks=[pytest.mark.gpu, needs_cuda], id="cuda"),
+    pytest.param("cpu", "triton", marks=[pytest.mark.triton, interpreted], id="cpu-triton-interpreted"),
+]
+INTERPRETED_FAMILIES = ("llama",)
+"""The interpreter is slow: the Triton kernels run against PEFT on one family (they see [T, in] rows only)."""
+
+
+@pytest.mark.parametrize(("device", "kernels"), KERNELS)
+def test_mixed_batch_equals_peft_per_adapter(setup: Setup, device: str, kernels: str | None) -> None:
+    """Against PEFT on the CPU, in fp32: on CPU (grouped kernels, and the Triton ones interpreted) and on
+    CUDA (Triton)."""
+    if kernels == "triton" and setup.family not in INTERPRETED_FAMILIES:
+        pytest.skip(f"interpreted on {', '.join(INTERPRETED_FAMILIES)} only (time)")
+    model = copy.deepcopy(setup.base).to(device)
+    manager = AdapterManager(
+        model, num_slots=len(setup.dirs), device=device, dtype=torch.float32, kernels=kernels
+    )
     infos = {name: manager.register(name, path) for name, path in setup.dirs.items()}
     assert len(infos["lora-patterns"].ranks) == 3  # r=4, rank_pattern 2 and 6, no padding
     assert infos["adalora"].kind == "adalora" and len(infos["adalora"].ranks) >= 2  # pruned unevenly
@@ -63,9 +80,9 @@ def test_mixed_batch_equals_peft_per_adapter(setup: Setup) -> None:
     batch = manager.build_batch(spans, ids.numel())
     with torch.no_grad():
         manager.set_batch(batch)
-        logits = model(input_ids=ids).logits  # [B, S, V]
+        logits = model(input_ids=ids.to(device)).logits.cpu()  # [B, S, V]
         manager.set_batch(None)
-        base_logits = setup.base(input_ids=ids).logits  # [B, S, V]
+        base_logits = copy.deepcopy(setup.base).to(device)(input_ids=ids.to(device)).logits.cpu()  # [B, S, V]
 
     for row, refs in enumerate(rows):
         if not refs:

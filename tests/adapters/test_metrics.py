@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from peftserve.engine.protocol import EngineStats
+from peftserve.engine.protocol import EngineStats, PrefixCacheStats
 from peftserve.metrics import AdapterMetrics, AdapterSnapshot, AdapterTraffic, ServerMetrics
 
 
@@ -59,3 +59,22 @@ def test_exposition_through_server_metrics() -> None:
     ):
         assert line in text, line
     assert text.count("peftserve_adapter_requests_total{") == 3  # top 2 plus other
+
+
+class CachingEngine:
+    def stats(self) -> EngineStats:
+        cache = PrefixCacheStats(enabled=True, query_tokens=400, hit_tokens=300, cached_blocks=7, evictions=2)
+        return EngineStats(waiting=0, running=0, kv_blocks_used=3, kv_blocks_free=9, prefix_cache=cache)
+
+
+def test_prefix_cache_counters_in_the_exposition() -> None:
+    text = generate_latest(ServerMetrics(CachingEngine()).registry).decode()
+    for line in (
+        "peftserve_prefix_cache_query_tokens_total 400.0",
+        "peftserve_prefix_cache_hit_tokens_total 300.0",
+        "peftserve_prefix_cache_hit_rate 0.75",
+        "peftserve_prefix_cache_blocks 7.0",
+        "peftserve_prefix_cache_evictions_total 2.0",
+    ):
+        assert line in text, line
+    assert "peftserve_prefix_cache" not in generate_latest(ServerMetrics(Engine()).registry).decode()

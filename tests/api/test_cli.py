@@ -91,6 +91,24 @@ def test_every_engine_flag_reaches_the_engine_config() -> None:
     assert (args.adapter_slots, args.cpu_linear, args.host_cache_mb) == (8, "torch", 64.0)
 
 
+def test_prefix_cache_flags() -> None:
+    from peftserve.cli import _server_config
+    from peftserve.errors import InvalidRequest
+
+    args = build_parser().parse_args(
+        ["serve", "--prefix-cache", "off", "--prefix-cache-tenant-share", "0.25"]
+    )
+    engine = _server_config(args).engine
+    assert (engine.prefix_cache, engine.prefix_cache_tenant_share) == ("off", 0.25)
+    assert _server_config(build_parser().parse_args(["serve"])).engine.prefix_cache == "on"
+    for flags, message in (
+        (["--prefix-cache", "maybe"], "prefix_cache must be on or off"),
+        (["--prefix-cache-tenant-share", "0"], r"prefix_cache_tenant_share must be in \(0, 1\]"),
+    ):
+        with pytest.raises(InvalidRequest, match=message):
+            _server_config(build_parser().parse_args(["serve", *flags]))
+
+
 def test_client_commands_do_not_import_torch() -> None:
     code = (
         "import sys; from peftserve.cli import main; "

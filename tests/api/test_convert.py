@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from peftserve.api import adapter_ids, convert
 from peftserve.auth import LOCAL_CALLER
-from peftserve.engine.protocol import AdapterStatus
+from peftserve.engine.protocol import AdapterStatus, ModelInfo, PrefixCacheStats
 from peftserve.engine.request import AdapterRef, FinishReason, RequestOutput, SamplingParams
 from peftserve.errors import InvalidRequest
 from peftserve.store.manifest import AdapterManifest, FileEntry
-from peftserve_client._core import to_adapter_manifest
+from peftserve_client import Usage
+from peftserve_client._core import to_adapter_manifest, to_generate_result, to_model_info, to_stream_chunk
 from peftserve_client._proto import peftserve_pb2 as pb
 
 
@@ -142,3 +145,25 @@ def test_status_message_mirrors_the_domain_status() -> None:
 @pytest.mark.parametrize(("requested", "used"), [(0, 100), (1, 1), (1000, 1000), (5000, 1000)])
 def test_page_size_defaults_and_caps(requested: int, used: int) -> None:
     assert convert.page_size(requested) == used
+
+
+def test_model_info_carries_the_prefix_cache_counters_when_known() -> None:
+    info = ModelInfo("m", "llama", 320, 512, 256, "float32", "cpu", 2, 64, 100, 16, (2,))
+    assert to_model_info(convert.to_model_info_response(info)).prefix_cache is None  # a cluster's
+    stats = PrefixCacheStats(enabled=True, query_tokens=400, hit_tokens=300, cached_blocks=7, evictions=2)
+    got = to_model_info(convert.to_model_info_response(replace(info, prefix_cache=stats))).prefix_cache
+    assert (got.enabled, got.query_tokens, got.hit_tokens, got.cached_blocks, got.evictions) == (
+        True,
+        400,
+        300,
+        7,
+        2,
+    )
+    assert got.hit_rate == 0.75
+
+
+def test_usage_carries_the_cached_prompt_tokens() -> None:
+    last = replace(_out("b", (2,), 2, FinishReason.LENGTH), cached_tokens=16)
+    assert to_stream_chunk(convert.to_stream_response(last)).usage.cached_tokens == 16
+    whole = convert.to_generate_response("r1", [_out("a", (1,), 1), last])
+    assert to_generate_result(whole).usage == Usage(prompt_tokens=3, completion_tokens=2, cached_tokens=16)

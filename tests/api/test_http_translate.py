@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from peftserve import errors
@@ -111,5 +113,12 @@ def test_writers() -> None:
     assert whole["choices"][0]["message"] == {"role": "assistant", "content": "ab"}
     assert whole["choices"][0]["finish_reason"] == "abort"
     assert [t["token"] for t in whole["choices"][0]["logprobs"]["content"]] == ["a", "b"]
-    assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert whole["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    cached = replace(out("b", (98,), FinishReason.EOS, 2), cached_tokens=2)
+    assert chat.usage_chunk(cached)["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
     assert whole["id"].startswith("chatcmpl-") and whole["object"] == "chat.completion"

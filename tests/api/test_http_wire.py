@@ -47,7 +47,13 @@ def test_sse_framing_of_a_streamed_completion(local: Served) -> None:
     assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "text_completion" for c in chunks)
     assert [c["usage"] for c in chunks[:-1]] == [None] * 4
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    usage = {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    assert chunks[-1]["usage"] == usage
 
 
 def test_errors_before_the_stream_are_plain_http_errors(local: Served) -> None:

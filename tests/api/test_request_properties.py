@@ -92,7 +92,9 @@ def test_any_request_is_valid_or_refused_with_a_status(msg: pb.GenerateRequest, 
     for ref in request.adapters:
         assert math.isfinite(ref.weight) and abs(ref.weight) <= MAX_MIXTURE_WEIGHT
         tenant, _, rest = ref.adapter_id.partition("/")
-        assert tenant and rest and "/" not in rest and ".." not in ref.adapter_id
+        name = rest.partition("@")[0]
+        assert tenant and name and "/" not in rest  # one separator: never a path below the store
+        assert not tenant.startswith(".") and not name.startswith(".")  # so never '.' or '..'
         if not caller.local_mode:
             assert tenant == caller.tenant
 

@@ -1,6 +1,7 @@
 """A real `peftserve cluster` of two replicas of the embedded model on a local Ray cluster (module scope).
 
-It runs with API keys and a store in a temporary folder; one CPU and one torch thread per replica.
+It runs with API keys and a store in a temporary folder; one CPU and one torch thread per replica; gRPC
+on one port and the OpenAI-compatible HTTP API on another.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def write_adapter(directory: Path, seed: int) -> Path:
 class Cluster:
     process: ServerProcess
     address: str
+    """gRPC HOST:PORT."""
+    http_url: str
+    """http://HOST:PORT of the HTTP API."""
     keys: dict[str, str]
     keys_file: Path
     adapters: Path
@@ -52,17 +56,18 @@ class Cluster:
         """Replica id -> pid, from the replicas' own start lines (replacements included)."""
         return {m.group(1): int(m.group(2)) for m in map(REPLICA_LINE.search, self.process.log) if m}
 
-    def metric_sum(self, name: str, **labels: str) -> float:
-        """A counter summed over every replica of the cluster's /metrics endpoint."""
-        assert self.process.metrics_url is not None
-        with urllib.request.urlopen(self.process.metrics_url, timeout=10) as response:
+    def metric_sum(self, name: str, url: str | None = None, **labels: str) -> float:
+        """A counter or gauge summed over every replica, from url (default: the --metrics-port endpoint)."""
+        url = url or self.process.metrics_url
+        assert url is not None
+        with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
         return sum(
             s.value
             for family in text_string_to_metric_families(text)
             if family.name == name
             for s in family.samples
-            if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items())
+            if s.name in (name, f"{name}_total") and all(s.labels.get(k) == v for k, v in labels.items())
         )
 
 
@@ -88,11 +93,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         write_adapter(adapters / f"a{i}", seed=100 + i)
     process = cluster_process(
         ["--replicas", "2", "--replica-cpus", "1", "--threads", "1", "--adapter-slots", str(SLOTS),
-         "--store", str(root / "store"), "--keys-file", str(root / "keys.json"), "--grace-s", "5"],
+         "--store", str(root / "store"), "--keys-file", str(root / "keys.json"), "--grace-s", "30"],
         root / "cluster.log",
     )  # fmt: skip
     try:
         address = process.wait_ready(240)
-        yield Cluster(process, address, keys, root / "keys.json", adapters)
+        assert process.http_url is not None
+        yield Cluster(process, address, process.http_url, keys, root / "keys.json", adapters)
     finally:
         process.stop(60)

@@ -23,6 +23,7 @@ import peftserve.engine.request as engine_request
 from peftserve.adapters.manager import AdapterManager
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
+from peftserve.engine.prefix_cache import block_digests
 from peftserve.engine.request import AdapterRef, FinishReason, GenerationRequest, SamplingParams
 from peftserve.errors import NonFiniteOutput
 from peftserve.model.families import FAMILIES
@@ -220,14 +221,21 @@ def test_an_overflowing_request_fails_alone(family_adapter_dirs, no_input_bounds
 
 
 def poison_unwritten_slots(engine: LLMEngine) -> int:
-    """Fill every KV slot that holds no running sequence's computed entry with NaN; returns how many."""
+    """Fill every KV slot with NaN that is neither a running sequence's computed entry nor in a cached
+    block some waiting or running sequence may find (its own identity and tokens); returns how many."""
     cache = engine.runner.cache
+    pool = engine.scheduler.allocator
     bs = cache.block_size
     live = torch.zeros(cache.null_slot + 1, dtype=torch.bool)
     live[cache.null_slot] = True  # the null slot is never written; it stays zero
+    sequences = [*engine.scheduler.running, *engine.scheduler.waiting]
     for seq in engine.scheduler.running:
         for pos in range(seq.num_computed):
             live[seq.blocks[pos // bs] * bs + pos % bs] = True
+    findable = {d for seq in sequences for d in block_digests(seq, seq.kv_len // bs, bs)}
+    for block in range(pool.num_blocks):
+        if pool.digest_of(block) in findable:
+            live[block * bs : (block + 1) * bs] = True
     dead = (~live).nonzero()[:, 0]
     cache.keys[:, dead] = float("nan")
     cache.values[:, dead] = float("nan")
@@ -238,12 +246,14 @@ def poison_unwritten_slots(engine: LLMEngine) -> int:
     "family", ["llama", *(pytest.param(f, marks=pytest.mark.slow) for f in NEW_FAMILIES)]
 )
 def test_no_step_reads_a_slot_outside_its_own_context(family_adapter_dirs, family) -> None:
-    """By construction: free blocks, unwritten slots and padding may hold anything at all.
+    """By construction: free blocks, unwritten slots, padding and other identities' cached blocks may
+    hold anything at all.
 
-    Before every step every KV slot that is not a running sequence's computed entry is set to NaN; a
-    run with late joiners, chunked prefill and preemption over every adapter kind is then identical,
-    bit for bit, to the same run without it. The families this runs on add soft-capped and sink
-    attention, windows per layer and experts to Llama's paths.
+    Before every step every KV slot that is not a running sequence's computed entry, nor in a cached
+    block of a waiting or running sequence's own prefix, is set to NaN; a run with late joiners, chunked
+    prefill and preemption (readmitted sequences find their own blocks) over every adapter kind is then
+    identical, bit for bit, to the same run without it. The families this runs on add soft-capped and
+    sink attention, windows per layer and experts to Llama's paths.
     """
     waves = [victims_wave(tag, seed, family) for tag, seed in (("a", 4), ("b", 5), ("c", 6))]
     # Llama: 0.03 MB, 15 blocks of 4 tokens (512 bytes a token) for 33 requests of up to 55 tokens. The
@@ -266,7 +276,8 @@ def test_no_step_reads_a_slot_outside_its_own_context(family_adapter_dirs, famil
 
     engine.step = poisoned_step
     dirty = run_waves(engine, waves)
-    assert min(poisoned_slots) > 0
+    # Some steps find every block in use or findable: nothing to poison then, but most steps have some.
+    assert sum(n > 0 for n in poisoned_slots) > 0.75 * len(poisoned_slots)
     assert engine.scheduler.num_preemptions == clean_engine.scheduler.num_preemptions
     for rid, want in clean.items():
         assert dirty[rid]["tokens"] == want["tokens"], rid

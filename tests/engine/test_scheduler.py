@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+
 from peftserve.engine.request import FinishReason, SamplingParams
 from peftserve.engine.scheduler import MAX_SLOT_WAITS, Scheduler
 from peftserve.engine.sequence import HeldVersion, SeqStatus, Sequence
 
+_first_token = itertools.count(0, 1000)
+
 
 def seq(rid: str, n: int, adapters: tuple[str, ...] = ()) -> Sequence:
-    return Sequence(rid, list(range(n)), SamplingParams(), deltas=tuple(HeldVersion(a) for a in adapters))
+    """n tokens no other request shares: the prefix cache (tests/engine/test_prefix_cache.py) stays out."""
+    start = next(_first_token)
+    tokens = list(range(start, start + n))
+    return Sequence(rid, tokens, SamplingParams(), deltas=tuple(HeldVersion(a) for a in adapters))
 
 
 def run(plan) -> None:

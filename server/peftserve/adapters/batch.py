@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -12,6 +13,7 @@ SlotWeights = tuple[tuple[int, float], ...]
 """((slot, weight), ...) of one sequence: one pair (weight 1.0) for an adapter, several for a mixture."""
 Span = tuple[int, int, SlotWeights]
 """(token_start, token_len, slot_weights) of one sequence in the flattened tokens of the step."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,24 @@ class AdapterBatch:
         num_tokens: int,
         groups: tuple[SlotGroup, ...],
         device: torch.device | str = "cpu",
+        forms: tuple[type, ...] | None = None,
     ) -> None:
+        """forms: the forms every layer applies whatever the step's slots (a captured CUDA graph's step,
+        whose kernels read the slots from device tables at replay); None: the forms holding its slots."""
+        self.forms = forms
         self.spans = spans
         self.num_tokens = num_tokens
         self.groups = groups
         self.slots = frozenset(g.slot for g in groups)
         self.device = torch.device(device)
         self._gathered: dict[tuple[int, ...], Gathered] = {}
+        self._memo: dict[object, object] = {}
+
+    def memo(self, key: object, make: Callable[[], T]) -> T:
+        """What `make` derives from this step's batch, built once per step however many layers ask."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]  # type: ignore[return-value]
 
     def gather(self, slots: tuple[int, ...]) -> Gathered:
         """The rows of these slots' tokens, for forms that compute several slots in one product.
@@ -174,3 +187,5 @@ class AdapterContext:
 
     def __init__(self) -> None:
         self.batch: AdapterBatch | None = None
+        self.slot_forms: dict[int, frozenset[type]] = {}
+        """Slot -> the forms its adapter's deltas use (DeviceSlots keeps it): which steps a graph can run."""

@@ -1,21 +1,36 @@
 """The one place that picks the forms' kernels for a device (DESIGN.md, Decision 9).
 
-Every form has a 'reference' kernel (pure torch, one sequence at a time, the definition) and a
-'grouped' one (one product per distinct slot of the step), tested against it in tests/adapters.
+Every form has a 'reference' kernel (pure torch, one sequence at a time, the definition), a 'grouped'
+one (one product per distinct slot of the step) and a 'triton' one (a fixed number of launches per step
+whatever the number of adapters: adapters/triton/), each tested against the reference in tests/adapters.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 import torch
 
-KERNELS = ("reference", "grouped")
+log = logging.getLogger(__name__)
+
+KERNELS = ("reference", "grouped", "triton")
 
 BY_DEVICE_TYPE: dict[str, str] = {
     "cpu": "grouped",
-    "cuda": "grouped",
+    "cuda": "triton",
 }
-"""Device type -> kernels; a device without an entry runs the reference."""
+"""Device type -> kernels; a device without an entry runs the reference. On CPU the grouped kernels stay:
+Triton runs there only in its interpreter, which is for proving exactness, not for speed."""
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def select_kernels(device: torch.device | str) -> str:
-    return BY_DEVICE_TYPE.get(torch.device(device).type, "reference")
+    kernels = BY_DEVICE_TYPE.get(torch.device(device).type, "reference")
+    if kernels == "triton" and not triton_available():
+        log.warning("triton is not installed: adapter deltas on %s run the grouped torch kernels", device)
+        return "grouped"
+    return kernels

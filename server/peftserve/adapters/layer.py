@@ -53,6 +53,7 @@ class MultiAdapterLayer(nn.Module):
         )
         self.forms: dict[type[Form], Form] = {cls: cls(spec) for cls in forms}
         self._holding: dict[int, list[Form]] = {}  # slot -> the forms holding a part of its delta
+        self._ready: torch.cuda.Event | None = None  # fences the copies of the latest load (CUDA)
 
     def base_module(self) -> BaseModule:
         """The base layer as a delta sees it when it binds (shape, and its weight as [out, in])."""
@@ -62,9 +63,14 @@ class MultiAdapterLayer(nn.Module):
         weight = self.base_layer.weight
         return weight.T if isinstance(self.base_layer, Conv1D) else weight  # [out, in]
 
-    def load(self, slot: int, delta: Delta) -> None:
-        """Put a delta (already on the layer's device and dtype) into a slot, each part in its form."""
+    def load(self, slot: int, delta: Delta, ready: torch.cuda.Event | None = None) -> None:
+        """Put a delta (already on the layer's device and dtype) into a slot, each part in its form.
+
+        ready: the event its host -> device copies complete at (transfer.py); the next forward waits for it.
+        """
         self.clear(slot)
+        if ready is not None:
+            self._ready = ready  # later copies on the copier's one stream fence the earlier ones too
         holding = []
         for part in delta.parts():
             form = self.forms.get(part.form)
@@ -76,6 +82,12 @@ class MultiAdapterLayer(nn.Module):
             holding.append(form)
         self._holding[slot] = holding
 
+    def wait_for_copies(self) -> None:
+        """Make the compute stream wait for the host -> device copies of the latest load (CUDA)."""
+        if self._ready is not None:
+            torch.cuda.current_stream(self.base_layer.weight.device).wait_event(self._ready)
+            self._ready = None
+
     def clear(self, slot: int) -> None:
         for form in self._holding.pop(slot, ()):
             form.clear(slot)
@@ -84,7 +96,11 @@ class MultiAdapterLayer(nn.Module):
         batch = self.context.batch
         if batch is None:
             return self.base_layer(x, *args, **kwargs)
-        active = [form for form in self.forms.values() if form.active(batch)]
+        self.wait_for_copies()
+        if batch.forms is not None:
+            active = [self.forms[cls] for cls in batch.forms if cls in self.forms]
+        else:
+            active = [form for form in self.forms.values() if form.active(batch)]
         if not active:
             return self.base_layer(x, *args, **kwargs)
         x2 = x.reshape(-1, self.in_features)  # [T, in]

@@ -95,7 +95,9 @@ class AdapterManager:
         max_rank: int = 256,
         load_threads: int = 2,
         metrics_top_n: int = 20,
+        kernels: str | None = None,
     ) -> None:
+        """kernels: the forms' kernels (kernels.KERNELS); None picks the device's (kernels.py)."""
         if num_slots <= 0:
             raise InvalidRequest(f"num_slots must be > 0, got {num_slots}")
         self.device = torch.device(device)
@@ -103,7 +105,7 @@ class AdapterManager:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.context = AdapterContext()
-        self.kernels = select_kernels(self.device)
+        self.kernels = kernels or select_kernels(self.device)
         self.shared = SharedTensors()
         """Tensors held once for all slots and layers that use them (VeRA's projections)."""
         self.layers = wrap_model(model, self.context, FORMS, num_slots, self.kernels, self.shared)
@@ -118,8 +120,10 @@ class AdapterManager:
             self.device,
             dtype,
             on_load=lambda s: self.metrics.observe_load("device", s),
+            slot_forms=self.context.slot_forms,
         )
         self._lock = threading.Lock()
+        self._removed: list[str] = []  # version keys removed since take_removed last ran
 
     @property
     def max_mixture(self) -> int:
@@ -337,6 +341,7 @@ class AdapterManager:
         """Make all but the newest `keep` versions unaddressable (0: delete); their memory goes when idle."""
         with self._lock:
             removal = self.registry.remove(adapter_id, keep)
+            self._removed += [record.key for record in removal.removed]
             for key in removal.freed:
                 self._free(key)
             for record in removal.held:
@@ -344,6 +349,12 @@ class AdapterManager:
         if keep == 0:
             self.metrics.traffic.forget(adapter_id)
         return removal
+
+    def take_removed(self) -> list[str]:
+        """Version keys removed (deleted or pruned) since the last call: the engine forgets their KV."""
+        with self._lock:
+            removed, self._removed = self._removed, []
+        return removed
 
     def status(self, adapter_id: str) -> AdapterStatus:
         """The current version's manifest, tier and pin, and the requests holding any version."""
@@ -405,7 +416,9 @@ class AdapterManager:
         for key in self.registry.add(manifest, source, store_root):
             self._free(key)
         if adapter is not None:
-            self.host.put(version_key(manifest.adapter_id, parse_version(manifest.version)), adapter)
+            self.host.put(
+                version_key(manifest.adapter_id, parse_version(manifest.version)), self._pinned(adapter)
+            )
 
     def _hold(self, key: str) -> None:
         self.registry.hold(key)
@@ -434,7 +447,11 @@ class AdapterManager:
             inside(record.store_root, record.source)  # no folder on the way was swapped for a symlink
         adapter = self._fit(load_adapter(record.source, expected, follow_symlinks=record.store_root is None))
         self.metrics.observe_load("host", time.perf_counter() - start)
-        return adapter
+        return self._pinned(adapter)
+
+    def _pinned(self, adapter: NormalizedAdapter) -> NormalizedAdapter:
+        """The host copy as the device tier copies it best: page-locked when copies are asynchronous."""
+        return adapter.pin_memory() if self.slots.copier.pins_host_memory else adapter
 
     def _host_copy(self, key: str) -> NormalizedAdapter:
         """The held version's host copy; loads it here (blocking) only if nobody ensured it first."""

@@ -47,6 +47,10 @@ class NormalizedAdapter:
         bound = {p: d.bind(module_of(p)) if d.needs_base else d for p, d in self.deltas.items()}
         return replace(self, deltas=bound)
 
+    def pin_memory(self) -> NormalizedAdapter:
+        """The adapter with its deltas in page-locked memory, so their copies to a GPU run asynchronously."""
+        return replace(self, deltas={p: d.pin_memory() for p, d in self.deltas.items()})
+
     def served_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) of every value the layers or the KV cache compute with, scalings folded in."""
         if self.prefix is not None:

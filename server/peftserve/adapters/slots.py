@@ -18,8 +18,9 @@ import torch
 
 from peftserve.errors import CapacityExceeded, FailedPrecondition
 
-from .layer import AdapterTarget
+from .layer import AdapterTarget, MultiAdapterLayer
 from .normalized import NormalizedAdapter
+from .transfer import DeltaCopier
 
 
 @dataclass
@@ -41,11 +42,15 @@ class DeviceSlots:
         device: torch.device,
         dtype: torch.dtype,
         on_load: Callable[[float], None] | None = None,
+        slot_forms: dict[int, frozenset[type]] | None = None,
     ) -> None:
+        """slot_forms: kept up to date with the forms each slot's adapter uses (AdapterContext's)."""
         self.layers = layers
+        self.slot_forms = slot_forms if slot_forms is not None else {}
         self.num_slots = num_slots
         self.device = device
         self.dtype = dtype
+        self.copier = DeltaCopier(device, dtype)
         self.max_pins = num_slots // 2
         """At most half the slots may be pinned, so a mixture of up to num_slots - max_pins always fits."""
         self.stats = SlotStats()
@@ -183,8 +188,18 @@ class DeviceSlots:
     def _place(self, key: str, adapter: NormalizedAdapter) -> int:
         slot = self._free_slot()
         start = time.perf_counter()
+        forms: set[type] = set()
         for path, delta in adapter.deltas.items():
-            self.layers[path].load(slot, delta.to(self.device, self.dtype))
+            moved, ready = self.copier.copy(delta)
+            target = self.layers[path]
+            if isinstance(target, MultiAdapterLayer):
+                target.load(slot, moved, ready)
+                forms.update(part.form for part in delta.parts())
+            else:  # expert stacks and routers do not wait for their copies: the compute stream does now
+                self.copier.fence(ready)
+                target.load(slot, moved)
+                forms.add(type(target))
+        self.slot_forms[slot] = frozenset(forms)
         self._owner[slot] = key
         self._slot_of[key] = slot
         self._paths[key] = tuple(adapter.deltas)
@@ -209,6 +224,7 @@ class DeviceSlots:
         for path in self._paths.pop(key):
             self.layers[path].clear(slot)
         self._owner[slot] = None
+        self.slot_forms.pop(slot, None)
         self._idle.pop(key, None)
         self._drop_at_release.discard(key)
         self._pinned.discard(key)  # a pin lasts while the adapter is resident, never beyond

@@ -6,7 +6,13 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from peftserve import __version__
-from peftserve.engine.protocol import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, AdapterStatus, ModelInfo
+from peftserve.engine.protocol import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    AdapterStatus,
+    ModelInfo,
+    PrefixCacheStats,
+)
 from peftserve.engine.request import (
     MAX_MIXTURE_ADAPTERS,
     AdapterRef,
@@ -119,10 +125,16 @@ def to_stream_response(output: RequestOutput) -> pb.GenerateStreamResponse:
         finish_reason=_finish_reason(output),
     )
     if output.finished:
-        msg.usage.CopyFrom(
-            pb.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens)
-        )
+        msg.usage.CopyFrom(_usage(output))
     return msg
+
+
+def _usage(output: RequestOutput) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        cached_tokens=output.cached_tokens,
+    )
 
 
 def to_generate_response(request_id: str, outputs: Sequence[RequestOutput]) -> pb.GenerateResponse:
@@ -133,10 +145,7 @@ def to_generate_response(request_id: str, outputs: Sequence[RequestOutput]) -> p
         text="".join(o.text for o in outputs),
         token_ids=[t for o in outputs for t in o.token_ids],
         finish_reason=_finish_reason(last) if last else pb.FINISH_REASON_UNSPECIFIED,
-        usage=pb.Usage(
-            prompt_tokens=last.prompt_tokens if last else 0,
-            completion_tokens=last.completion_tokens if last else 0,
-        ),
+        usage=_usage(last) if last else pb.Usage(),
         logprobs=[lp for o in outputs for lp in (o.logprobs or ())],
     )
 
@@ -162,6 +171,18 @@ def to_model_info_response(info: ModelInfo) -> pb.ModelInfoResponse:
         kv_block_size=info.kv_block_size,
         server_version=__version__,
         eos_token_ids=info.eos_token_ids,
+        prefix_cache=_prefix_cache_message(info.prefix_cache) if info.prefix_cache is not None else None,
+    )
+
+
+def _prefix_cache_message(stats: PrefixCacheStats) -> pb.PrefixCacheStats:
+    return pb.PrefixCacheStats(
+        enabled=stats.enabled,
+        query_tokens=stats.query_tokens,
+        hit_tokens=stats.hit_tokens,
+        hit_rate=stats.hit_rate,
+        cached_blocks=stats.cached_blocks,
+        evictions=stats.evictions,
     )
 
 

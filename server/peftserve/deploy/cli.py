@@ -23,8 +23,8 @@ def add_cluster_parser(
     """Register `cluster`: add_serve_flags adds the flags it shares with `serve`."""
     cluster = commands.add_parser(
         "cluster",
-        help="serve N replicas behind Ray Serve's gRPC proxy, each request routed to a replica"
-        " holding its adapter (needs peftserve[ray])",
+        help="serve N replicas behind Ray Serve's gRPC and HTTP proxies, each request routed to a"
+        " replica holding its adapter (needs peftserve[ray])",
     )
     add_serve_flags(cluster)
     defaults = ClusterConfig()

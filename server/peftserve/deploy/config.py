@@ -13,7 +13,7 @@ APP_NAME = "peftserve"
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """N engine replicas behind Ray Serve's gRPC proxy, one shared adapter store."""
+    """N engine replicas behind Ray Serve's gRPC and HTTP proxies, one shared adapter store."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     """gRPC port, metrics port, drain grace and the engine of every replica."""
@@ -22,7 +22,8 @@ class ClusterConfig:
     ray_address: str | None = None
     """An existing Ray cluster ('auto', 'ray://host:10001' ...); None starts a local one."""
     http_port: int = 8000
-    """Ray Serve's HTTP proxy (serve's --http-port; a free port when unset): /-/healthz, /-/routes."""
+    """Ray Serve's HTTP proxy (serve's --http-port; a free port when unset): the OpenAI-compatible API,
+    and Ray's own /-/healthz and /-/routes."""
     replica_cpus: float = 1.0
     """CPUs Ray reserves for each replica (match --threads on CPU)."""
     replica_gpus: float = 0.0

@@ -1,6 +1,7 @@
 """ClusterDirectory: a small named Ray actor where replicas announce themselves and admin changes.
 
-The `peftserve cluster` process creates it and flags the drain in it. Replicas register their
+The `peftserve cluster` process creates it and flags the drain in it; each ingress replica reports
+there once the requests it let in before the drain have finished. Engine replicas register their
 process id, node and metrics address (the cluster's /metrics and the tests read them), and poll the
 log of adapter changes made through other replicas (uploads, deletes, unloads) so that each replica
 applies them within a second.
@@ -47,6 +48,7 @@ class ClusterDirectory:
         self._events: list[AdapterEvent] = []
         self._seq = 0
         self._draining = False
+        self._drained: set[str] = set()
 
     def drain(self) -> None:
         """The cluster is stopping: the ingress answers new requests with UNAVAILABLE."""
@@ -54,6 +56,13 @@ class ClusterDirectory:
 
     def draining(self) -> bool:
         return self._draining
+
+    def ingress_drained(self, ingress_id: str) -> None:
+        """An ingress replica refuses new requests and has none left in flight."""
+        self._drained.add(ingress_id)
+
+    def drained_ingresses(self) -> int:
+        return len(self._drained)
 
     def register(self, info: ReplicaInfo) -> None:
         self._replicas[info.replica_id] = info

@@ -7,6 +7,8 @@ import logging
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 
+import ray
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -16,6 +18,7 @@ from peftserve.deploy.directory import ReplicaInfo
 log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT_S = 2.0
+DIRECTORY_TIMEOUT_S = 10.0
 ROUTED = "peftserve_routed_requests"
 
 
@@ -65,3 +68,13 @@ class ReplicaMetrics(Collector):
                 "Requests routed to a replica that already held their adapter id, over all routed requests.",
                 rate,
             )
+
+
+def cluster_registry(directory: ray.actor.ActorHandle) -> CollectorRegistry:
+    """The cluster's metrics: every replica the directory lists, scraped when collected (which blocks:
+    collect off an event loop)."""
+    registry = CollectorRegistry()
+    registry.register(
+        ReplicaMetrics(lambda: ray.get(directory.replicas.remote(), timeout=DIRECTORY_TIMEOUT_S))
+    )
+    return registry

@@ -1,7 +1,9 @@
-"""The Ray Serve ingress: Ray's gRPC proxy calls its methods by RPC name (Inference, Adapters, Health).
+"""The Ray Serve ingress: Ray's gRPC proxy calls its methods by RPC name (Inference, Adapters, Health);
+Ray's HTTP proxy calls its ASGI app, the OpenAI-compatible HTTP API of one server.
 
-Each method runs the same servicer code as one server over the remote engine (remote.py); errors
-end the call through Ray's gRPC context with peftserve's own status codes and messages.
+Both run the same code as one server (servicers, routes) over the remote engine (remote.py). gRPC
+errors end the call through Ray's gRPC context with peftserve's own status codes and messages; HTTP
+errors are the app's own responses, which Ray's proxy passes through unchanged.
 """
 
 from __future__ import annotations
@@ -12,28 +14,31 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from fastapi import FastAPI
 from grpc_health.v1 import health_pb2
+from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
-from starlette.responses import PlainTextResponse
 
-from peftserve.api import convert
 from peftserve.api.admin_servicer import AdminServicer
-from peftserve.api.health import INFERENCE_SERVICE
+from peftserve.api.health import INFERENCE_SERVICE, ServingHealth
+from peftserve.api.http import create_app
 from peftserve.api.server import ADAPTERS_SERVICE
 from peftserve.api.servicer import InferenceServicer
-from peftserve.api.status import abort
 from peftserve.auth import Authenticator, KeyRing
 from peftserve.config import EngineConfig
 from peftserve.deploy.directory import get_directory
+from peftserve.deploy.federation import cluster_registry
 from peftserve.deploy.remote import RemoteEngine
 from peftserve.deploy.routing import VersionPins
 from peftserve.errors import Unavailable
+from peftserve.metrics import ServerMetrics
 from peftserve.store import AdapterStore
 from peftserve_client._proto import peftserve_pb2 as pb
 
 DRAIN_POLL_S = 0.5
+IDLE_POLL_S = 0.05
 HEALTH_TIMEOUT_S = 5.0
 """A health check answers NOT_SERVING when no replica answers within this."""
 SERVICES = ("", INFERENCE_SERVICE, ADAPTERS_SERVICE)
@@ -79,29 +84,9 @@ async def _unary(
         return empty()
 
 
-class ClusterInferenceServicer(InferenceServicer):
-    """The Inference servicer over RemoteEngine: Tokenize and ModelInfo await their replica."""
-
-    _engine: RemoteEngine
-
-    async def Tokenize(self, request: pb.TokenizeRequest, context: RayContext) -> pb.TokenizeResponse:
-        try:
-            self._caller(context)
-            token_ids, tokens = await self._engine.tokenize(request.text)
-            return convert.to_tokenize_response(token_ids, tokens)
-        except Exception as e:
-            await abort(context, e)
-
-    async def ModelInfo(self, request: pb.ModelInfoRequest, context: RayContext) -> pb.ModelInfoResponse:
-        try:
-            self._caller(context)
-            return convert.to_model_info_response(await self._engine.model_info())
-        except Exception as e:
-            await abort(context, e)
-
-
+@serve.ingress()
 class Ingress:
-    """Ray Serve deployment: authenticates, pins versions and routes; holds no model."""
+    """Ray Serve deployment: authenticates, pins versions and routes; holds the tokenizer, no model."""
 
     async def __init__(self, replicas: DeploymentHandle, keys: KeyRing | None, engine: EngineConfig) -> None:
         store = None
@@ -109,18 +94,42 @@ class Ingress:
             store = AdapterStore(
                 engine.store, engine.max_adapters_per_tenant, engine.max_upload_bytes, clean=False
             )
-        self._engine = RemoteEngine(replicas, VersionPins(store), store)
-        auth = Authenticator(keys)
-        self._inference = ClusterInferenceServicer(self._engine, auth=auth)  # type: ignore[arg-type]
-        self._admin = AdminServicer(self._engine.admin, auth)  # type: ignore[arg-type]
-        self._watch = asyncio.get_running_loop().create_task(self._watch_drain(get_directory()))
+        self._engine = await RemoteEngine.connect(replicas, VersionPins(store), store, engine.model)
+        self._auth = Authenticator(keys)
+        self._metrics = ServerMetrics()
+        """What the fronts record here stays here: the replicas count the requests they run."""
+        self._max_upload_bytes = engine.max_upload_bytes
+        self._inference = InferenceServicer(self._engine, self._metrics, self._auth)  # type: ignore[arg-type]
+        self._admin = AdminServicer(self._engine.admin, self._auth)  # type: ignore[arg-type]
+        self._directory = get_directory()
+        self._health = ServingHealth()
+        await self._health.mark_serving()  # a replica answered: connect() asked it for the model
+        self._watch = asyncio.get_running_loop().create_task(self._watch_drain(self._directory))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The HTTP API Ray's HTTP proxy serves (Ray calls this after the constructor)."""
+        return create_app(
+            self._engine,  # type: ignore[arg-type]
+            health=self._health,
+            metrics=self._metrics,
+            auth=self._auth,
+            admin=self._engine.admin,  # type: ignore[arg-type]
+            max_upload_bytes=self._max_upload_bytes,
+            metrics_registry=cluster_registry(self._directory),
+        )
 
     async def _watch_drain(self, directory: ActorHandle) -> None:
-        """Turn to draining when the cluster process flags it (SIGTERM)."""
+        """Turn to draining when the cluster process flags it (SIGTERM); report once requests let in
+        before have finished, so the cluster process stops Serve only then."""
         while not self._engine.draining:
             await asyncio.sleep(DRAIN_POLL_S)
             with contextlib.suppress(Exception):  # the directory is gone only when the cluster is
                 self._engine.draining = await directory.draining.remote()
+        await self._health.mark_not_serving()
+        while self._engine.in_flight:
+            await asyncio.sleep(IDLE_POLL_S)
+        with contextlib.suppress(Exception):  # the cluster process then stops Serve at --grace-s
+            await directory.ingress_drained.remote(serve.get_replica_context().replica_id.unique_id)
 
     # -- peftserve.v1.Inference ---------------------------------------------------------------
 
@@ -158,10 +167,6 @@ class Ingress:
 
     async def GetAdapter(self, request: pb.GetAdapterRequest, grpc_context: RayServegRPCContext) -> Any:
         return await _unary(self._admin.GetAdapter, request, grpc_context, pb.AdapterStatus)
-
-    async def __call__(self, request: Any) -> PlainTextResponse:
-        """HTTP through Ray's proxy: nothing is served there yet but its own /-/healthz."""
-        return PlainTextResponse("peftserve serves gRPC on this cluster's gRPC port\n", status_code=404)
 
     # -- grpc.health.v1.Health ----------------------------------------------------------------
 

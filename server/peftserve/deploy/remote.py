@@ -1,17 +1,20 @@
-"""The engine replicas behind a DeploymentHandle, as the EngineClient and AdapterAdmin the servicers take.
+"""The engine replicas behind a DeploymentHandle, as the EngineClient and AdapterAdmin the fronts take.
 
-So the ingress runs the same InferenceServicer and AdminServicer as one server (auth, id resolution,
-upload limits, error mapping), and only this module knows that the engine is elsewhere: it pins
-versions, picks the routing id, and turns Ray's failures into peftserve errors.
+So the ingress runs the same gRPC servicers and HTTP app as one server (auth, id resolution, upload
+limits, error mapping), and only this module knows that the engine is elsewhere: it pins versions,
+picks the routing id, and turns Ray's failures into peftserve errors. Text work (tokenize, token
+texts, chat templates) runs on the ingress's own copy of the model's tokenizer.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from typing import TypeVar
 
 from ray.serve.handle import DeploymentHandle
+from transformers import PreTrainedTokenizerBase
 
 from peftserve.adapters.admin import receive_upload
 from peftserve.deploy.routing import VersionPins, routing_id
@@ -19,6 +22,9 @@ from peftserve.deploy.status import as_peftserve_error
 from peftserve.engine.protocol import AdapterStatus, FileChunks, ModelInfo
 from peftserve.engine.request import GenerationRequest, RequestOutput
 from peftserve.errors import FailedPrecondition, Unavailable
+from peftserve.model.chat import render_chat
+from peftserve.model.loader import resolve_model_dir
+from peftserve.model.text import encode, load_tokenizer, token_strings
 from peftserve.store import AdapterStore
 from peftserve.store.ids import join_id
 from peftserve.store.manifest import AdapterManifest
@@ -35,24 +41,65 @@ async def _remote(call: Awaitable[T]) -> T:
 
 
 class RemoteEngine:
-    """EngineClient over the engine replicas; tokenize and model_info are async here (the ingress awaits)."""
+    """EngineClient over the engine replicas: generation on a replica, text on the ingress's tokenizer."""
 
-    def __init__(self, replicas: DeploymentHandle, pins: VersionPins, store: AdapterStore | None) -> None:
+    def __init__(
+        self,
+        replicas: DeploymentHandle,
+        pins: VersionPins,
+        store: AdapterStore | None,
+        tokenizer: PreTrainedTokenizerBase,
+        model_info: ModelInfo,
+    ) -> None:
         self._replicas = replicas
         self._pins = pins
-        self._model_info: ModelInfo | None = None
+        self._tokenizer = tokenizer
+        self._model_info = model_info
         self.admin = RemoteAdmin(replicas, store)
         self.draining = False
         """Set when the cluster stops: new requests are UNAVAILABLE, as on a draining server."""
+        self.in_flight = 0
+        """Generations let in and not yet ended (the drain waits for them)."""
+
+    @classmethod
+    async def connect(
+        cls, replicas: DeploymentHandle, pins: VersionPins, store: AdapterStore | None, model: str
+    ) -> RemoteEngine:
+        """Load the tokenizer of model (the served 'default' or directory) and ask a replica for its info.
+
+        Waits for the first replica to load the model (Ray queues the call until one is up).
+        """
+        directory, _ = await asyncio.to_thread(resolve_model_dir, model)
+        tokenizer = await asyncio.to_thread(load_tokenizer, directory)
+        info = await _remote(replicas.model_info.remote())
+        # Without prefix-cache counters: each replica has its own cache, one replica's are not the cluster's.
+        return cls(replicas, pins, store, tokenizer, replace(info, prefix_cache=None))
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._model_info
+
+    def tokenize(self, text: str) -> list[int]:
+        return encode(self._tokenizer, text)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        return token_strings(self._tokenizer, token_ids)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        return render_chat(self._tokenizer, messages)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Pinned to the store's versions, routed by the heaviest adapter, streamed back."""
+        """Pinned to the store's versions, routed by the heaviest adapter, streamed back.
+
+        Closing the stream early (a client gone, a cancelled call) cancels the request on its replica.
+        """
         if self.draining:
             raise Unavailable("the cluster is shutting down; retry shortly")
         request = self._pins.pin(request)
         route = routing_id(request.adapters)
         stream = self._replicas.options(stream=True, multiplexed_model_id=route).generate.remote(request)
         finished = False
+        self.in_flight += 1
         try:
             async for output in stream:
                 finished = output.finished
@@ -61,17 +108,9 @@ class RemoteEngine:
             finished = True
             raise as_peftserve_error(exc) from None
         finally:
+            self.in_flight -= 1
             if not finished:  # the caller went away: the replica aborts the request
                 stream.cancel()
-
-    async def tokenize(self, text: str) -> tuple[list[int], list[str]]:
-        """Token ids of text and the text of each token."""
-        return await _remote(self._replicas.tokenize.remote(text))
-
-    async def model_info(self) -> ModelInfo:
-        if self._model_info is None:
-            self._model_info = await _remote(self._replicas.model_info.remote())
-        return self._model_info
 
     async def ready(self) -> str:
         """The id of a replica that answered."""

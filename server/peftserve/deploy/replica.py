@@ -128,11 +128,8 @@ class EngineReplica:
             await stream.aclose()
             self.metrics.record(trace, status.name)
 
-    async def tokenize(self, text: str) -> tuple[list[int], list[str]]:
-        token_ids = self.engine.tokenize(text)
-        return token_ids, self.engine.token_strings(token_ids)
-
     async def model_info(self) -> ModelInfo:
+        """The ingress asks once, at its start."""
         return self.engine.model_info
 
     async def ready(self) -> str:
@@ -185,18 +182,24 @@ class EngineReplica:
             resident.requests += 1
 
     async def _learn_versions(self, request: GenerationRequest) -> None:
-        """Re-read from the store the ids whose pinned version this replica has not seen yet."""
+        """Re-read from the store the ids whose pinned version this replica has not seen yet, and those
+        it serves from the store that came unpinned: the ingress found no version of them there (deleted
+        through another replica a moment ago), so the request gets NOT_FOUND as from one server."""
         if self.sync is None or self.engine.engine.adapters is None:
             return
         registry = self.engine.engine.adapters.manager.registry
-        unknown = []
+        stale = []
         for ref in request.adapters:
+            adapter_id, number = split_version(ref.adapter_id)
             try:
-                registry.lookup(ref.adapter_id)
+                record = registry.lookup(ref.adapter_id)
             except AdapterNotFound:
-                unknown.append(split_version(ref.adapter_id)[0])
-        if unknown:
-            await self.sync.refresh_async(unknown)
+                stale.append(adapter_id)
+                continue
+            if number is None and record.store_root is not None:
+                stale.append(adapter_id)
+        if stale:
+            await self.sync.refresh_async(stale)
 
     async def _refresh(self, tenant: str, name: str) -> None:
         if self.sync is not None:

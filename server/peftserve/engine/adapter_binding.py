@@ -50,6 +50,11 @@ class AdapterBinding:
         seq.num_virtual = resolved.num_virtual_tokens
         with self._lock:
             self._bound.add(seq)
+        seq.adapter_contents = tuple(self._content(key) for key in seq.adapter_keys)
+
+    def _content(self, key: str) -> str:
+        """A version's files by name and sha256: its weights, should a version key ever come back."""
+        return ",".join(f"{f.name}:{f.sha256}" for f in self.manager.info(key).files)
 
     def host_loads(self, seq: Sequence) -> list[Future]:
         """Futures of the sequence's versions in host memory (the async front awaits them off-thread)."""
@@ -73,6 +78,10 @@ class AdapterBinding:
             self.manager.record_traffic(seq.adapter_keys, len(seq.output_ids))
 
     # -- steps (engine thread) ------------------------------------------------------------------
+
+    def removed_versions(self) -> list[str]:
+        """Version keys deleted or pruned since the last call."""
+        return self.manager.take_removed()
 
     def on_plan(self, plan: StepPlan) -> list[Sequence]:
         """Apply pending device drops, release preempted sequences' slots, acquire admitted ones'.

@@ -28,6 +28,7 @@ from peftserve.engine.request import GenerationRequest, RequestOutput
 from peftserve.engine.sequence import Sequence
 from peftserve.errors import EngineFailure, InvalidRequest, PeftServeError, Unavailable, quote
 from peftserve.model.chat import render_chat
+from peftserve.model.text import token_strings
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class AsyncEngine:
         return self.engine.tokenize(text)
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
-        return [self.engine.tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in token_ids]
+        return token_strings(self.engine.tokenizer, token_ids)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         return render_chat(self.engine.tokenizer, messages)

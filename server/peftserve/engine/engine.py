@@ -18,7 +18,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.adapter_binding import AdapterBinding
 from peftserve.engine.detokenizer import IncrementalDetokenizer
 from peftserve.engine.fairness import TokenBuckets
-from peftserve.engine.protocol import EngineStats, ModelInfo
+from peftserve.engine.protocol import EngineStats, ModelInfo, PrefixCacheStats
 from peftserve.engine.request import (
     FinishReason,
     GenerationRequest,
@@ -32,6 +32,7 @@ from peftserve.engine.step import PrefixWrite, StepInput, StepOutput, pack
 from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput, quote
 from peftserve.model.geometry import head_dim, kv_heads
 from peftserve.model.loader import eos_token_ids, max_context
+from peftserve.model.text import encode
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
 
@@ -48,6 +49,8 @@ class Completion:
     logprobs: list[float]
     finish_reason: FinishReason
     prompt_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens found in the prefix cache."""
 
 
 class LLMEngine:
@@ -84,6 +87,8 @@ class LLMEngine:
             max_running=config.max_running,
             max_slot_adapters=self.adapters.num_slots if self.adapters else 0,
             policy=config.scheduling,
+            prefix_cache=config.prefix_cache == "on",
+            prefix_cache_tenant_share=config.prefix_cache_tenant_share,
         )
         self._tokens = TokenBuckets()
         self.runner = ModelRunner(
@@ -94,6 +99,13 @@ class LLMEngine:
             cpu_linear=config.cpu_linear,
             attention=config.attention,
         )
+        if config.cuda_graphs:
+            self.runner.enable_graphs(
+                max_batch=config.max_running,
+                max_context=self.max_context,
+                max_mixture=adapters.max_mixture if adapters is not None else 1,
+                max_rank=config.adapter_max_rank,
+            )
         eos = list(eos_token_ids(model))
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(int(tokenizer.eos_token_id))
@@ -153,7 +165,7 @@ class LLMEngine:
 
     @property
     def model_info(self) -> ModelInfo:
-        return self._info
+        return replace(self._info, prefix_cache=self.prefix_cache_stats())
 
     def stats(self) -> EngineStats:
         alloc = self.scheduler.allocator
@@ -162,10 +174,22 @@ class LLMEngine:
             running=len(self.scheduler.running),
             kv_blocks_used=alloc.num_used,
             kv_blocks_free=alloc.num_free,
+            prefix_cache=self.prefix_cache_stats(),
+        )
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        pool = self.scheduler.allocator
+        counters = pool.counters
+        return PrefixCacheStats(
+            enabled=pool.caching,
+            query_tokens=counters.query_tokens,
+            hit_tokens=counters.hit_tokens,
+            cached_blocks=pool.num_cached,
+            evictions=counters.evictions,
         )
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return encode(self.tokenizer, text)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -296,6 +320,7 @@ class LLMEngine:
         """
         if self.adapters is not None:
             self.scheduler.reserved_slot_adapters = self.adapters.pinned_keys()
+            self.scheduler.allocator.drop_versions(self.adapters.removed_versions())
         plan = self.scheduler.schedule()
         if self.adapters is not None:
             for seq in self.adapters.on_plan(plan):
@@ -314,10 +339,10 @@ class LLMEngine:
         if self.adapters is None:
             return pack(plan)
         step = pack(plan, self.adapters.slot_weights)
-        prefixes = tuple(
-            PrefixWrite(seq, self.adapters.prefix_kv(seq.prefix_adapter))
+        prefixes = tuple(  # virtual entries in blocks found in the prefix cache are written already
+            PrefixWrite(seq, self.adapters.prefix_kv(seq.prefix_adapter), start=seq.num_cached)
             for seq in plan.admitted
-            if seq.num_virtual
+            if seq.num_virtual > seq.num_cached
         )
         return replace(step, prefixes=prefixes)
 
@@ -369,6 +394,7 @@ class LLMEngine:
             token_ids=tokens,
             logprobs=logprobs,
             prompt_tokens=len(seq.prompt_ids),
+            cached_tokens=seq.num_cached_prompt,
             completion_tokens=len(seq.output_ids),
             finish_reason=seq.finish_reason,
         )
@@ -411,4 +437,5 @@ def _gather(outputs: list[RequestOutput]) -> Completion:
         logprobs=[lp for o in outputs for lp in (o.logprobs or ())],
         finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens,
+        cached_tokens=last.cached_tokens,
     )

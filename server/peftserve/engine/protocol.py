@@ -11,6 +11,26 @@ from peftserve.store.manifest import AdapterManifest
 
 
 @dataclass(frozen=True)
+class PrefixCacheStats:
+    """The prefix cache since start (mirrors the PrefixCacheStats message)."""
+
+    enabled: bool
+    query_tokens: int
+    """Prompt tokens looked up in the cache when requests were admitted (again after a preemption)."""
+    hit_tokens: int
+    """Of those, tokens found: their KV was reused, not computed."""
+    cached_blocks: int
+    """KV blocks in the cache now, in use or not."""
+    evictions: int
+    """Cached blocks dropped to make room."""
+
+    @property
+    def hit_rate(self) -> float:
+        """hit_tokens / query_tokens; 0 before any lookup."""
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """The served base model and the engine's limits (mirrors ModelInfoResponse)."""
 
@@ -26,6 +46,8 @@ class ModelInfo:
     kv_blocks_total: int
     kv_block_size: int
     eos_token_ids: tuple[int, ...]
+    prefix_cache: PrefixCacheStats | None = None
+    """The prefix cache's counters when the info was asked for; None where not known (a cluster)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +58,7 @@ class EngineStats:
     running: int
     kv_blocks_used: int
     kv_blocks_free: int
+    prefix_cache: PrefixCacheStats | None = None
 
 
 class EngineClient(Protocol):

@@ -180,6 +180,8 @@ class RequestOutput:
     """Set on the last increment only."""
     error: PeftServeError | None = None
     """With finish_reason ERROR: the error the caller gets instead of this increment."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (not computed)."""
 
     @property
     def finished(self) -> bool:

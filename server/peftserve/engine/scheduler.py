@@ -16,6 +16,12 @@ Plain Python, no torch. The policy, per step:
    sequences, plus the pinned ones the engine reserves) allow. When the next sequence lacks blocks,
    admission stops for this step (smaller requests behind it would starve it). A sequence lacking only
    adapter slots is passed over, up to MAX_SLOT_WAITS steps; then it holds admission until it fits.
+   An admitted sequence starts with the longest prefix of its own identity found in the prefix cache
+   (engine/prefix_cache.py): those blocks join its table and their tokens are neither computed nor
+   charged to its tenant (only computed tokens are), and it needs free blocks for the rest only. A
+   sequence that would fit but whose next block a running sequence is computing right now (the same
+   system prompt sent twice at once) is passed over until that block is cached, rather than compute it
+   a second time; the running sequence's prefill keeps going, so the wait ends within its prompt.
 3. **Pack by adapter.** The step's chunks are ordered by adapter, so each adapter's tokens are
    contiguous in the packed batch.
 
@@ -28,8 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from peftserve.engine.blocks import BlockAllocator, blocks_needed
 from peftserve.engine.fairness import TenantQueues
+from peftserve.engine.prefix_cache import BlockPool, blocks_needed
 from peftserve.engine.request import FinishReason
 from peftserve.engine.sequence import SeqStatus, Sequence
 
@@ -39,6 +45,9 @@ class StepOutcome(Protocol):
 
     @property
     def computed(self) -> Iterable[tuple[Sequence, int]]: ...
+
+    @property
+    def non_finite(self) -> Iterable[Sequence]: ...
 
 
 MAX_SLOT_WAITS = 16
@@ -69,7 +78,7 @@ class StepPlan:
 
 
 class Scheduler:
-    """Owns the waiting queue, the running set and the KV block allocator."""
+    """Owns the waiting queue, the running set and the KV blocks (with the prefix cache over them)."""
 
     def __init__(
         self,
@@ -79,12 +88,14 @@ class Scheduler:
         max_running: int,
         max_slot_adapters: int,
         policy: str = "fair",
+        prefix_cache: bool = True,
+        prefix_cache_tenant_share: float | None = None,
     ) -> None:
         self.block_size = block_size
         self.max_batched_tokens = max_batched_tokens
         self.max_running = max_running
         self.max_slot_adapters = max_slot_adapters
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockPool(num_blocks, block_size, prefix_cache, prefix_cache_tenant_share)
         self.waiting = TenantQueues(policy)
         self.running: list[Sequence] = []  # oldest first
         self._by_id: dict[str, Sequence] = {}
@@ -162,28 +173,58 @@ class Scheduler:
         return plan
 
     def update(self, output: StepOutcome) -> None:
-        """Take in what a step computed: each scheduled sequence's KV grew by its chunk."""
+        """Take in what a step computed: each scheduled sequence's KV grew by its chunk, and the blocks
+        it filled join the prefix cache (not those of a sequence whose logits were not finite)."""
+        failed = set(output.non_finite)
         for seq, num_tokens in output.computed:
             seq.num_computed += num_tokens
+            if seq not in failed:
+                self.allocator.cache_computed(seq)
 
     def _admit(self, seq: Sequence, plan: StepPlan, passed_over: set[Sequence]) -> bool:
-        """Admit seq if its blocks and adapter slots allow; a sequence lacking only slots is passed over."""
-        need = blocks_needed(seq.kv_len, self.block_size)
-        if need > self.allocator.num_free:
+        """Admit seq if its blocks and adapter slots allow; a sequence lacking only slots is passed over.
+
+        It starts with its longest prefix in the prefix cache and needs free blocks for the rest only
+        (and for the cached blocks no sequence holds, which leave the free queue). One that would fit
+        but whose next block a running sequence is computing is passed over until that block is cached."""
+        hits = self.allocator.lookup(seq)
+        need = blocks_needed(seq.kv_len, self.block_size) - len(hits)
+        if need + self.allocator.num_idle(hits) > self.allocator.num_free:
             return False
         if not self._slots_allow(seq):
             seq.slot_waits += 1
             if seq.slot_waits <= MAX_SLOT_WAITS:
                 passed_over.add(seq)  # others may go ahead of it this step
             return False  # else it has been passed over long enough: admit nobody else until it fits
+        # Checked last, so a sequence lacking blocks or slots keeps its place in the line as above.
+        if self._prefix_under_way(seq, len(hits)):
+            passed_over.add(seq)  # admitted once that prefix is computed, it finds it in the cache
+            return False
         self.waiting.remove(seq)
-        seq.blocks = self.allocator.allocate(need)
-        seq.num_computed = seq.num_virtual
+        self.allocator.admit(seq, hits, need)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         self.waiting.started(seq)
         plan.admitted.append(seq)
         return True
+
+    def _prefix_under_way(self, seq: Sequence, block: int) -> bool:
+        """Whether a running sequence is prefilling seq's block `block` (its first one not cached).
+
+        The wait ends: that sequence computes the block (cached then, or, over its tenant's share, not:
+        seq no longer waits for it either way), or it is preempted or finished and leaves the running set.
+        Only a sequence of seq's own identity can be computing a block with seq's digest."""
+        if block >= min(len(seq.block_digests), (seq.kv_len - 1) // self.block_size):
+            return False  # nothing more it could find cached (or no cache: lookup left no digests)
+        digest = seq.block_digests[block]
+        end = (block + 1) * self.block_size
+        return any(
+            other.num_computed < end
+            and block < len(other.block_digests)
+            and other.block_digests[block] == digest
+            for other in self.running
+            if other.is_prefilling
+        )
 
     def _add_chunk(self, plan: StepPlan, seq: Sequence, n: int, decode: bool = False) -> int:
         """Schedule seq's next n tokens (sampling after the last pending one) and charge its tenant."""

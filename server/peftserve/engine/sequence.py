@@ -44,11 +44,21 @@ class Sequence:
     """The prefix-tuning adapter version whose virtual tokens lead the KV, if any."""
     num_virtual: int = 0
     """Prefix-tuning virtual tokens written into the first KV entries at admission."""
+    adapter_contents: tuple[str, ...] = ()
+    """Each adapter version's file names and sha256 (adapter_keys order): part of its prefix-cache key."""
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0
     """KV entries already written (virtual tokens included)."""
+    num_cached: int = 0
+    """KV entries found in the prefix cache at its last admission (whole blocks; virtual tokens included)."""
+    num_cached_prompt: int = 0
+    """Prompt tokens found in the prefix cache at its first admission (what its usage reports)."""
+    num_indexed_blocks: int = 0
+    """Blocks at the head of ``blocks`` already offered to the prefix cache's index."""
+    block_digests: list[bytes] = field(default_factory=list)
+    """Prefix-cache digests of its first full KV blocks (engine/prefix_cache.py), computed once."""
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0

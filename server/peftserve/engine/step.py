@@ -44,6 +44,8 @@ class PrefixWrite:
     seq: Sequence
     kv: Any
     """[L, 2 (key, value), kv_heads, num_virtual_tokens, head_dim] on the model's device."""
+    start: int = 0
+    """The first virtual entry to write: those before it are in blocks found in the prefix cache."""
 
 
 @dataclass(frozen=True)

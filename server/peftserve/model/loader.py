@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from peftserve.errors import InvalidRequest
 from peftserve.model.default_model import ensure_default_model
 from peftserve.model.families import check_config
+from peftserve.model.text import load_tokenizer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,7 +136,7 @@ def load_base_model(model: str, device: str, dtype: str) -> LoadedModel:
         trust_remote_code=False,
     )
     hf_model.to(torch_device).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    tokenizer = load_tokenizer(directory)
     return LoadedModel(
         model=hf_model,
         tokenizer=tokenizer,

@@ -21,6 +21,7 @@ class PagedKVCache:
     every padded or masked position of a batched attention reads it instead of a real slot. A masked
     position still enters the attention arithmetic (its weight is 0, and 0 x NaN is NaN), so it must
     never hold another sequence's values, nor what a finished sequence left in a freed block.
+    The slot after it, ``scratch_slot``, takes the writes of a captured decode step's padding rows.
     """
 
     def __init__(
@@ -36,7 +37,8 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.null_slot = num_blocks * block_size
-        shape = (num_layers, self.null_slot + 1, num_kv_heads, head_dim)
+        self.scratch_slot = self.null_slot + 1
+        shape = (num_layers, self.null_slot + 2, num_kv_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
         self._scratch = torch.empty(0, dtype=dtype, device=device)

@@ -63,12 +63,27 @@ class ModelRunner:
             log.info("%d Linear layers run on prepacked oneDNN weights", pack_linears(model))
         self._generators: dict[str, torch.Generator] = {}
         self._offsets = torch.arange(block_size, device=self.device)
+        self.graphs = None  # DecodeGraphs once enable_graphs is called
         # flex's block mask (one query block per token, G rows) is shaped for its CPU kernel; other
         # devices keep the gathering path until it is measured there.
         self.in_place = attention == "flex" and self.device.type == "cpu"
         if self.in_place:
             self._warm_up()
         log.info("attention: %s", "in place (flex)" if self.in_place else "gathered (sdpa)")
+
+    def enable_graphs(
+        self, max_batch: int, max_context: int, max_mixture: int, max_rank: int, capture=None
+    ) -> None:
+        """Replay pure decode steps from CUDA graphs captured per bucket (runner/graphs.py).
+
+        capture: how a bucket is captured (graphs.capture_cuda_graph; tests pass capture_eagerly).
+        """
+        from peftserve.runner import graphs
+
+        self.graphs = graphs.DecodeGraphs(
+            self.model, self.cache, self._model, self.adapters, max_batch, max_context, max_mixture, max_rank,
+            capture or graphs.capture_cuda_graph,
+        )  # fmt: skip
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished request's generator."""
@@ -78,14 +93,18 @@ class ModelRunner:
     def execute(self, step: StepInput) -> StepOutput:
         """Run one step: _write_prefixes -> _attention -> _forward -> _sample."""
         self._write_prefixes(step)
-        logits = self._forward(step, self._attention(step))  # [S, V]
+        meta = self._attention(step)
+        logits = self.graphs.run(step, meta) if self.graphs is not None else None
+        if logits is None:
+            logits = self._forward(step, meta)  # [S, V]
         return self._sample(step, logits)
 
     def _write_prefixes(self, step: StepInput) -> None:
         """Prefix-tuning K/V into the first KV entries of the sequences admitted this step."""
         for write in step.prefixes:
             num_virtual = write.kv.shape[3]
-            self.cache.write_prefix(self._slots(write.seq.blocks, 0, num_virtual), write.kv)
+            slots = self._slots(write.seq.blocks, write.start, num_virtual)
+            self.cache.write_prefix(slots, write.kv[:, :, :, write.start :])
 
     def _attention(self, step: StepInput) -> AttentionMetadata:
         """Where each token's K/V goes and what each chunk attends to."""
@@ -156,17 +175,23 @@ class ModelRunner:
         if self.adapters is not None and step.adapter_spans:
             self.adapters.batch = AdapterBatch.build(step.adapter_spans, step.num_tokens, self.device)
         try:
-            return self.model(
-                input_ids=ids,
-                position_ids=pos,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=keep,
-                peftserve_attn=meta,
-            ).logits[0]  # [S, V]
+            return self._model(ids, pos, keep, meta)
         finally:
             if self.adapters is not None:
                 self.adapters.batch = None
+
+    def _model(
+        self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """ids, pos: [1, T]; keep: [S] -> logits [S, V]."""
+        return self.model(
+            input_ids=ids,
+            position_ids=pos,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=keep,
+            peftserve_attn=meta,
+        ).logits[0]
 
     def _sample(self, step: StepInput, logits: torch.Tensor) -> StepOutput:
         computed = tuple((c.seq, c.num_tokens) for c in step.chunks)

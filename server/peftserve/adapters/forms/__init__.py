@@ -7,9 +7,11 @@ from .base import (
     JointDelta,
     LayerSpec,
     SharedTensors,
+    SlotList,
     Stage,
     entries_limit,
     shared_nbytes,
+    triton_kernel,
 )
 from .dense import DenseDelta, DenseForm, KroneckerDelta, KroneckerForm, kron_cost
 from .low_rank import LowRankDelta, LowRankForm
@@ -36,10 +38,12 @@ __all__ = [
     "ProjectedDelta",
     "ProjectedForm",
     "SharedTensors",
+    "SlotList",
     "SparseDelta",
     "SparseForm",
     "Stage",
     "entries_limit",
     "kron_cost",
     "shared_nbytes",
+    "triton_kernel",
 ]

@@ -21,6 +21,21 @@ import torch
 from ..batch import AdapterBatch
 
 
+class SlotList(list):
+    """A form's per-slot values (None: empty), counting its changes so that a kernel may cache what it
+    derives from them (the Triton kernels' device table of slot pointers) until the next load or clear."""
+
+    def __init__(self, num_slots: int) -> None:
+        super().__init__([None] * num_slots)
+        self.revision = 0
+        self.derived: dict[str, object] = {}
+        """Kernel caches keyed by name; each checks `revision` itself."""
+
+    def __setitem__(self, index, value) -> None:
+        super().__setitem__(index, value)
+        self.revision += 1
+
+
 class Stage(enum.Enum):
     """Where in the layer a form runs; the layer runs INPUT, then the base layer, then OUTPUT, then ADD."""
 
@@ -78,7 +93,7 @@ class LayerSpec:
     bias: torch.Tensor | None
     """The base layer's bias [out] (None without one); DoRA's output scaling leaves it out."""
     kernels: str
-    """'grouped' (the fast path) or 'reference'; chosen per device in kernels.py."""
+    """'reference', 'grouped' or 'triton'; chosen per device in kernels.py."""
     shared: SharedTensors
     """The manager's store of tensors shared across slots and layers."""
 
@@ -113,13 +128,19 @@ class Delta:
         """Tensors held once for all slots that share them (by key); none for most forms."""
         return {}
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> Delta:
+    def to(self, device: torch.device | str, dtype: torch.dtype, non_blocking: bool = False) -> Delta:
         """The delta on a device, floating tensors in `dtype`, contiguous."""
         moved = {
-            name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
+            name: t.to(
+                device=device, dtype=dtype if t.is_floating_point() else t.dtype, non_blocking=non_blocking
+            ).contiguous()
             for name, t in self.tensors().items()
         }
         return type(self)(**{**self.__dict__, **moved})
+
+    def pin_memory(self) -> Delta:
+        """The delta with its tensors in page-locked host memory (asynchronous copies to a GPU)."""
+        return type(self)(**{**self.__dict__, **{n: t.pin_memory() for n, t in self.tensors().items()}})
 
     def bind(self, module: BaseModule) -> Delta:
         """The servable delta once the base module is known (deltas with needs_base override this)."""
@@ -150,6 +171,18 @@ class Delta:
     def nbytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes in a slot: floating tensors in `dtype` (as held when None), shared tensors excluded."""
         return sum(_bytes(t, dtype) for t in self.tensors().values())
+
+
+def triton_kernel(name: str) -> Callable[..., None]:
+    """A form's Triton kernel (adapters/triton/ops.py), imported at its first call: Triton is optional."""
+
+    def call(*args: object) -> None:
+        from ..triton import ops
+
+        getattr(ops, name)(*args)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 def _bytes(t: torch.Tensor, dtype: torch.dtype | None) -> int:
@@ -189,8 +222,11 @@ class JointDelta(Delta):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.tensors().items()}
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> JointDelta:
-        return JointDelta(tuple(m.to(device, dtype) for m in self.members))
+    def to(self, device: torch.device | str, dtype: torch.dtype, non_blocking: bool = False) -> JointDelta:
+        return JointDelta(tuple(m.to(device, dtype, non_blocking) for m in self.members))
+
+    def pin_memory(self) -> JointDelta:
+        return JointDelta(tuple(m.pin_memory() for m in self.members))
 
     @property
     def rank(self) -> int | None:
@@ -212,8 +248,8 @@ class JointDelta(Delta):
 class Form:
     """The deltas of one compute form in one layer, one per slot, and how they apply to a step.
 
-    Subclasses set `stage` and implement `apply`; `kernels` maps 'reference' and 'grouped' to the
-    functions `apply` calls (each with a Semantics docstring; the grouped one is tested against the
+    Subclasses set `stage` and implement `apply`; `kernels` maps 'reference', 'grouped' and 'triton' to
+    the functions `apply` calls (each with a Semantics docstring; the fast ones are tested against the
     reference).
     """
 
@@ -223,7 +259,7 @@ class Form:
 
     def __init__(self, spec: LayerSpec) -> None:
         self.spec = spec
-        self.slots: list[Delta | None] = [None] * spec.num_slots
+        self.slots: SlotList = SlotList(spec.num_slots)
         self.loaded: set[int] = set()
 
     def load(self, slot: int, delta: Delta) -> None:

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..batch import AdapterBatch
-from .base import Delta, Form, Stage, entries_limit, entries_rank
+from .base import Delta, Form, Stage, entries_limit, entries_rank, triton_kernel
 
 
 def dense_reference(
@@ -51,7 +51,11 @@ def dense_grouped(
 class DenseForm(Form):
     stage = Stage.ADD
     name = "dense"
-    kernels = {"reference": dense_reference, "grouped": dense_grouped}
+    kernels = {
+        "reference": dense_reference,
+        "grouped": dense_grouped,
+        "triton": triton_kernel("dense_triton"),
+    }
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
         self.kernels[self.spec.kernels](y, x, batch, self.slots)
@@ -139,7 +143,7 @@ def kron_grouped(
 class KroneckerForm(Form):
     stage = Stage.ADD
     name = "kronecker"
-    kernels = {"reference": kron_reference, "grouped": kron_grouped}
+    kernels = {"reference": kron_reference, "grouped": kron_grouped, "triton": triton_kernel("kron_triton")}
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
         self.kernels[self.spec.kernels](y, x, batch, self.slots)

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..batch import AdapterBatch
-from .base import Delta, Form, Stage
+from .base import Delta, Form, Stage, triton_kernel
 
 
 def low_rank_reference(
@@ -64,7 +64,11 @@ def low_rank_grouped(
 class LowRankForm(Form):
     stage = Stage.ADD
     name = "low_rank"
-    kernels = {"reference": low_rank_reference, "grouped": low_rank_grouped}
+    kernels = {
+        "reference": low_rank_reference,
+        "grouped": low_rank_grouped,
+        "triton": triton_kernel("low_rank_triton"),
+    }
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
         self.kernels[self.spec.kernels](y, x, batch, self.slots)

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..batch import AdapterBatch
-from .base import Delta, Form, LayerSpec, Stage
+from .base import Delta, Form, LayerSpec, SlotList, Stage, triton_kernel
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,15 @@ def projected_grouped(
 class ProjectedForm(Form):
     stage = Stage.ADD
     name = "projected"
-    kernels = {"reference": projected_reference, "grouped": projected_grouped}
+    kernels = {
+        "reference": projected_reference,
+        "grouped": projected_grouped,
+        "triton": triton_kernel("projected_triton"),
+    }
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__(spec)
-        self.projected: list[Projected | None] = [None] * spec.num_slots
+        self.projected: SlotList = SlotList(spec.num_slots)
 
     def load(self, slot: int, delta: Delta) -> None:
         assert isinstance(delta, ProjectedDelta)

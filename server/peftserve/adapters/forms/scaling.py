@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..batch import AdapterBatch
-from .base import Delta, Form, Stage
+from .base import Delta, Form, Stage, triton_kernel
 
 
 def input_scale_reference(
@@ -57,7 +57,11 @@ def input_scale_grouped(
 class InputScaleForm(Form):
     stage = Stage.INPUT
     name = "input_scale"
-    kernels = {"reference": input_scale_reference, "grouped": input_scale_grouped}
+    kernels = {
+        "reference": input_scale_reference,
+        "grouped": input_scale_grouped,
+        "triton": triton_kernel("input_scale_triton"),
+    }
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
         self.kernels[self.spec.kernels](y, x, batch, self.slots)
@@ -136,7 +140,11 @@ def output_scale_grouped(
 class OutputScaleForm(Form):
     stage = Stage.OUTPUT
     name = "output_scale"
-    kernels = {"reference": output_scale_reference, "grouped": output_scale_grouped}
+    kernels = {
+        "reference": output_scale_reference,
+        "grouped": output_scale_grouped,
+        "triton": triton_kernel("output_scale_triton"),
+    }
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
         self.kernels[self.spec.kernels](y, x, batch, self.slots, self.spec.bias)

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..batch import AdapterBatch
-from .base import Delta, Form, Stage, entries_limit, entries_rank
+from .base import Delta, Form, Stage, entries_limit, entries_rank, triton_kernel
 
 
 def sparse_reference(
@@ -74,7 +74,11 @@ def sparse_grouped(
 class SparseForm(Form):
     stage = Stage.ADD
     name = "sparse"
-    kernels = {"reference": sparse_reference, "grouped": sparse_grouped}
+    kernels = {
+        "reference": sparse_reference,
+        "grouped": sparse_grouped,
+        "triton": triton_kernel("sparse_triton"),
+    }
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
         self.kernels[self.spec.kernels](y, x, batch, self.slots)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from peftserve import __version__
 from peftserve.api.health import ServingHealth
@@ -29,12 +29,16 @@ def create_app(
     auth: Authenticator,
     admin: AdapterAdmin | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """The app: /v1 inference routes, /v1/adapters when there is an admin, /health and /metrics.
 
     /health answers 200 while the server serves and 503 while it starts or drains, as the gRPC health
     service does; /health and /metrics need no key, like the gRPC health service and --metrics-port.
+    /metrics serves metrics_registry when given (a cluster's ingress: its replicas' metrics), else
+    metrics.registry.
     """
+    exposed = metrics_registry if metrics_registry is not None else metrics.registry
     front = HttpFront(engine, auth, metrics, health, admin, max_upload_bytes)
     app = FastAPI(
         title="peftserve",
@@ -54,7 +58,7 @@ def create_app(
         return JSONResponse({"status": "SERVING" if serving else "NOT_SERVING"}, 200 if serving else 503)
 
     @app.get("/metrics", tags=["operations"])
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    def prometheus_metrics() -> Response:  # a plain def runs on a worker thread: collecting may block
+        return Response(generate_latest(exposed), media_type=CONTENT_TYPE_LATEST)
 
     return app

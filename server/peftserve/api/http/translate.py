@@ -163,11 +163,12 @@ def finish_reason(output: RequestOutput) -> str | None:
     return _FINISH_REASONS[output.finish_reason] if output.finish_reason else None
 
 
-def usage(output: RequestOutput) -> dict[str, int]:
+def usage(output: RequestOutput) -> dict[str, Any]:
     return {
         "prompt_tokens": output.prompt_tokens,
         "completion_tokens": output.completion_tokens,
         "total_tokens": output.prompt_tokens + output.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": output.cached_tokens},
     }
 
 
@@ -182,6 +183,7 @@ def merged(outputs: Sequence[RequestOutput]) -> RequestOutput:
         logprobs=tuple(logprobs) if logprobs is not None else None,
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
+        cached_tokens=last.cached_tokens,
         finish_reason=last.finish_reason,
     )
 
