@@ -145,27 +145,23 @@ class ModelRunner:
         return PagedLayout.build(chunks, self.block_size, self.cache.keys.shape[1], self.device)
 
     def _warm_up(self) -> None:
-        """Compile attention in place before serving: a one-token and a two-token step on block 0 (the
-        second makes the token count dynamic), then block 0 is zeroed again."""
+        """Compile attention in place before serving: a one-token and a two-token prefill in the first
+        slots (the second makes the token count dynamic), which are zeroed again afterwards."""
         for num_tokens in (1, 2):
+            blocks = list(range(-(-num_tokens // self.block_size)))  # slot i is in block i // block_size
             meta = AttentionMetadata(
                 cache=self.cache,
                 slot_mapping=torch.arange(num_tokens, device=self.device),
                 prefills=[PrefillChunk(0, num_tokens, num_tokens, None)],
-                paged=self._paged_layout([(0, num_tokens, [0] * num_tokens)]),
+                paged=self._paged_layout([(0, num_tokens, blocks)]),
                 **self._decode_metadata([]),
             )
+            ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)  # [1, T]
+            pos = torch.arange(num_tokens, device=self.device)[None]  # [1, T]
             with torch.inference_mode():
-                self.model(
-                    input_ids=torch.zeros(1, num_tokens, dtype=torch.long, device=self.device),
-                    position_ids=torch.arange(num_tokens, device=self.device)[None],
-                    cache=self.cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    peftserve_attn=meta,
-                )
-        self.cache.keys[:, : max(2, self.block_size)] = 0
-        self.cache.values[:, : max(2, self.block_size)] = 0
+                self._model(ids, pos, self._tensor([num_tokens - 1]), meta)
+        self.cache.keys[:, :2] = 0
+        self.cache.values[:, :2] = 0
 
     def _forward(self, step: StepInput, meta: AttentionMetadata) -> torch.Tensor:
         """The model on the packed [1, T] batch; logits [S, V] at the sampling chunks' last tokens."""
