@@ -1,7 +1,8 @@
 """Engine throughput (generated tokens/s) of peftserve against three transformers baselines, same run.
 
 Systems, all greedy on the same seeded workload of random-id prompts, EOS ignored:
-  peftserve       LLMEngine.step() loop (continuous batching, paged KV, our attention function)
+  peftserve       LLMEngine.step() loop (continuous batching, paged KV, attention in place: flex)
+  peftserve-sdpa  the same engine with --attention sdpa (each context gathered, then SDPA)
   hf-sequential   model.generate, one request at a time
   hf-static-N     model.generate on left-padded static batches of N requests, in arrival order
   hf-cb           model.generate_batch (transformers' own continuous batching)
@@ -40,7 +41,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-SYSTEMS = ("peftserve", "hf-sequential", "hf-static", "hf-cb")
+SYSTEMS = ("peftserve", "peftserve-sdpa", "hf-sequential", "hf-static", "hf-cb")
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,16 @@ def run_peftserve(
     shape: Shape,
     work: Workload,
     args: argparse.Namespace,
+    attention: str = "flex",
 ) -> list[int]:
     """Serve the workload through the engine's sync API; tokens generated per request."""
     from peftserve.config import EngineConfig
     from peftserve.engine.engine import LLMEngine
     from peftserve.engine.request import GenerationRequest, SamplingParams
 
-    # Room for every request at once, so admission never waits on KV blocks.
-    kv_mb = len(work.prompts) * work.max_tokens * shape.kv_bytes_per_token() / 2**20
+    # Room for every request at once, so admission never waits on KV blocks; the same pool for the
+    # warm-up, so that attention in place is compiled for it there.
+    kv_mb = args.requests * (args.max_prompt + args.max_new_tokens) * shape.kv_bytes_per_token() / 2**20
     config = EngineConfig(
         device=args.device,
         dtype=args.dtype,
@@ -81,6 +84,8 @@ def run_peftserve(
         kv_cache_mb=max(64.0, 1.25 * kv_mb),
         max_running=max(len(work.prompts), 1),
         max_batched_tokens=args.max_batched_tokens,
+        block_size=args.block_size,
+        attention=attention,
     )
     engine = LLMEngine.from_model(model, tokenizer, config)
     sampling = SamplingParams(max_new_tokens=work.max_new_tokens, ignore_eos=True)
@@ -135,6 +140,7 @@ def system_runners(
     """Each system as workload -> tokens generated per request."""
     return {
         "peftserve": lambda w: run_peftserve(model, tokenizer, shape, w, args),
+        "peftserve-sdpa": lambda w: run_peftserve(model, tokenizer, shape, w, args, attention="sdpa"),
         "hf-sequential": lambda w: run_hf_sequential(model, w),
         "hf-static": lambda w: run_hf_static(model, w, args.batch_size),
         "hf-cb": lambda w: run_hf_cb(model, w),
@@ -174,7 +180,7 @@ def bench_shape(shape: Shape, args: argparse.Namespace) -> list[Result]:
     runners = system_runners(model, tokenizer, shape, args)
     results: dict[str, Result] = {}
     # The engine takes the model over (its attention function, later adapter layers): it goes last.
-    for system in sorted(args.systems, key=lambda s: s == "peftserve"):
+    for system in sorted(args.systems, key=lambda s: s.startswith("peftserve")):
         system_work = work
         if system == "hf-sequential" and args.sequential_limit:
             system_work = Workload(prompts[: args.sequential_limit], args.max_new_tokens)
@@ -202,6 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="hf-sequential serves only the first N requests (each runs alone, so tok/s carries over)",
     )
     parser.add_argument("--max-batched-tokens", type=int, default=1024, help="peftserve tokens per step")
+    parser.add_argument("--block-size", type=int, default=16, help="peftserve tokens per KV block")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

@@ -7,6 +7,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Engines (and servers started by tests) gather then run SDPA: nothing to compile per model geometry.
+# tests/runner/test_flex_attention.py covers attention in place; PEFTSERVE_ATTENTION=flex runs the
+# whole suite on it.
+os.environ.setdefault("PEFTSERVE_ATTENTION", "sdpa")
 # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which must be on when they
 # are defined (at import). With one, the triton tests run compiled on the device.
 if not torch.cuda.is_available():

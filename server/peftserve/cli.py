@@ -51,6 +51,7 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-context", "max_context", int, "longest prompt plus completion (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
     ("--cpu-linear", "cpu_linear", str, "onednn (default: oneDNN on packed weights, faster) or torch"),
+    ("--attention", "attention", str, "flex (default: reads the paged KV in place) or sdpa"),
     (
         "--cuda-graphs",
         "cuda_graphs",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from peftserve.engine.fairness import POLICIES
@@ -12,6 +13,7 @@ from peftserve.store.staging import MAX_UPLOAD_BYTES
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_OFF = ("on", "off")
 CPU_LINEARS = ("onednn", "torch")
+ATTENTIONS = ("flex", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class EngineConfig:
     cpu_linear: str = "onednn"
     """onednn: the model's Linear layers run on weights packed for oneDNN on CPU, which replace the
     plain ones (1.1-3.6x faster on serving shapes); torch: plain F.linear."""
+    attention: str = field(default_factory=lambda: os.environ.get("PEFTSERVE_ATTENTION", "flex"))
+    """flex (default, or $PEFTSERVE_ATTENTION): on CPU, attention reads each sequence's K/V in place in
+    the paged pools, compiled once per process before serving; sdpa: each context is gathered first."""
     cuda_graphs: bool = False
     """CUDA only: replay pure decode steps from graphs captured per batch-size bucket (runner/graphs.py)."""
     adapter_slots: int = 32
@@ -105,6 +110,9 @@ class EngineConfig:
         if self.cpu_linear not in CPU_LINEARS:
             choices = ", ".join(CPU_LINEARS)
             raise InvalidRequest(f"cpu_linear must be one of {choices}, got {self.cpu_linear!r}")
+        if self.attention not in ATTENTIONS:
+            choices = ", ".join(ATTENTIONS)
+            raise InvalidRequest(f"attention must be one of {choices}, got {self.attention!r}")
         positive = (
             "block_size",
             "max_batched_tokens",

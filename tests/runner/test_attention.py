@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import peftserve.runner.attention as attention
 from peftserve.runner.attention import AttentionMetadata, PrefillChunk, paged_attention
+from peftserve.runner.flex import PagedLayout, unwritten_tails
 from peftserve.runner.kv_cache import PagedKVCache
 
 HQ, HKV, D, BS = 4, 2, 8, 4
@@ -52,15 +53,22 @@ def explicit_reference(q, k, v, window=None, softcap=None, sinks=None, scale=0.3
     return (probs @ v).float()  # [H, n, D]
 
 
-def run_case(seqs, window=None, softcap=None, sinks=None):
+def run_case(seqs, window=None, softcap=None, sinks=None, in_place=False):
     """seqs: (context already cached, new tokens) per sequence; new tokens of 1 with context > 0 decode.
 
-    With softcap or sinks the layer takes the explicit path, checked against explicit_reference.
+    With softcap or sinks the layer takes the explicit path, checked against explicit_reference. With
+    in_place, attention reads the pool in place (flex), and every slot outside the sequences' contexts
+    holds NaN first, as free blocks and unwritten slots may.
     """
     g = torch.Generator().manual_seed(0)
     cache = PagedKVCache(1, 64, BS, HKV, D, torch.float32, torch.device("cpu"))
+    if in_place:
+        cache.keys.fill_(float("nan"))
+        cache.values.fill_(float("nan"))
+        if sinks is not None:  # layers with sinks still gather, padding with the zeroed null slot
+            cache.keys[:, cache.null_slot] = cache.values[:, cache.null_slot] = 0
     blocks = iter(torch.randperm(64, generator=g).tolist())
-    full_k, full_v, queries, tables = [], [], [], []
+    full_k, full_v, queries, tables, block_tables = [], [], [], [], []
     for cached, new in seqs:
         ctx = cached + new
         table = [next(blocks) for _ in range(-(-ctx // BS))]
@@ -70,6 +78,7 @@ def run_case(seqs, window=None, softcap=None, sinks=None):
         cache.keys[0, slots[:cached]] = k[:, :cached].transpose(0, 1)
         cache.values[0, slots[:cached]] = v[:, :cached].transpose(0, 1)
         full_k.append(k), full_v.append(v), tables.append(slots)
+        block_tables.append(table)
         queries.append(torch.randn(HQ, new, D, generator=g))
 
     slot_map, decode_idx, decode_slots, decode_lens, prefills = [], [], [], [], []
@@ -88,18 +97,24 @@ def run_case(seqs, window=None, softcap=None, sinks=None):
         cache=cache,
         slot_mapping=torch.cat(slot_map),
         decode_token_idx=torch.tensor(decode_idx) if decode_idx else None,
-        decode_slots=torch.stack([F.pad(s, (0, lmax - len(s))) for s in decode_slots])
+        decode_slots=torch.stack([F.pad(s, (0, lmax - len(s)), value=cache.null_slot) for s in decode_slots])
         if decode_idx
         else None,
         decode_ctx_lens=torch.tensor(decode_lens) if decode_idx else None,
         prefills=prefills,
     )
+    if in_place:
+        chunks = [(c, n, t) for (c, n), t in zip(seqs, block_tables, strict=True)]
+        tails = torch.tensor(unwritten_tails(chunks, BS), dtype=torch.long)
+        cache.values.index_fill_(1, tails, 0)  # as the runner does
+        meta.paged = PagedLayout.build(chunks, BS, cache.keys.shape[1], torch.device("cpu"))
     q = torch.cat(queries, dim=1)[None]  # [1, HQ, T, D]
     k_new = torch.cat([k[:, c:] for k, (c, _) in zip(full_k, seqs, strict=True)], dim=1)[None]
     v_new = torch.cat([v[:, c:] for v, (c, _) in zip(full_v, seqs, strict=True)], dim=1)[None]
     cache.update(k_new, v_new, 0, kwargs={"peftserve_attn": meta})
     explicit = softcap is not None or sinks is not None
     extra = {"softcap": softcap, "s_aux": sinks, "scaling": 0.3} if explicit else {}
+
     out, _ = paged_attention(
         _Layer(), q, k_new, v_new, None, sliding_window=window, peftserve_attn=meta, **extra
     )

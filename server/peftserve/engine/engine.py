@@ -97,6 +97,7 @@ class LLMEngine:
             config.block_size,
             adapters=adapters.context if adapters is not None else None,
             cpu_linear=config.cpu_linear,
+            attention=config.attention,
         )
         if config.cuda_graphs:
             self.runner.enable_graphs(

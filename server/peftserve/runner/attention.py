@@ -2,11 +2,13 @@
 
 The runner packs every token of a step into one ``[1, T]`` batch. Each sequence contributes a
 contiguous run of query tokens; its keys and values live in the paged pools of ``PagedKVCache``
-(written by ``cache.update`` just before this function runs). Decode rows (one query token)
-are attended together in one padded call; prefill chunks one call each.
+(written by ``cache.update`` just before this function runs).
 
-Most families run on torch's SDPA. Attention-logit soft-capping (Gemma 2) and attention sinks
-(GPT-OSS) are not expressible in SDPA: layers that pass ``softcap`` or ``s_aux`` take
+With attention in place (``--attention flex``, runner/flex.py) every token reads its own sequence's
+blocks straight from the pool, in one compiled call per layer. Otherwise (``sdpa``), and in layers
+with attention sinks (GPT-OSS), decode rows are gathered into a padded buffer and attended together
+in one call, prefill chunks one call each, on torch's SDPA. Attention-logit soft-capping (Gemma 2)
+and sinks are not expressible in SDPA: there layers that pass ``softcap`` or ``s_aux`` take
 ``explicit_attention`` instead, so only those models pay for it.
 """
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from peftserve.runner.flex import PagedLayout, flex_paged_attention
 from peftserve.runner.kv_cache import PagedKVCache
 
 ATTENTION_NAME = "peftserve_paged"
@@ -50,6 +53,8 @@ class AttentionMetadata:
     decode_ctx_lens: torch.Tensor | None
     """[Bd] context length of each decode row."""
     prefills: list[PrefillChunk]
+    paged: PagedLayout | None = None
+    """Set when attention reads the pools in place (flex); layers with sinks still take the paths below."""
     _masks: dict = field(default_factory=dict)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
@@ -162,10 +167,13 @@ def paged_attention(
     meta: AttentionMetadata = kwargs["peftserve_attn"]
     layer = module.layer_idx
     num_heads, num_tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
-    gqa = num_heads != key.shape[1]
-    explicit = softcap is not None or s_aux is not None
     if scaling is None:
         scaling = head_dim**-0.5
+    if meta.paged is not None and s_aux is None:
+        keys, values = meta.cache.keys[layer], meta.cache.values[layer]
+        return flex_paged_attention(query, keys, values, meta.paged, scaling, sliding_window, softcap), None
+    gqa = num_heads != key.shape[1]
+    explicit = softcap is not None or s_aux is not None
     out = query.new_empty(num_tokens, num_heads, head_dim)  # [T, Hq, D]
 
     if meta.decode_token_idx is not None:

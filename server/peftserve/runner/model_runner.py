@@ -21,6 +21,7 @@ from peftserve.engine.sequence import Sequence
 from peftserve.engine.step import PackedChunk, Sampled, StepInput, StepOutput
 from peftserve.model.geometry import head_dim, kv_heads
 from peftserve.runner.attention import ATTENTION_NAME, AttentionMetadata, PrefillChunk
+from peftserve.runner.flex import PagedLayout, unwritten_tails
 from peftserve.runner.kv_cache import PagedKVCache
 from peftserve.runner.linear import pack_linears
 from peftserve.runner.sampler import SampleRow, sample
@@ -38,8 +39,10 @@ class ModelRunner:
         block_size: int,
         adapters: AdapterContext | None = None,
         cpu_linear: str = "onednn",
+        attention: str = "flex",
     ) -> None:
-        """adapters: the side channel of the model's adapter layers (None: a model without them)."""
+        """adapters: the side channel of the model's adapter layers (None: a model without them);
+        attention: flex (read the pools in place, on CPU) or sdpa (gather each context, then SDPA)."""
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -61,6 +64,12 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self._offsets = torch.arange(block_size, device=self.device)
         self.graphs = None  # DecodeGraphs once enable_graphs is called
+        # flex's block mask (one query block per token, G rows) is shaped for its CPU kernel; other
+        # devices keep the gathering path until it is measured there.
+        self.in_place = attention == "flex" and self.device.type == "cpu"
+        if self.in_place:
+            self._warm_up()
+        log.info("attention: %s", "in place (flex)" if self.in_place else "gathered (sdpa)")
 
     def enable_graphs(
         self, max_batch: int, max_context: int, max_mixture: int, max_rank: int, capture=None
@@ -121,8 +130,38 @@ class ModelRunner:
             cache=self.cache,
             slot_mapping=torch.cat([*slot_parts, self._tensor(row_slots)]),
             prefills=prefills,
+            paged=self._paged_layout([(c.position, c.num_tokens, c.seq.blocks) for c in step.chunks])
+            if self.in_place
+            else None,
             **self._decode_metadata(decodes),
         )
+
+    def _paged_layout(self, chunks: list[tuple[int, int, list[int]]]) -> PagedLayout:
+        """The step's layout for attention in place; first zeroes the value rows past each sequence's
+        end in its last block, which the kernel reads with weight 0 (see runner/flex.py)."""
+        tails = unwritten_tails(chunks, self.block_size)
+        if tails:
+            self.cache.values.index_fill_(1, self._tensor(tails), 0)
+        return PagedLayout.build(chunks, self.block_size, self.cache.keys.shape[1], self.device)
+
+    def _warm_up(self) -> None:
+        """Compile attention in place before serving: a one-token and a two-token prefill in the first
+        slots (the second makes the token count dynamic), which are zeroed again afterwards."""
+        for num_tokens in (1, 2):
+            blocks = list(range(-(-num_tokens // self.block_size)))  # slot i is in block i // block_size
+            meta = AttentionMetadata(
+                cache=self.cache,
+                slot_mapping=torch.arange(num_tokens, device=self.device),
+                prefills=[PrefillChunk(0, num_tokens, num_tokens, None)],
+                paged=self._paged_layout([(0, num_tokens, blocks)]),
+                **self._decode_metadata([]),
+            )
+            ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)  # [1, T]
+            pos = torch.arange(num_tokens, device=self.device)[None]  # [1, T]
+            with torch.inference_mode():
+                self._model(ids, pos, self._tensor([num_tokens - 1]), meta)
+        self.cache.keys[:, :2] = 0
+        self.cache.values[:, :2] = 0
 
     def _forward(self, step: StepInput, meta: AttentionMetadata) -> torch.Tensor:
         """The model on the packed [1, T] batch; logits [S, V] at the sampling chunks' last tokens."""

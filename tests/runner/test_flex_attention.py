@@ -1,0 +1,87 @@
+"""Attention in place (flex over the paged pool) against the same references as the gathering path.
+
+Every slot outside the sequences' contexts holds NaN, the null slot included: the kernel must read
+nothing but each token's own entries, and the zeroed value rows past each sequence's end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftserve.config import EngineConfig
+from peftserve.engine.engine import LLMEngine
+from peftserve.engine.request import GenerationRequest, SamplingParams
+from peftserve.errors import InvalidRequest
+from peftserve.runner.flex import PagedLayout, unwritten_tails
+from tests.engine.conftest import random_prompts
+from tests.helpers.tiny_models import build_tiny_model
+from tests.runner.test_attention import MIXED, SINKS, run_case
+
+
+@pytest.mark.parametrize(
+    "seqs",
+    [
+        [(0, 7), (9, 1), (5, 6), (13, 1), (0, 1), (3, 1)],
+        [(1, 1), (30, 1), (17, 1)],  # only decode rows
+        [(3, 1)],  # one token: the compiled kernel's static one-row case
+        [(0, 4), (7, 1), (8, 8)],  # contexts ending on a block boundary
+    ],
+)
+def test_decode_rows_fresh_prefills_and_chunks_with_context(seqs):
+    run_case(seqs, in_place=True)
+
+
+@pytest.mark.parametrize("window", [1, 4, 6])
+def test_sliding_window(window):
+    run_case(MIXED, window=window, in_place=True)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_soft_capping(window):
+    run_case(MIXED, window=window, softcap=1.5, in_place=True)
+
+
+def test_layers_with_sinks_keep_the_gathering_path():
+    run_case(MIXED, window=5, softcap=2.0, sinks=SINKS, in_place=True)
+
+
+def test_layout_lists_only_each_tokens_own_blocks():
+    """Token blocks: the full ones unmasked, at most two masked (window start, own block)."""
+    chunks = [(0, 3, [0]), (9, 1, [7, 1, 4])]  # block size 4: tokens at 0-2 and one at 9
+    layout = PagedLayout.build(chunks, 4, pool_slots=8 * 4 + 1, device=torch.device("cpu"))
+    assert layout.block_pos[[0, 7, 1, 4]].tolist() == [0, 0, 1, 2]  # the short table's padding owns nothing
+    first, (kv_num, kv_idx, full_num, full_idx) = layout.visible(window=None)
+    assert first.tolist() == [0, 0, 0, 0]
+    assert kv_num[0, 0].tolist() == [1, 1, 1, 1] and full_num[0, 0].tolist() == [0, 0, 0, 2]
+    assert kv_idx[0, 0, :, 0].tolist() == [0, 0, 0, 4]
+    assert full_idx[0, 0, 3, :2].tolist() == [7, 1]
+    first, (kv_num, kv_idx, full_num, full_idx) = layout.visible(window=6)  # token 9 sees 4..9
+    assert first[3] == 4 and full_num[0, 0, 3] == 1 and full_idx[0, 0, 3, 0] == 1  # block 1 whole
+    assert kv_num[0, 0, 3] == 1 and kv_idx[0, 0, 3, 0] == 4  # block 4 in part
+    assert unwritten_tails(chunks, 4) == [3, 4 * 4 + 2, 4 * 4 + 3]
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
+def test_an_engine_in_place_generates_what_the_gathering_engine_does(family):
+    """Chunked prefill, late joiners and block-boundary contexts, on flex and on sdpa: same tokens,
+    log-probabilities within fp32 rounding. Gemma 2 adds soft-capping and windows on alternate layers."""
+    prompts = random_prompts([3, 9, 16, 23, 5], 320, seed=11)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True, logprobs=True)
+    requests = [
+        GenerationRequest(f"r{i}", prompt_token_ids=p, sampling=params) for i, p in enumerate(prompts)
+    ]
+    runs = {}
+    for attention in ("sdpa", "flex"):
+        model, tokenizer = build_tiny_model(family)
+        config = EngineConfig(kv_cache_mb=1, block_size=4, max_batched_tokens=20, attention=attention)
+        runs[attention] = LLMEngine.from_model(model, tokenizer, config).generate_all(requests)
+    for rid, want in runs["sdpa"].items():
+        got = runs["flex"][rid]
+        assert got.token_ids == want.token_ids, rid
+        assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) <= 1e-5, rid
+
+
+def test_unknown_attention_is_rejected():
+    with pytest.raises(InvalidRequest, match="attention must be one of flex, sdpa"):
+        EngineConfig(attention="eager")
