@@ -406,6 +406,7 @@ def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteRes
     finally:
         if bench.server is not None:
             bench.server.stop()
+    _peers(bench, main_trace)  # after peftserve's server is gone: each server has the machine to itself
     # Measured again at the end: on a shared machine the better of the two is the closer to its peak.
     after = peak_matmul_rate(config.device, dtype)
     log(f"dense matmul rate at the end: {after / 1e9:.1f} GFLOP/s")
@@ -434,8 +435,12 @@ def _main(bench: Bench, trace: list[TraceRequest]) -> None:
     for system in ("peft-batched", "peft-sequential"):
         if system in config.systems:
             bench.peft_run("main", system, trace, tenant, n)
+
+
+def _peers(bench: Bench, trace: list[TraceRequest]) -> None:
+    config, tenant = bench.config, bench.config.main_pool.tenant
     if "vllm" in config.systems:
-        bench.vllm_run("main", trace, tenant, n)
+        bench.vllm_run("main", trace, tenant, config.workload.num_adapters)
     if "vllm-base" in config.systems:
         bench.vllm_run("main", trace, None, None)
 

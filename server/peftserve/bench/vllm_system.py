@@ -28,7 +28,7 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for --max-lora-rank."""
 DTYPES = ("float32", "bfloat16")
 _PARENT_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
-"""Variables of this process that would make the peer import our packages (or our torch) instead of its own."""
+"""Variables of this process that would make the peer import our packages instead of its own."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -38,7 +38,7 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class VllmSpec:
-    """One vLLM server: what it serves and the few settings made equal to peftserve's; the rest its defaults."""
+    """One vLLM server: what it serves, and the few settings made equal to peftserve's (the rest: its own)."""
 
     python: Path
     """Interpreter of the peer virtualenv."""
@@ -178,22 +178,24 @@ class VllmServer:
         raise RuntimeError("the vLLM server did not become ready:\n" + self.tail())
 
     def pids(self) -> list[int]:
-        """The server and its children (vLLM runs its engine core in one), for CPU accounting."""
-        pids = [self.proc.pid]
-        try:
-            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-                pids += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            pass
+        """The server and its descendants (its engine core, the engine's workers), for CPU accounting."""
+        pids, i = [self.proc.pid], 0
+        while i < len(pids):
+            try:
+                for task in Path(f"/proc/{pids[i]}/task").iterdir():
+                    pids += [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                pass  # gone meanwhile
+            i += 1
         return pids
 
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM to its process group (the API server and its engine), SIGKILL after grace_s."""
-        if self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=grace_s)
+        except ProcessLookupError:
+            return  # the group has already gone
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
