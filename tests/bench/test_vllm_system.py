@@ -66,6 +66,15 @@ def test_env_drops_our_python_paths_and_sets_the_cpu_knobs():
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert env["OMP_NUM_THREADS"] == "2"
     assert "OMP_NUM_THREADS" not in vllm_env(_spec(), parent)  # vLLM's own default
+    assert "LD_PRELOAD" not in env
+
+
+def test_env_puts_preloaded_libraries_first():
+    spec = _spec(preload=(Path("/peer/lib/libiomp5.so"), Path("/usr/lib/libtcmalloc.so.4")))
+    assert vllm_env(spec, {"LD_PRELOAD": "/x.so"})["LD_PRELOAD"] == (
+        "/peer/lib/libiomp5.so:/usr/lib/libtcmalloc.so.4:/x.so"
+    )
+    assert vllm_env(spec, {})["LD_PRELOAD"] == "/peer/lib/libiomp5.so:/usr/lib/libtcmalloc.so.4"
 
 
 @pytest.mark.parametrize(
@@ -99,10 +108,15 @@ def test_bench_flags_select_the_peer():
     add_bench_arguments(parser)
     args = parser.parse_args(
         ["--systems", "peftserve", "vllm", "vllm-base", "--dtype", "bfloat16", "--vllm-python", "/p/python"]
+        + ["--vllm-preload", "/p/lib/libiomp5.so"]
     )
     config = config_from_args(args)
     assert config.systems == ("peftserve", "vllm", "vllm-base")
-    assert (config.dtype, config.vllm_python) == ("bfloat16", "/p/python")
+    assert (config.dtype, config.vllm_python, config.vllm_preload) == (
+        "bfloat16",
+        "/p/python",
+        ("/p/lib/libiomp5.so",),
+    )
     assert "vllm" not in BenchConfig().systems  # opt-in: the default run needs no peer
     with pytest.raises(ValueError, match="dtype"):
         BenchConfig(dtype="float16")

@@ -67,6 +67,13 @@ _CONFIG_FLAGS: tuple[tuple[str, str, Callable[[str], object], int | str | None, 
     ("--dtype", "dtype", str, None, "every system's dtype (default: float32 on CPU, bfloat16 on CUDA)"),
     ("--vllm-python", "vllm_python", str, None, "interpreter of the vLLM peer (make peer-vllm)"),
     ("--vllm-threads", "vllm_threads", int, None, "OMP_NUM_THREADS of vLLM (default: its own)"),
+    (
+        "--vllm-preload",
+        "vllm_preload",
+        str,
+        "+",
+        "libraries in vLLM's LD_PRELOAD (e.g. the peer's libiomp5.so)",
+    ),
 )
 _CHOICES: dict[str, Sequence[str]] = {
     "--popularity": POPULARITIES,

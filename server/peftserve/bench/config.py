@@ -148,6 +148,8 @@ class BenchConfig:
     """Interpreter of the vLLM peer virtualenv (`make peer-vllm`), for the vllm systems."""
     vllm_threads: int | None = None
     """OMP_NUM_THREADS of vLLM's engine; None: its default (all cores but one on CPU)."""
+    vllm_preload: tuple[str, ...] = ()
+    """Libraries vLLM runs with in LD_PRELOAD (its CPU guide's libiomp5 and tcmalloc); empty: none."""
     server_timeout_s: float = 600.0
     """How long the server may take to load the model and register every adapter."""
 

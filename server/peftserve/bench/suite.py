@@ -172,6 +172,7 @@ def vllm_spec(config: BenchConfig, shape: Shape, model_dir: Path, pool: Publishe
         max_model_len=config.workload.max_tokens + 16,
         kv_cache_gib=kv_cache_mb(config, shape) / 1024,
         threads=config.vllm_threads,
+        preload=tuple(map(Path, config.vllm_preload)),
     )
 
 

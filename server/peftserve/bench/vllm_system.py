@@ -62,6 +62,9 @@ class VllmSpec:
     """OMP_NUM_THREADS of the engine; None: vLLM's default, which keeps one core for its front end."""
     served_name: str = "base"
     """Name of the base model in /v1/models (listed first, as peftserve's)."""
+    preload: tuple[Path, ...] = ()
+    """Libraries put first in LD_PRELOAD: vLLM's CPU guide asks for Intel OpenMP (the peer has
+    lib/libiomp5.so) and tcmalloc, and warns without them; empty: as installed."""
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"vLLM dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -117,6 +120,8 @@ def vllm_env(spec: VllmSpec, parent: Mapping[str, str]) -> dict[str, str]:
     env["VLLM_NO_USAGE_STATS"] = "1"
     if spec.threads is not None:
         env["OMP_NUM_THREADS"] = str(spec.threads)
+    if spec.preload:
+        env["LD_PRELOAD"] = ":".join([*map(str, spec.preload), *filter(None, [parent.get("LD_PRELOAD")])])
     return env
 
 
