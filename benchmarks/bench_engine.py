@@ -157,6 +157,7 @@ class VllmPeer:
             max_model_len=max_tokens + 16,
             kv_cache_gib=1.25 * kv_gib,
             threads=args.vllm_threads,
+            preload=tuple(map(Path, args.vllm_preload)),
         )
         self._server = None
 
@@ -269,6 +270,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--vllm-threads", type=int, default=None, help="OMP_NUM_THREADS of vLLM (default: its own)"
+    )
+    parser.add_argument(
+        "--vllm-preload",
+        nargs="+",
+        default=[],
+        help="libraries in vLLM's LD_PRELOAD (e.g. the peer's libiomp5.so)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
