@@ -407,6 +407,7 @@ def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteRes
     finally:
         if bench.server is not None:
             bench.server.stop()
+            bench.server = None  # gone: its pid no longer counts in CPU samples
     _peers(bench, main_trace)  # after peftserve's server is gone: each server has the machine to itself
     # Measured again at the end: on a shared machine the better of the two is the closer to its peak.
     after = peak_matmul_rate(config.device, dtype)
