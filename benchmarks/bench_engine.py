@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
+from peftserve.bench.config import VLLM_PYTHON
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     FAMILY_SHAPES,
@@ -265,7 +267,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(DEFAULT_SYSTEMS))
     parser.add_argument(
         "--vllm-python",
-        default=".peers/vllm/bin/python",
+        default=VLLM_PYTHON,
         help="interpreter of the vLLM peer (make peer-vllm)",
     )
     parser.add_argument(

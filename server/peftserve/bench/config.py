@@ -22,6 +22,8 @@ PEERS = ("vllm", "vllm-base")
 over the OpenAI API: vllm: vLLM's CPU build with the pool's PEFT directories as LoRA modules; vllm-base:
 vLLM without LoRA, every request on the base model."""
 DTYPES = ("float32", "bfloat16")
+VLLM_PYTHON = ".peers/vllm/bin/python"
+"""Where `make peer-vllm` puts the peer's interpreter (relative to the repository root)."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -144,7 +146,7 @@ class BenchConfig:
     dtype: str | None = None
     """Weights, KV cache and adapters of every system: float32 or bfloat16; None: float32 on CPU,
     bfloat16 on CUDA."""
-    vllm_python: str = ".peers/vllm/bin/python"
+    vllm_python: str = VLLM_PYTHON
     """Interpreter of the vLLM peer virtualenv (`make peer-vllm`), for the vllm systems."""
     vllm_threads: int | None = None
     """OMP_NUM_THREADS of vLLM's engine; None: its default (all cores but one on CPU)."""

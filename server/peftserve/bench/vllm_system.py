@@ -22,11 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PYTHON = Path(".peers/vllm/bin/python")
-"""Where `make peer-vllm` puts the peer's interpreter (relative to the repository root)."""
+from peftserve.bench.config import DTYPES
+
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for --max-lora-rank."""
-DTYPES = ("float32", "bfloat16")
 _PARENT_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
 """Variables of this process that would make the peer import our packages instead of its own."""
 
