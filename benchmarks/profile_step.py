@@ -173,7 +173,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def run_to_decode(engine: LLMEngine, trace: list[TraceRequest], ids: list[str]) -> None:
-    """Admit the trace (outputs long enough not to finish) and step until every request decodes."""
+    """Admit the trace (outputs long enough not to finish) and step until every request decodes.
+
+    RuntimeError if a request cannot be admitted (it would wait for one to finish: 512 steps)."""
     sampling = SamplingParams(max_new_tokens=512, ignore_eos=True)
     for request in trace:
         refs = (AdapterRef(ids[request.adapter]),) if ids else ()
@@ -185,8 +187,16 @@ def run_to_decode(engine: LLMEngine, trace: list[TraceRequest], ids: list[str]) 
                 adapters=refs,
             )
         )
-    while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
+    scheduler = engine.scheduler
+    while scheduler.waiting or any(s.is_prefilling for s in scheduler.running):
+        waiting = len(scheduler.waiting)
         engine.step()
+        if (
+            waiting
+            and len(scheduler.waiting) == waiting
+            and not any(s.is_prefilling for s in scheduler.running)
+        ):
+            raise RuntimeError(f"{waiting} requests cannot be admitted: too few KV blocks or adapter slots")
     engine.step()  # one decode step untimed (first touch of the decode buffers)
 
 
@@ -213,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         manager = None
         ids: list[str] = []
         if args.adapters:
-            manager = AdapterManager(model, 32, "cpu", getattr(torch, args.dtype))
+            # Slots for every adapter of the batch, so all requests run at once: the trace spreads 64
+            # requests over 51 of 100 adapters, more than the server's default 32 slots.
+            slots = max(32, len({r.adapter for r in trace}))
+            manager = AdapterManager(model, slots, "cpu", getattr(torch, args.dtype))
             for adapter_id, path in adapter_directories(Path(tmp), args.adapters, shape):
                 manager.register(adapter_id, path)
                 ids.append(adapter_id)
