@@ -118,3 +118,31 @@ def test_parallel_low_rank_equals_reference(
         if any(RANKS[s] for s, _ in pairs):
             untouched[start : start + length] = False
     assert torch.equal(y_par[untouched], y0[untouched])
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+def test_helpers_run_in_the_callers_mode(mode: str) -> None:
+    pool = Workers(2)
+    seen: dict[int, tuple[bool, bool]] = {}
+
+    def fn(share: int) -> None:
+        seen[share] = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+    with torch.inference_mode() if mode == "inference" else torch.no_grad():
+        pool.run(fn, [0, 1])
+        expected = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    pool.close()
+    assert seen == {0: expected, 1: expected}
+
+
+def test_parallel_low_rank_updates_inference_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine runs the model under inference mode: the helpers write into its inference tensors."""
+    monkeypatch.setattr("peftserve.adapters.forms.low_rank.workers", lambda: workers(2))
+    spans = _spans(64, 1, mixtures=False)
+    batch = AdapterBatch.build(spans, 64, "cpu")
+    with torch.inference_mode():
+        x, y = torch.randn(64, IN), torch.zeros(64, OUT)  # [T, in], [T, out]
+        y_ref = y.clone()
+        _form("reference", torch.float32).apply(y_ref, x, batch)
+        _form("parallel", torch.float32).apply(y, x, batch)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)

@@ -76,7 +76,9 @@ class Workers:
                 for share in shares:
                     fn(share)
             return
-        futures: list[Future] = [self._pool.submit(fn, share) for share in shares[:-1]]
+        # Grad and inference mode are per thread: the helpers take the caller's.
+        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        futures: list[Future] = [self._pool.submit(_in_modes, modes, fn, share) for share in shares[:-1]]
         try:
             with one_intra_op_thread():
                 fn(shares[-1])
@@ -89,6 +91,12 @@ class Workers:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _in_modes(modes: tuple[bool, bool], fn: Callable[[T], None], share: T) -> None:
+    grad, inference = modes
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        fn(share)
 
 
 def _start_helper(started: threading.Barrier) -> None:

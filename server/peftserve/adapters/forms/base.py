@@ -249,9 +249,9 @@ class JointDelta(Delta):
 class Form:
     """The deltas of one compute form in one layer, one per slot, and how they apply to a step.
 
-    Subclasses set `stage` and implement `apply`; `kernels` maps 'reference', 'grouped' and 'triton' (and
-    optionally 'parallel') to the functions `apply` calls through `kernel` (each with a Semantics docstring; the fast ones are tested against the
-    reference).
+    Subclasses set `stage` and implement `apply`; `kernels` maps 'reference', 'grouped', 'triton' and
+    optionally 'parallel' to the functions `apply` calls through `kernel` (each with a Semantics
+    docstring; the fast ones are tested against the reference).
     """
 
     stage: ClassVar[Stage] = Stage.ADD
