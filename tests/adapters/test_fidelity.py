@@ -57,8 +57,8 @@ INTERPRETED_FAMILIES = ("llama",)
 def test_mixed_batch_equals_peft_per_adapter(
     setup: Setup, device: str, kernels: str | None, mixtures: bool
 ) -> None:
-    """Against PEFT on the CPU, in fp32: on CPU (grouped kernels, and the Triton ones interpreted) and on
-    CUDA (Triton)."""
+    """Against PEFT on the CPU, in fp32: on CPU (parallel kernels, grouped on the caller when the step
+    has mixtures, and the Triton ones interpreted) and on CUDA (Triton)."""
     if kernels == "triton" and setup.family not in INTERPRETED_FAMILIES:
         pytest.skip(f"interpreted on {', '.join(INTERPRETED_FAMILIES)} only (time)")
     model = copy.deepcopy(setup.base).to(device)
