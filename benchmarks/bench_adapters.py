@@ -7,6 +7,7 @@ distinct adapters of mixed ranks {8, 16, 32, 64}. Compared in the same run again
 and against PEFT's own mixed batch (`adapter_names=`). Adapters are made by peft, saved, and loaded by
 peftserve's AdapterManager from the saved directories. "base" is the same wrapped model with no adapter
 batch set (the wrappers then only call their base layer). Times are best-of-N, variants interleaved.
+`--kernels grouped parallel` measures each CPU kernel set on a model of its own, in the same run.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_adapters.py --shape bench-1b
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_adapters.py --quick
@@ -22,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,6 +46,7 @@ class Row:
     shape: str
     step: str
     adapters: str
+    kernels: str
     base_ms: float
     ours_ms: float
     peft_ms: float | None
@@ -94,8 +97,17 @@ def make_adapters(peft_model: PeftModel, names_ranks: list[tuple[str, int]], see
 
 
 def run_shape(
-    shape: Shape, ks: list[int], repeats: int, device: str, store: Path, dtype: torch.dtype = torch.float32
+    shape: Shape,
+    ks: list[int],
+    repeats: int,
+    device: str,
+    store: Path,
+    dtype: torch.dtype = torch.float32,
+    kernel_sets: list[str | None] | None = None,
+    with_peft: bool = True,
+    steps: list[str] | None = None,
 ) -> list[Row]:
+    kernel_sets = kernel_sets or [None]
     uniform = [(f"r16-{i}", 16) for i in range(BATCH)]
     mixed = [(f"mixed-{i}", MIXED_RANKS[i % len(MIXED_RANKS)]) for i in range(BATCH)]
 
@@ -109,11 +121,16 @@ def run_shape(
     peft_model.save_pretrained(store, selected_adapters=[n for n, _ in uniform + mixed])
     peft_model.eval().requires_grad_(False)
 
-    model = build_model(shape, device, dtype, seed=0)
-    manager = AdapterManager(model, num_slots=BATCH, device=device, dtype=dtype)
-    for name, _ in uniform + mixed:
-        subdir = store / name if (store / name).is_dir() else store
-        manager.register(name, subdir)
+    # One model per kernel set; the first also serves as "base" (no adapter batch set).
+    served: dict[str, tuple[torch.nn.Module, AdapterManager]] = {}
+    for kernels in kernel_sets:
+        model = build_model(shape, device, dtype, seed=0)
+        manager = AdapterManager(model, num_slots=BATCH, device=device, dtype=dtype, kernels=kernels)
+        for name, _ in uniform + mixed:
+            subdir = store / name if (store / name).is_dir() else store
+            manager.register(name, subdir)
+        served[manager.kernels] = (model, manager)
+    model, manager = next(iter(served.values()))
     block_bytes = shape.block_params * dtype.itemsize
 
     configs: list[tuple[str, list[str]]] = [(f"{k} x r16", [n for n, _ in uniform[:k]]) for k in ks]
@@ -121,21 +138,19 @@ def run_shape(
     rows: list[Row] = []
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for step, seq in STEPS.items():
+        for step in steps or STEPS:
+            seq = STEPS[step]
             ids = torch.randint(3, shape.vocab, (BATCH, seq), generator=gen).to(device)  # [B, T]
             for _ in range(2):  # first-touch effects (allocator, page faults) stay out of the first row
                 model(input_ids=ids, logits_to_keep=1)
                 peft_model(input_ids=ids, adapter_names=[uniform[0][0]] * BATCH, logits_to_keep=1)
             for label, names in configs:
-                slots = [manager.acquire(n) for n in names]
                 per_seq = [names[i % len(names)] for i in range(BATCH)]
-                slot_of = dict(zip(names, slots, strict=True))
-                spans = [(i * seq, seq, ((slot_of[n], 1.0),)) for i, n in enumerate(per_seq)]
 
                 def base(ids=ids) -> None:
                     model(input_ids=ids, logits_to_keep=1)
 
-                def ours(ids=ids, spans=spans) -> None:
+                def ours(ids, spans, model, manager) -> None:
                     manager.set_batch(AdapterBatch.build(spans, ids.numel(), device))
                     model(input_ids=ids, logits_to_keep=1)
                     manager.set_batch(None)
@@ -143,32 +158,55 @@ def run_shape(
                 def peft(ids=ids, per_seq=per_seq) -> None:
                     peft_model(input_ids=ids, adapter_names=per_seq, logits_to_keep=1)
 
-                ms = interleaved_min_ms({"base": base, "ours": ours, "peft": peft}, device, repeats)
-                base_ms, ours_ms, peft_ms = ms["base"], ms["ours"], ms["peft"]
+                fns: dict[str, Callable[[], object]] = {"base": base}
+                for kernels, (k_model, k_manager) in served.items():
+                    slot_of = {n: k_manager.acquire(n) for n in names}
+                    spans = [(i * seq, seq, ((slot_of[n], 1.0),)) for i, n in enumerate(per_seq)]
+                    fns[kernels] = partial(ours, ids, spans, k_model, k_manager)
+                if with_peft:
+                    fns["peft"] = peft
+                ms = interleaved_min_ms(fns, device, repeats)
                 adapter_bytes = sum(manager.info(n).nbytes for n in names) * dtype.itemsize // 4
-                row = Row(shape.name, step, label, base_ms, ours_ms, peft_ms, adapter_bytes, block_bytes)
-                rows.append(row)
-                print(
-                    f"  {shape.name} {step} {label}: ours {ours_ms:.1f} ms ({row.vs_base:.2f}x base), "
-                    f"peft {peft_ms:.1f} ms ({row.speedup_vs_peft:.1f}x slower than ours)",
-                    flush=True,
-                )
-                for n in names:
-                    manager.release(n)
+                for kernels, (_, k_manager) in served.items():
+                    row = Row(
+                        shape.name,
+                        step,
+                        label,
+                        kernels,
+                        ms["base"],
+                        ms[kernels],
+                        ms.get("peft"),
+                        adapter_bytes,
+                        block_bytes,
+                    )
+                    rows.append(row)
+                    peft_note = "" if row.peft_ms is None else f", peft {row.peft_ms:.1f} ms"
+                    print(
+                        f"  {shape.name} {step} {label} [{kernels}]: ours {row.ours_ms:.1f} ms "
+                        f"({row.vs_base:.2f}x base {row.base_ms:.1f} ms){peft_note}",
+                        flush=True,
+                    )
+                    for n in names:
+                        k_manager.release(n)
     return rows
 
 
 def format_rows(rows: list[Row]) -> str:
     head = (
-        "| shape | step | adapters | base ms | peftserve ms | vs base | PEFT ms | PEFT vs base "
+        "| shape | step | adapters | kernels | base ms | peftserve ms | vs base | PEFT ms | PEFT vs base "
         "| PEFT / peftserve "
-        "| adapter MB/step | % of block weights |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| adapter MB/step | % of block weights |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
+        peft = (
+            "| - | - | - "
+            if r.peft_ms is None
+            else (f"| {r.peft_ms:.1f} | {r.peft_vs_base:.2f}x | {r.speedup_vs_peft:.2f}x ")
+        )
         lines.append(
-            f"| {r.shape} | {r.step} | {r.adapters} | {r.base_ms:.1f} | {r.ours_ms:.1f} | {r.vs_base:.2f}x "
-            f"| {r.peft_ms:.1f} | {r.peft_vs_base:.2f}x | {r.speedup_vs_peft:.2f}x "
+            f"| {r.shape} | {r.step} | {r.adapters} | {r.kernels} | {r.base_ms:.1f} | {r.ours_ms:.1f} "
+            f"| {r.vs_base:.2f}x {peft}"
             f"| {r.adapter_bytes / 2**20:.1f} | {100 * r.adapter_bytes / r.block_bytes:.0f}% |"
         )
     return "\n".join(lines)
@@ -183,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="distinct adapter counts (1-32)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--kernels", nargs="+", default=None, help="adapter kernel sets to compare (default: the device's)"
+    )
+    parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
+    parser.add_argument("--no-peft", action="store_true", help="leave PEFT's mixed batch out")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -202,7 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for name in shapes:
         with tempfile.TemporaryDirectory(prefix="bench-adapters-") as store:
-            rows += run_shape(SHAPES[name], ks, repeats, args.device, Path(store), getattr(torch, args.dtype))
+            rows += run_shape(
+                SHAPES[name],
+                ks,
+                repeats,
+                args.device,
+                Path(store),
+                getattr(torch, args.dtype),
+                kernel_sets=args.kernels,
+                with_peft=not args.no_peft,
+                steps=args.steps,
+            )
     print()
     print(format_rows(rows))
     if args.json_out:

@@ -42,18 +42,23 @@ def _input_ids(base: PreTrainedModel, rows: int, seed: int = 11) -> torch.Tensor
 
 
 KERNELS = [
-    pytest.param("cpu", None, id="cpu"),
-    pytest.param("cuda", None, marks=[pytest.mark.gpu, needs_cuda], id="cuda"),
-    pytest.param("cpu", "triton", marks=[pytest.mark.triton, interpreted], id="cpu-triton-interpreted"),
+    pytest.param("cpu", None, True, id="cpu"),
+    pytest.param("cpu", None, False, id="cpu-shared-out"),
+    pytest.param("cuda", None, True, marks=[pytest.mark.gpu, needs_cuda], id="cuda"),
+    pytest.param("cpu", "triton", True, marks=[pytest.mark.triton, interpreted], id="cpu-triton-interpreted"),
 ]
+"""(device, kernels (None: the device's), with mixtures). On CPU a step without mixtures is shared out
+among the threads (the parallel kernel); one with them runs the grouped products on the caller."""
 INTERPRETED_FAMILIES = ("llama",)
 """The interpreter is slow: the Triton kernels run against PEFT on one family (they see [T, in] rows only)."""
 
 
-@pytest.mark.parametrize(("device", "kernels"), KERNELS)
-def test_mixed_batch_equals_peft_per_adapter(setup: Setup, device: str, kernels: str | None) -> None:
-    """Against PEFT on the CPU, in fp32: on CPU (grouped kernels, and the Triton ones interpreted) and on
-    CUDA (Triton)."""
+@pytest.mark.parametrize(("device", "kernels", "mixtures"), KERNELS)
+def test_mixed_batch_equals_peft_per_adapter(
+    setup: Setup, device: str, kernels: str | None, mixtures: bool
+) -> None:
+    """Against PEFT on the CPU, in fp32: on CPU (parallel kernels, grouped on the caller when the step
+    has mixtures, and the Triton ones interpreted) and on CUDA (Triton)."""
     if kernels == "triton" and setup.family not in INTERPRETED_FAMILIES:
         pytest.skip(f"interpreted on {', '.join(INTERPRETED_FAMILIES)} only (time)")
     model = copy.deepcopy(setup.base).to(device)
@@ -69,7 +74,8 @@ def test_mixed_batch_equals_peft_per_adapter(setup: Setup, device: str, kernels:
     rows: list[tuple[tuple[str, float], ...]] = []
     for name in names:
         rows += [((name, 1.0),), ()]
-    rows += [mixture for mixture in pf.MIXTURES if all(n in setup.dirs for n, _ in mixture)]
+    if mixtures:
+        rows += [mixture for mixture in pf.MIXTURES if all(n in setup.dirs for n, _ in mixture)]
     ids = _input_ids(setup.base, len(rows))
 
     spans = []

@@ -184,15 +184,17 @@ def test_every_registered_form_is_tested() -> None:
     assert set(FORMS) == {case.form for case in CASES.values()}
 
 
+@pytest.mark.parametrize("kernels", ["grouped", "parallel"])
 @pytest.mark.parametrize("spans_name", list(SPAN_CASES))
 @pytest.mark.parametrize("name", list(CASES))
-def test_grouped_equals_reference_equals_definition(name: str, spans_name: str) -> None:
+def test_fast_equals_reference_equals_definition(name: str, spans_name: str, kernels: str) -> None:
+    """Every form's grouped kernel, and its parallel one (the grouped one where it has none)."""
     case, spans = CASES[name], SPAN_CASES[spans_name]
     width = IN if case.form is InputScaleForm else OUT
     x = torch.randn(T, IN, generator=_gen(1))  # [T, in]
     base = torch.randn(T, width, generator=_gen(2))  # [T, out]
     y_ref = run(make_form(case, "reference"), spans, x, base)
-    form = make_form(case, "grouped")
+    form = make_form(case, kernels)
     y_fast = run(form, spans, x, base)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y_ref.double(), expected(case, form, spans, x, base), rtol=1e-5, atol=1e-4)
@@ -231,7 +233,7 @@ def test_batch_rejects_bad_spans(spans) -> None:
 
 
 def test_kernels_selected_per_device() -> None:
-    assert select_kernels("cpu") == "grouped"
+    assert select_kernels("cpu") == "parallel"
     assert select_kernels(torch.device("meta")) == "reference"
 
 

@@ -68,6 +68,8 @@ class AdapterBatch:
         self.num_tokens = num_tokens
         self.groups = groups
         self.slots = frozenset(g.slot for g in groups)
+        self.disjoint = all(len(pairs) == 1 for _, _, pairs in spans)
+        """No token is in two groups (no mixture): per-slot products write disjoint rows."""
         self.device = torch.device(device)
         self._gathered: dict[tuple[int, ...], Gathered] = {}
         self._memo: dict[object, object] = {}

@@ -3,6 +3,8 @@
 Every form has a 'reference' kernel (pure torch, one sequence at a time, the definition), a 'grouped'
 one (one product per distinct slot of the step) and a 'triton' one (a fixed number of launches per step
 whatever the number of adapters: adapters/triton/), each tested against the reference in tests/adapters.
+A form may also have a 'parallel' one (the grouped products shared out among the CPU's threads,
+workers.py); a form without it runs its grouped kernel.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import torch
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("reference", "grouped", "triton")
+KERNELS = ("reference", "grouped", "parallel", "triton")
+
+FALLBACK: dict[str, str] = {"parallel": "grouped"}
+"""Kernels -> what a form without them runs."""
 
 BY_DEVICE_TYPE: dict[str, str] = {
-    "cpu": "grouped",
+    "cpu": "parallel",
     "cuda": "triton",
 }
-"""Device type -> kernels; a device without an entry runs the reference. On CPU the grouped kernels stay:
-Triton runs there only in its interpreter, which is for proving exactness, not for speed."""
+"""Device type -> kernels; a device without an entry runs the reference. On CPU no Triton: it runs there
+only in its interpreter, which is for proving exactness, not for speed."""
 
 
 def triton_available() -> bool:

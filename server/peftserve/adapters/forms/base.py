@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from ..batch import AdapterBatch
+from ..kernels import FALLBACK
 
 
 class SlotList(list):
@@ -93,7 +94,7 @@ class LayerSpec:
     bias: torch.Tensor | None
     """The base layer's bias [out] (None without one); DoRA's output scaling leaves it out."""
     kernels: str
-    """'reference', 'grouped' or 'triton'; chosen per device in kernels.py."""
+    """One of kernels.KERNELS, chosen per device in kernels.py."""
     shared: SharedTensors
     """The manager's store of tensors shared across slots and layers."""
 
@@ -249,9 +250,9 @@ class JointDelta(Delta):
 class Form:
     """The deltas of one compute form in one layer, one per slot, and how they apply to a step.
 
-    Subclasses set `stage` and implement `apply`; `kernels` maps 'reference', 'grouped' and 'triton' to
-    the functions `apply` calls (each with a Semantics docstring; the fast ones are tested against the
-    reference).
+    Subclasses set `stage` and implement `apply`; `kernels` maps 'reference', 'grouped', 'triton' and
+    optionally 'parallel' to the functions `apply` calls through `kernel` (each with a Semantics
+    docstring; the fast ones are tested against the reference).
     """
 
     stage: ClassVar[Stage] = Stage.ADD
@@ -262,6 +263,14 @@ class Form:
         self.spec = spec
         self.slots: SlotList = SlotList(spec.num_slots)
         self.loaded: set[int] = set()
+
+    @property
+    def kernel(self) -> Callable[..., None]:
+        """The layer's kernel of this form: the spec's, or what it falls back to (kernels.FALLBACK)."""
+        name = self.spec.kernels
+        while name not in self.kernels:
+            name = FALLBACK[name]
+        return self.kernels[name]
 
     def load(self, slot: int, delta: Delta) -> None:
         """Hold a delta (already on the layer's device and dtype) in a slot."""

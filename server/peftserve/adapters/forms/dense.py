@@ -58,7 +58,7 @@ class DenseForm(Form):
     }
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
-        self.kernels[self.spec.kernels](y, x, batch, self.slots)
+        self.kernel(y, x, batch, self.slots)
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class KroneckerForm(Form):
     kernels = {"reference": kron_reference, "grouped": kron_grouped, "triton": triton_kernel("kron_triton")}
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
-        self.kernels[self.spec.kernels](y, x, batch, self.slots)
+        self.kernel(y, x, batch, self.slots)
 
 
 @dataclass(frozen=True)

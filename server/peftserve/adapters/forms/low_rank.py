@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ..batch import AdapterBatch
+from ..batch import AdapterBatch, SlotGroup
+from ..workers import split_by_cost, workers
 from .base import Delta, Form, Stage, triton_kernel
 
 
@@ -44,7 +45,41 @@ def low_rank_grouped(
     scattered groups gather rows with index_select and scatter with index_add_. Mixture weights ride
     on alpha, or on the [n, r] intermediate when they vary within a group.
     """
-    for g in batch.groups:
+    _add_groups(y, x, batch.groups, slots)
+
+
+def low_rank_parallel(
+    y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, slots: Sequence[LowRankDelta | None]
+) -> None:
+    """CPU fast path: the grouped kernel's products shared out among the intra-op threads.
+
+    Semantics: same as low_rank_reference. The step's groups are cut into consecutive shares of about
+    equal work (A and B bytes plus rows times rank), one per thread; each thread runs its share's
+    products with one intra-op thread (workers.py says why). Shares write disjoint rows of y, so they
+    run only when no token is in two groups (no mixture in the step); otherwise, or with one share,
+    this is the grouped kernel.
+    """
+    pool = workers()
+    groups = [g for g in batch.groups if slots[g.slot] is not None]
+    if pool.size == 1 or len(groups) < 2 or not batch.disjoint:
+        _add_groups(y, x, groups, slots)
+        return
+    ranks = [slots[g.slot].rank for g in groups]  # type: ignore[union-attr]
+    # bytes of A and B over (in + out), and the rows' multiply-adds over (in + out), in one unit
+    costs = [r * (WORDS_PER_PRODUCT + g.num_tokens) for r, g in zip(ranks, groups, strict=True)]
+    shares = [groups[run.start : run.stop] for run in split_by_cost(costs, pool.size)]
+    pool.run(lambda share: _add_groups(y, x, share, slots), shares)
+
+
+WORDS_PER_PRODUCT = 8
+"""What reading one row of A and B costs next to one token's multiply-adds with them (bandwidth-bound
+on CPU: a word read costs about what a few multiply-adds do); only sets the balance of the shares."""
+
+
+def _add_groups(
+    y: torch.Tensor, x: torch.Tensor, groups: Iterable[SlotGroup], slots: Sequence[LowRankDelta | None]
+) -> None:
+    for g in groups:
         d = slots[g.slot]
         if d is None:
             continue
@@ -67,11 +102,12 @@ class LowRankForm(Form):
     kernels = {
         "reference": low_rank_reference,
         "grouped": low_rank_grouped,
+        "parallel": low_rank_parallel,
         "triton": triton_kernel("low_rank_triton"),
     }
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
-        self.kernels[self.spec.kernels](y, x, batch, self.slots)
+        self.kernel(y, x, batch, self.slots)
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ class ProjectedForm(Form):
         super().clear(slot)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
-        self.kernels[self.spec.kernels](y, x, batch, self.projected)
+        self.kernel(y, x, batch, self.projected)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class InputScaleForm(Form):
     }
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
-        self.kernels[self.spec.kernels](y, x, batch, self.slots)
+        self.kernel(y, x, batch, self.slots)
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class OutputScaleForm(Form):
     }
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
-        self.kernels[self.spec.kernels](y, x, batch, self.slots, self.spec.bias)
+        self.kernel(y, x, batch, self.slots, self.spec.bias)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ class SparseForm(Form):
     }
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
-        self.kernels[self.spec.kernels](y, x, batch, self.slots)
+        self.kernel(y, x, batch, self.slots)
 
 
 @dataclass(frozen=True)
