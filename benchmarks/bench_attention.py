@@ -77,7 +77,7 @@ def engine_steps(shape, args: argparse.Namespace) -> None:
     prompts = make_prompts(args.rows, 16, 256, (3, 1024), seed=args.seed)
     kv_mb = args.rows * (256 + 64) * shape.kv_bytes_per_token() / 2**20
     config = EngineConfig(
-        dtype="float32", kv_cache_mb=1.25 * kv_mb, max_running=args.rows, block_size=args.block_size,
+        dtype=args.dtype, kv_cache_mb=1.25 * kv_mb, max_running=args.rows, block_size=args.block_size,
         attention="flex",
     )  # fmt: skip
     engine = LLMEngine.from_model(build_model(shape, seed=args.seed), bench_tokenizer(), config)
@@ -104,7 +104,7 @@ def engine_steps(shape, args: argparse.Namespace) -> None:
     mean = {path: sum(t) / len(t) for path, t in times.items()}
     print(environment("cpu"))
     print(
-        f"{shape.name}: {args.rows} requests, decode-only steps alternating, "
+        f"{shape.name}, {args.dtype}: {args.rows} requests, decode-only steps alternating, "
         f"threads {torch.get_num_threads()}"
     )
     rows = [["path", "decode steps", "mean step ms", "tok/s in decode", "speed-up"]]
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine", action="store_true", help="time whole engine decode steps instead")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="with --engine")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -79,11 +79,11 @@ class Workers:
         # Grad and inference mode are per thread: the helpers take the caller's.
         modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         futures: list[Future] = [self._pool.submit(_in_modes, modes, fn, share) for share in shares[:-1]]
-        try:
-            with one_intra_op_thread():
+        with one_intra_op_thread():  # torch's thread count is not only the caller's: kept at 1 until all end
+            try:
                 fn(shares[-1])
-        finally:
-            wait(futures)  # every share done before the caller reads y or raises
+            finally:
+                wait(futures)  # every share done before the caller reads y or raises
         for future in futures:
             future.result()  # a helper's error
 
