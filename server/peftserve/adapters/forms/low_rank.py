@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -29,10 +29,10 @@ def low_rank_reference(
             d = slots[slot]
             if d is None:
                 continue
-            term = weight * ((xs @ d.a.T) @ d.b.T)  # [n, out]
+            term = weight * ((xs.to(d.a.dtype) @ d.a.T) @ d.b.T)  # [n, out]
             delta = term if delta is None else delta + term
         if delta is not None:
-            y[start : start + length] += delta
+            y[start : start + length] += delta.to(y.dtype)
 
 
 def low_rank_grouped(
@@ -83,7 +83,9 @@ def _add_groups(
         d = slots[g.slot]
         if d is None:
             continue
-        if g.index is None and g.num_tokens == 1:  # a decode token: matrix-vector products
+        if d.a.dtype != x.dtype:  # float32 factors under a bfloat16 model on CPU (LowRankForm.load)
+            _add_group_widened(y, x, g, d)
+        elif g.index is None and g.num_tokens == 1:  # a decode token: matrix-vector products
             t = g.start
             y[t].addmv_(d.b, torch.mv(d.a, x[t]), alpha=g.scale)  # [out] += B @ (A @ x[t])
         elif g.index is None:
@@ -96,6 +98,18 @@ def _add_groups(
             y.index_add_(0, g.index, h @ d.b.T, alpha=g.scale)
 
 
+def _add_group_widened(y: torch.Tensor, x: torch.Tensor, g: SlotGroup, d: LowRankDelta) -> None:
+    """One group's products in the factors' (wider) dtype, rounded once into y."""
+    if g.index is None:
+        h = x[g.start : g.stop].to(d.a.dtype) @ d.a.T  # [n, r]
+        y[g.start : g.stop] += (h @ d.b.T).mul_(g.scale).to(y.dtype)
+    else:
+        h = x.index_select(0, g.index).to(d.a.dtype) @ d.a.T  # [n, r]
+        if g.weight is not None:
+            h.mul_(g.weight)
+        y.index_add_(0, g.index, (h @ d.b.T).mul_(g.scale).to(y.dtype))
+
+
 class LowRankForm(Form):
     stage = Stage.ADD
     name = "low_rank"
@@ -106,8 +120,20 @@ class LowRankForm(Form):
         "triton": triton_kernel("low_rank_triton"),
     }
 
+    def load(self, slot: int, delta: Delta) -> None:
+        """Hold the delta; on CPU a bfloat16/float16 delta is held in float32 (twice its bytes), since
+        torch's CPU matrix-vector products in bfloat16 are ~3.5x slower than in float32 at these sizes
+        (benchmarks/README.md, "bfloat16 on CPU"), and the products then round once, not twice."""
+        assert isinstance(delta, LowRankDelta)
+        if delta.a.device.type == "cpu" and delta.a.dtype in NARROW and self.spec.kernels != "reference":
+            delta = replace(delta, a=delta.a.float(), b=delta.b.float())
+        super().load(slot, delta)
+
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
         self.kernel(y, x, batch, self.slots)
+
+
+NARROW = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
