@@ -29,6 +29,20 @@ NEW_TOKENS = 32
 TOL = 1e-4
 
 
+def requests_for(uses, vocab_size: int, new_tokens: int) -> list[GenerationRequest]:
+    """One greedy request per entry of uses (its adapter refs; () for the base), seeded 3-31 token prompts."""
+    prompts = random_prompts([3 + 5 * i % 29 for i in range(len(uses))], vocab_size, seed=7)
+    return [
+        GenerationRequest(
+            request_id=f"{i}-" + ("+".join(n for n, _ in refs) or "base"),
+            prompt_token_ids=prompt,
+            sampling=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
+            adapters=tuple(AdapterRef(n, w) for n, w in refs),
+        )
+        for i, (refs, prompt) in enumerate(zip(uses, prompts, strict=True))
+    ]
+
+
 def make_adapters(base, family: str, root) -> dict[str, object]:
     adapters = pf.make_all(base, family, root)
     adapters["prefix"] = pf.make_prefix(base, root / "prefix", projection=False)
@@ -76,16 +90,7 @@ def test_mixed_adapter_batch_equals_peft_per_adapter(family, tmp_path):
     mixtures = [m for m in pf.MIXTURES if all(n in adapters for n, _ in m)]
     uses = [((name, 1.0),) for name in adapters] + [()] + mixtures + [()]
     uses = uses[::2] + uses[1::2]  # every kind in each half, so the second half joins a mixed batch
-    prompts = random_prompts([3 + 5 * i % 29 for i in range(len(uses))], engine.model_info.vocab_size, seed=7)
-    requests = [
-        GenerationRequest(
-            request_id=f"{i}-" + ("+".join(n for n, _ in refs) or "base"),
-            prompt_token_ids=prompt,
-            sampling=SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
-            adapters=tuple(AdapterRef(n, w) for n, w in refs),
-        )
-        for i, (refs, prompt) in enumerate(zip(uses, prompts, strict=True))
-    ]
+    requests = requests_for(uses, engine.model_info.vocab_size, NEW_TOKENS)
     half = len(requests) // 2
     recorded = run_recording(engine, [requests[:half], requests[half:]])
 

@@ -21,10 +21,9 @@ from peft import PeftModel
 from peftserve.adapters.manager import AdapterManager
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
-from peftserve.engine.request import AdapterRef, GenerationRequest, SamplingParams
 from peftserve.runner.linear import PackedLinear, onednn_usable
-from tests.engine.conftest import random_prompts, run_recording
-from tests.engine.test_adapter_fidelity import make_adapters
+from tests.engine.conftest import run_recording
+from tests.engine.test_adapter_fidelity import make_adapters, requests_for
 from tests.helpers.tiny_models import FAMILIES, build_tiny_model
 
 NEW_TOKENS = 16
@@ -62,16 +61,7 @@ def test_bf16_engine_agrees_with_peft_in_bf16(family, tmp_path):
     assert packed == (onednn_usable(torch.bfloat16) and family != "gpt2")  # GPT-2: Conv1D, not Linear
 
     uses = [((name, 1.0),) for name in adapters] + [()]
-    prompts = random_prompts([3 + 5 * i % 29 for i in range(len(uses))], engine.model_info.vocab_size, seed=7)
-    requests = [
-        GenerationRequest(
-            request_id=f"{i}-" + ("+".join(n for n, _ in refs) or "base"),
-            prompt_token_ids=prompt,
-            sampling=SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
-            adapters=tuple(AdapterRef(n, w) for n, w in refs),
-        )
-        for i, (refs, prompt) in enumerate(zip(uses, prompts, strict=True))
-    ]
+    requests = requests_for(uses, engine.model_info.vocab_size, NEW_TOKENS)
     half = len(requests) // 2
     recorded = run_recording(engine, [requests[:half], requests[half:]])
 
