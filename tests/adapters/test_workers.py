@@ -146,3 +146,14 @@ def test_parallel_low_rank_updates_inference_tensors(monkeypatch: pytest.MonkeyP
         _form("reference", torch.float32).apply(y_ref, x, batch)
         _form("parallel", torch.float32).apply(y, x, batch)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kernels", "held"),
+    [("parallel", torch.float32), ("grouped", torch.float32), ("reference", torch.bfloat16)],
+)
+def test_cpu_kernels_hold_a_bfloat16_models_factors_in_float32(kernels: str, held: torch.dtype) -> None:
+    """torch's CPU matrix-vector products are slow in bfloat16: the fast CPU kernels keep float32 factors."""
+    form = _form(kernels, torch.bfloat16)
+    loaded = [d for d in form.slots if d is not None]
+    assert loaded and all(d.a.dtype == d.b.dtype == held for d in loaded)

@@ -125,7 +125,7 @@ class LowRankForm(Form):
         torch's CPU matrix-vector products in bfloat16 are ~3.5x slower than in float32 at these sizes
         (benchmarks/README.md, "bfloat16 on CPU"), and the products then round once, not twice."""
         assert isinstance(delta, LowRankDelta)
-        if delta.a.device.type == "cpu" and delta.a.dtype in NARROW and self.spec.kernels != "reference":
+        if delta.a.device.type == "cpu" and delta.a.dtype in NARROW and self.spec.kernels in WIDENING:
             delta = replace(delta, a=delta.a.float(), b=delta.b.float())
         super().load(slot, delta)
 
@@ -134,6 +134,8 @@ class LowRankForm(Form):
 
 
 NARROW = (torch.bfloat16, torch.float16)
+WIDENING = ("grouped", "parallel")
+"""The CPU kernels that take float32 factors beside a narrower model (the reference and Triton do not)."""
 
 
 @dataclass(frozen=True)
