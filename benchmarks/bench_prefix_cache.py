@@ -60,7 +60,8 @@ class Run:
     turns: list[chat.Turn] = field(default_factory=list)
     seconds: float = 0.0
     cache: dict = field(default_factory=dict)
-    """The prefix cache's counters after the trace: query and hit tokens, hit rate (and the engine's own)."""
+    """The prefix cache's counters over the trace: query and hit tokens, hit rate (peftserve: also blocks,
+    evictions)."""
 
 
 @dataclass(frozen=True)
