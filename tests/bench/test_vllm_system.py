@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,10 +14,12 @@ from peftserve.bench.vllm_system import (
     VllmSpec,
     adapter_pairs,
     lora_rank_flag,
+    prefix_cache_tokens,
     vllm_argv,
     vllm_env,
 )
 from peftserve.bench.workload import TraceRequest
+from tests.helpers.fake_openai import FakeOpenAI
 
 PYTHON = Path("/peers/vllm/bin/python")
 MODEL = Path("/work/model")
@@ -58,6 +57,35 @@ def test_argv_without_adapters_turns_lora_off():
     assert not {"--enable-lora", "--max-loras", "--lora-modules"} & set(argv)
 
 
+def test_argv_sets_prefix_caching_step_budget_and_block_only_when_asked():
+    default = vllm_argv(_spec(), port=1)
+    assert not {"--enable-prefix-caching", "--no-enable-prefix-caching", "--max-num-batched-tokens"} & set(
+        default
+    )
+    assert "--block-size" not in default  # vLLM's own (128 on CPU)
+    on = vllm_argv(_spec(prefix_caching=True, max_num_batched_tokens=512, block_size=32), port=1)
+    assert "--enable-prefix-caching" in on and "--no-enable-prefix-caching" not in on
+    assert (_flag(on, "--max-num-batched-tokens"), _flag(on, "--block-size")) == ("512", "32")
+    off = vllm_argv(_spec(prefix_caching=False), port=1)
+    assert "--no-enable-prefix-caching" in off and "--enable-prefix-caching" not in off
+
+
+def test_prefix_cache_tokens_sum_vllm_counters_over_engines():
+    metrics = "\n".join(
+        [
+            "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in queried tokens.",
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            'vllm:prefix_cache_queries_total{engine="0",model_name="base"} 1200.0',
+            'vllm:prefix_cache_queries_total{engine="1",model_name="base"} 300.0',
+            'vllm:prefix_cache_hits_total{engine="0",model_name="base"} 896.0',
+            'vllm:prefix_cache_hits_created{engine="0",model_name="base"} 1.7e+09',
+            'vllm:external_prefix_cache_hits_total{engine="0",model_name="base"} 5.0',
+        ]
+    )
+    assert prefix_cache_tokens(metrics) == (1500.0, 896.0)
+    assert prefix_cache_tokens("") == (0.0, 0.0)
+
+
 def test_env_drops_our_python_paths_and_sets_the_cpu_knobs():
     parent = {"PATH": "/bin", "PYTHONPATH": "server:client", "VIRTUAL_ENV": "/work/.venv", "HOME": "/root"}
     env = vllm_env(_spec(kv_cache_gib=2.2, threads=2), parent)
@@ -83,6 +111,8 @@ def test_env_puts_preloaded_libraries_first():
         ({"dtype": "float16"}, "dtype"),
         ({"max_lora_rank": 1024}, "ranks up to"),
         ({"threads": 0}, "threads"),
+        ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
+        ({"block_size": -16}, "block_size"),
         ({"adapters": (("a=b", Path("/x")),)}, "'='"),
         ({"adapters": (("a", Path("/x")), ("a", Path("/y")))}, "distinct"),
     ],
@@ -122,55 +152,11 @@ def test_bench_flags_select_the_peer():
         BenchConfig(dtype="float16")
 
 
-class _FakeOpenAI(BaseHTTPRequestHandler):
-    """The two routes the benchmark uses, answering like vLLM; every completion body is kept."""
-
-    bodies: list[dict] = []
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:  # noqa: N802
-        models = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "vllm"} for name in ("base", "main/a1")
-        ]
-        self._send(200, json.dumps({"object": "list", "data": models}).encode(), "application/json")
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.bodies.append(body)
-        n = body["max_tokens"]
-        chunk = {"id": "c", "object": "text_completion", "created": 0, "model": body["model"]}
-        events = [{**chunk, "choices": [{"index": 0, "text": "x", "finish_reason": None}]} for _ in range(n)]
-        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n, "total_tokens": n}
-        events.append({**chunk, "choices": [], "usage": usage})
-        stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-        self._send(200, stream.encode(), "text/event-stream")
-
-
-@pytest.fixture
-def fake_peer():
-    _FakeOpenAI.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join()
-
-
 def test_trace_requests_reach_the_peer_as_streamed_greedy_completions(fake_peer):
     trace = [TraceRequest(0, 0.0, 1, (5, 6, 7), 4), TraceRequest(1, 0.0, 0, (9,), 2)]
     records = http_system.run_trace(fake_peer, trace, ["main/a0", "main/a1"])
     assert [(r.output_tokens, r.error) for r in records] == [(4, None), (2, None)]
-    by_prompt = {tuple(b["prompt"]): b for b in _FakeOpenAI.bodies}
+    by_prompt = {tuple(b["prompt"]): b for b in FakeOpenAI.bodies}
     first = by_prompt[(5, 6, 7)]
     assert first["model"] == "main/a1"  # the trace's adapter index, named by the id peftserve serves
     assert (first["max_tokens"], first["temperature"], first["ignore_eos"], first["stream"]) == (
@@ -186,4 +172,4 @@ def test_trace_requests_reach_the_peer_as_streamed_greedy_completions(fake_peer)
 def test_base_trace_names_the_first_listed_model(fake_peer):
     records = http_system.run_trace(fake_peer, [TraceRequest(0, 0.0, 0, (5,), 1)], None)
     assert records[0].error is None
-    assert _FakeOpenAI.bodies[0]["model"] == "base"
+    assert FakeOpenAI.bodies[0]["model"] == "base"

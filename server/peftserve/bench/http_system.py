@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peftserve.bench.records import RequestRecord
@@ -19,35 +20,67 @@ if TYPE_CHECKING:
     import openai
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """One streamed completion: perf_counter times of its first chunk and its end, and what it generated."""
+
+    first_token_at: float | None
+    finished_at: float
+    completion_tokens: int
+    """From the usage chunk at the end."""
+    token_ids: list[int]
+    """The generated ids, when asked for (vLLM's `return_token_ids`); else empty."""
+
+
+async def stream_completion(
+    client: openai.AsyncOpenAI,
+    model: str,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    *,
+    return_token_ids: bool = False,
+) -> Streamed:
+    """A streamed /v1/completions call on token ids: greedy, EOS ignored, usage at the end."""
+    extra: dict[str, bool] = {"ignore_eos": True}
+    if return_token_ids:
+        extra["return_token_ids"] = True
+    stream = await client.completions.create(
+        model=model,
+        prompt=list(prompt_ids),
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+    )
+    first_token_at, tokens, token_ids = None, 0, []
+    async for chunk in stream:
+        if chunk.choices:
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            token_ids += getattr(chunk.choices[0], "token_ids", None) or []  # an extra field of vLLM's
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return Streamed(first_token_at, time.perf_counter(), tokens, token_ids)
+
+
 async def _send(client: openai.AsyncOpenAI, request: TraceRequest, model: str, start: float) -> RequestRecord:
     """Wait for the request's arrival, stream it, and time its first and last tokens."""
     import openai
 
     await asyncio.sleep(max(0.0, start + request.arrival - time.perf_counter()))
-    first_token = finished = None
-    tokens = 0
     try:
-        stream = await client.completions.create(
-            model=model,
-            prompt=list(request.prompt_ids),
-            max_tokens=request.output_len,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
-        )
-        async for chunk in stream:
-            if chunk.choices and first_token is None:
-                first_token = time.perf_counter() - start
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-        finished = time.perf_counter() - start
+        out = await stream_completion(client, model, request.prompt_ids, request.output_len)
     except openai.OpenAIError as exc:
-        return RequestRecord(
-            request.index, request.arrival, len(request.prompt_ids), tokens, first_token, None, str(exc)
-        )
+        return RequestRecord(request.index, request.arrival, len(request.prompt_ids), 0, None, None, str(exc))
+    first_token = None if out.first_token_at is None else out.first_token_at - start
     return RequestRecord(
-        request.index, request.arrival, len(request.prompt_ids), tokens, first_token, finished
+        request.index,
+        request.arrival,
+        len(request.prompt_ids),
+        out.completion_tokens,
+        first_token,
+        out.finished_at - start,
     )
 
 

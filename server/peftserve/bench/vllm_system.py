@@ -55,6 +55,12 @@ class VllmSpec:
     """Requests decoding at once: peftserve's max_running."""
     max_model_len: int = 528
     """Longest prompt plus completion (sizes vLLM's buffers; its default is the model's context)."""
+    max_num_batched_tokens: int | None = None
+    """Tokens in one step (its chunked prefill's budget); None: vLLM's default."""
+    prefix_caching: bool | None = None
+    """Automatic prefix caching on or off; None: vLLM's default (on)."""
+    block_size: int | None = None
+    """Tokens per KV block (what its prefix cache shares); None: vLLM's default (128 on CPU)."""
     kv_cache_gib: float = 4.0
     """VLLM_CPU_KVCACHE_SPACE, rounded up to whole GiB."""
     threads: int | None = None
@@ -71,6 +77,9 @@ class VllmSpec:
         _check(self.max_lora_rank <= LORA_RANKS[-1], f"vLLM takes LoRA ranks up to {LORA_RANKS[-1]}")
         _check(self.max_loras > 0 and self.max_num_seqs > 0, "max_loras and max_num_seqs must be > 0")
         _check(self.kv_cache_gib > 0, f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        for name in ("max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"{name} must be > 0, got {value}")
         _check(self.threads is None or self.threads > 0, f"threads must be > 0, got {self.threads}")
         names = [name for name, _ in self.adapters]
         _check(len(set(names)) == len(names), "adapter ids must be distinct")
@@ -99,6 +108,12 @@ def vllm_argv(spec: VllmSpec, port: int, host: str = "127.0.0.1") -> list[str]:
         "--port", str(port),
         "--uvicorn-log-level", "warning",
     ]  # fmt: skip
+    if spec.max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
+    if spec.prefix_caching is not None:
+        argv.append("--enable-prefix-caching" if spec.prefix_caching else "--no-enable-prefix-caching")
+    if spec.block_size is not None:
+        argv += ["--block-size", str(spec.block_size)]
     if spec.lora:
         argv += [
             "--enable-lora",
@@ -181,6 +196,11 @@ class VllmServer:
         self.stop()
         raise RuntimeError("the vLLM server did not become ready:\n" + self.tail())
 
+    def prefix_cache_tokens(self) -> tuple[float, float]:
+        """(queried, found) prompt tokens of its prefix cache so far, from /metrics."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            return prefix_cache_tokens(response.read().decode())
+
     def pids(self) -> list[int]:
         """The server and its descendants (its engine core, the engine's workers), for CPU accounting."""
         pids, i = [self.proc.pid], 0
@@ -209,6 +229,16 @@ class VllmServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def prefix_cache_tokens(metrics: str) -> tuple[float, float]:
+    """(queried, found) prompt tokens of vLLM's prefix cache in its Prometheus text, summed over engines."""
+    totals = {"vllm:prefix_cache_queries_total": 0.0, "vllm:prefix_cache_hits_total": 0.0}
+    for line in metrics.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]
 
 
 def adapter_pairs(ids: Sequence[str], directories: Sequence[Path]) -> tuple[tuple[str, Path], ...]:
