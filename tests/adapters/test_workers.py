@@ -3,6 +3,7 @@ sizes the small cases of test_kernels.py do not reach: 1 and 1,000+ tokens, fp32
 
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from peftserve.adapters import AdapterBatch
 from peftserve.adapters.forms import LayerSpec, LowRankDelta, LowRankForm, SharedTensors
-from peftserve.adapters.workers import Workers, split_by_cost, workers
+from peftserve.adapters.workers import Workers, one_intra_op_thread, split_by_cost, workers
 
 IN, OUT = 64, 96
 RANKS = (4, 16, 1, 32, 8, 0, 16, 2)
@@ -68,12 +69,13 @@ def test_workers_wait_for_every_share_and_raise_a_helpers_error() -> None:
     pool.close()
 
 
-def _form(kernels: str, dtype: torch.dtype) -> LowRankForm:
-    form = LowRankForm(LayerSpec(IN, OUT, len(RANKS), None, kernels, SharedTensors()))
+def _form(kernels: str, dtype: torch.dtype, size: tuple[int, int] = (IN, OUT)) -> LowRankForm:
+    d_in, d_out = size
+    form = LowRankForm(LayerSpec(d_in, d_out, len(RANKS), None, kernels, SharedTensors()))
     gen = torch.Generator().manual_seed(0)
     for slot, r in enumerate(RANKS):
         if r:
-            a, b = torch.randn(r, IN, generator=gen), torch.randn(OUT, r, generator=gen)
+            a, b = torch.randn(r, d_in, generator=gen), torch.randn(d_out, r, generator=gen)
             form.load(slot, LowRankDelta(a=a, b=b).to("cpu", dtype))
     return form
 
@@ -157,3 +159,46 @@ def test_cpu_kernels_hold_a_bfloat16_models_factors_in_float32(kernels: str, hel
     form = _form(kernels, torch.bfloat16)
     loaded = [d for d in form.slots if d is not None]
     assert loaded and all(d.a.dtype == d.b.dtype == held for d in loaded)
+
+
+def test_parallel_low_rank_gives_the_bits_of_one_thread(monkeypatch) -> None:
+    """Shared out or not (one group, or a mixture in the step), every product runs on one thread, so a
+    row's bits do not depend on which other rows share its step (engine outputs equal requests alone)."""
+    monkeypatch.setattr("peftserve.adapters.forms.low_rank.workers", lambda: workers(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what the grouped kernel would otherwise run its products with
+    try:
+        _compare_random_steps()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_random_steps() -> None:
+    d_in, d_out, slots = 256, 512, 8
+    gen = torch.Generator().manual_seed(3)
+    forms = {
+        k: LowRankForm(LayerSpec(d_in, d_out, slots, None, k, SharedTensors()))
+        for k in ("grouped", "parallel")
+    }
+    for slot in range(slots):
+        delta = LowRankDelta(a=torch.randn(8, d_in, generator=gen), b=torch.randn(d_out, 8, generator=gen))
+        for form in forms.values():
+            form.load(slot, delta)
+    rng = random.Random(0)
+    for _ in range(200):  # random steps: 1-12 sequences of 1, 5 or 17 tokens, one in ten a mixture
+        spans, t = [], 0
+        for _ in range(rng.randint(1, 12)):
+            length, first, second = rng.choice([1, 1, 1, 5, 17]), rng.randrange(slots), rng.randrange(slots)
+            mixed = rng.random() < 0.1 and first != second
+            spans.append((t, length, ((first, 0.5), (second, 0.25)) if mixed else ((first, 1.0),)))
+            t += length
+        batch = AdapterBatch.build(spans, t, "cpu")
+        x, y_one = (
+            torch.randn(t, d_in, generator=gen),
+            torch.randn(t, d_out, generator=gen),
+        )  # [T, in], [T, out]
+        y_par = y_one.clone()
+        with one_intra_op_thread():
+            forms["grouped"].apply(y_one, x, batch)
+        forms["parallel"].apply(y_par, x, batch)
+        assert torch.equal(y_par, y_one), spans

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..batch import AdapterBatch, SlotGroup
-from ..workers import split_by_cost, workers
+from ..workers import one_intra_op_thread, split_by_cost, workers
 from .base import Delta, Form, Stage, triton_kernel
 
 
@@ -62,7 +62,8 @@ def low_rank_parallel(
     pool = workers()
     groups = [g for g in batch.groups if slots[g.slot] is not None]
     if pool.size == 1 or len(groups) < 2 or not batch.disjoint:
-        _add_groups(y, x, groups, slots)
+        with one_intra_op_thread():  # every product on one thread, shared out or not: the same bits
+            _add_groups(y, x, groups, slots)
         return
     ranks = [slots[g.slot].rank for g in groups]  # type: ignore[union-attr]
     # bytes of A and B over (in + out), and the rows' multiply-adds over (in + out), in one unit
