@@ -48,7 +48,9 @@ class Single:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Single]:
     store = tmp_path_factory.mktemp("single") / "store"
-    process = ServerProcess.serve(["--threads", "1", "--store", str(store), "--http-port", "0"])
+    # float32 like the cluster: outputs are compared token for token
+    args = ["--threads", "1", "--store", str(store), "--http-port", "0", "--dtype", "float32"]
+    process = ServerProcess.serve(args)
     try:
         address = process.wait_ready(120)
         assert process.http_url is not None
