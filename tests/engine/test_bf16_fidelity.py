@@ -28,7 +28,7 @@ from tests.helpers.tiny_models import FAMILIES, build_tiny_model
 
 NEW_TOKENS = 16
 LOGIT_TOL = 0.15
-"""Largest |Δlogit| allowed against PEFT in bf16 (measured: at most 0.07; the tiny models' logits span
+"""Largest |Δlogit| allowed against PEFT in bf16 (seed 0: at most 0.086 measured; the tiny models' logits span
 about ±4, where a bf16 unit of the last place is 1/64 to 1/32)."""
 MIN_AGREEMENT = 0.9
 """Smallest share of steps whose greedy token equals PEFT's argmax on the same context."""
@@ -44,6 +44,7 @@ def peft_logits(reference, prompt: list[int], tokens: list[int]) -> torch.Tensor
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_engine_agrees_with_peft_in_bf16(family, tmp_path):
+    torch.manual_seed(0)  # the adapters' random weights, whatever ran before (the bound is measured on these)
     base32, _ = build_tiny_model(family)
     adapters = make_adapters(base32, family, tmp_path)
     base = copy.deepcopy(base32).to(torch.bfloat16)
