@@ -67,6 +67,8 @@ class ModelRunner:
         # flex's block mask (one query block per token, G rows) is shaped for its CPU kernel; other
         # devices keep the gathering path until it is measured there.
         self.in_place = attention == "flex" and self.device.type == "cpu"
+        self._sinks = any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
+        """Layers with attention sinks (GPT-OSS) gather their context even when the rest read in place."""
         if self.in_place:
             self._warm_up()
         log.info("attention: %s", "in place (flex)" if self.in_place else "gathered (sdpa)")
@@ -133,8 +135,14 @@ class ModelRunner:
             paged=self._paged_layout([(c.position, c.num_tokens, c.seq.blocks) for c in step.chunks])
             if self.in_place
             else None,
-            **self._decode_metadata(decodes),
+            # the gathered decode rows: read by the gathering path, sink layers and captured graphs only
+            **self._decode_metadata(decodes if self._gathers else []),
         )
+
+    @property
+    def _gathers(self) -> bool:
+        """Whether a step needs each decode row's context gathered (built once per step, ~1 ms)."""
+        return not self.in_place or self._sinks or self.graphs is not None
 
     def _paged_layout(self, chunks: list[tuple[int, int, list[int]]]) -> PagedLayout:
         """The step's layout for attention in place; first zeroes the value rows past each sequence's

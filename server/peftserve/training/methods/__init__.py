@@ -17,11 +17,10 @@ from peftserve.training.config import (
 
 from .adalora import AdaLoraMethod
 from .base import BuildContext, MethodState, TrainingMethod
-from .dora import DoraMethod
 from .ia3 import Ia3Method
 from .loha import LohaMethod
 from .lokr import LokrMethod
-from .lora import LoraMethod
+from .lora import DoraMethod, LoraMethod
 from .prefix import PrefixMethod
 from .sparse import SparseMethod
 from .vera import VeraMethod
