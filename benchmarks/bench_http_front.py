@@ -31,7 +31,7 @@ SERVER = """
 import asyncio, sys
 sys.path.insert(0, {here!r})
 from bench_http_front import serve
-asyncio.run(serve({step_s}))
+asyncio.run(serve({step_s}, {gil_s}))
 """
 
 
@@ -45,17 +45,18 @@ class _Seq:
 
 
 class SteppingEngine:
-    """What AsyncEngine needs of an LLMEngine: each step sleeps step_s, then every running request gets
-    one token (id 65, text "A")."""
+    """What AsyncEngine needs of an LLMEngine: a step lasts step_s, its last gil_s holding the GIL (as a
+    real step's Python does), then every running request gets one token (id 65, text "A")."""
 
     adapters = None
     tokenizer = None
 
-    def __init__(self, step_s: float) -> None:
+    def __init__(self, step_s: float, gil_s: float = 0.0) -> None:
         from tests.api.fake_engine import FakeEngine
 
         self.model_info = FakeEngine().model_info
         self.step_s = step_s
+        self.gil_s = gil_s
         self.running: dict[str, _Seq] = {}
 
     def prepare(self, request) -> _Seq:
@@ -78,7 +79,10 @@ class SteppingEngine:
         return []
 
     def step(self) -> list[RequestOutput]:
-        time.sleep(self.step_s)
+        time.sleep(max(0.0, self.step_s - self.gil_s))
+        end = time.perf_counter() + self.gil_s
+        while time.perf_counter() < end:
+            pass
         outputs = []
         for seq in list(self.running.values()):
             seq.generated += 1
@@ -99,7 +103,7 @@ class SteppingEngine:
         return outputs
 
 
-async def serve(step_s: float) -> None:
+async def serve(step_s: float, gil_s: float = 0.0) -> None:
     """The HTTP app over AsyncEngine(SteppingEngine) on a free port; prints the port, runs until killed."""
     from peftserve.api.health import ServingHealth
     from peftserve.api.http import HttpServer, create_app
@@ -107,7 +111,7 @@ async def serve(step_s: float) -> None:
     from peftserve.engine.async_engine import AsyncEngine
     from peftserve.metrics import ServerMetrics
 
-    engine = AsyncEngine(SteppingEngine(step_s))
+    engine = AsyncEngine(SteppingEngine(step_s, gil_s))
     health = ServingHealth()
     await health.mark_serving()
     app = create_app(engine, health=health, metrics=ServerMetrics(engine), auth=Authenticator())
@@ -191,10 +195,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per long stream")
     parser.add_argument("--waves", type=int, default=4, help="one-token rounds per measured short round")
     parser.add_argument("--step-ms", type=float, default=5.0, help="the stand-in engine's step time")
+    parser.add_argument("--gil-ms", type=float, default=0.0, help="of each step, the part holding the GIL")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
-    code = SERVER.format(here=here, step_s=args.step_ms / 1e3)
+    code = SERVER.format(here=here, step_s=args.step_ms / 1e3, gil_s=args.gil_ms / 1e3)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         base_url = f"http://127.0.0.1:{child.stdout.readline().strip()}/v1"
