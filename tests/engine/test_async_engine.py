@@ -148,10 +148,10 @@ def test_a_lagging_stream_takes_its_waiting_increments_merged(async_engine, monk
         return first, [out async for out in lagging]
 
     first, rest = asyncio.run(main())
-    assert first.completion_tokens == 1 and len(rest) == 1
+    assert len(rest) == 1  # not one increment per token: what waited came merged
     (last,) = rest
     assert list(first.token_ids + last.token_ids) == reference_greedy(reference, prompt, 6)
-    assert len(last.token_ids) == len(last.logprobs) == 5
+    assert len(last.token_ids) == len(last.logprobs) == 6 - first.completion_tokens > 1
     assert last.finish_reason is FinishReason.LENGTH and last.completion_tokens == 6
     assert last.prompt_tokens == len(prompt)
 
