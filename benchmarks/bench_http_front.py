@@ -1,13 +1,15 @@
 """The HTTP front's own cost: CPU of the server's event-loop thread per request and per streamed chunk.
 
 No model: a stepping stand-in for LLMEngine (one token per running request per step, a step being a
-GIL-free sleep) under the real AsyncEngine, the real FastAPI app and uvicorn, in a child process. The
-`openai` client streams /v1/completions from this process, as `peftserve bench`'s HTTP system does,
-with usage at the end. The child's threads are read from /proc around each round, so the figure is the
-event loop's CPU (parsing, routing, translation, SSE writes, output delivery), not the engine thread's.
+sleep, its end optionally holding the GIL: --gil-ms) under the real AsyncEngine, the real FastAPI app
+and uvicorn, in a child process. The `openai` client streams /v1/completions from this process, as
+`peftserve bench`'s HTTP system does, with usage at the end. The child's threads are read from /proc
+around each round, so the figure is the event loop's CPU (parsing, routing, translation, SSE writes,
+output delivery), not the engine thread's.
 
 Two shapes separate the costs: many one-token requests (per request) and long streams (per chunk, after
-taking away the per-request cost). Rounds alternate; the median round is reported.
+taking away the per-request cost). Rounds alternate; the median round is reported. On a shared machine
+the figures move with the other load by a fifth or more: compare two versions in alternating runs.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_http_front.py
 """
