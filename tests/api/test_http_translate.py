@@ -13,6 +13,7 @@ from peftserve.api.http.errors import error_of, http_status
 from peftserve.api.http.schemas import ChatMessage
 from peftserve.auth import LOCAL_CALLER, Caller
 from peftserve.engine.request import AdapterRef, FinishReason, RequestOutput, check_adapter_refs
+from peftserve.engine.request import merged as merge
 
 GRPC_TO_HTTP = {
     "INVALID_ARGUMENT": {400},
@@ -122,3 +123,39 @@ def test_writers() -> None:
     cached = replace(out("b", (98,), FinishReason.EOS, 2), cached_tokens=2)
     assert chat.usage_chunk(cached)["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
     assert whole["id"].startswith("chatcmpl-") and whole["object"] == "chat.completion"
+
+
+def _streamed(chunks: list[dict]) -> tuple[str, list, list]:
+    """What a client reads from chunks: the text, each token's logprob entry, the finish reasons."""
+    choices = [c["choices"][0] for c in chunks]
+    text = "".join(c["text"] if "text" in c else c["delta"]["content"] for c in choices)
+    tokens = []
+    for logprobs in (c["logprobs"] for c in choices):
+        if "content" in logprobs:  # chat
+            tokens += logprobs["content"]
+        else:
+            tokens += zip(
+                logprobs["tokens"], logprobs["token_logprobs"], logprobs["text_offset"], strict=True
+            )
+    return text, tokens, [c["finish_reason"] for c in choices]
+
+
+@pytest.mark.parametrize("writer_class", [translate.CompletionWriter, translate.ChatWriter])
+def test_chunks_of_merged_increments_read_as_the_unmerged_stream(
+    writer_class: type[translate.Writer],
+) -> None:
+    """A lagging stream gets increments merged by the engine: fewer chunks, the same content."""
+    strings = lambda ids: [chr(i) for i in ids]  # noqa: E731
+    increments = [out(c, (ord(c),), None, i + 1) for i, c in enumerate("abcd")]
+    increments.append(out("e", (ord("e"),), FinishReason.LENGTH, 5))
+    one_by_one, lagging = writer_class("r", "m", strings), writer_class("r", "m", strings)
+    unmerged = [one_by_one.chunk(o, include_usage=True) for o in increments]
+    merged = [lagging.chunk(o, include_usage=True) for o in (increments[0], merge(increments[1:]))]
+    text, tokens, _ = _streamed(unmerged)
+    assert _streamed(merged) == (text, tokens, [None, "length"]) and text == "abcde" and len(tokens) == 5
+    assert all(c["usage"] is None for c in merged)
+    assert (
+        lagging.usage_chunk(merge(increments[1:]))["usage"] == one_by_one.usage_chunk(increments[-1])["usage"]
+    )
+    if writer_class is translate.ChatWriter:
+        assert [c["choices"][0]["delta"].get("role") for c in merged] == ["assistant", None]

@@ -117,3 +117,35 @@ def _wait_for_log(server: ServerProcess, text: str, timeout_s: float = 10.0) -> 
     while not any(text in line for line in server.log):
         assert time.monotonic() < deadline, f"no log line with {text!r}:\n{server.tail()}"
         time.sleep(0.05)
+
+
+SERVE_REPORTING_FROZEN = """
+import asyncio, gc, logging
+from fake_engine import FakeEngine
+from peftserve.api.server import serve
+from peftserve.cli import configure_logging
+from peftserve.config import ServerConfig
+
+class Engine(FakeEngine):
+    async def drain(self, grace_s):
+        logging.getLogger("test").info("frozen objects: %d", gc.get_freeze_count())
+        await super().drain(grace_s)
+
+configure_logging("INFO")
+asyncio.run(serve(ServerConfig(port=0, grace_s=1), lambda _: Engine()))
+"""
+
+
+def test_serve_freezes_the_startup_heap() -> None:
+    """Full garbage collections skip what startup built: they stall the engine and the loop for less."""
+    server = ServerProcess(
+        [sys.executable, "-c", SERVE_REPORTING_FROZEN], env=source_env(Path(__file__).parent)
+    )
+    try:
+        server.wait_ready(timeout_s=20)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=10) == 0, server.tail()
+    finally:
+        server.stop()
+    (line,) = [line for line in server.log if "frozen objects:" in line]
+    assert int(line.rsplit(":", 1)[1]) > 10_000  # the modules imported, at least

@@ -10,7 +10,7 @@ import torch
 
 from peftserve.engine.async_engine import AsyncEngine
 from peftserve.engine.request import FinishReason
-from peftserve.errors import InvalidRequest, NonFiniteOutput, Unavailable
+from peftserve.errors import EngineFailure, InvalidRequest, NonFiniteOutput, Unavailable
 from tests.engine.conftest import reference_greedy, request
 
 
@@ -119,3 +119,81 @@ def test_drain_finishes_short_requests_and_cancels_long_ones(async_engine, monke
     short, long = asyncio.run(main())
     assert short is FinishReason.LENGTH
     assert long is FinishReason.CANCELLED
+
+
+def _slow_steps(front: AsyncEngine, monkeypatch, step_s: float = 0.005) -> list[int]:
+    """Make each engine step last step_s (GIL released); returns the list of each step's output count."""
+    real_step, counts = front.engine.step, []
+
+    def slow_step():
+        time.sleep(step_s)
+        outputs = real_step()
+        counts.append(len(outputs))
+        return outputs
+
+    monkeypatch.setattr(front.engine, "step", slow_step)
+    return counts
+
+
+def test_a_lagging_stream_takes_its_waiting_increments_merged(async_engine, monkeypatch):
+    front, reference = async_engine
+    _slow_steps(front, monkeypatch)
+    prompt = [5, 6, 7]
+
+    async def main():
+        lagging = front.generate(request("lagging", prompt, max_new_tokens=6, logprobs=True))
+        first = await anext(lagging)
+        async for _ in front.generate(request("other", [9, 10], max_new_tokens=10)):
+            pass  # meanwhile the lagging stream's other five tokens were produced (its outputs came first)
+        return first, [out async for out in lagging]
+
+    first, rest = asyncio.run(main())
+    assert len(rest) == 1  # not one increment per token: what waited came merged
+    (last,) = rest
+    assert list(first.token_ids + last.token_ids) == reference_greedy(reference, prompt, 6)
+    assert len(last.token_ids) == len(last.logprobs) == 6 - first.completion_tokens > 1
+    assert last.finish_reason is FinishReason.LENGTH and last.completion_tokens == 6
+    assert last.prompt_tokens == len(prompt)
+
+
+def test_outputs_cross_to_the_loop_once_per_step_not_once_per_request(async_engine, monkeypatch):
+    front, _ = async_engine
+    step_outputs = _slow_steps(front, monkeypatch)
+
+    async def collect(rid, prompt):
+        return [out async for out in front.generate(request(rid, prompt, max_new_tokens=6))]
+
+    async def main():
+        loop, wakeups = asyncio.get_running_loop(), []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args, **kwargs: wakeups.append(1) or real(*args, **kwargs)
+        streams = await asyncio.gather(*(collect(str(i), [5 + i, 6, 7]) for i in range(4)))
+        return streams, len(wakeups)
+
+    streams, wakeups = asyncio.run(main())
+    assert [sum(len(o.token_ids) for o in s) for s in streams] == [6] * 4
+    assert wakeups == sum(1 for n in step_outputs if n) < sum(step_outputs) == 24
+
+
+def test_increments_waiting_when_the_engine_fails_still_come_before_the_error(async_engine, monkeypatch):
+    front, _ = async_engine
+    step_outputs = _slow_steps(front, monkeypatch)
+    counted_step = front.engine.step
+
+    def failing_step():
+        if len(step_outputs) == 3:
+            raise RuntimeError("device lost")
+        return counted_step()
+
+    monkeypatch.setattr(front.engine, "step", failing_step)
+
+    async def main():
+        stream, tokens = front.generate(request("r", [5, 6, 7], max_new_tokens=10)), []
+        tokens += (await anext(stream)).token_ids
+        await asyncio.sleep(0.1)  # lag: the next two steps' tokens and the failure wait
+        with pytest.raises(EngineFailure):
+            async for out in stream:
+                tokens += out.token_ids
+        return tokens
+
+    assert len(asyncio.run(main())) == 3

@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from peftserve.engine.request import MAX_MIXTURE_WEIGHT, AdapterRef, check_adapter_refs
+from peftserve.engine.request import (
+    MAX_MIXTURE_WEIGHT,
+    AdapterRef,
+    FinishReason,
+    RequestOutput,
+    check_adapter_refs,
+    merged,
+)
 from peftserve.errors import InvalidRequest
 
 
@@ -35,3 +42,14 @@ def test_a_long_adapter_id_is_quoted_not_echoed() -> None:
     with pytest.raises(InvalidRequest) as err:
         check_adapter_refs((AdapterRef("t/" + "x" * 10_000, 1e9),))
     assert len(str(err.value)) < 300 and "10002 characters" in str(err.value)
+
+
+def test_merged_increments_read_as_one() -> None:
+    first = RequestOutput("r", "ab", (97, 98), (-1.0, -2.0), 4, 2, cached_tokens=1)
+    last = RequestOutput("r", "c", (99,), (-3.0,), 4, 3, FinishReason.LENGTH, cached_tokens=1)
+    assert merged([first]) is first
+    assert merged([first, last]) == RequestOutput(
+        "r", "abc", (97, 98, 99), (-1.0, -2.0, -3.0), 4, 3, FinishReason.LENGTH, cached_tokens=1
+    )
+    plain = [RequestOutput("r", t, (i,), None, 4, i + 1) for i, t in enumerate("xyz")]
+    assert merged(plain) == RequestOutput("r", "xyz", (0, 1, 2), None, 4, 3)

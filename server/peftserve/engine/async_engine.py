@@ -1,11 +1,13 @@
 """The asyncio front of the engine: one background thread steps the engine; callers await streams.
 
 Requests and aborts cross into the engine thread through an inbox processed between steps, so a
-cancelled request leaves the batch (and frees its KV blocks) before the next step runs. Outputs
-cross back with ``loop.call_soon_threadsafe`` into one asyncio.Queue per request. A request whose
+cancelled request leaves the batch (and frees its KV blocks) before the next step runs. Outputs cross
+back with one ``loop.call_soon_threadsafe`` per event loop per step (each call wakes the loop), into one
+_Outputs per request: a stream that lags behind takes its waiting increments merged into one, as vLLM's
+RequestOutputCollector does, and so sends one message where it would have sent several. A request whose
 adapter is not in host memory awaits its load (on the manager's load threads) before it enters the
-inbox, so the engine keeps stepping everyone else meanwhile. Adapter administration (``admin``)
-runs its device changes on the engine thread through the same inbox (``run_on_engine``).
+inbox, so the engine keeps stepping everyone else meanwhile. Adapter administration (``admin``) runs
+its device changes on the engine thread through the same inbox (``run_on_engine``).
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TypeVar
 
 from peftserve.adapters.admin import AdapterAdminService
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.protocol import EngineStats, ModelInfo
-from peftserve.engine.request import GenerationRequest, RequestOutput
+from peftserve.engine.request import GenerationRequest, RequestOutput, merged
 from peftserve.engine.sequence import Sequence
 from peftserve.errors import EngineFailure, InvalidRequest, PeftServeError, Unavailable, quote
 from peftserve.model.chat import render_chat
@@ -35,13 +36,50 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass
-class _Sink:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+class _Outputs:
+    """What the engine has produced for one request and its stream has not taken yet (event loop only)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._waiting: list[RequestOutput] = []
+        self._error: BaseException | None = None
+        self._wakeup: asyncio.Future[None] | None = None
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        if isinstance(item, BaseException):
+            self._error = item
+        else:
+            self._waiting.append(item)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def take(self) -> RequestOutput:
+        """Every increment waiting, merged into one; the request's error once none is left."""
+        while not self._waiting:
+            if self._error is not None:
+                raise self._error
+            self._wakeup = self.loop.create_future()
+            await self._wakeup
+        waiting, self._waiting = self._waiting, []
+        return merged(waiting)
+
+
+_Delivery = list[tuple[_Outputs, RequestOutput | BaseException]]
+"""Items for requests' _Outputs, handed from the engine thread to the event loops."""
+
+
+def _put_all(delivery: _Delivery) -> None:
+    for outputs, item in delivery:
+        outputs.put(item)
+
+
+def _hand_over(delivery: _Delivery) -> None:
+    """Put each item into its _Outputs from the engine thread, with one thread-safe call per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, _Delivery] = {}
+    for outputs, item in delivery:
+        by_loop.setdefault(outputs.loop, []).append((outputs, item))
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
 
 
 class AsyncEngine:
@@ -51,7 +89,7 @@ class AsyncEngine:
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._sinks: dict[str, _Sink] = {}  # engine thread only
+        self._outputs: dict[str, _Outputs] = {}  # engine thread only
         self._in_flight: set[str] = set()  # event-loop side
         self._accepting = True
         self._stopped = False
@@ -123,17 +161,18 @@ class AsyncEngine:
             self.engine.discard(seq)
             self._wakeup.set()  # device drops the release may have asked for
             raise
-        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
-        self._submit(("add", seq, sink))
+        outputs = _Outputs(asyncio.get_running_loop())
+        self._submit(("add", seq, outputs))
         finished = False
         try:
             while True:
-                item = await sink.queue.get()
-                if isinstance(item, BaseException):
+                try:
+                    output = await outputs.take()
+                except Exception:  # the request failed: nothing left to abort
                     finished = True
-                    raise item
-                finished = item.finished
-                yield item
+                    raise
+                finished = output.finished
+                yield output
                 if finished:
                     return
         finally:
@@ -180,14 +219,13 @@ class AsyncEngine:
                 return
             kind = item[0]
             if kind == "add":
-                _, seq, sink = item
-                self._add(seq, sink)
+                _, seq, outputs = item
+                self._add(seq, outputs)
             elif kind == "abort":
-                self._sinks.pop(item[1], None)
+                self._outputs.pop(item[1], None)
                 self.engine.abort(item[1])
             elif kind == "abort_all":
-                for out in self.engine.abort_all():
-                    self._deliver(out)
+                self._deliver(self.engine.abort_all())
             elif kind == "call":
                 _, fn, future = item
                 if future.set_running_or_notify_cancel():
@@ -198,7 +236,7 @@ class AsyncEngine:
         if self.engine.adapters is not None:
             self.engine.adapters.manager.apply_drops()
 
-    def _add(self, seq: Sequence, sink: _Sink) -> None:
+    def _add(self, seq: Sequence, outputs: _Outputs) -> None:
         try:
             self.engine.add_sequence(seq)
         except Exception as exc:
@@ -206,16 +244,19 @@ class AsyncEngine:
             if not isinstance(exc, PeftServeError):
                 log.exception("could not queue request %s", seq.request_id)
                 exc = EngineFailure("the engine failed while queueing this request")
-            sink.put(exc)
+            _hand_over([(outputs, exc)])
             return
-        self._sinks[seq.request_id] = sink
+        self._outputs[seq.request_id] = outputs
 
-    def _deliver(self, out: RequestOutput) -> None:
-        sink = self._sinks.get(out.request_id)
-        if sink is not None:
-            sink.put(out.error if out.error is not None else out)
-            if out.finished:
-                del self._sinks[out.request_id]
+    def _deliver(self, step_outputs: list[RequestOutput]) -> None:
+        delivery: _Delivery = []
+        for out in step_outputs:
+            outputs = self._outputs.get(out.request_id)
+            if outputs is not None:
+                delivery.append((outputs, out.error if out.error is not None else out))
+                if out.finished:
+                    del self._outputs[out.request_id]
+        _hand_over(delivery)
 
     def _run(self) -> None:
         while not self._stopped:
@@ -225,13 +266,12 @@ class AsyncEngine:
                 self._wakeup.clear()
                 continue
             try:
-                outputs = self.engine.step()
+                step_outputs = self.engine.step()
             except Exception:
                 log.exception("engine step failed; failing the requests in flight")
                 self.engine.abort_all()
-                for sink in self._sinks.values():
-                    sink.put(EngineFailure("the engine failed while running this request"))
-                self._sinks.clear()
+                failure = EngineFailure("the engine failed while running this request")
+                _hand_over([(outputs, failure) for outputs in self._outputs.values()])
+                self._outputs.clear()
                 continue
-            for out in outputs:
-                self._deliver(out)
+            self._deliver(step_outputs)

@@ -82,7 +82,8 @@ class EngineClient(Protocol):
         ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Stream a request's increments; the last has finish_reason set.
+        """Stream a request's increments; the last has finish_reason set. A stream that lags behind
+        the engine gets the increments waiting for it merged into one.
 
         Raises InvalidRequest / AdapterNotFound / CapacityExceeded / Unavailable at the first
         iteration, before any output. Closing or cancelling the iterator aborts the request

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from peftserve.errors import InvalidRequest, PeftServeError, quote
@@ -186,3 +187,21 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merged(outputs: Sequence[RequestOutput]) -> RequestOutput:
+    """Consecutive increments of one request as one (the last one's finish reason and counts)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    logprobs = [lp for o in outputs for lp in (o.logprobs or ())] if last.logprobs is not None else None
+    return RequestOutput(
+        request_id=last.request_id,
+        text="".join(o.text for o in outputs),
+        token_ids=tuple(t for o in outputs for t in o.token_ids),
+        logprobs=tuple(logprobs) if logprobs is not None else None,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        cached_tokens=last.cached_tokens,
+        finish_reason=last.finish_reason,
+    )

@@ -53,6 +53,7 @@ class HttpServer:
             app,
             host=host,
             port=port,
+            http="httptools",  # not h11: its parsing and writes run on the event loop the engine shares
             lifespan="off",
             log_config=None,
             access_log=False,

@@ -26,6 +26,8 @@ from peftserve.metrics import RequestTrace, ServerMetrics
 T = TypeVar("T")
 DONE = format_sse_event(data_str="[DONE]")
 """The last event of every stream, as the openai client expects."""
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+"""Compact JSON; one encoder for every event (json.dumps with options builds one per call)."""
 
 
 class ClientGone(Exception):
@@ -85,7 +87,7 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 def _event(data: dict[str, Any]) -> bytes:
-    return format_sse_event(data_str=json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+    return format_sse_event(data_str=_dumps(data))
 
 
 def event_stream(

@@ -23,6 +23,7 @@ from peftserve.engine.request import (
     GenerationRequest,
     RequestOutput,
     SamplingParams,
+    merged,
 )
 from peftserve.errors import InvalidRequest, quote
 from peftserve_client._proto import peftserve_pb2 as pb
@@ -170,22 +171,6 @@ def usage(output: RequestOutput) -> dict[str, Any]:
         "total_tokens": output.prompt_tokens + output.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": output.cached_tokens},
     }
-
-
-def merged(outputs: Sequence[RequestOutput]) -> RequestOutput:
-    """All increments of a request as one (the last one's finish reason and counts)."""
-    last = outputs[-1]
-    logprobs = [lp for o in outputs for lp in (o.logprobs or ())] if last.logprobs is not None else None
-    return RequestOutput(
-        request_id=last.request_id,
-        text="".join(o.text for o in outputs),
-        token_ids=tuple(t for o in outputs for t in o.token_ids),
-        logprobs=tuple(logprobs) if logprobs is not None else None,
-        prompt_tokens=last.prompt_tokens,
-        completion_tokens=last.completion_tokens,
-        cached_tokens=last.cached_tokens,
-        finish_reason=last.finish_reason,
-    )
 
 
 class Writer:
