@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from peftserve.adapters import AdapterBatch
-from peftserve.adapters.forms import LayerSpec, LowRankDelta, LowRankForm, SharedTensors
-from peftserve.adapters.forms import low_rank_rows
-from peftserve.adapters.forms.low_rank_rows import RankStacks, bucket_of
+from peftserve.adapters.forms import LayerSpec, LowRankDelta, LowRankForm, SharedTensors, low_rank_rows
+from peftserve.adapters.forms.low_rank_rows import bucket_of
 
 D_IN, D_OUT = 96, 160
 
@@ -51,9 +50,7 @@ def test_slots_are_views_of_the_stacks_and_survive_growth() -> None:
     assert 1 not in stacks.where and None in stacks.stacks[16].owner
     form.load(7, originals[1])  # takes the freed index: no growth
     assert len(stacks.stacks[16].owner) == 4 and torch.equal(form.slots[7].a, originals[1].a)
-    assert stacks.nbytes == sum(
-        (t.numel() * 4) for s in stacks.stacks.values() for t in (s.a, s.bt)
-    )
+    assert stacks.nbytes == sum((t.numel() * 4) for s in stacks.stacks.values() for t in (s.a, s.bt))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
