@@ -112,7 +112,7 @@ def test_without_a_compiler_the_parallel_kernel_serves(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(low_rank_rows, "row_products", broken)
     monkeypatch.setattr(low_rank_rows, "unavailable", None)
-    low_rank_rows.warm_up(torch.float32)
+    low_rank_rows.warm_up(torch.float32, [D_IN])
     assert low_rank_rows.unavailable == "RuntimeError: no C++ compiler"
     gen = torch.Generator().manual_seed(3)
     forms = {k: _form(k) for k in ("reference", "compiled")}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -219,18 +219,21 @@ def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], sta
         y.index_copy_(0, part.rows, row_products(y, x, part.rows, part.index, part.weight, stack.a, stack.bt))
 
 
-def warm_up(dtype: torch.dtype) -> None:
-    """Compile the kernel for `dtype` (one row and several) before serving: seconds cold, under one
-    from inductor's on-disk cache. If it cannot be compiled, say why once and leave it `unavailable`."""
+def warm_up(dtype: torch.dtype, in_features: Iterable[int]) -> None:
+    """Compile the kernel for `dtype` and the layers' input widths (inductor's vectorized loops guard on
+    the width), for one row and several, before serving: seconds cold, under one from inductor's on-disk
+    cache. If it cannot be compiled, say why once and leave it `unavailable`."""
     global unavailable
     if unavailable is not None:
         return
     try:
-        for tokens in (1, 2):
-            y, x = torch.zeros(tokens, 16, dtype=dtype), torch.zeros(tokens, 24, dtype=dtype)
-            rows = torch.arange(tokens)
-            a, bt = torch.zeros(2, RANK_FLOOR, 24, dtype=dtype), torch.zeros(2, RANK_FLOOR, 16, dtype=dtype)
-            row_products(y, x, rows, rows % 2, torch.ones(tokens), a, bt)
+        for width in sorted(set(in_features)):
+            for tokens in (1, 2):
+                y, x = torch.zeros(tokens, 16, dtype=dtype), torch.zeros(tokens, width, dtype=dtype)
+                rows = torch.arange(tokens)
+                a = torch.zeros(2, RANK_FLOOR, width, dtype=dtype)
+                bt = torch.zeros(2, RANK_FLOOR, 16, dtype=dtype)
+                row_products(y, x, rows, rows % 2, torch.ones(tokens), a, bt)
     except Exception as e:  # noqa: BLE001 - any compile failure: serve with the parallel kernel instead
         unavailable = f"{type(e).__name__}: {e}"
         log.warning("the compiled low-rank kernel is unavailable (%s): decode rows run the parallel one", e)
