@@ -138,6 +138,8 @@ SPAN_CASES = {
         (20, 10, ((0, 0.5),)),
     ],
     "decode-like": [(t, 1, ((t % 4, 1.0),)) for t in range(0, T, 2)],
+    "decode-weighted": [(t, 1, ((t % SLOTS, 0.5 if t % 3 else 1.0),)) for t in range(T)],
+    "decode-and-prefill": [(0, 9, ((1, 1.0),)), *((t, 1, ((t % 4, 1.0),)) for t in range(9, T))],
     "slot-without-module": [(0, 10, ((4, 1.0),)), (10, 10, ((0, 1.0), (4, 3.0)))],
 }
 
@@ -184,7 +186,7 @@ def test_every_registered_form_is_tested() -> None:
     assert set(FORMS) == {case.form for case in CASES.values()}
 
 
-@pytest.mark.parametrize("kernels", ["grouped", "parallel"])
+@pytest.mark.parametrize("kernels", ["grouped", "parallel", "compiled"])
 @pytest.mark.parametrize("spans_name", list(SPAN_CASES))
 @pytest.mark.parametrize("name", list(CASES))
 def test_fast_equals_reference_equals_definition(name: str, spans_name: str, kernels: str) -> None:
@@ -233,7 +235,7 @@ def test_batch_rejects_bad_spans(spans) -> None:
 
 
 def test_kernels_selected_per_device() -> None:
-    assert select_kernels("cpu") == "parallel"
+    assert select_kernels("cpu") == "compiled"
     assert select_kernels(torch.device("meta")) == "reference"
 
 

@@ -199,6 +199,6 @@ def test_slot_table_follows_loads_and_clears() -> None:
 
 
 def test_cuda_selects_triton(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert select_kernels("cuda") == "triton" and select_kernels("cpu") == "parallel"
+    assert select_kernels("cuda") == "triton" and select_kernels("cpu") == "compiled"
     monkeypatch.setattr("peftserve.adapters.kernels.triton_available", lambda: False)
     assert select_kernels("cuda") == "grouped"

@@ -4,7 +4,8 @@ Every form has a 'reference' kernel (pure torch, one sequence at a time, the def
 one (one product per distinct slot of the step) and a 'triton' one (a fixed number of launches per step
 whatever the number of adapters: adapters/triton/), each tested against the reference in tests/adapters.
 A form may also have a 'parallel' one (the grouped products shared out among the CPU's threads,
-workers.py); a form without it runs its grouped kernel.
+workers.py) and a 'compiled' one (decode rows in one torch.compile'd pass per layer:
+forms/low_rank_rows.py); a form without them runs its parallel, else its grouped kernel.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("reference", "grouped", "parallel", "triton")
+KERNELS = ("reference", "grouped", "parallel", "compiled", "triton")
 
-FALLBACK: dict[str, str] = {"parallel": "grouped"}
+FALLBACK: dict[str, str] = {"compiled": "parallel", "parallel": "grouped"}
 """Kernels -> what a form without them runs."""
 
 BY_DEVICE_TYPE: dict[str, str] = {
-    "cpu": "parallel",
+    "cpu": "compiled",
     "cuda": "triton",
 }
 """Device type -> kernels; a device without an entry runs the reference. On CPU no Triton: it runs there

@@ -40,11 +40,11 @@ from peftserve.store.peft_files import CONFIG_NAME, WEIGHTS_NAME
 
 from .base_spec import base_spec, fit_to_base
 from .batch import AdapterBatch, AdapterContext, Span
-from .forms import SharedTensors
+from .forms import SharedTensors, low_rank_rows
 from .host_cache import HostCache
 from .kernels import select_kernels
 from .kinds import FORMS
-from .layer import wrap_model
+from .layer import MultiAdapterLayer, wrap_model
 from .loading import load_adapter
 from .normalized import NormalizedAdapter
 from .registry import AdapterRegistry, Removal, VersionRecord
@@ -129,6 +129,14 @@ class AdapterManager:
     def max_mixture(self) -> int:
         """Adapters one request may mix: the slots pins can never take."""
         return self.num_slots - self.slots.max_pins
+
+    def warm_up(self) -> None:
+        """Compile what the kernels compile before the first request needs it (CPU: seconds, once)."""
+        if self.kernels == "compiled":
+            widths = [
+                layer.in_features for layer in self.layers.values() if isinstance(layer, MultiAdapterLayer)
+            ]
+            low_rank_rows.warm_up(self.dtype, widths)
 
     def close(self) -> None:
         """Stop the load threads (pending loads are cancelled)."""

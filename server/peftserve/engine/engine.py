@@ -416,6 +416,8 @@ class LLMEngine:
 
     def warmup(self) -> None:
         """Run one short request through every path so the first user request is not slow."""
+        if self.adapters is not None:
+            self.adapters.manager.warm_up()
         request_id = f"warmup-{uuid.uuid4().hex}"
         self.generate_all(
             [

@@ -30,7 +30,8 @@ class SlotList(list):
         super().__init__([None] * num_slots)
         self.revision = 0
         self.derived: dict[str, object] = {}
-        """Kernel caches keyed by name; each checks `revision` itself."""
+        """What kernels keep beside the slots, by name: caches that check `revision` themselves (the
+        Triton table), or the stacked factors the slots are views of (low_rank_rows.RankStacks)."""
 
     def __setitem__(self, index, value) -> None:
         super().__setitem__(index, value)

@@ -10,7 +10,9 @@ import torch
 
 from ..batch import AdapterBatch, SlotGroup
 from ..workers import one_intra_op_thread, split_by_cost, workers
-from .base import Delta, Form, Stage, triton_kernel
+from . import low_rank_rows
+from .base import Delta, Form, LayerSpec, Stage, triton_kernel
+from .low_rank_rows import STACKS, RankStacks, RowsPlan
 
 
 def low_rank_reference(
@@ -72,6 +74,26 @@ def low_rank_parallel(
     pool.run(lambda share: _add_groups(y, x, share, slots), shares)
 
 
+def low_rank_compiled(
+    y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, slots: Sequence[LowRankDelta | None]
+) -> None:
+    """CPU fast path: decode rows in one compiled pass per layer, the rest by the parallel kernel.
+
+    Semantics: same as low_rank_reference. Single-token spans of one adapter (decode) run
+    low_rank_rows' kernel over the layer's stacked factors, each row alone; longer spans and mixtures
+    run low_rank_parallel on views of the same factors.
+    """
+    stacks: RankStacks = slots.derived[STACKS]  # type: ignore[attr-defined]
+    if low_rank_rows.unavailable is not None:
+        low_rank_parallel(y, x, batch, slots)
+        return
+    plan = batch.memo(low_rank_rows.PLAN, lambda: RowsPlan.of(batch))
+    if plan.rows:
+        low_rank_rows.add_rows(y, x, low_rank_rows.bucket_rows(batch, plan, stacks), stacks)
+    if plan.rest is not None:
+        low_rank_parallel(y, x, plan.rest, slots)
+
+
 WORDS_PER_PRODUCT = 8
 """What reading one row of A and B costs next to one token's multiply-adds with them (bandwidth-bound
 on CPU: a word read costs about what a few multiply-adds do); only sets the balance of the shares."""
@@ -118,17 +140,36 @@ class LowRankForm(Form):
         "reference": low_rank_reference,
         "grouped": low_rank_grouped,
         "parallel": low_rank_parallel,
+        "compiled": low_rank_compiled,
         "triton": triton_kernel("low_rank_triton"),
     }
 
+    def __init__(self, spec: LayerSpec) -> None:
+        super().__init__(spec)
+        self.stacks = RankStacks() if spec.kernels == "compiled" else None
+        """With the compiled kernel: the factors, stacked by rank; the slots hold views of them."""
+        if self.stacks is not None:
+            self.slots.derived[STACKS] = self.stacks
+
     def load(self, slot: int, delta: Delta) -> None:
-        """Hold the delta; on CPU a bfloat16/float16 delta is held in float32 (twice its bytes), since
-        torch's CPU matrix-vector products in bfloat16 are ~3.5x slower than in float32 at these sizes
-        (benchmarks/README.md, "bfloat16 on CPU"), and the products then round once, not twice."""
+        """Hold the delta. With the compiled kernel its factors are copied into the layer's stacks in the
+        model's dtype and held as views of them. With the grouped or parallel kernel on CPU a bfloat16 or
+        float16 delta is held in float32 (twice its bytes), since torch's CPU matrix-vector products in
+        bfloat16 are ~3.5x slower than in float32 at these sizes (benchmarks/README.md, "bfloat16 on
+        CPU"), and the products then round once, not twice."""
         assert isinstance(delta, LowRankDelta)
+        if self.stacks is not None:  # copied into the stacks (in the model's dtype), held as views
+            for moved in self.stacks.put(slot, delta):
+                super().load(moved, self.stacks.view(moved, delta if moved == slot else self.slots[moved]))
+            return
         if delta.a.device.type == "cpu" and delta.a.dtype in NARROW and self.spec.kernels in WIDENING:
             delta = replace(delta, a=delta.a.float(), b=delta.b.float())
         super().load(slot, delta)
+
+    def clear(self, slot: int) -> None:
+        if self.stacks is not None:
+            self.stacks.remove(slot)
+        super().clear(slot)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch) -> None:
         self.kernel(y, x, batch, self.slots)

@@ -1,0 +1,143 @@
+"""The compiled low-rank kernel's storage (factors stacked by rank) and its promises: exact against the
+reference in float32 and bfloat16, a row's bits independent of its step, a clean fallback."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from peftserve.adapters import AdapterBatch
+from peftserve.adapters.forms import LayerSpec, LowRankDelta, LowRankForm, SharedTensors, low_rank_rows
+from peftserve.adapters.forms.low_rank_rows import bucket_of
+
+D_IN, D_OUT = 96, 160
+
+
+def _delta(rank: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> LowRankDelta:
+    a, b = torch.randn(rank, D_IN, generator=gen), torch.randn(D_OUT, rank, generator=gen)
+    return LowRankDelta(a=a.to(dtype), b=b.to(dtype))
+
+
+def _form(kernels: str, slots: int = 8) -> LowRankForm:
+    return LowRankForm(LayerSpec(D_IN, D_OUT, slots, None, kernels, SharedTensors()))
+
+
+def test_ranks_share_power_of_two_buckets() -> None:
+    assert [bucket_of(r) for r in (1, 8, 9, 12, 16, 17, 64, 100)] == [8, 8, 16, 16, 16, 32, 64, 128]
+
+
+def test_slots_are_views_of_the_stacks_and_survive_growth() -> None:
+    gen = torch.Generator().manual_seed(0)
+    form = _form("compiled")
+    stacks = form.stacks
+    assert stacks is not None
+    originals = {slot: _delta(rank, gen) for slot, rank in enumerate((4, 12, 16, 40, 16, 16, 3))}
+    for slot, delta in originals.items():
+        form.load(slot, delta)
+    assert sorted(stacks.stacks) == [8, 16, 64]
+    assert len(stacks.stacks[16].owner) == 4  # three rank 12-16 adapters: grown from 2 to 4
+    for slot, delta in originals.items():
+        held = form.slots[slot]
+        assert torch.equal(held.a, delta.a) and torch.equal(held.b, delta.b)
+        bucket, index = stacks.where[slot]
+        stack = stacks.stacks[bucket]
+        assert held.a.data_ptr() == stack.a[index].data_ptr()  # a view, not a second copy
+        assert held.b.data_ptr() == stack.bt[index].data_ptr()
+        assert not stack.a[index, delta.rank :].any()  # padded with zeros
+    form.clear(1)
+    assert 1 not in stacks.where and None in stacks.stacks[16].owner
+    form.load(7, originals[1])  # takes the freed index: no growth
+    assert len(stacks.stacks[16].owner) == 4 and torch.equal(form.slots[7].a, originals[1].a)
+    assert stacks.nbytes == sum((t.numel() * 4) for s in stacks.stacks.values() for t in (s.a, s.bt))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_equals_the_definition_on_random_steps(dtype: torch.dtype) -> None:
+    """Random steps of decode rows, prefill chunks and mixtures, slots of mixed ranks and a slot without a
+    delta: the compiled kernel's output equals the per-token definition in float64 (float32: 1e-4;
+    bfloat16: a few roundings of the output), and in float32 the reference kernel's (1e-5)."""
+    gen = torch.Generator().manual_seed(1)
+    forms = {k: _form(k) for k in ("reference", "compiled")}
+    for slot, rank in enumerate((4, 16, 9, 33, 16, 1, 12)):  # slot 7 stays empty
+        delta = _delta(rank, gen)
+        delta = LowRankDelta(a=(delta.a * 0.1).to(dtype), b=(delta.b * 0.1).to(dtype))
+        for form in forms.values():
+            form.load(slot, delta)
+    rng = random.Random(1)
+    for _ in range(30):
+        spans, t = _random_spans(rng, slots=8)
+        x, y = torch.randn(t, D_IN, generator=gen).to(dtype), torch.randn(t, D_OUT, generator=gen).to(dtype)
+        outs = {}
+        for name, form in forms.items():
+            outs[name] = y.clone()
+            form.apply(outs[name], x, AdapterBatch.build(spans, t, "cpu"))
+        exact = y.double()
+        for start, length, pairs in spans:
+            for slot, weight in pairs:
+                held = forms["compiled"].slots[slot]
+                if held is not None:
+                    rows = slice(start, start + length)
+                    exact[rows] += weight * (x[rows].double() @ held.a.double().T @ held.b.double().T)
+        if dtype == torch.float32:
+            torch.testing.assert_close(outs["compiled"], outs["reference"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs["compiled"].double(), exact, rtol=1e-5, atol=1e-4)
+        else:
+            torch.testing.assert_close(outs["compiled"].double(), exact, rtol=2e-2, atol=2e-2)
+
+
+def test_a_rows_bits_do_not_depend_on_its_step() -> None:
+    """Each decode row, computed in a random step, has the bits it has computed alone."""
+    gen = torch.Generator().manual_seed(2)
+    form = _form("compiled")
+    for slot in range(8):
+        form.load(slot, _delta(8 if slot % 2 else 16, gen, torch.bfloat16))
+    rng = random.Random(2)
+    for _ in range(20):
+        spans, t = _random_spans(rng, slots=8)
+        x, y = torch.randn(t, D_IN, generator=gen).bfloat16(), torch.randn(t, D_OUT, generator=gen).bfloat16()
+        together = y.clone()
+        form.apply(together, x, AdapterBatch.build(spans, t, "cpu"))
+        for start, length, pairs in spans:
+            if length == 1 and len(pairs) == 1:
+                alone = y[start : start + 1].clone()
+                form.apply(alone, x[start : start + 1], AdapterBatch.build([(0, 1, pairs)], 1, "cpu"))
+                assert torch.equal(alone[0], together[start]), (start, spans)
+
+
+def test_without_a_compiler_the_parallel_kernel_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(low_rank_rows, "row_products", broken)
+    monkeypatch.setattr(low_rank_rows, "unavailable", None)
+    low_rank_rows.warm_up(torch.float32, [D_IN])
+    assert low_rank_rows.unavailable == "RuntimeError: no C++ compiler"
+    gen = torch.Generator().manual_seed(3)
+    forms = {k: _form(k) for k in ("reference", "compiled")}
+    for slot in range(4):
+        delta = _delta(8, gen)
+        for form in forms.values():
+            form.load(slot, delta)
+    spans = [(t, 1, ((t % 4, 1.0),)) for t in range(6)]
+    x, y = torch.randn(6, D_IN, generator=gen), torch.randn(6, D_OUT, generator=gen)
+    outs = {name: y.clone() for name in forms}
+    for name, form in forms.items():
+        form.apply(outs[name], x, AdapterBatch.build(spans, 6, "cpu"))
+    torch.testing.assert_close(outs["compiled"], outs["reference"], rtol=1e-5, atol=1e-4)
+
+
+def _random_spans(rng: random.Random, slots: int) -> tuple[list, int]:
+    """1-12 sequences of 1 (mostly), 5 or 17 tokens; one in ten a mixture, one in ten weighted."""
+    spans, t = [], 0
+    for _ in range(rng.randint(1, 12)):
+        length, first, second = rng.choice([1, 1, 1, 5, 17]), rng.randrange(slots), rng.randrange(slots)
+        draw = rng.random()
+        if draw < 0.1 and first != second:
+            pairs: tuple = ((first, 0.5), (second, 0.25))
+        else:
+            pairs = ((first, 0.5 if draw > 0.9 else 1.0),)
+        spans.append((t, length, pairs))
+        t += length
+    return spans, t
