@@ -7,7 +7,7 @@ distinct adapters of mixed ranks {8, 16, 32, 64}. Compared in the same run again
 and against PEFT's own mixed batch (`adapter_names=`). Adapters are made by peft, saved, and loaded by
 peftserve's AdapterManager from the saved directories. "base" is the same wrapped model with no adapter
 batch set (the wrappers then only call their base layer). Times are best-of-N, variants interleaved.
-`--kernels grouped parallel` measures each CPU kernel set on a model of its own, in the same run.
+`--kernels parallel compiled` measures each CPU kernel set on a model of its own, in the same run.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_adapters.py --shape bench-1b
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_adapters.py --quick
@@ -126,6 +126,7 @@ def run_shape(
     for kernels in kernel_sets:
         model = build_model(shape, device, dtype, seed=0)
         manager = AdapterManager(model, num_slots=BATCH, device=device, dtype=dtype, kernels=kernels)
+        manager.warm_up()  # what the engine does before serving: compiles the compiled kernel
         for name, _ in uniform + mixed:
             subdir = store / name if (store / name).is_dir() else store
             manager.register(name, subdir)
