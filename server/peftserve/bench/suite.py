@@ -87,6 +87,19 @@ class Run:
         return self.metrics.generated_tokens / self.own_cpu_s if self.own_cpu_s else None
 
 
+OTHER_LOAD_RESOLUTION = 0.1
+"""Cores of other load told apart when picking a try (what the report shows): below it, noise."""
+
+
+def least_disturbed(tries: Sequence[Run]) -> Run:
+    """The try with the least other load, to the resolution the machine's counters give; among tries as
+    undisturbed as each other, the fastest (what unmeasured noise, a descheduled thread, slowed least)."""
+    return min(
+        tries,
+        key=lambda r: (round((r.other_cores or 0.0) / OTHER_LOAD_RESOLUTION), -r.metrics.tokens_per_s),
+    )
+
+
 @dataclass
 class SuiteResult:
     """Everything a report needs: what ran where, and every run's raw records and metrics."""
@@ -223,7 +236,7 @@ class Bench:
                 job_tries.append(self._summarize(job, records, events, started, cpu_before))
         runs = []
         for job_tries in tries:
-            run = min(job_tries, key=lambda r: (r.other_cores or 0.0, -r.metrics.tokens_per_s))
+            run = least_disturbed(job_tries)
             if len(job_tries) > 1:
                 run.note = "; ".join(filter(None, [run.note, f"least disturbed of {len(job_tries)}"]))
             self.runs.append(run)
