@@ -48,6 +48,7 @@ async def _run(
     address: str, trace: Sequence[TraceRequest], adapter_ids: Sequence[str] | None
 ) -> list[RequestRecord]:
     async with AsyncClient(address) as client:
+        await client.model_info()  # the channel connected before the clock starts, as a running client's is
         start = time.perf_counter()
         return list(
             await asyncio.gather(
