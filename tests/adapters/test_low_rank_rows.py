@@ -50,6 +50,10 @@ def test_slots_are_views_of_the_stacks_and_survive_growth() -> None:
     assert 1 not in stacks.where and None in stacks.stacks[16].owner
     form.load(7, originals[1])  # takes the freed index: no growth
     assert len(stacks.stacks[16].owner) == 4 and torch.equal(form.slots[7].a, originals[1].a)
+    many = _form("compiled", slots=5)
+    for slot in range(5):
+        many.load(slot, _delta(16, gen))
+    assert len(many.stacks.stacks[16].owner) == 5  # 2, 4, then the layer's 5 slots, not 8
     assert stacks.nbytes == sum((t.numel() * 4) for s in stacks.stacks.values() for t in (s.a, s.bt))
 
 

@@ -87,7 +87,6 @@ async def _send(client: openai.AsyncOpenAI, request: TraceRequest, model: str, s
 async def _run(
     base_url: str, trace: Sequence[TraceRequest], adapter_ids: Sequence[str] | None
 ) -> list[RequestRecord]:
-    import openai
 
     async with client_for(base_url) as client:
         # As many kept-alive connections as requests may run at once, opened before the clock starts,

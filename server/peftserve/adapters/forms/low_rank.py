@@ -146,7 +146,7 @@ class LowRankForm(Form):
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__(spec)
-        self.stacks = RankStacks() if spec.kernels == "compiled" else None
+        self.stacks = RankStacks(spec.num_slots) if spec.kernels == "compiled" else None
         """With the compiled kernel: the factors, stacked by rank; the slots hold views of them."""
         if self.stacks is not None:
             self.slots.derived[STACKS] = self.stacks

@@ -15,7 +15,8 @@ parallel kernel on views of the same stacks: products of many rows with one adap
 best.
 
 The stacks pad each adapter to its bucket (powers of two from RANK_FLOOR: rank 12 is held as 16) and
-grow by doubling, so an unusual rank costs its own bucket, not every adapter's padding.
+grow by doubling (up to the layer's slots), so an unusual rank costs its own bucket, not every adapter's
+padding.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class _Stack:
 class RankStacks:
     """One layer's low-rank factors stacked by rank bucket; slot deltas are views into them (one copy)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        """The most a bucket ever holds (its capacity stops there)."""
         self.stacks: dict[int, _Stack] = {}
         self.where: dict[int, tuple[int, int]] = {}
         """slot -> (bucket, index)"""
@@ -103,9 +106,10 @@ class RankStacks:
         return replace(delta, a=stack.a[index, :rank], b=stack.bt[index, :rank].T)
 
     def _grow(self, bucket: int, stack: _Stack | None, delta: LowRankDelta) -> _Stack:
-        """The bucket with twice its capacity (2 at first), its held factors copied over."""
+        """The bucket with twice its capacity (2 at first, the layer's slots at most), its held factors
+        copied over."""
         held = 0 if stack is None else len(stack.owner)
-        capacity = max(2, 2 * held)
+        capacity = max(2, min(2 * held, self.num_slots))
         a = delta.a.new_zeros(capacity, bucket, delta.a.shape[1])
         bt = delta.b.new_zeros(capacity, bucket, delta.b.shape[0])
         grown = _Stack(a, bt, [None] * capacity, [0] * capacity)
