@@ -27,14 +27,13 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from peftserve.bench.config import VLLM_PYTHON
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     FAMILY_SHAPES,
     SHAPES,
     Result,
     Shape,
+    add_vllm_arguments,
     bench_tokenizer,
     build_model,
     environment,
@@ -273,20 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batched-tokens", type=int, default=1024, help="peftserve tokens per step")
     parser.add_argument("--block-size", type=int, default=16, help="peftserve tokens per KV block")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(DEFAULT_SYSTEMS))
-    parser.add_argument(
-        "--vllm-python",
-        default=VLLM_PYTHON,
-        help="interpreter of the vLLM peer (make peer-vllm)",
-    )
-    parser.add_argument(
-        "--vllm-threads", type=int, default=None, help="OMP_NUM_THREADS of vLLM (default: its own)"
-    )
-    parser.add_argument(
-        "--vllm-preload",
-        nargs="+",
-        default=[],
-        help="libraries in vLLM's LD_PRELOAD (e.g. the peer's libiomp5.so)",
-    )
+    add_vllm_arguments(parser, threads_default="its own")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument(

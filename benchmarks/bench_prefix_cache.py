@@ -35,11 +35,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import SHAPES, bench_tokenizer, build_model, environment, write_json
+from benchmarks.common import (
+    SHAPES,
+    add_vllm_arguments,
+    bench_tokenizer,
+    build_model,
+    environment,
+    write_json,
+)
 from peftserve.adapters.manager import AdapterManager
 from peftserve.bench import chat, http_system
 from peftserve.bench.adapters import write_lora
-from peftserve.bench.config import VLLM_PYTHON
 from peftserve.bench.shapes import PROJECTIONS
 from peftserve.bench.vllm_system import VllmServer, VllmSpec
 from peftserve.config import EngineConfig
@@ -332,20 +338,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3, help="off then on, this many times")
     parser.add_argument("--systems", nargs="+", default=["peftserve"], choices=SYSTEMS)
-    parser.add_argument(
-        "--vllm-python", default=VLLM_PYTHON, help="interpreter of the vLLM peer (make peer-vllm)"
-    )
-    parser.add_argument(
-        "--vllm-threads", type=int, default=None, help="OMP_NUM_THREADS of vLLM (default: --threads)"
-    )
+    add_vllm_arguments(parser, threads_default="--threads")
     parser.add_argument(
         "--vllm-block-size", type=int, default=None, help="vLLM's KV block (default: its own, 128)"
-    )
-    parser.add_argument(
-        "--vllm-preload",
-        nargs="*",
-        default=[],
-        help="libraries in vLLM's LD_PRELOAD (e.g. the peer's libiomp5.so)",
     )
     parser.add_argument("--vllm-timeout-s", type=float, default=900.0, help="how long vLLM may take to start")
     parser.add_argument("--out", type=Path, default=Path("bench_out/prefix_cache.json"))

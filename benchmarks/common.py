@@ -8,6 +8,7 @@ MFU = useful FLOPs/s divided by the dense matmul rate measured in the same run o
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from peftserve.bench.config import VLLM_PYTHON
 from peftserve.bench.machine import environment, matmul_rate, synchronize
 from peftserve.bench.models import bench_tokenizer, build_model, llama_config
 from peftserve.bench.shapes import FAMILY_SHAPES, SHAPES, Shape, useful_flops
@@ -24,6 +26,7 @@ __all__ = [
     "SHAPES",
     "Result",
     "Shape",
+    "add_vllm_arguments",
     "bench_tokenizer",
     "build_model",
     "environment",
@@ -37,6 +40,22 @@ __all__ = [
     "useful_flops",
     "write_json",
 ]
+
+
+def add_vllm_arguments(parser: argparse.ArgumentParser, threads_default: str) -> None:
+    """The options of the opt-in vLLM peer (make peer-vllm): its interpreter, threads and LD_PRELOAD."""
+    parser.add_argument(
+        "--vllm-python", default=VLLM_PYTHON, help="interpreter of the vLLM peer (make peer-vllm)"
+    )
+    parser.add_argument(
+        "--vllm-threads", type=int, default=None, help=f"OMP_NUM_THREADS of vLLM (default: {threads_default})"
+    )
+    parser.add_argument(
+        "--vllm-preload",
+        nargs="*",
+        default=[],
+        help="libraries in vLLM's LD_PRELOAD (e.g. the peer's libiomp5.so)",
+    )
 
 
 def make_prompts(

@@ -186,11 +186,13 @@ def test_every_registered_form_is_tested() -> None:
     assert set(FORMS) == {case.form for case in CASES.values()}
 
 
-@pytest.mark.parametrize("kernels", ["grouped", "parallel", "compiled"])
 @pytest.mark.parametrize("spans_name", list(SPAN_CASES))
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    ("name", "kernels"),
+    [(n, k) for n, c in CASES.items() for k in ("grouped", "parallel", "compiled") if k in c.form.kernels],
+)
 def test_fast_equals_reference_equals_definition(name: str, spans_name: str, kernels: str) -> None:
-    """Every form's grouped kernel, and its parallel one (the grouped one where it has none)."""
+    """Every CPU kernel a form has of its own (grouped; parallel and compiled where it has them)."""
     case, spans = CASES[name], SPAN_CASES[spans_name]
     width = IN if case.form is InputScaleForm else OUT
     x = torch.randn(T, IN, generator=_gen(1))  # [T, in]
@@ -232,6 +234,12 @@ def test_batch_groups_once_per_slot() -> None:
 def test_batch_rejects_bad_spans(spans) -> None:
     with pytest.raises(ValueError):
         AdapterBatch.build(spans, T, "cpu")
+
+
+def test_a_form_without_a_kernel_runs_what_it_falls_back_to() -> None:
+    dense = make_form(CASES["dense"], "compiled")  # compiled -> parallel -> grouped
+    assert dense.kernel is DenseForm.kernels["grouped"]
+    assert make_form(CASES["low_rank"], "compiled").kernel is LowRankForm.kernels["compiled"]
 
 
 def test_kernels_selected_per_device() -> None:

@@ -54,7 +54,8 @@ def test_slots_are_views_of_the_stacks_and_survive_growth() -> None:
     for slot in range(5):
         many.load(slot, _delta(16, gen))
     assert len(many.stacks.stacks[16].owner) == 5  # 2, 4, then the layer's 5 slots, not 8
-    assert stacks.nbytes == sum((t.numel() * 4) for s in stacks.stacks.values() for t in (s.a, s.bt))
+    # float32 (in + out) = 256 per stacked row: bucket 8 holds 2 slots, 16 grew to 4, 64 holds 2
+    assert stacks.nbytes == 4 * 256 * (2 * 8 + 4 * 16 + 2 * 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

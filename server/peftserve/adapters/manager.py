@@ -131,7 +131,7 @@ class AdapterManager:
         return self.num_slots - self.slots.max_pins
 
     def warm_up(self) -> None:
-        """Compile what the kernels compile before the first request needs it (CPU: seconds, once)."""
+        """Compile what the kernels compile before the first request needs it (CPU: seconds, per process)."""
         if self.kernels == "compiled":
             widths = [
                 layer.in_features for layer in self.layers.values() if isinstance(layer, MultiAdapterLayer)
