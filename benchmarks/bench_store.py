@@ -280,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--min-prompt", type=int, default=16)
     parser.add_argument("--max-prompt", type=int, default=64)
-    parser.add_argument("--slots", type=int, default=EngineConfig.adapter_slots, help="device adapter slots")
+    parser.add_argument("--slots", type=int, default=32, help="device adapter slots")
     parser.add_argument("--host-cache-mb", type=float, default=256.0)
     parser.add_argument("--kv-cache-mb", type=float, default=512.0)
     parser.add_argument("--max-running", type=int, default=32)

@@ -62,7 +62,7 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
         "--adapter-slots",
         "adapter_slots",
         int,
-        "adapters resident on the device at once (prefix tuning needs none)",
+        "adapters resident on the device at once (default: --max-running; prefix tuning needs none)",
     ),
     ("--host-cache-mb", "host_cache_mb", float, "CPU memory for adapters loaded from disk (LRU)"),
     ("--adapter-load-threads", "adapter_load_threads", int, "threads loading adapters from disk"),

@@ -64,8 +64,10 @@ class EngineConfig:
     the paged pools, compiled once per process before serving; sdpa: each context is gathered first."""
     cuda_graphs: bool = False
     """CUDA only: replay pure decode steps from graphs captured per batch-size bucket (runner/graphs.py)."""
-    adapter_slots: int = 32
-    """Adapters resident on the device at once, of any kind but prefix tuning (which needs no slot)."""
+    adapter_slots: int | None = None
+    """Adapters resident on the device at once, of any kind but prefix tuning (which needs no slot);
+    None: max_running, so every running request can have an adapter of its own (a step never reads more).
+    A slot takes memory once an adapter is loaded into it: its factors in the served dtype."""
     adapters: tuple[tuple[str, str], ...] = ()
     """Adapters registered at start: (id, PEFT directory) pairs; a bare name is the default tenant's."""
     store: str | None = None
@@ -84,6 +86,11 @@ class EngineConfig:
     """Bytes of all files of one upload; beyond it RESOURCE_EXHAUSTED."""
     adapter_metrics_top_n: int = 20
     """Adapters exported with their own label in per-adapter metrics; the rest count as 'other'."""
+
+    @property
+    def slots(self) -> int:
+        """The adapter slots the engine builds: adapter_slots, or max_running when unset."""
+        return self.adapter_slots or self.max_running
 
     @property
     def tenant_limits(self) -> TenantLimits:
@@ -119,7 +126,6 @@ class EngineConfig:
             "max_running",
             "max_queue",
             "max_new_tokens_limit",
-            "adapter_slots",
             "kv_cache_mb",
             "host_cache_mb",
             "adapter_load_threads",
@@ -131,6 +137,8 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidRequest(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.adapter_slots is not None and self.adapter_slots <= 0:
+            raise InvalidRequest(f"adapter_slots must be > 0, got {self.adapter_slots}")
         if self.adapter_metrics_top_n < 0:
             raise InvalidRequest(f"adapter_metrics_top_n must be >= 0, got {self.adapter_metrics_top_n}")
 

@@ -136,8 +136,9 @@ class BenchConfig:
     """Server: requests decoding at once (the engine's default)."""
     max_batched_tokens: int = 1024
     """Server: prefill and decode tokens per engine step (the engine's default)."""
-    adapter_slots: int = 32
-    """Server: LoRA adapters resident on the device at once (the engine's default)."""
+    adapter_slots: int | None = None
+    """Server: adapters resident on the device at once, and vLLM's --max-loras; None: max_running (the
+    engine's default)."""
     threads: int | None = None
     """torch CPU threads of the server and of the PEFT baselines; None keeps torch's default. On a shared
     machine use 1: with more, every parallel region waits for threads other processes descheduled."""
@@ -155,6 +156,11 @@ class BenchConfig:
     server_timeout_s: float = 600.0
     """How long the server may take to load the model and register every adapter."""
 
+    @property
+    def slots(self) -> int:
+        """The server's adapter slots (and the vLLM peer's max_loras)."""
+        return self.adapter_slots or self.max_running
+
     def __post_init__(self) -> None:
         shapes = ", ".join(BENCH_SHAPES)
         _check(self.shape in BENCH_SHAPES, f"shape must be one of {shapes}, got {self.shape!r}")
@@ -168,7 +174,7 @@ class BenchConfig:
         _check(all(f > 0 for f in self.load_fractions), "load fractions must be > 0")
         _check(self.sweep_requests > 0, "sweep_requests must be > 0")
         _check(self.peft_batch_size > 0, "peft_batch_size must be > 0")
-        _check(self.adapter_slots > 0, "adapter_slots must be > 0")
+        _check(self.adapter_slots is None or self.adapter_slots > 0, "adapter_slots must be > 0")
         _check(self.slo_ttft_s > 0, "slo_ttft_s must be > 0")
         _check(self.repeats > 0, "repeats must be > 0")
         AdapterPool("check", 1, self.ranks, self.targets)

@@ -155,7 +155,7 @@ def serve_args(
         "--kv-cache-mb", f"{kv_cache_mb(config, shape):.0f}",
         "--max-running", str(config.max_running),
         "--max-batched-tokens", str(config.max_batched_tokens),
-        "--adapter-slots", str(config.adapter_slots),
+        "--adapter-slots", str(config.slots),
         "--max-queue", str(max(1024, config.workload.requests, config.sweep_requests)),
         "--grace-s", "5",
     ]  # fmt: skip
@@ -180,7 +180,7 @@ def vllm_spec(config: BenchConfig, shape: Shape, model_dir: Path, pool: Publishe
         dtype=serving_dtype(config),
         adapters=vllm_system.adapter_pairs(pool.ids, pool.directories) if pool else (),
         max_lora_rank=max(pool.ranks) if pool else 16,
-        max_loras=config.adapter_slots,
+        max_loras=config.slots,
         max_num_seqs=config.max_running,
         max_model_len=config.workload.max_tokens + 16,
         kv_cache_gib=kv_cache_mb(config, shape) / 1024,

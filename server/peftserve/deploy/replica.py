@@ -92,7 +92,7 @@ class EngineReplica:
             """Ray's multiplexing loads a routing id here: the engine loads the adapter on first use."""
             return Resident(route)
 
-        self._adopt = serve.multiplexed(max_num_models_per_replica=engine_config.adapter_slots)(hold)
+        self._adopt = serve.multiplexed(max_num_models_per_replica=engine_config.slots)(hold)
         self._grace_s = config.server.grace_s
         self._sync_s = config.store_sync_s
         self.replica_id = serve.get_replica_context().replica_id.unique_id

@@ -138,7 +138,7 @@ class LLMEngine:
         loaded = load_base_model(config.model, config.device, config.dtype)
         manager = AdapterManager(
             loaded.model,
-            config.adapter_slots,
+            config.slots,
             loaded.device,
             loaded.dtype,
             host_cache_bytes=int(config.host_cache_mb * 2**20),

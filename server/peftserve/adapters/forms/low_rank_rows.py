@@ -196,12 +196,19 @@ def _compiled():
     """_row_products compiled once per process, every size symbolic: one graph per dtype (and for a
     single row, a size torch.compile specializes), whatever the model's shapes, ranks and slot counts.
     With the settings its calls run under: sizes are not "duck"-matched (a row count equal to a stack's
-    capacity by chance must not become a guard that recompiles once they differ)."""
+    capacity by chance must not become a guard that recompiles once they differ).
+
+    `cpp.dynamic_threads`: every loop nest is shared out among the threads at run time. Without it
+    inductor decides from the sizes of the first compile (the warm-up's small ones, or whichever
+    process filled its on-disk cache first) and ran the second product on one thread (bench-1b's
+    adapter deltas, bf16, 64 rows: 33 -> 24 ms per decode step on the 2-core dev box; benchmarks/README.md,
+    "compiled kernel")."""
     settings = (
         torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
         fx_config.patch(use_duck_shape=False),
     )
-    return torch.compile(_row_products, dynamic=True, fullgraph=True), settings
+    options = {"cpp.dynamic_threads": True}
+    return torch.compile(_row_products, dynamic=True, fullgraph=True, options=options), settings
 
 
 def row_products(y, x, rows, index, weight, a, bt) -> torch.Tensor:
