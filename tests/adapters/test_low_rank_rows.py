@@ -146,3 +146,26 @@ def _random_spans(rng: random.Random, slots: int) -> tuple[list, int]:
         spans.append((t, length, pairs))
         t += length
     return spans, t
+
+
+def test_after_warm_up_steps_compile_nothing() -> None:
+    """warm_up compiles every graph a server's steps call: one row alone, several rows, one row among a
+    prefill's tokens, in inference mode as the runner steps, over stacks loaded inside a step or out."""
+    torch._dynamo.reset()  # forget the graphs earlier tests compiled: only the warm-up's count
+    low_rank_rows.warm_up(torch.bfloat16, [D_IN])
+    gen = torch.Generator().manual_seed(4)
+    form = _form("compiled")
+    form.load(0, _delta(16, gen, torch.bfloat16))
+    with torch.inference_mode():
+        form.load(1, _delta(8, gen, torch.bfloat16))  # a load that runs inside a step
+    steps = [
+        ([(0, 1, ((0, 1.0),))], 1),
+        ([(0, 1, ((0, 1.0),)), (1, 1, ((1, 0.5),)), (2, 1, ((0, 1.0),))], 3),
+        ([(0, 6, ((0, 1.0),)), (6, 1, ((1, 1.0),))], 7),
+    ]
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():
+        for spans, t in steps:
+            x = torch.randn(t, D_IN, generator=gen).bfloat16()
+            y = torch.zeros(t, D_OUT, dtype=torch.bfloat16)
+            form.apply(y, x, AdapterBatch.build(spans, t, "cpu"))
+            assert y.abs().sum() > 0

@@ -152,9 +152,12 @@ class ModelRunner:
             self.cache.values.index_fill_(1, self._tensor(tails), 0)
         return PagedLayout.build(chunks, self.block_size, self.cache.keys.shape[1], self.device)
 
+    @torch.inference_mode()
     def _warm_up(self) -> None:
         """Compile attention in place before serving: a one-token and a two-token prefill in the first
-        slots (the second makes the token count dynamic), which are zeroed again afterwards."""
+        slots (the second makes the token count dynamic), which are zeroed again afterwards. In inference
+        mode, as `step` runs: its tensors are inference tensors, and a graph compiled for other tensors
+        would not be reused (dynamo guards on it)."""
         for num_tokens in (1, 2):
             blocks = list(range(-(-num_tokens // self.block_size)))  # slot i is in block i // block_size
             meta = AttentionMetadata(
@@ -166,8 +169,7 @@ class ModelRunner:
             )
             ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)  # [1, T]
             pos = torch.arange(num_tokens, device=self.device)[None]  # [1, T]
-            with torch.inference_mode():
-                self._model(ids, pos, self._tensor([num_tokens - 1]), meta)
+            self._model(ids, pos, self._tensor([num_tokens - 1]), meta)
         self.cache.keys[:, :2] = 0
         self.cache.values[:, :2] = 0
 

@@ -110,8 +110,11 @@ class RankStacks:
         copied over."""
         held = 0 if stack is None else len(stack.owner)
         capacity = max(2, min(2 * held, self.num_slots))
-        a = delta.a.new_zeros(capacity, bucket, delta.a.shape[1])
-        bt = delta.b.new_zeros(capacity, bucket, delta.b.shape[0])
+        with torch.inference_mode(
+            False
+        ):  # plain tensors, wherever loads run (the kernel's graphs expect them)
+            a = delta.a.new_zeros(capacity, bucket, delta.a.shape[1])
+            bt = delta.b.new_zeros(capacity, bucket, delta.b.shape[0])
         grown = _Stack(a, bt, [None] * capacity, [0] * capacity)
         if stack is not None:
             a[:held], bt[:held] = stack.a, stack.bt
@@ -239,13 +242,22 @@ def warm_up(dtype: torch.dtype, in_features: Iterable[int]) -> None:
     if unavailable is not None:
         return
     try:
-        for width in sorted(set(in_features)):
-            for tokens in (1, 2):
-                y, x = torch.zeros(tokens, 16, dtype=dtype), torch.zeros(tokens, width, dtype=dtype)
-                rows = torch.arange(tokens)
-                a = torch.zeros(2, RANK_FLOOR, width, dtype=dtype)
-                bt = torch.zeros(2, RANK_FLOOR, 16, dtype=dtype)
-                row_products(y, x, rows, rows % 2, torch.ones(tokens), a, bt)
+        _compile_for(dtype, sorted(set(in_features)))
     except Exception as e:  # noqa: BLE001 - any compile failure: serve with the parallel kernel instead
         unavailable = f"{type(e).__name__}: {e}"
         log.warning("the compiled low-rank kernel is unavailable (%s): decode rows run the parallel one", e)
+
+
+def _compile_for(dtype: torch.dtype, widths: list[int]) -> None:
+    """Every graph serving uses, with the tensors it is called with: per width class, one row of one
+    token, several rows, one row of several tokens (a size of 1 is a constant to torch.compile, so each
+    is a graph of its own); the stacks as `RankStacks` makes them (plain tensors), the step's tensors in
+    inference mode as the runner's step makes them (dynamo guards on both)."""
+    for width in widths:
+        a = torch.zeros(2, RANK_FLOOR, width, dtype=dtype)
+        bt = torch.zeros(2, RANK_FLOOR, 16, dtype=dtype)
+        for tokens, rows in ((1, [0]), (2, [0, 1]), (2, [1])):
+            with torch.inference_mode():
+                y, x = torch.zeros(tokens, 16, dtype=dtype), torch.zeros(tokens, width, dtype=dtype)
+                index = torch.tensor(rows)
+                row_products(y, x, index, index % 2, torch.ones(len(rows)), a, bt)
