@@ -236,7 +236,7 @@ def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], sta
 def warm_up(dtype: torch.dtype, in_features: Iterable[int]) -> None:
     """Compile the kernel for `dtype` and the layers' input widths (inductor's vectorized loops guard on
     the width), for one row and several, before serving (bench-1b's two widths in bf16 on the 2-core dev
-    box: 17 s cold, 3.7 s from inductor's on-disk cache). If it cannot be compiled, say why once and
+    box: 18 s cold, 3.8 s from inductor's on-disk cache). If it cannot be compiled, say why once and
     leave it `unavailable`."""
     global unavailable
     if unavailable is not None:
