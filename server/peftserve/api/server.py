@@ -81,7 +81,7 @@ def load_engine(config: EngineConfig) -> EngineClient:
     return AsyncEngine.create(config)
 
 
-def _freeze_startup_heap() -> None:
+def freeze_startup_heap() -> None:
     """Keep what startup built (modules, model, tokenizer: ~400k objects) out of the garbage collector's
     oldest generation, as vLLM's server does: a full collection then takes ~1 ms instead of ~200 ms,
     during which it holds the GIL, and so stalls the engine thread and the event loop alike."""
@@ -135,7 +135,7 @@ async def serve(
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stopping.set)
-    _freeze_startup_heap()
+    freeze_startup_heap()
     await health.mark_serving()
     if keys is None:
         logger.info("no keys file: single-tenant local mode (every caller is tenant 'default')")

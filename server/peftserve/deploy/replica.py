@@ -22,6 +22,7 @@ import ray
 from prometheus_client import Counter
 from ray import serve
 
+from peftserve.api.server import freeze_startup_heap
 from peftserve.api.status import code_of
 from peftserve.config import EngineConfig
 from peftserve.deploy.config import ClusterConfig
@@ -63,6 +64,7 @@ def open_engine(config: EngineConfig) -> tuple[AsyncEngine, StoreSync | None]:
         sync.sync_all()
     for adapter_id, path in config.adapters:
         manager.register(adapter_id, path)
+    freeze_startup_heap()  # as one server does: full collections then skip the model and the modules
     return front, sync
 
 
