@@ -76,6 +76,8 @@ class RankStacks:
         self.stacks: dict[int, _Stack] = {}
         self.where: dict[int, tuple[int, int]] = {}
         """slot -> (bucket, index)"""
+        self.layout: frozenset[tuple[int, tuple[int, int]]] = frozenset()
+        """`where` as a key: layers whose stacks place every slot alike share a step's row lists."""
 
     def put(self, slot: int, delta: LowRankDelta) -> list[int]:
         """Copy a slot's factors into its bucket. Returns the slots whose views must be taken again
@@ -91,12 +93,14 @@ class RankStacks:
         stack.bt[index].zero_()[: delta.rank] = delta.b.T
         stack.owner[index], stack.rank[index] = slot, delta.rank
         self.where[slot] = (bucket, index)
+        self.layout = frozenset(self.where.items())
         return [s for s in stack.owner if s is not None] if grown else [slot]
 
     def remove(self, slot: int) -> None:
         found = self.where.pop(slot, None)
         if found is not None:
             self.stacks[found[0]].owner[found[1]] = None
+            self.layout = frozenset(self.where.items())
 
     def view(self, slot: int, delta: LowRankDelta) -> LowRankDelta:
         """delta (the slot's) with its factors as views of the stack: A [r, in], B [out, r]."""
@@ -160,13 +164,13 @@ class _BucketRows:
 
 
 def bucket_rows(batch: AdapterBatch, plan: RowsPlan, stacks: RankStacks) -> list[_BucketRows]:
-    """The plan's rows whose slots hold a delta in this layer, by bucket. Layers whose stacks place the
-    step's slots alike (the same adapters, ranks and load order: most layers) share one build per step."""
-    placed = tuple((token, stacks.where.get(slot), weight) for token, slot, weight in plan.rows)
+    """The plan's rows whose slots hold a delta in this layer, by bucket. Layers whose stacks place every
+    slot alike (the same adapters, ranks and load order: most layers) share one build per step."""
 
     def build() -> list[_BucketRows]:
         by_bucket: dict[int, tuple[list[int], list[int], list[float]]] = {}
-        for token, where, weight in placed:
+        for token, slot, weight in plan.rows:
+            where = stacks.where.get(slot)
             if where is not None:
                 rows, index, weights = by_bucket.setdefault(where[0], ([], [], []))
                 rows.append(token)
@@ -182,7 +186,7 @@ def bucket_rows(batch: AdapterBatch, plan: RowsPlan, stacks: RankStacks) -> list
             for bucket, (rows, index, weights) in sorted(by_bucket.items())
         ]
 
-    return batch.memo((PLAN, placed), build)
+    return batch.memo((PLAN, stacks.layout), build)
 
 
 def _row_products(y, x, rows, index, weight, a, bt):
