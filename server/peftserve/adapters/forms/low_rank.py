@@ -84,8 +84,8 @@ def low_rank_compiled(
     run low_rank_grouped on views of the same factors, each product on all intra-op threads: prefill
     groups are GEMMs of tens to hundreds of rows, which torch's threads share well, where the parallel
     kernel's helper threads compete for the cores with the OpenMP threads still spinning after the base
-    layer's and this kernel's parallel regions (a 1,024-token prefill layer, 8 adapters, bf16, 2 cores:
-    1.2-2.1 ms grouped, 3.0-5.4 ms parallel; benchmarks/README.md, "compiled kernel").
+    layer's and this kernel's parallel regions (bench-1b's trace in bf16 on 2 cores: prefill steps with
+    adapters 1.20x the base model's on the parallel kernel, 1.08x on this; bench_trace_steps.py).
     """
     stacks: RankStacks = slots.derived[STACKS]  # type: ignore[attr-defined]
     if low_rank_rows.unavailable is not None:

@@ -114,9 +114,8 @@ class RankStacks:
         copied over."""
         held = 0 if stack is None else len(stack.owner)
         capacity = max(2, min(2 * held, self.num_slots))
-        with torch.inference_mode(
-            False
-        ):  # plain tensors, wherever loads run (the kernel's graphs expect them)
+        # Plain tensors wherever a load runs, in a step (inference mode) or not: the graphs expect them.
+        with torch.inference_mode(False):
             a = delta.a.new_zeros(capacity, bucket, delta.a.shape[1])
             bt = delta.b.new_zeros(capacity, bucket, delta.b.shape[0])
         grown = _Stack(a, bt, [None] * capacity, [0] * capacity)
@@ -208,8 +207,8 @@ def _compiled():
     `cpp.dynamic_threads`: every loop nest is shared out among the threads at run time. Without it
     inductor decides from the sizes of the first compile (the warm-up's small ones, or whichever
     process filled its on-disk cache first) and ran the second product on one thread (bench-1b's
-    adapter deltas, bf16, 64 rows: 33 -> 24 ms per decode step on the 2-core dev box; benchmarks/README.md,
-    "compiled kernel")."""
+    adapter deltas, bf16, 64 rows: 32.4 -> 24.5 ms per decode step on the 2-core dev box;
+    benchmarks/README.md, "Both threads, warm-ups that match the steps")."""
     settings = (
         torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
         fx_config.patch(use_duck_shape=False),
