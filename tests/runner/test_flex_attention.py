@@ -89,7 +89,7 @@ def test_unknown_attention_is_rejected():
 
 def test_after_start_up_serving_compiles_nothing():
     """The runner's warm-up compiles attention as the steps call it (inference mode, one token and
-    several, contexts over several blocks): serving a chunked, mixed workload compiles nothing more."""
+    several): serving a chunked, mixed workload whose contexts span many blocks compiles nothing more."""
     torch._dynamo.reset()  # forget the graphs earlier tests compiled: only the warm-up's count
     model, tokenizer = build_tiny_model("llama")
     config = EngineConfig(kv_cache_mb=1, block_size=4, max_batched_tokens=20, attention="flex")
