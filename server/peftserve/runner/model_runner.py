@@ -24,7 +24,7 @@ from peftserve.runner.attention import ATTENTION_NAME, AttentionMetadata, Prefil
 from peftserve.runner.flex import PagedLayout, unwritten_tails
 from peftserve.runner.kv_cache import PagedKVCache
 from peftserve.runner.linear import pack_linears
-from peftserve.runner.sampler import SampleRow, sample
+from peftserve.runner.sampler import SampleRow, finite_rows, sample
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class ModelRunner:
         sampling = [c.seq for c in step.sampling]
         # A row is computed from its own sequence only, so non-finite logits are that request's own
         # failure: it gets no token (and an error), the rest of the batch samples as usual.
-        finite = torch.isfinite(logits).all(dim=-1)  # [S]
+        finite = finite_rows(logits)  # [S]
         non_finite: list[Sequence] = []
         rows = logits
         if not bool(finite.all()):

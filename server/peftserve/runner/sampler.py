@@ -20,6 +20,16 @@ class SampleRow:
     """Prompt and output tokens, for the repetition penalty."""
 
 
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Whether every logit of each row is finite: [S, V] -> [S] bool, as `isfinite(logits).all(-1)`.
+
+    A row's max and min are finite exactly when all its values are (both reductions propagate NaN and
+    reach an infinity), and on CPU they are two vectorized passes where `isfinite(...).all(-1)`
+    materializes a bool per logit and reduces it slowly (the step profile's sampling share,
+    benchmarks/README.md)."""
+    return logits.amax(dim=-1).isfinite() & logits.amin(dim=-1).isfinite()
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> None:
     """Semantics (as transformers): for each seen token, logit/penalty if > 0 else logit*penalty."""
     ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
