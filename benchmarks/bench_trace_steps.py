@@ -31,27 +31,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES, bench_tokenizer, build_model  # noqa: E402
-from profile_step import adapter_directories  # noqa: E402
+from profile_step import adapter_directories, add_trace  # noqa: E402
 
 from peftserve.adapters.manager import AdapterManager  # noqa: E402
 from peftserve.bench.config import WorkloadSpec  # noqa: E402
 from peftserve.bench.workload import TraceRequest, make_trace  # noqa: E402
 from peftserve.config import EngineConfig  # noqa: E402
 from peftserve.engine.engine import LLMEngine  # noqa: E402
-from peftserve.engine.request import AdapterRef, GenerationRequest, SamplingParams  # noqa: E402
 
 
 def serve_trace(engine: LLMEngine, trace: list[TraceRequest], ids: list[str], tag: str) -> dict[str, list]:
     """Step the engine until the trace is served; {kind: [steps, seconds]}."""
-    for request in trace:
-        engine.add_request(
-            GenerationRequest(
-                f"{tag}-{request.index}",
-                prompt_token_ids=list(request.prompt_ids),
-                sampling=SamplingParams(max_new_tokens=request.output_len, ignore_eos=True),
-                adapters=(AdapterRef(ids[request.adapter]),) if ids else (),
-            )
-        )
+    add_trace(engine, trace, ids, tag=f"{tag}-")
     scheduler = engine.scheduler
     kinds: dict[str, list] = defaultdict(lambda: [0, 0.0])
     while scheduler.waiting or scheduler.running:

@@ -172,21 +172,31 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(dtype=args.dtype, kv_cache_mb=2048, max_running=args.requests, store=None, **extra)
 
 
+def add_trace(
+    engine: LLMEngine,
+    trace: list[TraceRequest],
+    ids: list[str],
+    tag: str = "",
+    max_new_tokens: int | None = None,
+) -> None:
+    """Every request of the trace into the engine, on its adapter (none when `ids` is empty), EOS ignored;
+    max_new_tokens: each request's (None: its output length); tag: a prefix keeping request ids unique."""
+    for request in trace:
+        engine.add_request(
+            GenerationRequest(
+                f"{tag}{request.index}",
+                prompt_token_ids=list(request.prompt_ids),
+                sampling=SamplingParams(max_new_tokens=max_new_tokens or request.output_len, ignore_eos=True),
+                adapters=(AdapterRef(ids[request.adapter]),) if ids else (),
+            )
+        )
+
+
 def run_to_decode(engine: LLMEngine, trace: list[TraceRequest], ids: list[str]) -> None:
     """Admit the trace (outputs long enough not to finish) and step until every request decodes.
 
     RuntimeError if a request cannot be admitted (it would wait for one to finish: 512 steps)."""
-    sampling = SamplingParams(max_new_tokens=512, ignore_eos=True)
-    for request in trace:
-        refs = (AdapterRef(ids[request.adapter]),) if ids else ()
-        engine.add_request(
-            GenerationRequest(
-                str(request.index),
-                prompt_token_ids=list(request.prompt_ids),
-                sampling=sampling,
-                adapters=refs,
-            )
-        )
+    add_trace(engine, trace, ids, max_new_tokens=512)
     scheduler = engine.scheduler
     while scheduler.waiting or any(s.is_prefilling for s in scheduler.running):
         waiting = len(scheduler.waiting)

@@ -77,7 +77,7 @@ def low_rank_parallel(
 def low_rank_compiled(
     y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, slots: Sequence[LowRankDelta | None]
 ) -> None:
-    """CPU fast path: decode rows in one compiled pass per layer, the rest by the parallel kernel.
+    """CPU fast path: decode rows in one compiled pass per layer, the rest by the grouped kernel.
 
     Semantics: same as low_rank_reference. Single-token spans of one adapter (decode) run
     low_rank_rows' kernel over the layer's stacked factors, each row alone; longer spans and mixtures

@@ -11,7 +11,7 @@ rows of one adapter each run as one fused loop that torch.compile (inductor's C+
 reading each row's factors where they lie (no gathered copy), in the model's dtype, on all intra-op
 threads. A row's bits do not depend on the other rows of its step (each row is its own loop iteration),
 so a request's outputs are the same alone or batched. Multi-token spans (prefill) and mixtures run the
-parallel kernel on views of the same stacks: products of many rows with one adapter are what GEMMs do
+grouped kernel on views of the same stacks: products of many rows with one adapter are what GEMMs do
 best.
 
 The stacks pad each adapter to its bucket (powers of two from RANK_FLOOR: rank 12 is held as 16) and
@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 RANK_FLOOR = 8
 """Smallest bucket: ranks 1-8 share it (a bucket of 1 would also be a shape torch.compile specializes)."""
 RECOMPILE_LIMIT = 64
-"""Graphs compiled per process: one per dtype, a single row or more, and in_features above inductor's
-vectorization bound; far fewer than this."""
+"""Graphs compiled per process: per dtype and class of in_features (inductor's vectorization bound), three
+(`_compile_for`); far fewer than this."""
 STACKS = "stacks"
 """SlotList.derived key of a layer's RankStacks."""
 PLAN = "low-rank-rows"
@@ -138,7 +138,7 @@ class RowsPlan:
     rows: list[tuple[int, int, float]]
     """(token, slot, weight) of every single-token span with one adapter"""
     rest: AdapterBatch | None
-    """The other spans (prefill, mixtures) as their own batch, for the parallel kernel; None if none."""
+    """The other spans (prefill, mixtures) as their own batch, for the grouped kernel; None if none."""
 
     @classmethod
     def of(cls, batch: AdapterBatch) -> RowsPlan:
@@ -199,8 +199,8 @@ def _row_products(y, x, rows, index, weight, a, bt):
 
 @functools.cache
 def _compiled():
-    """_row_products compiled once per process, every size symbolic: one graph per dtype (and for a
-    single row, a size torch.compile specializes), whatever the model's shapes, ranks and slot counts.
+    """_row_products compiled once per process, every size symbolic: the graphs `_compile_for` lists per
+    dtype, whatever the model's shapes, ranks and slot counts.
     With the settings its calls run under: sizes are not "duck"-matched (a row count equal to a stack's
     capacity by chance must not become a guard that recompiles once they differ).
 
