@@ -44,7 +44,7 @@ from .forms import SharedTensors, low_rank_rows
 from .host_cache import HostCache
 from .kernels import select_kernels
 from .kinds import FORMS
-from .layer import MultiAdapterLayer, wrap_model
+from .layer import wrap_model
 from .loading import load_adapter
 from .normalized import NormalizedAdapter
 from .registry import AdapterRegistry, Removal, VersionRecord
@@ -133,10 +133,7 @@ class AdapterManager:
     def warm_up(self) -> None:
         """Compile what the kernels compile before the first request needs it (CPU: seconds, per process)."""
         if self.kernels == "compiled":
-            widths = [
-                layer.in_features for layer in self.layers.values() if isinstance(layer, MultiAdapterLayer)
-            ]
-            low_rank_rows.warm_up(self.dtype, widths)
+            low_rank_rows.warm_up(self.dtype)
 
     def close(self) -> None:
         """Stop the load threads (pending loads are cancelled)."""

@@ -1,34 +1,42 @@
-"""The CPU's low-rank kernel for decode rows: every row's two products in one compiled pass per layer.
+"""The CPU's low-rank kernel for decode rows: every row's two products in one C++ pass per layer.
 
 A decode step has one token per sequence and, with many tenants, nearly as many distinct adapters as
 rows; run as a Python loop of two small products per adapter (the grouped kernel) its cost is the count of
 operations, not the bytes of the factors. Here a layer keeps its slots' factors stacked by rank
-(`RankStacks`: A as [n, R, in] and Bᵀ as [n, R, out] per rank bucket R), and the step's single-token
-rows of one adapter each run as one fused loop that torch.compile (inductor's C++ on CPU) generates:
+(`RankStacks`: A as [n, R, in] and Bᵀ as [n, R, out] per rank bucket R), and the step's rows of one
+adapter each (decode tokens, and the tokens of short prefill chunks) run through one loop of our own
+(low_rank_rows.cpp):
 
-    out[i] = y[row_i] + w_i * (x[row_i] · A[index_i]ᵀ) · Bᵀ[index_i]      (float32, rounded once)
+    y[row_i] += w_i * (x[row_i] · A[index_i]ᵀ) · Bᵀ[index_i]      (float32, rounded once, in place)
 
 reading each row's factors where they lie (no gathered copy), in the model's dtype, on all intra-op
 threads. A row's bits do not depend on the other rows of its step (each row is its own loop iteration),
-so a request's outputs are the same alone or batched. Multi-token spans (prefill) and mixtures run the
+so a request's outputs are the same alone or batched. Longer spans (ROWS_SPAN_MAX) and mixtures run the
 grouped kernel on views of the same stacks: products of many rows with one adapter are what GEMMs do
 best.
 
+Why C++ of our own: the same loop written in torch and compiled by torch.compile became reductions with
+one accumulator per output, each waiting on the latency of its previous addition, and every call paid
+~56 us of guards; bench-1b's 28 adapter layers, 64 rows of 41 adapters in bf16 on the 2-core dev box
+took 13.8 ms a step that way and 8.3 ms this way (benchmarks/README.md, "The rows kernel in C++").
+
 The stacks pad each adapter to its bucket (powers of two from RANK_FLOOR: rank 12 is held as 16) and
 grow by doubling (up to the layer's slots), so an unusual rank costs its own bucket, not every adapter's
-padding.
+padding. Within a bucket a step's rows go in stack order, so rows of one adapter run one after the other
+and find its factors in cache.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.fx.experimental._config as fx_config
 
 from ..batch import AdapterBatch
 
@@ -38,10 +46,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RANK_FLOOR = 8
-"""Smallest bucket: ranks 1-8 share it (a bucket of 1 would also be a shape torch.compile specializes)."""
-RECOMPILE_LIMIT = 64
-"""Graphs compiled per process: per dtype and class of in_features (inductor's vectorization bound), three
-(`_compile_for`); far fewer than this."""
+"""Smallest bucket: ranks 1-8 share it. The kernel takes ranks in fours, so every bucket is a multiple
+of 4."""
+ROWS_SPAN_MAX = 32
+"""Spans of one adapter up to this many tokens run as rows; longer ones as the grouped kernel's GEMMs. The
+rows kernel costs about 65 us a token over bench-1b's 28 layers in bf16 on the 2-core dev box; the
+GEMMs about 2 ms per span plus 33 us a token (an ad hoc timing): 32-token spans of 8 adapters took
+17 ms as rows and 20-34 ms as GEMMs, 128-token spans 67 and 39 ms."""
 STACKS = "stacks"
 """SlotList.derived key of a layer's RankStacks."""
 PLAN = "low-rank-rows"
@@ -133,10 +144,10 @@ class RankStacks:
 
 @dataclass(frozen=True)
 class RowsPlan:
-    """A step's tokens split for the low-rank kernels: single-token spans of one adapter, the rest."""
+    """A step's tokens split for the low-rank kernels: tokens of short spans of one adapter, the rest."""
 
     rows: list[tuple[int, int, float]]
-    """(token, slot, weight) of every single-token span with one adapter"""
+    """(token, slot, weight) of every token of a span with one adapter and at most ROWS_SPAN_MAX tokens"""
     rest: AdapterBatch | None
     """The other spans (prefill, mixtures) as their own batch, for the grouped kernel; None if none."""
 
@@ -144,8 +155,8 @@ class RowsPlan:
     def of(cls, batch: AdapterBatch) -> RowsPlan:
         rows, rest = [], []
         for start, length, pairs in batch.spans:
-            if length == 1 and len(pairs) == 1:
-                rows.append((start, pairs[0][0], pairs[0][1]))
+            if len(pairs) == 1 and length <= ROWS_SPAN_MAX:
+                rows += [(start + t, pairs[0][0], pairs[0][1]) for t in range(length)]
             else:
                 rest.append((start, length, pairs))
         others = AdapterBatch.build(rest, batch.num_tokens, batch.device) if rest else None
@@ -167,100 +178,83 @@ def bucket_rows(batch: AdapterBatch, plan: RowsPlan, stacks: RankStacks) -> list
     slot alike (the same adapters, ranks and load order: most layers) share one build per step."""
 
     def build() -> list[_BucketRows]:
-        by_bucket: dict[int, tuple[list[int], list[int], list[float]]] = {}
-        for token, slot, weight in plan.rows:
-            where = stacks.where.get(slot)
-            if where is not None:
-                rows, index, weights = by_bucket.setdefault(where[0], ([], [], []))
-                rows.append(token)
-                index.append(where[1])
-                weights.append(weight)
+        # by bucket, then stack index: a bucket's rows of one adapter run one after the other
+        placed = sorted(
+            (stacks.where[slot], token, weight) for token, slot, weight in plan.rows if slot in stacks.where
+        )
         return [
             _BucketRows(
                 bucket,
-                torch.tensor(rows, dtype=torch.long),
-                torch.tensor(index, dtype=torch.long),
-                torch.tensor(weights, dtype=torch.float32),
+                torch.tensor([token for _, token, _ in rows], dtype=torch.long),
+                torch.tensor([index for (_, index), _, _ in rows], dtype=torch.long),
+                torch.tensor([weight for _, _, weight in rows], dtype=torch.float32),
             )
-            for bucket, (rows, index, weights) in sorted(by_bucket.items())
+            for bucket, rows in ((b, list(g)) for b, g in itertools.groupby(placed, key=lambda p: p[0][0]))
         ]
 
     return batch.memo((PLAN, stacks.layout), build)
 
 
-def _row_products(y, x, rows, index, weight, a, bt):
-    """y[rows] + weight * (x[rows] @ a[index]ᵀ) @ bt[index], row by row, in float32, rounded once.
-    y: [T, out]; x: [T, in]; rows, index: [n] int64; weight: [n] float32; a: [c, R, in]; bt: [c, R, out]."""
-    xr = x[rows].float()  # [n, in]
-    h = (a[index].float() * xr[:, None, :]).sum(-1) * weight[:, None]  # [n, R]
-    d = (h[:, :, None] * bt[index].float()).sum(1)  # [n, out]
-    return (y[rows].float() + d).to(y.dtype)
+SCALARS = {torch.float32: "float", torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}
+"""The model dtypes the kernel is built for, and the C++ element type of each."""
+_SOURCE = Path(__file__).with_suffix(".cpp")
+_PARAMETERS = (
+    *("const SCALAR*", "int64_t", "SCALAR*", "int64_t"),  # x, y: each with its row stride
+    *("const int64_t*", "const int64_t*", "const float*", "int64_t"),  # token, index, weight: n each
+    *("const SCALAR*", "const SCALAR*", "int64_t", "int64_t", "int64_t"),  # a, bt: rank, in, out
+    "int64_t",  # threads
+)
+"""`kernel`'s parameters as inductor's bindings parse its arguments (a tensor as its data pointer)."""
 
 
 @functools.cache
-def _compiled():
-    """_row_products compiled once per process, every size symbolic: the graphs `_compile_for` lists per
-    dtype, whatever the model's shapes, ranks and slot counts.
-    With the settings its calls run under: sizes are not "duck"-matched (a row count equal to a stack's
-    capacity by chance must not become a guard that recompiles once they differ).
+def _kernel(dtype: torch.dtype) -> Callable[..., None]:
+    """low_rank_rows.cpp built for `dtype` by inductor's C++ code cache, which compiles it with inductor's
+    flags for this CPU's vector units, links it to torch's OpenMP, keeps the library on disk for later
+    processes and binds `kernel` to Python (a call costs microseconds; a torch.compile'd function's
+    guards cost ~56 us). The first build takes about 2 s on the 2-core dev box."""
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-    `cpp.dynamic_threads`: every loop nest is shared out among the threads at run time. Without it
-    inductor decides from the sizes of the first compile (the warm-up's small ones, or whichever
-    process filled its on-disk cache first) and ran the second product on one thread (bench-1b's
-    adapter deltas, bf16, 64 rows: 32.4 -> 24.5 ms per decode step on the 2-core dev box;
-    benchmarks/README.md, "Both threads, warm-ups that match the steps")."""
-    settings = (
-        torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
-        fx_config.patch(use_duck_shape=False),
+    scalar = SCALARS[dtype]
+    source = f"#define SCALAR {scalar}\n" + _SOURCE.read_text()
+    return CppPythonBindingsCodeCache.load_pybinding(
+        [p.replace("SCALAR", scalar) for p in _PARAMETERS], source
     )
-    options = {"cpp.dynamic_threads": True}
-    return torch.compile(_row_products, dynamic=True, fullgraph=True, options=options), settings
-
-
-def row_products(y, x, rows, index, weight, a, bt) -> torch.Tensor:
-    """_row_products, compiled."""
-    kernel, (dynamo_settings, fx_settings) = _compiled()
-    with dynamo_settings, fx_settings:
-        return kernel(y, x, rows, index, weight, a, bt)
 
 
 unavailable: str | None = None
-"""Why the kernel cannot be compiled here (warm_up found out; e.g. no C++ compiler): the form then runs
+"""Why the kernel cannot be built here (warm_up found out; e.g. no C++ compiler): the form then runs
 the parallel kernel for every token."""
 
 
 def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], stacks: RankStacks) -> None:
-    """Each bucket's rows of y, replaced by the compiled pass over them."""
+    """Each bucket's rows of y (a layer's output, in the stacks' dtype) updated in place by the kernel."""
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    if y.stride(-1) != 1 and y.shape[-1] > 1:  # not a layer's output: work on a contiguous copy
+        rows = y.contiguous()
+        add_rows(rows, x, parts, stacks)
+        y.copy_(rows)
+        return
+    kernel, threads = _kernel(y.dtype), torch.get_num_threads()
     for part in parts:
-        stack = stacks.stacks[part.bucket]
-        y.index_copy_(0, part.rows, row_products(y, x, part.rows, part.index, part.weight, stack.a, stack.bt))
+        a, bt = stacks.stacks[part.bucket].a, stacks.stacks[part.bucket].bt  # [c, R, in], [c, R, out]
+        rows = (part.rows, part.index, part.weight, len(part.rows))
+        kernel(x, x.stride(0), y, y.stride(0), *rows, a, bt, *a.shape[1:], bt.shape[2], threads)
 
 
-def warm_up(dtype: torch.dtype, in_features: Iterable[int]) -> None:
-    """Compile the kernel for `dtype` and the layers' input widths (inductor's vectorized loops guard on
-    the width), for one row and several, before serving (bench-1b's two widths in bf16 on the 2-core dev
-    box: 18 s cold, 3.8 s from inductor's on-disk cache). If it cannot be compiled, say why once and
-    leave it `unavailable`."""
+def warm_up(dtype: torch.dtype) -> None:
+    """Build the kernel for `dtype` before serving. If it cannot be built, say why once and leave it
+    `unavailable`."""
     global unavailable
-    if unavailable is not None:
+    if unavailable is not None or dtype not in SCALARS:
         return
     try:
-        _compile_for(dtype, sorted(set(in_features)))
-    except Exception as e:  # noqa: BLE001 - any compile failure: serve with the parallel kernel instead
-        unavailable = f"{type(e).__name__}: {e}"
-        log.warning("the compiled low-rank kernel is unavailable (%s): decode rows run the parallel one", e)
-
-
-def _compile_for(dtype: torch.dtype, widths: list[int]) -> None:
-    """Every graph serving uses, with the tensors it is called with: per width class, one row of one
-    token, several rows, one row of several tokens (a size of 1 is a constant to torch.compile, so each
-    is a graph of its own); the stacks as `RankStacks` makes them (plain tensors), the step's tensors in
-    inference mode as the runner's step makes them (dynamo guards on both)."""
-    for width in widths:
-        a = torch.zeros(2, RANK_FLOOR, width, dtype=dtype)
-        bt = torch.zeros(2, RANK_FLOOR, 16, dtype=dtype)
-        for tokens, rows in ((1, [0]), (2, [0, 1]), (2, [1])):
-            with torch.inference_mode():
-                y, x = torch.zeros(tokens, 16, dtype=dtype), torch.zeros(tokens, width, dtype=dtype)
-                index = torch.tensor(rows)
-                row_products(y, x, index, index % 2, torch.ones(len(rows)), a, bt)
+        _kernel(dtype)
+    except Exception as e:  # noqa: BLE001 - any build failure: serve with the parallel kernel instead
+        first_line = str(e).strip().split("\n", 1)[0]  # a compile error goes on with the compiler's output
+        unavailable = f"{type(e).__name__}: {first_line}"
+        log.warning(
+            "the low-rank rows kernel is unavailable (%s): decode rows run the parallel one", unavailable
+        )
+        log.debug("building the low-rank rows kernel failed", exc_info=True)

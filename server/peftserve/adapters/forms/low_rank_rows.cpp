@@ -1,0 +1,116 @@
+// The CPU's low-rank kernel for decode rows (low_rank_rows.py says where it sits and why).
+//
+// For each row i of a step, with its adapter's factors at stack index[i]:
+//
+//     y[token_i] = round(y[token_i] + weight_i * (x[token_i] · A[index_i]ᵀ) · Bᵀ[index_i])
+//
+// in float32, rounded once into the model's dtype, written in place. A row's arithmetic depends on its
+// own data only (rows are shared out among the threads whole), so its bits are the same alone or in any
+// step. Low-rank products are thin: per row, `rank` dot products over `in`, then `rank` scaled rows
+// of Bᵀ summed over `out`. Each loop keeps several independent accumulators in flight and widens every
+// loaded value once, which is what a generated reduction (one accumulator per output) does not do.
+//
+// Built by low_rank_rows.py through inductor's C++ code cache, once per dtype: SCALAR is defined before
+// this file, at::vec comes from inductor's prefix header, and `kernel` is the entry it binds.
+
+#include <torch/csrc/inductor/cpp_prefix.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Floats = at::vec::VectorizedN<float, 2>;
+constexpr int64_t kWidth = Floats::size();
+
+// Loads `count` values as floats, zeros after them (VectorizedN's own masked load fills with ones).
+template <typename T>
+inline Floats widen(const T* p, int64_t count = kWidth) {
+  if constexpr (std::is_same_v<T, float>) {
+    using Half = at::vec::Vectorized<float>;
+    Floats v;
+    v[0] = Half::loadu(p, std::min(count, int64_t{Half::size()}));
+    v[1] = count > Half::size() ? Half::loadu(p + Half::size(), count - Half::size()) : Half(0);
+    return v;
+  } else {
+    return at::vec::convert<float, 2, T, 1>(at::vec::Vectorized<T>::loadu(p, count));
+  }
+}
+
+template <typename T>
+inline void round_into(T* p, const Floats& v, int64_t count = kWidth) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, count);
+  } else {
+    at::vec::convert<T, 1, float, 2>(v).store(p, count);
+  }
+}
+
+inline float total(const Floats& v) {
+  return at::vec::vec_reduce_all<float, 2>(
+      [](at::vec::Vectorized<float>& a, at::vec::Vectorized<float>& b) { return a + b; }, v);
+}
+
+// h[r] = weight * (x · a[r]) for r < rank (a multiple of 4): four rows of A per pass over x.
+template <typename T>
+void shrink(const T* x, const T* a, float weight, int64_t in, int64_t rank, float* h) {
+  for (int64_t r = 0; r < rank; r += 4) {
+    const T* a0 = a + r * in;
+    Floats acc0(0), acc1(0), acc2(0), acc3(0);
+    for (int64_t k = 0; k < in; k += kWidth) {
+      const int64_t count = std::min(kWidth, in - k);  // the masked loads read zeros past the end
+      const Floats xk = widen(x + k, count);
+      acc0 = at::vec::fmadd(widen(a0 + k, count), xk, acc0);
+      acc1 = at::vec::fmadd(widen(a0 + in + k, count), xk, acc1);
+      acc2 = at::vec::fmadd(widen(a0 + 2 * in + k, count), xk, acc2);
+      acc3 = at::vec::fmadd(widen(a0 + 3 * in + k, count), xk, acc3);
+    }
+    h[r] = total(acc0) * weight;
+    h[r + 1] = total(acc1) * weight;
+    h[r + 2] = total(acc2) * weight;
+    h[r + 3] = total(acc3) * weight;
+  }
+}
+
+// y[o] = round(y[o] + sum_r h[r] * bt[r, o]): two vectors of outputs per pass over the rank.
+template <typename T>
+void expand(const float* h, const T* bt, T* y, int64_t out, int64_t rank) {
+  int64_t o = 0;
+  for (; o + 2 * kWidth <= out; o += 2 * kWidth) {
+    Floats acc0(0), acc1(0);
+    for (int64_t r = 0; r < rank; ++r) {
+      const Floats hr(h[r]);
+      acc0 = at::vec::fmadd(hr, widen(bt + r * out + o), acc0);
+      acc1 = at::vec::fmadd(hr, widen(bt + r * out + o + kWidth), acc1);
+    }
+    round_into(y + o, widen(y + o) + acc0);
+    round_into(y + o + kWidth, widen(y + o + kWidth) + acc1);
+  }
+  for (; o < out; o += kWidth) {
+    const int64_t count = std::min(kWidth, out - o);
+    Floats acc(0);
+    for (int64_t r = 0; r < rank; ++r) {
+      acc = at::vec::fmadd(Floats(h[r]), widen(bt + r * out + o, count), acc);
+    }
+    round_into(y + o, widen(y + o, count) + acc, count);
+  }
+}
+
+}  // namespace
+
+// x: [T, in] rows x_stride apart; y: [T, out] rows y_stride apart, updated in place; token, index, weight:
+// [n] each; a: [capacity, rank, in] and bt: [capacity, rank, out], contiguous.
+extern "C" void kernel(const SCALAR* x, int64_t x_stride, SCALAR* y, int64_t y_stride, const int64_t* token,
+                       const int64_t* index, const float* weight, int64_t n, const SCALAR* a, const SCALAR* bt,
+                       int64_t rank, int64_t in, int64_t out, int64_t threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1 && n > 1)
+  {
+    std::vector<float> h(rank);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      shrink(x + token[i] * x_stride, a + index[i] * rank * in, weight[i], in, rank, h.data());
+      expand(h.data(), bt + index[i] * rank * out, y + token[i] * y_stride, out, rank);
+    }
+  }
+}
