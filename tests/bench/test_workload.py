@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from peftserve.bench.config import WorkloadSpec
-from peftserve.bench.workload import arrival_times, make_trace
+from peftserve.bench.workload import arrival_times, make_trace, salted
 
 ID_RANGE = (3, 1024)
 
@@ -64,3 +64,18 @@ def test_popularities():
     assert skewed[0] > 4 * skewed[9]
     zipf = counts(popularity="zipf", alpha=1.0)
     assert zipf[0] == pytest.approx(2 * zipf[1], rel=0.15)
+
+
+def test_a_salted_trace_is_the_same_work_without_a_shared_prefix():
+    """Salt 0 is the trace itself; another salt moves only each prompt's first token (within the id range,
+    wrapping), so lengths, arrivals, adapters and outputs stay while no prompt keeps its prefix."""
+    id_range = (3, 40)
+    trace = make_trace(WorkloadSpec(requests=50, num_adapters=5, prompt_len=(1, 9), seed=4), id_range)
+    assert salted(trace, 0, id_range) == trace
+    for salt in (1, 36, 37 * 1000 + 5):
+        moved = salted(trace, salt, id_range)
+        for before, after in zip(trace, moved, strict=True):
+            assert replace(after, prompt_ids=before.prompt_ids) == before
+            assert after.prompt_ids[1:] == before.prompt_ids[1:]
+            assert after.prompt_ids[0] != before.prompt_ids[0] and 3 <= after.prompt_ids[0] < 40
+            assert (after.prompt_ids[0] - before.prompt_ids[0]) % 37 == salt % 37

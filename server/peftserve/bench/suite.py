@@ -32,7 +32,7 @@ from peftserve.bench.records import RequestRecord, RunMetrics, summarize
 from peftserve.bench.server import ServerProcess
 from peftserve.bench.shapes import BENCH_SHAPES, Shape, useful_flops
 from peftserve.bench.vllm_system import VllmSpec
-from peftserve.bench.workload import TraceRequest, describe, make_trace
+from peftserve.bench.workload import TraceRequest, describe, make_trace, salted
 from peftserve.model.tokenizer import save_tokenizer
 
 Log = Callable[[str], None]
@@ -50,7 +50,9 @@ class Job:
     note: str = ""
 
 
-Measure = Callable[[], tuple[list[RequestRecord], dict[str, float] | None]]
+Measure = Callable[[int], tuple[list[RequestRecord], dict[str, float] | None]]
+"""One try of a job: its records and adapter events. Its argument is the try's salt: a system with a
+prefix cache sends the trace `salted` by it, so that no try finds another's prompts in the cache."""
 """Serves a job's trace once: the records, and the server's adapter counters during it (or None)."""
 
 
@@ -209,6 +211,8 @@ class Bench:
         self.published: dict[str, PublishedPool] = {}
         self.peer_pids: list[int] = []
         """Processes of a peer server now running (their CPU time is the system's own, not noise)."""
+        self._tries = 0
+        """Tries measured so far: the next try's salt (Measure)."""
 
     def trace(self, key: str, spec: WorkloadSpec) -> list[TraceRequest]:
         trace = make_trace(spec, self.id_range)
@@ -232,7 +236,8 @@ class Bench:
         for _ in range(self.config.repeats):
             for (job, measure), job_tries in zip(jobs, tries, strict=True):
                 started, cpu_before = time.perf_counter(), self._cpu()
-                records, events = measure()
+                records, events = measure(self._tries)
+                self._tries += 1
                 job_tries.append(self._summarize(job, records, events, started, cpu_before))
         runs = []
         for job_tries in tries:
@@ -298,12 +303,13 @@ class Bench:
         server = self.server
         assert server is not None
 
-        def measure() -> tuple[list[RequestRecord], dict[str, float] | None]:
+        def measure(salt: int) -> tuple[list[RequestRecord], dict[str, float] | None]:
             before = server.adapter_counters()
+            requests = salted(trace, salt, self.id_range)
             if http:
-                records = http_system.run_trace(self.http_url, trace, ids)
+                records = http_system.run_trace(self.http_url, requests, ids)
             else:
-                records = grpc_system.run_trace(self.address, trace, ids)
+                records = grpc_system.run_trace(self.address, requests, ids)
             after = server.adapter_counters()
             events = {k: v - (before or {}).get(k, 0.0) for k, v in after.items()} if after else None
             return records, events
@@ -319,12 +325,12 @@ class Bench:
         batch_size, limit = self.config.peft_batch_size, self.config.peft_sequential_limit
         if system == "peft-batched":
             job = Job(scenario, system, trace, pool, n, f"batches of {batch_size}")
-            return self._run(job, lambda: (peft.static_batches(trace, names, batch_size), None))
+            return self._run(job, lambda _: (peft.static_batches(trace, names, batch_size), None))
         note = ""
         if limit is not None and limit < len(trace):
             trace, note = trace[:limit], f"first {limit} requests only"
         job = Job(scenario, system, trace, pool, n, note)
-        return self._run(job, lambda: (peft.one_at_a_time(trace, names), None))
+        return self._run(job, lambda _: (peft.one_at_a_time(trace, names), None))
 
     def vllm_run(self, scenario: str, trace: Sequence[TraceRequest], pool: str | None, n: int | None) -> Run:
         """The trace on a vLLM server started for it: with the pool's adapters (vllm), or LoRA off and
@@ -341,7 +347,10 @@ class Bench:
             self.peer_pids = server.pids()
             job = Job(scenario, name, trace, pool, n, f"vLLM {spec.dtype}")
             try:
-                return self._run(job, lambda: (http_system.run_trace(url, trace, ids), None))
+                id_range = self.id_range  # vLLM caches prefixes too
+                return self._run(
+                    job, lambda salt: (http_system.run_trace(url, salted(trace, salt, id_range), ids), None)
+                )
             finally:
                 self.peer_pids = []
 

@@ -12,7 +12,8 @@ import itertools
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from peftserve.bench.config import WorkloadSpec
 
@@ -89,3 +90,16 @@ def describe(trace: list[TraceRequest]) -> dict[str, object]:
         "distinct_adapters": len(counts),
         "top_adapter_share": max(counts.values()) / len(trace) if trace else 0.0,
     }
+
+
+def salted(trace: Sequence[TraceRequest], salt: int, id_range: tuple[int, int]) -> list[TraceRequest]:
+    """The trace with every prompt's first token moved `salt` places within id_range (salt 0: as it is).
+
+    Lengths, arrivals and adapters stay, so the work is the same; but a prompt shares no prefix with the
+    same prompt under another salt, so a try never finds an earlier try's KV blocks in a server's prefix
+    cache (which would make every repeat after the first one faster than the first)."""
+    if salt == 0:
+        return list(trace)
+    low, high = id_range
+    moved = [(r.prompt_ids[0] - low + salt) % (high - low) + low for r in trace]
+    return [replace(r, prompt_ids=(first, *r.prompt_ids[1:])) for r, first in zip(trace, moved, strict=True)]
