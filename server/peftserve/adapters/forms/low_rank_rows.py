@@ -17,8 +17,9 @@ best.
 
 Why C++ of our own: the same loop written in torch and compiled by torch.compile became reductions with
 one accumulator per output, each waiting on the latency of its previous addition, and every call paid
-~56 us of guards; bench-1b's 28 adapter layers, 64 rows of 41 adapters in bf16 on the 2-core dev box
-took 13.8 ms a step that way and 8.3 ms this way (benchmarks/README.md, "The rows kernel in C++").
+~56 us of guards; bench-1b's 28 adapter layers, 64 rows over 51 adapters in bf16 on the 2-core dev box
+take 14.5 ms a step that way and 9.7 ms this way, the factors' bytes at the memory's pace
+(bench_rows_kernel.py; benchmarks/README.md, "The rows kernel in C++").
 
 The stacks pad each adapter to its bucket (powers of two from RANK_FLOOR: rank 12 is held as 16) and
 grow by doubling (up to the layer's slots), so an unusual rank costs its own bucket, not every adapter's
@@ -239,6 +240,8 @@ def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], sta
     kernel, threads = _kernel(y.dtype), torch.get_num_threads()
     for part in parts:
         a, bt = stacks.stacks[part.bucket].a, stacks.stacks[part.bucket].bt  # [c, R, in], [c, R, out]
+        if a.dtype != y.dtype:  # the kernel reads raw memory: a mismatch must never reach it
+            raise TypeError(f"the layer's factors are {a.dtype}, its rows {y.dtype}")
         rows = (part.rows, part.index, part.weight, len(part.rows))
         kernel(x, x.stride(0), y, y.stride(0), *rows, a, bt, *a.shape[1:], bt.shape[2], threads)
 
