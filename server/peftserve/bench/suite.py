@@ -453,9 +453,9 @@ def _main(bench: Bench, trace: list[TraceRequest]) -> None:
     jobs = [bench.peftserve_job("main", trace, tenant, n)]
     if "peftserve-http" in config.systems:  # taking turns with gRPC: the two front doors compare fairly
         jobs.append(bench.peftserve_job("main", trace, tenant, n, system="peftserve-http", http=True))
+    if "base" in config.systems:  # and with the base model: the ratio to it is a target
+        jobs.append(bench.peftserve_job("main", trace, None, None))
     bench.run_in_turns(jobs)
-    if "base" in config.systems:
-        bench.peftserve("main", trace, None, None)
     for system in ("peft-batched", "peft-sequential"):
         if system in config.systems:
             bench.peft_run("main", system, trace, tenant, n)
