@@ -51,9 +51,9 @@ class Job:
 
 
 Measure = Callable[[int], tuple[list[RequestRecord], dict[str, float] | None]]
-"""One try of a job: its records and adapter events. Its argument is the try's salt: a system with a
-prefix cache sends the trace `salted` by it, so that no try finds another's prompts in the cache."""
-"""Serves a job's trace once: the records, and the server's adapter counters during it (or None)."""
+"""Serves a job's trace once: the records, and the server's adapter counters during it (or None). Its
+argument is the try's salt: a system with a prefix cache sends the trace `salted` by it, so that no try
+finds another try's prompts in the cache."""
 
 
 @dataclass
