@@ -63,6 +63,7 @@ def test_compiled_equals_the_definition_on_random_steps(dtype: torch.dtype) -> N
     """Random steps of decode rows, prefill chunks and mixtures, slots of mixed ranks and a slot without a
     delta: the compiled kernel's output equals the per-token definition in float64 (float32: 1e-4;
     bfloat16: a few roundings of the output), and in float32 the reference kernel's (1e-5)."""
+    assert 17 <= low_rank_rows.ROWS_SPAN_MAX < 40  # _random_spans' lengths take both of its paths
     gen = torch.Generator().manual_seed(1)
     forms = {k: _form(k) for k in ("reference", "compiled")}
     for slot, rank in enumerate((4, 16, 9, 33, 16, 1, 12)):  # slot 7 stays empty
@@ -163,10 +164,11 @@ def test_without_a_compiler_the_parallel_kernel_serves(monkeypatch: pytest.Monke
 
 
 def _random_spans(rng: random.Random, slots: int) -> tuple[list, int]:
-    """1-12 sequences of 1 (mostly), 5 or 17 tokens; one in ten a mixture, one in ten weighted."""
+    """1-12 sequences of 1 (mostly), 5, 17 or 40 tokens (past ROWS_SPAN_MAX: the grouped GEMMs); one in ten
+    a mixture, one in ten weighted."""
     spans, t = [], 0
     for _ in range(rng.randint(1, 12)):
-        length, first, second = rng.choice([1, 1, 1, 5, 17]), rng.randrange(slots), rng.randrange(slots)
+        length, first, second = rng.choice([1, 1, 1, 5, 17, 40]), rng.randrange(slots), rng.randrange(slots)
         draw = rng.random()
         if draw < 0.1 and first != second:
             pairs: tuple = ((first, 0.5), (second, 0.25))
