@@ -13,7 +13,6 @@
 // Built by low_rank_rows.py through inductor's C++ code cache, once per dtype: SCALAR is defined before
 // this file, at::vec comes from inductor's prefix header, and `kernel` is the entry it binds.
 
-#include <Python.h>
 #include <torch/csrc/inductor/cpp_prefix.h>
 
 #include <algorithm>
@@ -105,7 +104,6 @@ void expand(const float* h, const T* bt, T* y, int64_t out, int64_t rank) {
 extern "C" void kernel(const SCALAR* x, int64_t x_stride, SCALAR* y, int64_t y_stride, const int64_t* token,
                        const int64_t* index, const float* weight, int64_t n, const SCALAR* a, const SCALAR* bt,
                        int64_t rank, int64_t in, int64_t out, int64_t threads) {
-  PyThreadState* python = PyEval_SaveThread();  // other Python threads run meanwhile, as during torch's ops
 #pragma omp parallel num_threads(threads) if (threads > 1 && n > 1)
   {
     std::vector<float> h(rank);
@@ -115,5 +113,4 @@ extern "C" void kernel(const SCALAR* x, int64_t x_stride, SCALAR* y, int64_t y_s
       expand(h.data(), bt + index[i] * rank * out, y + token[i] * y_stride, out, rank);
     }
   }
-  PyEval_RestoreThread(python);
 }
