@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES  # noqa: E402
 
-from peftserve.adapters.forms import low_rank_rows  # noqa: E402
-from peftserve.adapters.forms.low_rank_rows import RankStacks, _BucketRows  # noqa: E402
+from peftserve.adapters import AdapterBatch  # noqa: E402
+from peftserve.adapters.forms import LowRankDelta  # noqa: E402
+from peftserve.adapters.forms.low_rank_rows import RankStacks, RowsPlan, add_rows, bucket_rows  # noqa: E402
 from peftserve.bench.shapes import PROJECTIONS  # noqa: E402
 
 
@@ -61,43 +62,38 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
-    capacity = max(args.adapters, args.rows)
-    layers = []  # per layer and projection: (in, out, a, bt)
+    layers = []  # per layer and projection: (in, out, its stacks, loaded as the engine loads a slot)
     for _ in range(shape.layers):
         for name in PROJECTIONS:
             out, width = shape.projection_shape(name)
-            a = (torch.randn(capacity, args.rank, width, generator=gen) / width**0.5).to(dtype)
-            bt = (torch.randn(capacity, args.rank, out, generator=gen) / args.rank).to(dtype)
-            layers.append((width, out, a, bt))
+            stacks = RankStacks(max(args.adapters, args.rows))
+            for slot in range(args.adapters):
+                a = torch.randn(args.rank, width, generator=gen) / width**0.5
+                b = torch.randn(out, args.rank, generator=gen) / args.rank
+                stacks.put(slot, LowRankDelta(a=a.to(dtype), b=b.to(dtype)))
+            layers.append((width, out, stacks))
     rng = random.Random(0)
-    index = sorted(
+    slots = sorted(
         [*range(args.adapters), *(rng.randrange(args.adapters) for _ in range(args.rows))][: args.rows]
     )
-    rows = torch.arange(args.rows)
-    weight = torch.ones(args.rows)
-    xs = {w: torch.randn(args.rows, w, generator=gen).to(dtype) for w, _, _, _ in layers}
-    ys = {o: torch.zeros(args.rows, o, dtype=dtype) for _, o, _, _ in layers}
-
-    def stacks_of(a: torch.Tensor, bt: torch.Tensor) -> RankStacks:
-        stacks = RankStacks(capacity)
-        stacks.stacks[args.rank] = low_rank_rows._Stack(a, bt, list(range(capacity)), [args.rank] * capacity)
-        return stacks
-
-    held = [(w, o, stacks_of(a, bt)) for w, o, a, bt in layers]
-    parts = {
-        "kernel": [_BucketRows(args.rank, rows, torch.tensor(index), weight)],
-        "one adapter": [_BucketRows(args.rank, rows, torch.zeros(args.rows, dtype=torch.long), weight)],
+    batches = {
+        "kernel": AdapterBatch.build([(t, 1, ((s, 1.0),)) for t, s in enumerate(slots)], args.rows, "cpu"),
+        "one adapter": AdapterBatch.build([(t, 1, ((0, 1.0),)) for t in range(args.rows)], args.rows, "cpu"),
     }
+    plans = {system: RowsPlan.of(batch) for system, batch in batches.items()}
+    xs = {w: torch.randn(args.rows, w, generator=gen).to(dtype) for w, _, _ in layers}
+    ys = {o: torch.zeros(args.rows, o, dtype=dtype) for _, o, _ in layers}
     peer = compiled_definition()
 
     def step(system: str) -> None:
         if system == "torch.compile":
-            for w, o, a, bt in layers:
-                y = ys[o]
-                y.index_copy_(0, rows, peer(y, xs[w], rows, parts["kernel"][0].index, weight, a, bt))
+            for w, o, stacks in layers:
+                (part,) = bucket_rows(batches["kernel"], plans["kernel"], stacks)
+                a, bt, y = stacks.stacks[part.bucket].a, stacks.stacks[part.bucket].bt, ys[o]
+                y.index_copy_(0, part.rows, peer(y, xs[w], part.rows, part.index, part.weight, a, bt))
             return
-        for w, o, stacks in held:
-            low_rank_rows.add_rows(ys[o], xs[w], parts[system], stacks)
+        for w, o, stacks in layers:  # the step's row lists are built once (the batch memoizes them)
+            add_rows(ys[o], xs[w], bucket_rows(batches[system], plans[system], stacks), stacks)
 
     systems = ["kernel", "torch.compile", "one adapter"]
     times: dict[str, list[float]] = {s: [] for s in systems}
@@ -110,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 step(system)
                 times[system].append(time.perf_counter() - start)
-    distinct = len(set(index))
-    factor_bytes = sum(args.rank * (w + o) for w, o, _, _ in layers) * torch.finfo(dtype).bits // 8
+    distinct = len(set(slots))
+    factor_bytes = sum(args.rank * (w + o) for w, o, _ in layers) * torch.finfo(dtype).bits // 8
     print(
         f"{args.shape} {args.dtype}: {len(layers)} layers, {args.rows} rows over {distinct} "
         f"rank-{args.rank} adapters ({distinct * factor_bytes / 1e6:.0f} MB of factors), threads "

@@ -240,8 +240,8 @@ def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], sta
     kernel, threads = _kernel(y.dtype), torch.get_num_threads()
     for part in parts:
         a, bt = stacks.stacks[part.bucket].a, stacks.stacks[part.bucket].bt  # [c, R, in], [c, R, out]
-        if a.dtype != y.dtype:  # the kernel reads raw memory: a mismatch must never reach it
-            raise TypeError(f"the layer's factors are {a.dtype}, its rows {y.dtype}")
+        if not a.dtype == x.dtype == y.dtype:  # the kernel reads raw memory: a mismatch must never reach it
+            raise TypeError(f"the layer's factors are {a.dtype}, its input {x.dtype} and output {y.dtype}")
         rows = (part.rows, part.index, part.weight, len(part.rows))
         kernel(x, x.stride(0), y, y.stride(0), *rows, a, bt, *a.shape[1:], bt.shape[2], threads)
 
