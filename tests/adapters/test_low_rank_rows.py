@@ -122,6 +122,16 @@ def test_the_rows_kernel_equals_the_definition_at_any_width(dtype: torch.dtype, 
     assert torch.equal(y[t - 1], before[t - 1]) and torch.equal(y[6], before[6])
 
 
+def test_rows_of_another_dtype_than_the_factors_are_refused() -> None:
+    """The kernel reads raw memory: float32 rows over bfloat16 stacks raise instead of reaching it."""
+    form = _form("compiled")
+    form.load(0, _delta(8, torch.Generator().manual_seed(7), torch.bfloat16))
+    y = torch.zeros(1, D_OUT)
+    with pytest.raises(TypeError, match="bfloat16"):
+        form.apply(y, torch.ones(1, D_IN), AdapterBatch.build([(0, 1, ((0, 1.0),))], 1, "cpu"))
+    assert not y.any()
+
+
 def test_a_rows_bits_do_not_depend_on_its_step() -> None:
     """Each decode row, computed in a random step, has the bits it has computed alone."""
     gen = torch.Generator().manual_seed(2)
