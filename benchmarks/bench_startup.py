@@ -13,7 +13,8 @@ fresh process, one after the other:
 It reports the wall time until the system is ready (for the engines: the request served, so every
 weight has been read), resident memory then (VmRSS) and its peak (VmHWM), each also over the weight
 bytes, and over the weights once the runtime's own memory is taken off. The adapter host cache is
-empty; the KV pool (512 MiB) is allocated zeroed.
+empty; the KV pool (512 MiB) is allocated zeroed. With --cold, the model's files are dropped from the
+page cache before each system starts.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_startup.py --layers 16
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -95,6 +97,17 @@ def build(model_dir: Path, shape_name: str, layers: int, dtype: torch.dtype) -> 
     (model_dir / "weights.json").write_text(json.dumps({"bytes": weights}))
 
 
+def evict(model_dir: Path) -> None:
+    """Drop the model's files from the page cache, so that the next start reads them from the disk
+    (the host of a virtual machine may still hold them: a cold start here is at best cool)."""
+    for path in model_dir.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def run_child(system: str, model_dir: Path, dtype: str) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", system, "--model-dir", str(model_dir), "--dtype", dtype]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -110,6 +123,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--model-dir", type=Path, default=None, help="kept between runs (default: temporary)")
+    parser.add_argument("--cold", action="store_true", help="evict the model's files before each system")
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -122,6 +136,8 @@ def main() -> None:
                  "(RSS - runtime) / weights"]]  # fmt: skip
         runtime = 0.0
         for system in args.systems.split(","):
+            if args.cold:
+                evict(model_dir)
             r = run_child(system, model_dir, args.dtype)
             runtime = r["rss"] if system == "runtime" else runtime
             rows.append(
@@ -129,7 +145,9 @@ def main() -> None:
                  f"{r['rss'] / r['weights']:.2f}x", f"{r['peak'] / r['weights']:.2f}x",
                  f"{(r['rss'] - runtime) / r['weights']:.2f}x" if runtime else "-"]
             )  # fmt: skip
+    cache = "cold (evicted before each system)" if args.cold else "warm"
     print(f"{args.shape}, {args.layers} layers, {args.dtype}, weights {r['weights']:.2f} GB")
+    print(f"page cache: {cache}")
     print(environment("cpu"))
     print(format_rows(rows))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
@@ -24,7 +25,7 @@ from tests.runner.test_attention import MIXED, SINKS, run_case
     [
         [(0, 7), (9, 1), (5, 6), (13, 1), (0, 1), (3, 1)],
         [(1, 1), (30, 1), (17, 1)],  # only decode rows
-        [(3, 1)],  # one token: the compiled kernel's static one-row case
+        [(3, 1)],  # one token: run as two (flex.MIN_TOKENS)
         [(0, 4), (7, 1), (8, 8)],  # contexts ending on a block boundary
     ],
 )
@@ -88,12 +89,15 @@ def test_unknown_attention_is_rejected():
 
 
 def test_after_start_up_serving_compiles_nothing():
-    """The runner's warm-up compiles attention as the steps call it (inference mode, one token and
-    several): serving a chunked, mixed workload whose contexts span many blocks compiles nothing more."""
+    """The runner's warm-up compiles attention once, as the steps call it (inference mode, a token
+    count that stays dynamic): serving a chunked, mixed workload whose contexts span many blocks, lone
+    decode rows included, compiles nothing more."""
     torch._dynamo.reset()  # forget the graphs earlier tests compiled: only the warm-up's count
+    counters.clear()
     model, tokenizer = build_tiny_model("llama")
     config = EngineConfig(kv_cache_mb=1, block_size=4, max_batched_tokens=20, attention="flex")
     engine = LLMEngine.from_model(model, tokenizer, config)
+    assert counters["stats"]["unique_graphs"] == 1
     prompts = random_prompts([1, 9, 16, 23, 5], 320, seed=12)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     requests = [
@@ -101,4 +105,6 @@ def test_after_start_up_serving_compiles_nothing():
     ]
     with torch._dynamo.config.patch(error_on_recompile=True):
         done = engine.generate_all(requests)
-    assert all(len(out.token_ids) == 12 for out in done.values())
+        alone = GenerationRequest("alone", prompt_token_ids=prompts[1], sampling=params)
+        alone = engine.generate_all([alone])
+    assert all(len(out.token_ids) == 12 for out in [*done.values(), *alone.values()])

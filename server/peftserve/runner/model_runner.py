@@ -13,6 +13,7 @@ grouping of their expert matmuls depends on the other rows' routes, which can mo
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -21,7 +22,7 @@ from peftserve.engine.sequence import Sequence
 from peftserve.engine.step import PackedChunk, Sampled, StepInput, StepOutput
 from peftserve.model.geometry import head_dim, kv_heads
 from peftserve.runner.attention import ATTENTION_NAME, AttentionMetadata, PrefillChunk
-from peftserve.runner.flex import PagedLayout, unwritten_tails
+from peftserve.runner.flex import MIN_TOKENS, PagedLayout, unwritten_tails
 from peftserve.runner.kv_cache import PagedKVCache
 from peftserve.runner.linear import pack_linears
 from peftserve.runner.sampler import SampleRow, finite_rows, sample
@@ -59,8 +60,6 @@ class ModelRunner:
             device=self.device,
         )
         model.set_attn_implementation(ATTENTION_NAME)
-        if cpu_linear == "onednn" and self.device.type == "cpu":
-            log.info("%d Linear layers run on prepacked oneDNN weights", pack_linears(model))
         self._generators: dict[str, torch.Generator] = {}
         self._offsets = torch.arange(block_size, device=self.device)
         self.graphs = None  # DecodeGraphs once enable_graphs is called
@@ -69,8 +68,15 @@ class ModelRunner:
         self.in_place = attention == "flex" and self.device.type == "cpu"
         self._sinks = any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
         """Layers with attention sinks (GPT-OSS) gather their context even when the rest read in place."""
-        if self.in_place:
-            self._warm_up()
+        # Packing the weights (seconds, in C++) and compiling attention (seconds, mostly Python) run at
+        # once. The warm-up's forward may meet a layer packed or not yet; its output is thrown away.
+        pack = cpu_linear == "onednn" and self.device.type == "cpu"
+        with ThreadPoolExecutor(1, thread_name_prefix="peftserve-pack") as pool:
+            packing = pool.submit(pack_linears, model) if pack else None
+            if self.in_place:
+                self._warm_up()
+        if packing is not None:
+            log.info("%d Linear layers run on prepacked oneDNN weights", packing.result())
         log.info("attention: %s", "in place (flex)" if self.in_place else "gathered (sdpa)")
 
     def enable_graphs(
@@ -154,24 +160,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """Compile attention in place before serving: a one-token and a two-token prefill in the first
-        slots (the second makes the token count dynamic), which are zeroed again afterwards. In inference
-        mode, as `step` runs: its tensors are inference tensors, and a graph compiled for other tensors
-        would not be reused (dynamo guards on it)."""
-        for num_tokens in (1, 2):
-            blocks = list(range(-(-num_tokens // self.block_size)))  # slot i is in block i // block_size
-            meta = AttentionMetadata(
-                cache=self.cache,
-                slot_mapping=torch.arange(num_tokens, device=self.device),
-                prefills=[PrefillChunk(0, num_tokens, num_tokens, None)],
-                paged=self._paged_layout([(0, num_tokens, blocks)]),
-                **self._decode_metadata([]),
-            )
-            ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)  # [1, T]
-            pos = torch.arange(num_tokens, device=self.device)[None]  # [1, T]
-            self._model(ids, pos, self._tensor([num_tokens - 1]), meta)
-        self.cache.keys[:, :2] = 0
-        self.cache.values[:, :2] = 0
+        """Compile attention in place before serving: a two-token prefill in the first slots, zeroed
+        again afterwards (the kernel's token count is dynamic from 2 up, and one token runs as two: see
+        flex.MIN_TOKENS). In inference mode, as `step` runs: its tensors are inference tensors, and a
+        graph compiled for other tensors would not be reused (dynamo guards on it)."""
+        num_tokens = MIN_TOKENS
+        blocks = list(range(-(-num_tokens // self.block_size)))  # slot i is in block i // block_size
+        meta = AttentionMetadata(
+            cache=self.cache,
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            prefills=[PrefillChunk(0, num_tokens, num_tokens, None)],
+            paged=self._paged_layout([(0, num_tokens, blocks)]),
+            **self._decode_metadata([]),
+        )
+        ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)  # [1, T]
+        pos = torch.arange(num_tokens, device=self.device)[None]  # [1, T]
+        self._model(ids, pos, self._tensor([num_tokens - 1]), meta)
+        self.cache.keys[:, :num_tokens] = 0
+        self.cache.values[:, :num_tokens] = 0
 
     def _forward(self, step: StepInput, meta: AttentionMetadata) -> torch.Tensor:
         """The model on the packed [1, T] batch; logits [S, V] at the sampling chunks' last tokens."""
