@@ -34,18 +34,6 @@ def test_loads_each_family_frozen(tiny_family_dir: Path) -> None:
     assert loaded.model.config._attn_implementation == "sdpa"
 
 
-def test_the_weight_files_are_read_ahead(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    advised = []
-
-    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
-        advised.append((Path(f"/proc/self/fd/{fd}").resolve().name, offset, length, advice))
-
-    monkeypatch.setattr(loader.os, "posix_fadvise", fadvise)
-    load_base_model(str(tiny_llama_dir), device="cpu", dtype="float32")
-    weights = sorted(p.name for p in tiny_llama_dir.glob("*.safetensors"))
-    assert weights and sorted(advised) == [(name, 0, 0, loader.os.POSIX_FADV_WILLNEED) for name in weights]
-
-
 def test_default_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PEFTSERVE_CACHE", str(tmp_path))
     loaded = load_base_model("default", device="cpu", dtype="bfloat16")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,22 +131,6 @@ def check_safetensors(directory: Path) -> None:
     raise InvalidRequest(f"{directory} has no *.safetensors weights")
 
 
-def read_ahead(directory: Path) -> None:
-    """Ask the kernel to start reading the weight files into the page cache, in the background.
-
-    safetensors maps the files, so a weight is read from the disk when first touched: by packing or
-    by the first forward, after attention has compiled. Read ahead, the disk streams the files
-    meanwhile. Where the OS has no such advice, this does nothing."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in directory.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-
-
 def eos_token_ids(model: PreTrainedModel) -> tuple[int, ...]:
     """EOS ids of generation_config then config (each may be an int, a list or None), deduplicated."""
     ids: list[int] = []
@@ -175,7 +158,6 @@ def load_base_model(model: str, device: str, dtype: str) -> LoadedModel:
     directory, model_id = resolve_model_dir(model)
     family = check_family(directory)
     check_safetensors(directory)
-    read_ahead(directory)
     # transformers' default attention (sdpa, or eager for families without it: Gemma 2, GPT-OSS) until
     # the runner installs its own.
     hf_model = AutoModelForCausalLM.from_pretrained(
