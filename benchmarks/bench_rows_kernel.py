@@ -2,7 +2,8 @@
 
 One decode step's adapter products at a model shape (default bench-1b: 4 layers x 7 projections, rank-16
 LoRA on all of them, factors stacked as the engine stacks them, each layer its own stacks so that no layer
-finds another's factors in cache), `--rows` rows spread over `--adapters` distinct adapters:
+finds another's factors in cache), `--rows` rows spread over `--adapters` distinct adapters, and with
+`--span N` a prefill chunk of N tokens of one of them before the rows, as a step that mixes them holds:
 
   kernel          low_rank_rows.add_rows: the C++ kernel, in place
   torch.compile   the same formula written in torch ops and compiled by torch.compile (inductor's C++ on
@@ -34,7 +35,13 @@ from common import SHAPES  # noqa: E402
 
 from peftserve.adapters import AdapterBatch  # noqa: E402
 from peftserve.adapters.forms import LowRankDelta  # noqa: E402
-from peftserve.adapters.forms.low_rank_rows import RankStacks, RowsPlan, add_rows, bucket_rows  # noqa: E402
+from peftserve.adapters.forms.low_rank_rows import (  # noqa: E402
+    ROWS_SPAN_MAX,
+    RankStacks,
+    RowsPlan,
+    add_rows,
+    bucket_rows,
+)
 from peftserve.bench.shapes import PROJECTIONS  # noqa: E402
 
 
@@ -56,10 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=51, help="distinct adapters among the rows")
+    parser.add_argument("--span", type=int, default=0, help="tokens of one prefill chunk beside the rows")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.span > ROWS_SPAN_MAX:
+        parser.error(f"--span runs as rows up to ROWS_SPAN_MAX = {ROWS_SPAN_MAX} tokens")
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     layers = []  # per layer and projection: (in, out, its stacks, loaded as the engine loads a slot)
@@ -76,13 +86,17 @@ def main(argv: list[str] | None = None) -> None:
     slots = sorted(
         [*range(args.adapters), *(rng.randrange(args.adapters) for _ in range(args.rows))][: args.rows]
     )
+    span = [(0, args.span, ((slots[0], 1.0),))] if args.span else []  # a short prefill chunk, run as rows
+    tokens = args.span + args.rows
     batches = {
-        "kernel": AdapterBatch.build([(t, 1, ((s, 1.0),)) for t, s in enumerate(slots)], args.rows, "cpu"),
-        "one adapter": AdapterBatch.build([(t, 1, ((0, 1.0),)) for t in range(args.rows)], args.rows, "cpu"),
+        "kernel": AdapterBatch.build(
+            [*span, *((args.span + t, 1, ((s, 1.0),)) for t, s in enumerate(slots))], tokens, "cpu"
+        ),
+        "one adapter": AdapterBatch.build([(t, 1, ((0, 1.0),)) for t in range(tokens)], tokens, "cpu"),
     }
     plans = {system: RowsPlan.of(batch) for system, batch in batches.items()}
-    xs = {w: torch.randn(args.rows, w, generator=gen).to(dtype) for w, _, _ in layers}
-    ys = {o: torch.zeros(args.rows, o, dtype=dtype) for _, o, _ in layers}
+    xs = {w: torch.randn(tokens, w, generator=gen).to(dtype) for w, _, _ in layers}
+    ys = {o: torch.zeros(tokens, o, dtype=dtype) for _, o, _ in layers}
     peer = compiled_definition()
 
     def step(system: str) -> None:
@@ -110,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     factor_bytes = sum(args.rank * (w + o) for w, o, _ in layers) * torch.finfo(dtype).bits // 8
     print(
         f"{args.shape} {args.dtype}: {len(layers)} layers, {args.rows} rows over {distinct} "
+        f"{f'and a span of {args.span} tokens of one of them, ' if args.span else ''}"
         f"rank-{args.rank} adapters ({distinct * factor_bytes / 1e6:.0f} MB of factors), threads "
         f"{torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}; median of {args.repeats}"
     )
