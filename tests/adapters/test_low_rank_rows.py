@@ -207,3 +207,17 @@ def test_layers_placing_slots_alike_share_the_steps_row_lists() -> None:
     alike.clear(1)  # no longer placed like `first`: the step must not reuse first's lists
     (part,) = low_rank_rows.bucket_rows(batch, plan, alike.stacks)
     assert part.rows.tolist() == [0] and part.index.tolist() == [0]
+
+
+def test_long_spans_give_the_gemms_multiples_of_rows_span_max() -> None:
+    """A span of one adapter up to ROWS_SPAN_MAX tokens runs as rows; a longer one gives the grouped
+    kernel its first multiple of ROWS_SPAN_MAX tokens and runs the rest as rows, so the GEMMs see few
+    distinct row counts (oneDNN builds a kernel for each); a mixture goes to the GEMMs whole."""
+    m = low_rank_rows.ROWS_SPAN_MAX
+    spans = [(0, m, ((0, 1.0),)), (m, 2 * m + 5, ((1, 0.5),)), (3 * m + 5, 2 * m, ((2, 1.0),))]
+    spans.append((5 * m + 5, 7, ((0, 0.5), (1, 0.5))))
+    batch = AdapterBatch.build(spans, 5 * m + 12, "cpu")
+    plan = low_rank_rows.RowsPlan.of(batch)
+    assert [token for token, _, _ in plan.rows] == [*range(m), *range(3 * m, 3 * m + 5)]
+    assert {(slot, weight) for _, slot, weight in plan.rows if slot == 1} == {(1, 0.5)}
+    assert list(plan.rest.spans) == [(m, 2 * m, ((1, 0.5),)), (3 * m + 5, 2 * m, ((2, 1.0),)), spans[3]]

@@ -11,9 +11,9 @@ adapter each (decode tokens, and the tokens of short prefill chunks) run through
 
 reading each row's factors where they lie (no gathered copy), in the model's dtype, on all intra-op
 threads. A row's bits do not depend on the other rows of its step (each row is its own loop iteration),
-so a request's outputs are the same alone or batched. Longer spans (ROWS_SPAN_MAX) and mixtures run the
-grouped kernel on views of the same stacks: products of many rows with one adapter are what GEMMs do
-best.
+so a request's outputs are the same alone or batched. Longer spans (ROWS_SPAN_MAX: their multiples of
+it, the rest as rows) and mixtures run the grouped kernel on views of the same stacks: products of many
+rows with one adapter are what GEMMs do best.
 
 Why C++ of our own: the same loop written in torch and compiled by torch.compile became reductions with
 one accumulator per output, each waiting on the latency of its previous addition, and every call paid
@@ -53,7 +53,12 @@ ROWS_SPAN_MAX = 32
 """Spans of one adapter up to this many tokens run as rows; longer ones as the grouped kernel's GEMMs. The
 rows kernel costs about 65 us a token over bench-1b's 28 layers in bf16 on the 2-core dev box; the
 GEMMs about 2 ms per span plus 33 us a token (an ad hoc timing): 32-token spans of 8 adapters took
-17 ms as rows and 20-34 ms as GEMMs, 128-token spans 67 and 39 ms."""
+17 ms as rows and 20-34 ms as GEMMs, 128-token spans 67 and 39 ms.
+
+The GEMMs take a multiple of this many tokens, the rest of the span runs as rows: oneDNN builds a kernel
+for each new row count of a product (the pair of a span's products at bench-1b's widths: 1.2 ms the first
+time, 0.26 ms after), and keeps 1,024 of them. Prompts of every length would otherwise keep it building:
+now a width sees at most 1024 / 32 row counts per product."""
 STACKS = "stacks"
 """SlotList.derived key of a layer's RankStacks."""
 PLAN = "low-rank-rows"
@@ -145,21 +150,27 @@ class RankStacks:
 
 @dataclass(frozen=True)
 class RowsPlan:
-    """A step's tokens split for the low-rank kernels: tokens of short spans of one adapter, the rest."""
+    """A step's tokens split for the low-rank kernels: rows, and spans for the grouped kernel's GEMMs."""
 
     rows: list[tuple[int, int, float]]
-    """(token, slot, weight) of every token of a span with one adapter and at most ROWS_SPAN_MAX tokens"""
+    """(token, slot, weight) of every token of a span with one adapter and at most ROWS_SPAN_MAX tokens,
+    and of the last `length % ROWS_SPAN_MAX` tokens of a longer one"""
     rest: AdapterBatch | None
-    """The other spans (prefill, mixtures) as their own batch, for the grouped kernel; None if none."""
+    """The other tokens (longer spans' first multiple of ROWS_SPAN_MAX tokens, mixtures) as their own
+    batch, for the grouped kernel; None if none."""
 
     @classmethod
     def of(cls, batch: AdapterBatch) -> RowsPlan:
         rows, rest = [], []
         for start, length, pairs in batch.spans:
-            if len(pairs) == 1 and length <= ROWS_SPAN_MAX:
-                rows += [(start + t, pairs[0][0], pairs[0][1]) for t in range(length)]
-            else:
+            if len(pairs) > 1:
                 rest.append((start, length, pairs))
+                continue
+            ((slot, weight),) = pairs
+            head = length - length % ROWS_SPAN_MAX if length > ROWS_SPAN_MAX else 0
+            if head:
+                rest.append((start, head, pairs))
+            rows += [(start + t, slot, weight) for t in range(head, length)]
         others = AdapterBatch.build(rest, batch.num_tokens, batch.device) if rest else None
         return cls(rows, others)
 
