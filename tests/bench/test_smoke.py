@@ -50,3 +50,14 @@ def test_bench_runs_every_system_and_writes_results(tmp_path, capsys):
 
     png = (out / "serving.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_no_plot_without_a_sweep(tmp_path):
+    """With both sweeps off, the report writes no figure (it would be four empty panels)."""
+    from peftserve.bench.config import BenchConfig
+    from peftserve.bench.report import write_plot
+    from peftserve.bench.suite import SuiteResult
+
+    result = SuiteResult(BenchConfig(), {}, 0.0, {}, {}, runs=[])
+    assert write_plot(result, tmp_path) is None
+    assert not any(tmp_path.iterdir())

@@ -154,7 +154,7 @@ def run_bench(args: argparse.Namespace) -> int:
     results = write_results(result, args.out)  # first: the raw numbers survive a failing report
     plot = write_plot(result, args.out)
     print(report_text(result))
-    print(f"\nwrote {results} and {plot}")
+    print(f"\nwrote {results}" + (f" and {plot}" if plot else " (no sweep ran: no plot)"))
     return 0
 
 

@@ -327,16 +327,19 @@ def write_results(result: SuiteResult, out_dir: Path) -> Path:
     return path
 
 
-def write_plot(result: SuiteResult, out_dir: Path) -> Path:
-    """Throughput and TTFT against the number of adapters (top) and the arrival rate (bottom)."""
+def write_plot(result: SuiteResult, out_dir: Path) -> Path | None:
+    """Throughput and TTFT against the number of adapters (top) and the arrival rate (bottom); None, and
+    no file, when neither sweep ran (`--sweep-adapters --load-fractions` with no values)."""
+    sweep = [r for r in result.runs if r.scenario == "adapters"]
+    load = [r for r in result.runs if r.scenario == "load"]
+    if not sweep and not load:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    sweep = [r for r in result.runs if r.scenario == "adapters"]
-    load = [r for r in result.runs if r.scenario == "load"]
     styles = {"peftserve": "o-", "peft-batched": "s--", "base": "kx:", "peftserve-mixed": "D"}
     for system in ("peftserve", "peft-batched", "peftserve-mixed"):
         runs = sorted((r for r in sweep if r.system == system), key=lambda r: r.num_adapters or 0)
