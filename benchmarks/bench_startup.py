@@ -100,7 +100,7 @@ def build(model_dir: Path, shape_name: str, layers: int, dtype: torch.dtype) -> 
 def evict(model_dir: Path) -> None:
     """Drop the model's files from the page cache, so that the next start reads them from the disk
     (the host of a virtual machine may still hold them: a cold start here is at best cool)."""
-    for path in model_dir.iterdir():
+    for path in (p for p in model_dir.rglob("*") if p.is_file()):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

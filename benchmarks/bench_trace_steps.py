@@ -10,10 +10,11 @@ finished, so the time splits by what the step did:
 
 Each round serves the whole trace once with every request on its adapter, then once on the base model,
 in one engine (its slots start empty, as a server's do; the prefix cache is off so that every round
-computes every prompt). Rounds alternate; the best round of each system is reported, and the ratios
-compare those. With --fresh-lengths every round draws a trace of its own (the same for both systems),
-so its prompts have lengths the process has not seen, as in real traffic (a kernel built per shape is
-then built again), and the report sums the rounds instead.
+computes every prompt). The systems take turns, and which goes first alternates by round (the first
+to meet a step size pays for oneDNN's kernel for it); the best round of each system is reported, and
+the ratios compare those. With --fresh-lengths every round draws a trace of its own (the same for
+both systems), so its prompts have lengths the process has not seen, as in real traffic (a kernel built
+per shape is then built again), and the report sums the rounds instead.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_trace_steps.py --dtype bfloat16
 """
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         engine = LLMEngine.from_model(model, tokenizer, config, adapters=manager)
         engine.warmup()
         for r in range(args.rounds):
-            for system in rounds:
+            for system in list(rounds)[:: 1 if r % 2 == 0 else -1]:  # who goes first alternates
                 trace = traces[r % len(traces)]
                 kinds = serve_trace(engine, trace, ids if system == "adapters" else [], f"{system}{r}")
                 rounds[system].append(kinds)

@@ -151,6 +151,34 @@ def test_a_rows_bits_do_not_depend_on_its_step() -> None:
                 assert torch.equal(alone[0], together[start]), (start, spans)
 
 
+def test_rows_shared_among_threads_have_the_bits_of_one_thread() -> None:
+    """The kernel shares a call's rows among its threads by cost, in runs of one adapter cut or kept
+    whole: with 2, 3 or 7 threads every row gets the bits one thread gives it, for runs of every length
+    (the other adapter tests run torch on one thread, where the split never runs)."""
+    gen = torch.Generator().manual_seed(7)
+    stacks = low_rank_rows.RankStacks(6)
+    for slot in range(6):
+        stacks.put(slot, _delta(16, gen, torch.bfloat16))
+    rng = random.Random(7)
+    for _ in range(30):
+        runs = [(rng.randrange(6), rng.choice([1, 1, 2, 3, 5, 12, 32])) for _ in range(rng.randint(1, 9))]
+        spans, t = [], 0
+        for slot, length in runs:
+            spans += [(t + i, 1, ((slot, 1.0),)) for i in range(length)]
+            t += length
+        batch = AdapterBatch.build(spans, t, "cpu")
+        parts = low_rank_rows.bucket_rows(batch, low_rank_rows.RowsPlan.of(batch), stacks)
+        x, y = torch.randn(t, D_IN, generator=gen).bfloat16(), torch.randn(t, D_OUT, generator=gen).bfloat16()
+        outs = {}
+        for threads in (1, 2, 3, 7):
+            torch.set_num_threads(threads)  # the autouse fixture restores the count
+            outs[threads] = y.clone()
+            low_rank_rows.add_rows(outs[threads], x, parts, stacks)
+        assert not torch.equal(outs[1], y)
+        for threads in (2, 3, 7):
+            assert torch.equal(outs[threads], outs[1]), (threads, runs)
+
+
 def test_without_a_compiler_the_parallel_kernel_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(dtype: torch.dtype) -> None:
         raise RuntimeError("no C++ compiler")
@@ -174,8 +202,8 @@ def test_without_a_compiler_the_parallel_kernel_serves(monkeypatch: pytest.Monke
 
 
 def _random_spans(rng: random.Random, slots: int) -> tuple[list, int]:
-    """1-12 sequences of 1 (mostly), 5, 17 or 40 tokens (past ROWS_SPAN_MAX: the grouped GEMMs); one in ten
-    a mixture, one in ten weighted."""
+    """1-12 sequences of 1 (mostly), 5, 17 or 40 tokens (past ROWS_SPAN_MAX: its first 32 on the grouped
+    GEMMs, 8 as rows); one in ten a mixture, one in ten weighted."""
     spans, t = [], 0
     for _ in range(rng.randint(1, 12)):
         length, first, second = rng.choice([1, 1, 1, 5, 17, 40]), rng.randrange(slots), rng.randrange(slots)

@@ -61,6 +61,10 @@ def test_layout_lists_only_each_tokens_own_blocks():
     assert first[3] == 4 and full_num[0, 0, 3] == 1 and full_idx[0, 0, 3, 0] == 1  # block 1 whole
     assert kv_num[0, 0, 3] == 1 and kv_idx[0, 0, 3, 0] == 4  # block 4 in part
     assert unwritten_tails(chunks, 4) == [3, 4 * 4 + 2, 4 * 4 + 3]
+    lone = PagedLayout.build([(9, 1, [7, 1, 4])], 4, pool_slots=8 * 4 + 1, device=torch.device("cpu"))
+    assert lone.token_pos.tolist() == [9, 0] and lone.token_row.tolist() == [0, 0]  # its companion: 1 block
+    _, (kv_num, kv_idx, full_num, _) = lone.visible(window=None)
+    assert kv_num[0, 0, 1] == 1 and kv_idx[0, 0, 1, 0] == 7 and full_num[0, 0, 1] == 0
 
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])

@@ -28,10 +28,11 @@ RECOMPILE_LIMIT = 64
 """Shapes compiled per process (one per model geometry and pool size)."""
 
 MIN_TOKENS = 2
-"""The fewest tokens the kernel is called on. A step of one token (a lone decode) runs it twice over
-and keeps the first: torch.compile specializes a size of 1, so the kernel compiled for any token
-count would otherwise be compiled again for one token, which doubled its share of start-up (~2 s).
-Each token is a query block of its own, so the copy changes nothing in the first's output."""
+"""The fewest tokens the kernel is called on. A step of one token (a lone decode) gets a companion: the
+same query at its sequence's first KV entry, which reads one block and whose output is dropped.
+torch.compile specializes a size of 1, so the kernel compiled for any token count would otherwise be
+compiled again for one token, which doubled its share of start-up (~2 s). Each token is a query block
+of its own, so the companion changes nothing in the token's output."""
 
 
 def _attend(q, k, v, blocks, block_pos, token_pos, first, group: int, block_size: int, scale, softcap):
@@ -94,8 +95,8 @@ class PagedLayout:
         for row, (start, num_tokens, _) in enumerate(chunks):
             positions += range(start, start + num_tokens)
             rows += [row] * num_tokens
-        if len(positions) == 1:  # a lone token is listed twice: see MIN_TOKENS
-            positions, rows = positions * MIN_TOKENS, rows * MIN_TOKENS
+        if len(positions) == 1:  # a lone token and its companion at KV index 0: see MIN_TOKENS
+            positions, rows = [positions[0], 0], rows * MIN_TOKENS
         width = max(len(blocks) for _, _, blocks in chunks)
         # Padding names the last block of the pool, past the sequences' (it holds the null slot): no
         # sequence owns it, so its block_pos is never read.
@@ -183,10 +184,12 @@ def flex_paged_attention(
     query: [1, Hq, T, D]; keys, values: one layer's pool, [slots, Hkv, D]. Returns [1, T, Hq, D].
     """
     num_tokens = query.shape[2]
-    if num_tokens < layout.token_pos.shape[0]:  # a lone token, run twice (MIN_TOKENS)
+    if num_tokens < layout.token_pos.shape[0]:  # a lone token and its companion (MIN_TOKENS)
+        if (num_tokens, layout.token_pos.shape[0]) != (1, MIN_TOKENS):
+            raise ValueError(f"{num_tokens} query tokens for a layout of {layout.token_pos.shape[0]}")
         out = flex_paged_attention(query.expand(-1, -1, MIN_TOKENS, -1), keys, values, layout, scaling,
                                    window, softcap)  # fmt: skip
-        return out[:, :num_tokens]
+        return out[:, :1]
     _, num_heads, num_tokens, head_dim = query.shape
     kv_heads = keys.shape[1]
     group = num_heads // kv_heads

@@ -30,6 +30,13 @@ from peftserve.runner.sampler import SampleRow, finite_rows, sample
 log = logging.getLogger(__name__)
 
 
+def _pack_on(threads: int, model: torch.nn.Module) -> int:
+    """pack_linears on `threads` intra-op threads: a new thread starts with OpenMP's default team (every
+    core), not the count torch.set_num_threads gave the thread that started it."""
+    torch.set_num_threads(threads)
+    return pack_linears(model)
+
+
 class ModelRunner:
     """Owns the model's tensors for serving: the paged KV cache and the per-request generators."""
 
@@ -68,15 +75,15 @@ class ModelRunner:
         self.in_place = attention == "flex" and self.device.type == "cpu"
         self._sinks = any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
         """Layers with attention sinks (GPT-OSS) gather their context even when the rest read in place."""
-        # Packing the weights (seconds, in C++) and compiling attention (seconds, mostly Python) run at
-        # once. The warm-up's forward may meet a layer packed or not yet; its output is thrown away.
-        pack = cpu_linear == "onednn" and self.device.type == "cpu"
-        with ThreadPoolExecutor(1, thread_name_prefix="peftserve-pack") as pool:
-            packing = pool.submit(pack_linears, model) if pack else None
-            if self.in_place:
+        if cpu_linear == "onednn" and self.device.type == "cpu":
+            # Packing (seconds, in C++) runs beside the warm-up's compile (seconds, mostly Python). The
+            # warm-up's forward may meet a layer packed or not yet; its output is thrown away.
+            with ThreadPoolExecutor(1, thread_name_prefix="peftserve-pack") as pool:
+                packing = pool.submit(_pack_on, torch.get_num_threads(), model)
                 self._warm_up()
-        if packing is not None:
             log.info("%d Linear layers run on prepacked oneDNN weights", packing.result())
+        else:
+            self._warm_up()
         log.info("attention: %s", "in place (flex)" if self.in_place else "gathered (sdpa)")
 
     def enable_graphs(
@@ -163,7 +170,10 @@ class ModelRunner:
         """Compile attention in place before serving: a two-token prefill in the first slots, zeroed
         again afterwards (the kernel's token count is dynamic from 2 up, and one token runs as two: see
         flex.MIN_TOKENS). In inference mode, as `step` runs: its tensors are inference tensors, and a
-        graph compiled for other tensors would not be reused (dynamo guards on it)."""
+        graph compiled for other tensors would not be reused (dynamo guards on it). Nothing to compile
+        when attention gathers."""
+        if not self.in_place:
+            return
         num_tokens = MIN_TOKENS
         blocks = list(range(-(-num_tokens // self.block_size)))  # slot i is in block i // block_size
         meta = AttentionMetadata(

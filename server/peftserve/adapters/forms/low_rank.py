@@ -80,8 +80,9 @@ def low_rank_compiled(
     """CPU fast path: decode rows in one C++ pass per layer, long spans by the grouped kernel.
 
     Semantics: same as low_rank_reference. The tokens of spans of one adapter up to ROWS_SPAN_MAX
-    tokens (decode, short prefill chunks) run low_rank_rows' kernel over the layer's stacked factors,
-    each row alone; longer spans and mixtures run low_rank_grouped on views of the same factors, each
+    tokens (decode, short prefill chunks), and the last `length % ROWS_SPAN_MAX` tokens of longer ones,
+    run low_rank_rows' kernel over the layer's stacked factors, each row alone; the rest of the longer
+    spans, and mixtures, run low_rank_grouped on views of the same factors, each
     product on all intra-op threads: GEMMs of tens to hundreds of rows, which torch's threads share
     well, where the parallel kernel's helper threads compete for the cores with the OpenMP threads still
     spinning after the base layer's parallel regions (bench-1b's trace in bf16 on 2 cores: prefill steps

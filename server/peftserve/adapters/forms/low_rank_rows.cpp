@@ -101,7 +101,7 @@ void expand(const float* h, const T* bt, T* y, int64_t out, int64_t rank) {
 
 // What a row costs when its adapter's factors come from memory (the row before it had another adapter),
 // next to a row that finds them in cache: 64 bf16 rows over 51 adapters took 9.7 ms at bench-1b, over
-// one adapter 4.1 ms (benchmarks/bench_rows_kernel.py), so about 3 to 1.
+// one adapter 4.1 ms (benchmarks/bench_rows_kernel.py), so about 2.7 to 1, rounded to 3.
 constexpr int64_t kFetchCost = 3;
 
 // cost[i]: the summed cost of rows before i (cost[n] is the total).

@@ -57,8 +57,10 @@ GEMMs about 2 ms per span plus 33 us a token (an ad hoc timing): 32-token spans 
 
 The GEMMs take a multiple of this many tokens, the rest of the span runs as rows: oneDNN builds a kernel
 for each new row count of a product (the pair of a span's products at bench-1b's widths: 1.2 ms the first
-time, 0.26 ms after), and keeps 1,024 of them. Prompts of every length would otherwise keep it building:
-now a width sees at most 1024 / 32 row counts per product."""
+time, 0.26 ms after) and keeps 1,024 of them, shared with the base model's linears. Prompts of every
+length would otherwise keep it building: now a product sees at most max_batched_tokens / 32 row counts
+(32 at the default), but for an adapter that is also in a mixture in the same step (the grouped kernel
+then takes its mixture's tokens with its spans', any count)."""
 STACKS = "stacks"
 """SlotList.derived key of a layer's RankStacks."""
 PLAN = "low-rank-rows"
