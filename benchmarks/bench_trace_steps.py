@@ -110,21 +110,20 @@ def main(argv: list[str] | None = None) -> None:
                 rounds[system].append(kinds)
                 print(f"round {r} {system}: {kinds['total'][1]:.1f} s", flush=True)
     if args.fresh_lengths:
-        best = {system: summed(runs) for system, runs in rounds.items()}
-    else:
-        best = {system: min(runs, key=lambda k: k["total"][1]) for system, runs in rounds.items()}
-    names = sorted(set(best["adapters"]) | set(best["base"]), key=lambda n: (n != "total", n))
-    distinct = "/".join(str(len({r.adapter for r in trace})) for trace in traces)
-    kept = f"best of {args.rounds}"
-    if args.fresh_lengths:
+        shown = {system: summed(runs) for system, runs in rounds.items()}
         kept = f"sum of {args.rounds} rounds, each its own trace"
+    else:
+        shown = {system: min(runs, key=lambda k: k["total"][1]) for system, runs in rounds.items()}
+        kept = f"best of {args.rounds}"
+    names = sorted(set(shown["adapters"]) | set(shown["base"]), key=lambda n: (n != "total", n))
+    distinct = "/".join(str(len({r.adapter for r in trace})) for trace in traces)
     print(
         f"{args.shape} {args.dtype}, {args.requests} requests, {distinct} distinct adapters, threads "
         f"{torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}; {kept}"
     )
     print(f"{'steps':<22} {'n':>4} {'adapters s':>11} {'base s':>8} {'ms/step':>15} {'ratio':>6}")
     for name in names:
-        (n, a), (_, b) = best["adapters"].get(name, [0, 0.0]), best["base"].get(name, [0, 0.0])
+        (n, a), (_, b) = shown["adapters"].get(name, [0, 0.0]), shown["base"].get(name, [0, 0.0])
         per = f"{1e3 * a / max(n, 1):.1f} / {1e3 * b / max(n, 1):.1f}"
         print(f"{name:<22} {n:>4} {a:>11.2f} {b:>8.2f} {per:>15} {a / b if b else float('nan'):>5.2f}x")
     if args.json_out:

@@ -183,13 +183,9 @@ def flex_paged_attention(
     h // G. Reference: paged_attention's SDPA path (tests/runner/test_flex_attention.py).
     query: [1, Hq, T, D]; keys, values: one layer's pool, [slots, Hkv, D]. Returns [1, T, Hq, D].
     """
-    num_tokens = query.shape[2]
-    if num_tokens < layout.token_pos.shape[0]:  # a lone token and its companion (MIN_TOKENS)
-        if (num_tokens, layout.token_pos.shape[0]) != (1, MIN_TOKENS):
-            raise ValueError(f"{num_tokens} query tokens for a layout of {layout.token_pos.shape[0]}")
-        out = flex_paged_attention(query.expand(-1, -1, MIN_TOKENS, -1), keys, values, layout, scaling,
-                                   window, softcap)  # fmt: skip
-        return out[:, :1]
+    queries = query.shape[2]
+    listed = layout.token_pos.shape[0]  # a lone query's companion is listed too (MIN_TOKENS)
+    query = query.expand(-1, -1, listed, -1)  # its companion asks the same query; raises on any other gap
     _, num_heads, num_tokens, head_dim = query.shape
     kv_heads = keys.shape[1]
     group = num_heads // kv_heads
@@ -205,4 +201,4 @@ def flex_paged_attention(
                         layout.block_size, scaling, softcap)  # fmt: skip
     # out: [1, Hkv, T*G, D]
     out = out[0].view(kv_heads, num_tokens, group, head_dim).transpose(0, 1)  # [T, Hkv, G, D]
-    return out.reshape(1, num_tokens, num_heads, head_dim)
+    return out[:queries].reshape(1, queries, num_heads, head_dim)

@@ -168,7 +168,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _warm_up(self) -> None:
         """Compile attention in place before serving: a two-token prefill in the first slots, zeroed
-        again afterwards (the kernel's token count is dynamic from 2 up, and one token runs as two: see
+        again afterwards (the kernel's token count is dynamic from 2 up; a lone token runs with a companion:
         flex.MIN_TOKENS). In inference mode, as `step` runs: its tensors are inference tensors, and a
         graph compiled for other tensors would not be reused (dynamo guards on it). Nothing to compile
         when attention gathers."""
