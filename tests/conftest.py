@@ -11,6 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tests/runner/test_flex_attention.py covers attention in place; PEFTSERVE_ATTENTION=flex runs the
 # whole suite on it.
 os.environ.setdefault("PEFTSERVE_ATTENTION", "sdpa")
+# Engines warm up before they serve, so that a step's path (attention in place or gathered, a layer's
+# weight packed or plain) does not depend on threads' timing; tests/runner/test_warm_up.py covers the
+# background.
+os.environ.setdefault("PEFTSERVE_WARM_UP", "before")
 # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which must be on when they
 # are defined (at import). With one, the triton tests run compiled on the device.
 if not torch.cuda.is_available():

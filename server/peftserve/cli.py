@@ -53,6 +53,12 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--cpu-linear", "cpu_linear", str, "onednn (default: oneDNN on packed weights, faster) or torch"),
     ("--attention", "attention", str, "flex (default: reads the paged KV in place) or sdpa"),
     (
+        "--warm-up",
+        "warm_up",
+        str,
+        "background (default: serve at once, compile and pack beside) or before (serve once done)",
+    ),
+    (
         "--cuda-graphs",
         "cuda_graphs",
         _switch,

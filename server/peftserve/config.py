@@ -14,6 +14,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_OFF = ("on", "off")
 CPU_LINEARS = ("onednn", "torch")
 ATTENTIONS = ("flex", "sdpa")
+WARM_UPS = ("background", "before")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,13 @@ class EngineConfig:
     plain ones (1.1-3.6x faster on serving shapes); torch: plain F.linear."""
     attention: str = field(default_factory=lambda: os.environ.get("PEFTSERVE_ATTENTION", "flex"))
     """flex (default, or $PEFTSERVE_ATTENTION): on CPU, attention reads each sequence's K/V in place in
-    the paged pools, compiled once per process before serving; sdpa: each context is gathered first."""
+    the paged pools, compiled once per process; sdpa: each context is gathered first."""
+    warm_up: str = field(default_factory=lambda: os.environ.get("PEFTSERVE_WARM_UP", "background"))
+    """When the CPU engine compiles attention in place and packs the Linear weights (seconds on a
+    multi-GB model). background (default, or $PEFTSERVE_WARM_UP): the engine serves as soon as the weights
+    are loaded, while threads do both; until then a step gathers attention and runs each layer on whatever
+    weight it has, plain or packed (same outputs, up to rounding). before: the engine serves once both
+    are done, at full speed from the first request."""
     cuda_graphs: bool = False
     """CUDA only: replay pure decode steps from graphs captured per batch-size bucket (runner/graphs.py)."""
     adapter_slots: int | None = None
@@ -120,6 +127,9 @@ class EngineConfig:
         if self.attention not in ATTENTIONS:
             choices = ", ".join(ATTENTIONS)
             raise InvalidRequest(f"attention must be one of {choices}, got {self.attention!r}")
+        if self.warm_up not in WARM_UPS:
+            choices = ", ".join(WARM_UPS)
+            raise InvalidRequest(f"warm_up must be one of {choices}, got {self.warm_up!r}")
         positive = (
             "block_size",
             "max_batched_tokens",

@@ -63,6 +63,11 @@ class EngineStatsCollector(Collector):
         yield GaugeMetricFamily("peftserve_running_requests", "Requests being decoded.", stats.running)
         yield GaugeMetricFamily("peftserve_kv_blocks_used", "KV cache blocks in use.", stats.kv_blocks_used)
         yield GaugeMetricFamily("peftserve_kv_blocks_free", "KV cache blocks free.", stats.kv_blocks_free)
+        yield GaugeMetricFamily(
+            "peftserve_warming",
+            "Warm-up work in the background (attention's compile, the weights' packing) not yet in use.",
+            stats.warming,
+        )
         cache = stats.prefix_cache
         if cache is not None:
             yield CounterMetricFamily(

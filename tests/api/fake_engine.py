@@ -74,7 +74,9 @@ class FakeEngine:
         return self.tokenize("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
 
     def stats(self) -> EngineStats:
-        return EngineStats(waiting=0, running=self.running, kv_blocks_used=self.running, kv_blocks_free=7)
+        return EngineStats(
+            waiting=0, running=self.running, kv_blocks_used=self.running, kv_blocks_free=7, warming=2
+        )
 
     async def drain(self, grace_s: float) -> None:
         self.draining = True

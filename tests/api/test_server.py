@@ -57,6 +57,6 @@ def test_metrics_endpoint_serves_request_and_engine_metrics(served: Served) -> N
     assert "peftserve_time_to_first_token_seconds_count 2.0" in body
     assert "peftserve_time_per_output_token_seconds_count 2.0" in body
     assert "peftserve_request_duration_seconds_count 3.0" in body
-    for gauge in ("queue_depth", "running_requests", "kv_blocks_used", "kv_blocks_free"):
+    for gauge in ("queue_depth", "running_requests", "kv_blocks_used", "kv_blocks_free", "warming"):
         assert f"peftserve_{gauge} " in body
-    assert "peftserve_kv_blocks_free 7.0" in body
+    assert "peftserve_kv_blocks_free 7.0" in body and "peftserve_warming 2.0" in body

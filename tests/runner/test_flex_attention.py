@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
@@ -90,25 +89,3 @@ def test_an_engine_in_place_generates_what_the_gathering_engine_does(family):
 def test_unknown_attention_is_rejected():
     with pytest.raises(InvalidRequest, match="attention must be one of flex, sdpa"):
         EngineConfig(attention="eager")
-
-
-def test_after_start_up_serving_compiles_nothing():
-    """The runner's warm-up compiles attention once, as the steps call it (inference mode, a token
-    count that stays dynamic): serving a chunked, mixed workload whose contexts span many blocks, lone
-    decode rows included, compiles nothing more."""
-    torch._dynamo.reset()  # forget the graphs earlier tests compiled: only the warm-up's count
-    counters.clear()
-    model, tokenizer = build_tiny_model("llama")
-    config = EngineConfig(kv_cache_mb=1, block_size=4, max_batched_tokens=20, attention="flex")
-    engine = LLMEngine.from_model(model, tokenizer, config)
-    assert counters["stats"]["unique_graphs"] == 1
-    prompts = random_prompts([1, 9, 16, 23, 5], 320, seed=12)
-    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    requests = [
-        GenerationRequest(f"r{i}", prompt_token_ids=p, sampling=params) for i, p in enumerate(prompts)
-    ]
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        done = engine.generate_all(requests)
-        alone = GenerationRequest("alone", prompt_token_ids=prompts[1], sampling=params)
-        alone = engine.generate_all([alone])
-    assert all(len(out.token_ids) == 12 for out in [*done.values(), *alone.values()])

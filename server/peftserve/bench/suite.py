@@ -148,7 +148,9 @@ def prepare_model(
 def serve_args(
     config: BenchConfig, shape: Shape, model_dir: Path, pools: Sequence[PublishedPool]
 ) -> list[str]:
-    """Flags of `peftserve serve`: the pools' adapters, a KV budget for max_running longest requests."""
+    """Flags of `peftserve serve`: the pools' adapters, a KV budget for max_running longest requests, and
+    the warm-up done before it serves: the runs measure serving at full speed (bench_startup.py measures
+    the start), as the peers', which warm up before they serve."""
     dtype = serving_dtype(config)
     args = [
         "--model", str(model_dir),
@@ -160,6 +162,7 @@ def serve_args(
         "--adapter-slots", str(config.slots),
         "--max-queue", str(max(1024, config.workload.requests, config.sweep_requests)),
         "--grace-s", "5",
+        "--warm-up", "before",
     ]  # fmt: skip
     if config.threads:
         args += ["--threads", str(config.threads)]

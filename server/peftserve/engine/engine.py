@@ -98,6 +98,7 @@ class LLMEngine:
             adapters=adapters.context if adapters is not None else None,
             cpu_linear=config.cpu_linear,
             attention=config.attention,
+            warm_up=config.warm_up,
         )
         if config.cuda_graphs:
             self.runner.enable_graphs(
@@ -175,6 +176,7 @@ class LLMEngine:
             kv_blocks_used=alloc.num_used,
             kv_blocks_free=alloc.num_free,
             prefix_cache=self.prefix_cache_stats(),
+            warming=len(self.runner.warming),
         )
 
     def prefix_cache_stats(self) -> PrefixCacheStats:

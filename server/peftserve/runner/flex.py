@@ -13,7 +13,7 @@ past each sequence's end in its last block before the step (masked keys are harm
 their scores). Every other entry a token reads is its own sequence's computed K/V.
 
 Compiled once per process by torch.compile (inductor's C++ template on CPU; about 20-40 s cold, a few
-seconds from inductor's on-disk cache); the runner warms it up before serving.
+seconds from inductor's on-disk cache); the runner compiles it at start (ModelRunner._warm_up).
 """
 
 from __future__ import annotations
@@ -190,7 +190,8 @@ def flex_paged_attention(
     kv_heads = keys.shape[1]
     group = num_heads // kv_heads
     q = query[0].view(kv_heads, group, num_tokens, head_dim).transpose(1, 2)  # [Hkv, T, G, D]
-    q = q.reshape(1, kv_heads, num_tokens * group, head_dim)
+    # contiguous whatever the caller's strides (a view when Hkv is 1): the graph is guarded on them
+    q = q.reshape(1, kv_heads, num_tokens * group, head_dim).contiguous()
     k = keys.permute(1, 0, 2)[None]  # [1, Hkv, slots, D], a view of the pool
     v = values.permute(1, 0, 2)[None]
     first, blocks = layout.visible(window)

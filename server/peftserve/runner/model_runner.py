@@ -12,22 +12,31 @@ grouping of their expert matmuls depends on the other rows' routes, which can mo
 
 from __future__ import annotations
 
+import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
 from peftserve.adapters.batch import AdapterBatch, AdapterContext
 from peftserve.engine.sequence import Sequence
 from peftserve.engine.step import PackedChunk, Sampled, StepInput, StepOutput
-from peftserve.model.geometry import head_dim, kv_heads
+from peftserve.model.geometry import head_dim, kv_heads, text_config
 from peftserve.runner.attention import ATTENTION_NAME, AttentionMetadata, PrefillChunk
-from peftserve.runner.flex import MIN_TOKENS, PagedLayout, unwritten_tails
+from peftserve.runner.flex import MIN_TOKENS, PagedLayout, flex_paged_attention, unwritten_tails
 from peftserve.runner.kv_cache import PagedKVCache
 from peftserve.runner.linear import pack_linears
 from peftserve.runner.sampler import SampleRow, finite_rows, sample
 
 log = logging.getLogger(__name__)
+
+LOWEST_PRIORITY = 19
+"""The nice value of warm-up work in the background (Linux: 19 is the lowest)."""
 
 
 def _pack_on(threads: int, model: torch.nn.Module) -> int:
@@ -35,6 +44,29 @@ def _pack_on(threads: int, model: torch.nn.Module) -> int:
     core), not the count torch.set_num_threads gave the thread that started it."""
     torch.set_num_threads(threads)
     return pack_linears(model)
+
+
+def attention_calls(model: torch.nn.Module) -> set[tuple[float, float | None]]:
+    """(scaling, soft-cap) of each distinct call the model's attention layers make (compiled apart: the
+    kernel is specialized on both), read from the layers as transformers' models pass them: `scaling`
+    (None: 1 / sqrt(head size)) and Gemma 2's `attn_logit_softcapping`."""
+    default = head_dim(model.config) ** -0.5
+    return {
+        (getattr(m, "scaling", None) or default, getattr(m, "attn_logit_softcapping", None))
+        for m in model.modules()
+        if hasattr(m, "layer_idx")
+        and hasattr(m, "scaling")
+        and not isinstance(getattr(m, "sinks", None), torch.Tensor)
+    }
+
+
+def _timed(began: float, run: Callable[[], object], yielding: bool) -> tuple[object, float]:
+    """run's result, and the seconds from `began` to its end. yielding: at the lowest CPU priority
+    (Linux, where it is the calling thread's own, and passes to the threads and processes it starts),
+    so that steps served meanwhile take the cores first."""
+    if yielding and sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)
+    return run(), time.perf_counter() - began
 
 
 class ModelRunner:
@@ -48,9 +80,11 @@ class ModelRunner:
         adapters: AdapterContext | None = None,
         cpu_linear: str = "onednn",
         attention: str = "flex",
+        warm_up: str = "before",
     ) -> None:
         """adapters: the side channel of the model's adapter layers (None: a model without them);
-        attention: flex (read the pools in place, on CPU) or sdpa (gather each context, then SDPA)."""
+        attention: flex (read the pools in place, on CPU) or sdpa (gather each context, then SDPA);
+        warm_up: background or before (EngineConfig.warm_up)."""
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -70,21 +104,19 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self._offsets = torch.arange(block_size, device=self.device)
         self.graphs = None  # DecodeGraphs once enable_graphs is called
-        # flex's block mask (one query block per token, G rows) is shaped for its CPU kernel; other
-        # devices keep the gathering path until it is measured there.
-        self.in_place = attention == "flex" and self.device.type == "cpu"
         self._sinks = any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
         """Layers with attention sinks (GPT-OSS) gather their context even when the rest read in place."""
-        if cpu_linear == "onednn" and self.device.type == "cpu":
-            # Packing (seconds, in C++) runs beside the warm-up's compile (seconds, mostly Python). The
-            # warm-up's forward may meet a layer packed or not yet; its output is thrown away.
-            with ThreadPoolExecutor(1, thread_name_prefix="peftserve-pack") as pool:
-                packing = pool.submit(_pack_on, torch.get_num_threads(), model)
-                self._warm_up()
-            log.info("%d Linear layers run on prepacked oneDNN weights", packing.result())
-        else:
-            self._warm_up()
-        log.info("attention: %s", "in place (flex)" if self.in_place else "gathered (sdpa)")
+        self.in_place = False
+        """Whether steps read the pools in place (flex); set once its kernel is compiled (_warm_up)."""
+        self._warming: dict[str, Future] = {}
+        """Warm-up work not yet taken in by a step (attention, packing): see _warm_up."""
+        self._warm_up(
+            # flex's block mask (one query block per token, G rows) is shaped for its CPU kernel; other
+            # devices keep the gathering path until it is measured there.
+            attention=attention == "flex" and self.device.type == "cpu",
+            pack=cpu_linear == "onednn" and self.device.type == "cpu",
+            background=warm_up == "background",
+        )
 
     def enable_graphs(
         self, max_batch: int, max_context: int, max_mixture: int, max_rank: int, capture=None
@@ -107,6 +139,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         """Run one step: _write_prefixes -> _attention -> _forward -> _sample."""
+        if self._warming:
+            self._take_warm_up()
         self._write_prefixes(step)
         meta = self._attention(step)
         logits = self.graphs.run(step, meta) if self.graphs is not None else None
@@ -165,29 +199,80 @@ class ModelRunner:
             self.cache.values.index_fill_(1, self._tensor(tails), 0)
         return PagedLayout.build(chunks, self.block_size, self.cache.keys.shape[1], self.device)
 
-    @torch.inference_mode()
-    def _warm_up(self) -> None:
-        """Compile attention in place before serving: a two-token prefill in the first slots, zeroed
-        again afterwards (the kernel's token count is dynamic from 2 up; a lone token runs with a companion:
-        flex.MIN_TOKENS). In inference mode, as `step` runs: its tensors are inference tensors, and a
-        graph compiled for other tensors would not be reused (dynamo guards on it). Nothing to compile
-        when attention gathers."""
-        if not self.in_place:
+    def _warm_up(self, attention: bool, pack: bool, background: bool) -> None:
+        """Start what makes steps fast on CPU, each in a thread: compiling attention in place
+        (_compile_attention; until it is done, steps gather) and packing the Linear weights (one layer at
+        a time; each layer runs its plain weight until its packed one replaces it). Packing is torch's
+        C++, which releases the GIL, so both proceed together. In the background, steps run beside
+        them and take each in once done (_take_warm_up); before: wait for both, and raise what failed."""
+        work = {"attention": self._compile_attention} if attention else {}
+        if pack:
+            work["packing"] = functools.partial(_pack_on, torch.get_num_threads(), self.model)
+        if not work:
             return
-        num_tokens = MIN_TOKENS
-        blocks = list(range(-(-num_tokens // self.block_size)))  # slot i is in block i // block_size
-        meta = AttentionMetadata(
-            cache=self.cache,
-            slot_mapping=torch.arange(num_tokens, device=self.device),
-            prefills=[PrefillChunk(0, num_tokens, num_tokens, None)],
-            paged=self._paged_layout([(0, num_tokens, blocks)]),
-            **self._decode_metadata([]),
+        pool = ThreadPoolExecutor(1 if background else len(work), thread_name_prefix="peftserve-warm-up")
+        began = time.perf_counter()
+        self._warming = {name: pool.submit(_timed, began, run, background) for name, run in work.items()}
+        pool.shutdown(wait=False)  # its threads end with their work
+        if background:
+            log.info("warming up in the background: %s", ", ".join(work))
+        else:
+            self.wait_warm_up()
+            for future in self._warming.values():
+                future.result()  # raises what failed
+            self._take_warm_up()
+
+    def wait_warm_up(self, timeout: float | None = None) -> bool:
+        """Wait until the warm-up's work is done (steps take it in at their start); whether it is."""
+        return not wait(list(self._warming.values()), timeout).not_done
+
+    @property
+    def warming(self) -> tuple[str, ...]:
+        """Warm-up work not yet taken in by a step: attention, packing (empty once the engine is warm)."""
+        return tuple(self._warming)
+
+    def _take_warm_up(self) -> None:
+        """At a step's start: switch to what the warm-up has finished. Failed work is logged and left
+        out (in the background only: before, it is raised at start); the engine serves on without it."""
+        done = {name: future for name, future in self._warming.items() if future.done()}
+        # a new dict, never one changed in place: other threads may read it (wait_warm_up, warming)
+        self._warming = {name: future for name, future in self._warming.items() if name not in done}
+        for name, future in done.items():
+            if future.exception() is not None:
+                log.error("warm-up of %s failed; serving on without it", name, exc_info=future.exception())
+                continue
+            result, seconds = future.result()
+            if name == "attention":
+                self.in_place = True
+                log.info("attention: in place (flex), compiled in %.1f s", seconds)
+            else:
+                log.info(
+                    "%d Linear layers run on prepacked oneDNN weights, packed in %.1f s", result, seconds
+                )
+
+    @torch.inference_mode()
+    def _compile_attention(self) -> None:
+        """Compile attention in place for each call the model's layers make (attention_calls), on two
+        tokens over the pool's first block. In inference mode, with tensors made as a step makes them,
+        so that the steps' calls pass the compiled graph's guards. It only reads the pool, and its
+        output is dropped, so steps may run beside it (the token count is dynamic from 2 up; a lone
+        token runs with a companion: flex.MIN_TOKENS)."""
+        config = self.model.config
+        layout = PagedLayout.build(
+            [(0, MIN_TOKENS, [0])], self.block_size, self.cache.keys.shape[1], self.device
         )
-        ids = torch.zeros(1, num_tokens, dtype=torch.long, device=self.device)  # [1, T]
-        pos = torch.arange(num_tokens, device=self.device)[None]  # [1, T]
-        self._model(ids, pos, self._tensor([num_tokens - 1]), meta)
-        self.cache.keys[:, :num_tokens] = 0
-        self.cache.values[:, :num_tokens] = 0
+        heads = text_config(config).num_attention_heads
+        for scaling, softcap in attention_calls(self.model) or {(head_dim(config) ** -0.5, None)}:
+            query = torch.zeros(1, MIN_TOKENS, heads, head_dim(config), dtype=self.dtype, device=self.device)
+            flex_paged_attention(
+                query.transpose(1, 2),
+                self.cache.keys[0],
+                self.cache.values[0],
+                layout,
+                scaling,
+                None,
+                softcap,
+            )
 
     def _forward(self, step: StepInput, meta: AttentionMetadata) -> torch.Tensor:
         """The model on the packed [1, T] batch; logits [S, V] at the sampling chunks' last tokens."""

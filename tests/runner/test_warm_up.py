@@ -1,0 +1,139 @@
+"""The runner's warm-up: attention compiled in place and the Linear weights packed, before the engine
+serves or beside it (EngineConfig.warm_up), with the same outputs either way."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from peftserve.config import EngineConfig
+from peftserve.engine.engine import LLMEngine
+from peftserve.engine.request import GenerationRequest, SamplingParams
+from peftserve.errors import InvalidRequest
+from peftserve.runner.model_runner import ModelRunner, attention_calls
+from tests.engine.conftest import random_prompts
+from tests.helpers.tiny_models import build_tiny_model
+
+PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
+
+
+def _requests(tag: str, seed: int) -> list[GenerationRequest]:
+    """A chunked, mixed workload whose contexts span many blocks, with a lone decode at its tail."""
+    prompts = random_prompts([1, 9, 16, 23, 5], 320, seed=seed)
+    return [
+        GenerationRequest(f"{tag}{i}", prompt_token_ids=p, sampling=PARAMS) for i, p in enumerate(prompts)
+    ]
+
+
+def _engine(warm_up: str, family: str = "llama", attention: str = "flex") -> LLMEngine:
+    model, tokenizer = build_tiny_model(family)
+    config = EngineConfig(
+        kv_cache_mb=1, block_size=4, max_batched_tokens=20, attention=attention, warm_up=warm_up
+    )
+    return LLMEngine.from_model(model, tokenizer, config)
+
+
+def _plain_linears(engine: LLMEngine) -> list[str]:
+    return [
+        name
+        for name, m in engine.runner.model.named_modules()
+        if type(m) is nn.Linear and m.weight is not None
+    ]
+
+
+@pytest.mark.parametrize(
+    ("family", "warm_up"),
+    [
+        ("llama", "before"),
+        ("llama", "background"),
+        pytest.param("gemma2", "before", marks=pytest.mark.slow),  # soft-capping, windows on half the layers
+    ],
+)
+def test_once_warm_serving_compiles_nothing(family, warm_up):
+    """The warm-up compiles attention once per call the layers make, as the steps call it (inference
+    mode, a token count that stays dynamic), in its own thread: serving a workload with lone decode rows
+    compiles nothing more, and every Linear but the tied output head is packed."""
+    torch._dynamo.reset()  # forget the graphs earlier tests compiled: only the warm-up's count
+    counters.clear()
+    engine = _engine(warm_up, family)
+    assert engine.runner.wait_warm_up(timeout=300)
+    assert counters["stats"]["unique_graphs"] == len(attention_calls(engine.runner.model)) == 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        done = engine.generate_all(_requests("r", seed=12))
+        alone = engine.generate_all([GenerationRequest("alone", prompt_token_ids=[5, 6, 7], sampling=PARAMS)])
+    assert engine.runner.in_place and engine.runner.warming == ()
+    assert all(len(out.token_ids) == 12 for out in [*done.values(), *alone.values()])
+    tied = {"lm_head"} if engine.runner.model.config.tie_word_embeddings else set()
+    assert set(_plain_linears(engine)) == tied
+
+
+def test_attention_calls_read_each_layers_scaling_and_soft_cap():
+    model, _ = build_tiny_model("gemma2")
+    config = model.config
+    assert attention_calls(model) == {(config.query_pre_attn_scalar**-0.5, config.attn_logit_softcapping)}
+
+
+def test_in_the_background_steps_serve_before_the_warm_up_ends_and_after_with_the_same_tokens(monkeypatch):
+    """While attention compiles, steps gather and run whatever weights are packed; once it is done, the
+    next step reads in place. Both give the tokens of an engine warmed up before serving, and log-
+    probabilities within fp32 rounding."""
+    want = {
+        **_engine("before").generate_all(_requests("a", 1)),
+        **_engine("before").generate_all(_requests("b", 2)),
+    }
+    release = threading.Event()
+    compile_attention = ModelRunner._compile_attention
+
+    def held(self):
+        assert release.wait(timeout=60)
+        compile_attention(self)
+
+    monkeypatch.setattr(ModelRunner, "_compile_attention", held)
+    engine = _engine("background")
+    got = engine.generate_all(_requests("a", 1))
+    assert not engine.runner.in_place and "attention" in engine.runner.warming
+    assert engine.stats().warming == len(engine.runner.warming) >= 1
+    release.set()
+    assert engine.runner.wait_warm_up(timeout=300)
+    got |= engine.generate_all(_requests("b", 2))
+    assert engine.runner.in_place and engine.runner.warming == () and _plain_linears(engine) == []
+    assert engine.stats().warming == 0
+    for rid, out in want.items():
+        assert got[rid].token_ids == out.token_ids, rid
+        assert max(abs(a - b) for a, b in zip(got[rid].logprobs, out.logprobs, strict=True)) <= 1e-5, rid
+
+
+def test_a_failed_warm_up_stops_the_start_before_serving_and_is_left_out_in_the_background(
+    monkeypatch, caplog
+):
+    def broken(self):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(ModelRunner, "_compile_attention", broken)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        _engine("before")
+    engine = _engine("background")
+    assert engine.runner.wait_warm_up(timeout=300)
+    with caplog.at_level(logging.ERROR, logger="peftserve.runner.model_runner"):
+        done = engine.generate_all(_requests("r", seed=3))
+    assert "warm-up of attention failed; serving on without it" in caplog.text
+    assert not engine.runner.in_place and engine.runner.warming == ()
+    assert _plain_linears(engine) == []  # packing, which did not fail, is taken in
+    assert all(len(out.token_ids) == 12 for out in done.values())
+
+
+def test_nothing_to_warm_up_with_gathered_attention_and_plain_linears():
+    model, tokenizer = build_tiny_model("llama")
+    config = EngineConfig(kv_cache_mb=1, attention="sdpa", cpu_linear="torch", warm_up="background")
+    engine = LLMEngine.from_model(model, tokenizer, config)
+    assert engine.runner.warming == () and engine.runner.wait_warm_up(timeout=0)
+
+
+def test_unknown_warm_up_is_rejected():
+    with pytest.raises(InvalidRequest, match="warm_up must be one of background, before"):
+        EngineConfig(warm_up="lazy")
