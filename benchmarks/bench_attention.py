@@ -78,7 +78,7 @@ def engine_steps(shape, args: argparse.Namespace) -> None:
     kv_mb = args.rows * (256 + 64) * shape.kv_bytes_per_token() / 2**20
     config = EngineConfig(
         dtype=args.dtype, kv_cache_mb=1.25 * kv_mb, max_running=args.rows, block_size=args.block_size,
-        attention="flex",
+        attention="flex", warm_up="before",
     )  # fmt: skip
     engine = LLMEngine.from_model(build_model(shape, seed=args.seed), bench_tokenizer(), config)
     runner, execute = engine.runner, engine.runner.execute

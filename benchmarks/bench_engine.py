@@ -85,6 +85,7 @@ def run_peftserve(
     # warm-up, so that attention in place is compiled for it there.
     kv_mb = args.requests * (args.max_prompt + args.max_new_tokens) * shape.kv_bytes_per_token() / 2**20
     config = EngineConfig(
+        warm_up="before",
         device=args.device,
         dtype=args.dtype,
         cuda_graphs=args.cuda_graphs,

@@ -115,6 +115,7 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
 def play(args: argparse.Namespace, scenario: Scenario) -> None:
     model = build_model(SHAPES[args.shape], seed=args.seed)
     config = EngineConfig(
+        warm_up="before",
         dtype="float32",
         kv_cache_mb=args.kv_cache_mb,
         max_running=args.max_running,

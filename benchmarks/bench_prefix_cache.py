@@ -106,6 +106,7 @@ def build_engine(args: argparse.Namespace, adapter_dirs: Mapping[str, Path], pre
     for adapter_id, directory in adapter_dirs.items():
         manager.register(adapter_id, directory)
     config = EngineConfig(
+        warm_up="before",
         kv_cache_mb=args.kv_cache_mb,
         max_running=args.max_running,
         max_batched_tokens=args.max_batched_tokens,

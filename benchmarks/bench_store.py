@@ -177,7 +177,10 @@ def bench_throughput(args: argparse.Namespace, root: Path) -> list[Run]:
     )
     store = AdapterStore(root / "many", max_adapters_per_tenant=max(args.counts))
     config = EngineConfig(
-        kv_cache_mb=args.kv_cache_mb, max_running=args.max_running, max_batched_tokens=args.max_batched_tokens
+        kv_cache_mb=args.kv_cache_mb,
+        max_running=args.max_running,
+        max_batched_tokens=args.max_batched_tokens,
+        warm_up="before",
     )
     front = AsyncEngine(LLMEngine.from_model(model, bench_tokenizer(), config, adapters=manager, store=store))
     prompts = make_prompts(args.requests, args.min_prompt, args.max_prompt, (3, 1000), seed=args.seed)

@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         for seed in (range(args.rounds) if args.fresh_lengths else [0])
     ]
-    config = EngineConfig(dtype=args.dtype, kv_cache_mb=2048, max_running=args.requests, prefix_cache="off")
+    config = EngineConfig(
+        dtype=args.dtype, kv_cache_mb=2048, max_running=args.requests, prefix_cache="off", warm_up="before"
+    )
     rounds: dict[str, list[dict[str, list]]] = {"adapters": [], "base": []}
     with tempfile.TemporaryDirectory(prefix="trace-steps-") as tmp:
         manager = AdapterManager(model, config.slots, "cpu", dtype)

@@ -166,9 +166,12 @@ def adapter_directories(directory: Path, count: int, shape: Shape) -> list[tuple
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The engine's defaults, room for every request of the trace; --cpu-linear only where it exists."""
+    """The engine's defaults, room for every request of the trace, warm before it serves; --cpu-linear
+    and the warm-up only where they exist (the profile also runs on older mains)."""
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     extra = {"cpu_linear": args.cpu_linear} if args.cpu_linear and "cpu_linear" in fields else {}
+    if "warm_up" in fields:
+        extra["warm_up"] = "before"
     return EngineConfig(dtype=args.dtype, kv_cache_mb=2048, max_running=args.requests, store=None, **extra)
 
 

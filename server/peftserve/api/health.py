@@ -1,4 +1,4 @@
-"""grpc.health.v1 status of the server: NOT_SERVING until the engine is warm, and again while draining."""
+"""grpc.health.v1 status of the server: NOT_SERVING until the engine can serve, and again while draining."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class ServingHealth:
         """What the HTTP health route reports: True between mark_serving and mark_not_serving."""
 
     async def mark_serving(self) -> None:
-        """Report SERVING; call once the engine is loaded and warm."""
+        """Report SERVING; call once the engine is created (EngineConfig.warm_up says what is warm then)."""
         await self._set(health_pb2.HealthCheckResponse.SERVING)
 
     async def mark_not_serving(self) -> None:

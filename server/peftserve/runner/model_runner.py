@@ -39,11 +39,11 @@ LOWEST_PRIORITY = 19
 """The nice value of warm-up work in the background (Linux: 19 is the lowest)."""
 
 
-def _pack_on(threads: int, model: torch.nn.Module) -> int:
+def _pack_on(threads: int, model: torch.nn.Module) -> str:
     """pack_linears on `threads` intra-op threads: a new thread starts with OpenMP's default team (every
     core), not the count torch.set_num_threads gave the thread that started it."""
     torch.set_num_threads(threads)
-    return pack_linears(model)
+    return f"{pack_linears(model)} Linear layers run on prepacked oneDNN weights"
 
 
 def attention_calls(model: torch.nn.Module) -> set[tuple[float, float | None]]:
@@ -60,13 +60,20 @@ def attention_calls(model: torch.nn.Module) -> set[tuple[float, float | None]]:
     }
 
 
-def _timed(began: float, run: Callable[[], object], yielding: bool) -> tuple[object, float]:
-    """run's result, and the seconds from `began` to its end. yielding: at the lowest CPU priority
-    (Linux, where it is the calling thread's own, and passes to the threads and processes it starts),
-    so that steps served meanwhile take the cores first."""
+def _warm(name: str, run: Callable[[], str], began: float, yielding: bool) -> None:
+    """One piece of the warm-up, logged with the seconds since `began` when it ends (or fails: then it
+    raises). yielding: at the lowest CPU priority (Linux, where that is the calling thread's own, and
+    passes to the threads and processes it starts), so that steps served meanwhile take the cores first:
+    without it, a 4-token request beside the warm-up took 4.2-4.9 s instead of 1.2-1.4 s
+    (benchmarks/README.md, "Serving while warming up")."""
     if yielding and sys.platform.startswith("linux"):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)
-    return run(), time.perf_counter() - began
+    try:
+        done = run()
+    except BaseException:
+        log.exception("warm-up: %s failed", name)
+        raise
+    log.info("warm-up: %s in %.1f s", done, time.perf_counter() - began)
 
 
 class ModelRunner:
@@ -200,11 +207,12 @@ class ModelRunner:
         return PagedLayout.build(chunks, self.block_size, self.cache.keys.shape[1], self.device)
 
     def _warm_up(self, attention: bool, pack: bool, background: bool) -> None:
-        """Start what makes steps fast on CPU, each in a thread: compiling attention in place
-        (_compile_attention; until it is done, steps gather) and packing the Linear weights (one layer at
-        a time; each layer runs its plain weight until its packed one replaces it). Packing is torch's
-        C++, which releases the GIL, so both proceed together. In the background, steps run beside
-        them and take each in once done (_take_warm_up); before: wait for both, and raise what failed."""
+        """Start what makes steps fast on CPU: compiling attention in place (_compile_attention; until it
+        is in use, steps gather) and packing the Linear weights (one layer at a time; each layer runs its
+        plain weight until its packed one replaces it). Before serving: both at once, each in a thread
+        (packing is torch's C++, which releases the GIL), then raise what failed. In the background: one
+        after the other in one thread at the lowest priority, beside the steps (a step takes in what is
+        done at its start: _take_warm_up); attention first, which slows the steps beside it less."""
         work = {"attention": self._compile_attention} if attention else {}
         if pack:
             work["packing"] = functools.partial(_pack_on, torch.get_num_threads(), self.model)
@@ -212,46 +220,38 @@ class ModelRunner:
             return
         pool = ThreadPoolExecutor(1 if background else len(work), thread_name_prefix="peftserve-warm-up")
         began = time.perf_counter()
-        self._warming = {name: pool.submit(_timed, began, run, background) for name, run in work.items()}
+        self._warming = {name: pool.submit(_warm, name, run, began, background) for name, run in work.items()}
         pool.shutdown(wait=False)  # its threads end with their work
         if background:
             log.info("warming up in the background: %s", ", ".join(work))
-        else:
-            self.wait_warm_up()
-            for future in self._warming.values():
-                future.result()  # raises what failed
-            self._take_warm_up()
+            return
+        for future in self._warming.values():
+            future.result()  # raises what failed
+        self._take_warm_up()
 
     def wait_warm_up(self, timeout: float | None = None) -> bool:
-        """Wait until the warm-up's work is done (steps take it in at their start); whether it is."""
+        """Wait until the warm-up's work is done; whether it is (steps take it in at their start)."""
         return not wait(list(self._warming.values()), timeout).not_done
 
     @property
     def warming(self) -> tuple[str, ...]:
-        """Warm-up work not yet taken in by a step: attention, packing (empty once the engine is warm)."""
-        return tuple(self._warming)
+        """Warm-up work still running: attention, packing (empty once the next step runs at full speed)."""
+        return tuple(name for name, future in self._warming.items() if not future.done())
 
     def _take_warm_up(self) -> None:
-        """At a step's start: switch to what the warm-up has finished. Failed work is logged and left
-        out (in the background only: before, it is raised at start); the engine serves on without it."""
+        """At a step's start: switch to what the warm-up has done. Work that failed (in the background:
+        before serving, it is raised at start) is left out, and the engine serves on without it."""
         done = {name: future for name, future in self._warming.items() if future.done()}
         # a new dict, never one changed in place: other threads may read it (wait_warm_up, warming)
         self._warming = {name: future for name, future in self._warming.items() if name not in done}
         for name, future in done.items():
             if future.exception() is not None:
-                log.error("warm-up of %s failed; serving on without it", name, exc_info=future.exception())
-                continue
-            result, seconds = future.result()
-            if name == "attention":
+                log.warning("serving on without %s (its warm-up failed)", name)
+            elif name == "attention":
                 self.in_place = True
-                log.info("attention: in place (flex), compiled in %.1f s", seconds)
-            else:
-                log.info(
-                    "%d Linear layers run on prepacked oneDNN weights, packed in %.1f s", result, seconds
-                )
 
     @torch.inference_mode()
-    def _compile_attention(self) -> None:
+    def _compile_attention(self) -> str:
         """Compile attention in place for each call the model's layers make (attention_calls), on two
         tokens over the pool's first block. In inference mode, with tensors made as a step makes them,
         so that the steps' calls pass the compiled graph's guards. It only reads the pool, and its
@@ -273,6 +273,7 @@ class ModelRunner:
                 None,
                 softcap,
             )
+        return "attention reads the KV pools in place (flex), compiled"
 
     def _forward(self, step: StepInput, meta: AttentionMetadata) -> torch.Tensor:
         """The model on the packed [1, T] batch; logits [S, V] at the sampling chunks' last tokens."""
