@@ -253,26 +253,18 @@ class ModelRunner:
     @torch.inference_mode()
     def _compile_attention(self) -> str:
         """Compile attention in place for each call the model's layers make (attention_calls), on two
-        tokens over the pool's first block. In inference mode, with tensors made as a step makes them,
-        so that the steps' calls pass the compiled graph's guards. It only reads the pool, and its
-        output is dropped, so steps may run beside it (the token count is dynamic from 2 up; a lone
-        token runs with a companion: flex.MIN_TOKENS)."""
+        tokens over the pool's first block, in inference mode as the steps call it (a graph compiled for
+        other tensors would not pass their guards). It only reads the pool and drops its output, so steps
+        may run beside it. The token count stays dynamic from 2 up; a lone token runs with a companion
+        (flex.MIN_TOKENS)."""
         config = self.model.config
-        layout = PagedLayout.build(
-            [(0, MIN_TOKENS, [0])], self.block_size, self.cache.keys.shape[1], self.device
-        )
         heads = text_config(config).num_attention_heads
+        query = torch.zeros(1, heads, MIN_TOKENS, head_dim(config), dtype=self.dtype, device=self.device)
+        pool = self.cache.keys.shape[1]
+        layout = PagedLayout.build([(0, MIN_TOKENS, [0])], self.block_size, pool, self.device)
+        keys, values = self.cache.keys[0], self.cache.values[0]
         for scaling, softcap in attention_calls(self.model) or {(head_dim(config) ** -0.5, None)}:
-            query = torch.zeros(1, MIN_TOKENS, heads, head_dim(config), dtype=self.dtype, device=self.device)
-            flex_paged_attention(
-                query.transpose(1, 2),
-                self.cache.keys[0],
-                self.cache.values[0],
-                layout,
-                scaling,
-                None,
-                softcap,
-            )
+            flex_paged_attention(query, keys, values, layout, scaling, None, softcap)
         return "attention reads the KV pools in place (flex), compiled"
 
     def _forward(self, step: StepInput, meta: AttentionMetadata) -> torch.Tensor:
