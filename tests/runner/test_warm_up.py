@@ -3,20 +3,27 @@ serves or beside it (EngineConfig.warm_up), with the same outputs either way."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 
 import pytest
 import torch
+from peft import PeftModel
 from torch import nn
 from torch._dynamo.utils import counters
 
+from peftserve.adapters.manager import AdapterManager
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.request import GenerationRequest, SamplingParams
 from peftserve.errors import InvalidRequest
+from peftserve.runner import model_runner
+from peftserve.runner.linear import pack_linears
 from peftserve.runner.model_runner import ModelRunner, attention_calls
+from tests.adapters import peft_factory as pf
 from tests.engine.conftest import random_prompts
+from tests.engine.test_adapter_fidelity import make_adapters, reference_run, requests_for
 from tests.helpers.tiny_models import build_tiny_model
 
 PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
@@ -138,3 +145,63 @@ def test_nothing_to_warm_up_with_gathered_attention_and_plain_linears():
 def test_unknown_warm_up_is_rejected():
     with pytest.raises(InvalidRequest, match="warm_up must be one of background, before"):
         EngineConfig(warm_up="lazy")
+
+
+def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypatch, tmp_path):
+    """The fidelity invariant while the background warm-up runs: every kind of adapter, mixtures and
+    base rows in one batch, stepped while one decoder layer is packed and the others are plain (and
+    attention compiled or not yet), then after the warm-up: each request's logits equal PEFT's own
+    forward within 1e-4 in fp32, its greedy tokens identical; base rows equal the base model."""
+    base, _ = build_tiny_model("llama")
+    adapters = make_adapters(base, "llama", tmp_path)
+    model, tokenizer = build_tiny_model("llama")
+    manager = AdapterManager(model, num_slots=len(adapters), device="cpu", dtype=torch.float32)
+    for adapter_id, path in adapters.items():
+        manager.register(adapter_id, path)
+    halfway, release = threading.Event(), threading.Event()
+    pack_on = model_runner._pack_on
+
+    def held(threads, model):
+        pack_linears(model.model.layers[0])
+        halfway.set()
+        assert release.wait(timeout=60)
+        return pack_on(threads, model)
+
+    monkeypatch.setattr(model_runner, "_pack_on", held)
+    config = EngineConfig(
+        kv_cache_mb=4, block_size=4, max_batched_tokens=64, attention="flex", warm_up="background"
+    )
+    engine = LLMEngine.from_model(model, tokenizer, config, adapters=manager)
+    assert halfway.wait(timeout=300)
+    mixtures = [m for m in pf.MIXTURES if all(n in adapters for n, _ in m)]
+    uses = [((name, 1.0),) for name in adapters] + [()] + mixtures
+    requests = requests_for(uses, engine.model_info.vocab_size, new_tokens=12)
+    for request in requests:
+        engine.add_request(request)
+    logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    steps = 0
+    while engine.has_unfinished():
+        if steps == 6:
+            assert "packing" in engine.runner.warming and _plain_linears(engine)
+            release.set()
+            assert engine.runner.wait_warm_up(timeout=300)
+        outputs, step, output = engine.step_with_output()
+        for rid, row in (output.logits_of(step) if output is not None else {}).items():
+            logits[rid].append(row.clone())
+        for out in outputs:
+            tokens[out.request_id] += out.token_ids
+        steps += 1
+    assert steps > 7 and engine.runner.warming == () and _plain_linears(engine) == []
+    for refs, request in zip(uses, requests, strict=True):
+        rid = request.request_id
+        if not refs:
+            reference = base
+        elif len(refs) == 1:
+            reference = PeftModel.from_pretrained(copy.deepcopy(base), adapters[refs[0][0]]).eval()
+        else:
+            reference = pf.merged_mixture(base, [(adapters[n], w) for n, w in refs])
+        want_tokens, want_logits = reference_run(reference, request.prompt_token_ids, 12)
+        assert tokens[rid] == want_tokens, rid
+        err = (torch.stack(logits[rid]) - want_logits).abs().max().item()
+        assert err <= (1e-5 if not refs else 1e-4), f"{rid}: max |Δlogit| {err:.2e}"
