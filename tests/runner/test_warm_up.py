@@ -205,3 +205,14 @@ def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypa
         assert tokens[rid] == want_tokens, rid
         err = (torch.stack(logits[rid]) - want_logits).abs().max().item()
         assert err <= (1e-5 if not refs else 1e-4), f"{rid}: max |Δlogit| {err:.2e}"
+
+
+def test_engine_warmup_sends_no_request_while_the_runner_warms_up_in_the_background(monkeypatch):
+    """Its request would run on the paths being replaced, and delay serving by its own time."""
+    sent: list = []
+    for warm_up, requests in (("background", 0), ("before", 1)):
+        engine = _engine(warm_up)
+        monkeypatch.setattr(engine, "generate_all", sent.append)
+        engine.warmup()
+        assert len(sent) == requests and engine.runner.background_warm_up == (warm_up == "background")
+        assert engine.runner.wait_warm_up(timeout=300)

@@ -417,9 +417,13 @@ class LLMEngine:
         return done
 
     def warmup(self) -> None:
-        """Run one short request through every path so the first user request is not slow."""
+        """Run one short request through every path so the first user request is not slow; none while
+        the runner warms up in the background (the paths change as it goes on: the first user request
+        goes through them as soon as the engine serves, rather than after a request of its own)."""
         if self.adapters is not None:
             self.adapters.manager.warm_up()
+        if self.runner.background_warm_up:
+            return
         request_id = f"warmup-{uuid.uuid4().hex}"
         self.generate_all(
             [

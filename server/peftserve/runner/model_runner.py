@@ -117,6 +117,8 @@ class ModelRunner:
         """Whether steps read the pools in place (flex); set once its kernel is compiled (_warm_up)."""
         self._warming: dict[str, Future] = {}
         """Warm-up work not yet taken in by a step (attention, packing): see _warm_up."""
+        self.background_warm_up = False
+        """Whether the warm-up runs beside the steps (there is work, and warm_up is background)."""
         self._warm_up(
             # flex's block mask (one query block per token, G rows) is shaped for its CPU kernel; other
             # devices keep the gathering path until it is measured there.
@@ -223,6 +225,7 @@ class ModelRunner:
         self._warming = {name: pool.submit(_warm, name, run, began, background) for name, run in work.items()}
         pool.shutdown(wait=False)  # its threads end with their work
         if background:
+            self.background_warm_up = True
             log.info("warming up in the background: %s", ", ".join(work))
             return
         for future in self._warming.values():
