@@ -13,6 +13,7 @@ from peft import PeftModel
 from torch import nn
 from torch._dynamo.utils import counters
 
+from peftserve.adapters.forms import low_rank_rows
 from peftserve.adapters.manager import AdapterManager
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
@@ -149,30 +150,35 @@ def test_unknown_warm_up_is_rejected():
 
 def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypatch, tmp_path):
     """The fidelity invariant while the background warm-up runs: every kind of adapter, mixtures and
-    base rows in one batch, stepped while one decoder layer is packed and the others are plain (and
-    attention compiled or not yet), then after the warm-up: each request's logits equal PEFT's own
-    forward within 1e-4 in fp32, its greedy tokens identical; base rows equal the base model."""
+    base rows in one batch, stepped first on gathered attention, the parallel adapter kernel and plain
+    weights, then in place with the rows kernel and one decoder layer packed, then warm: each request's
+    logits equal PEFT's own forward within 1e-4 in fp32, its greedy tokens identical; base rows equal
+    the base model."""
     base, _ = build_tiny_model("llama")
     adapters = make_adapters(base, "llama", tmp_path)
     model, tokenizer = build_tiny_model("llama")
     manager = AdapterManager(model, num_slots=len(adapters), device="cpu", dtype=torch.float32)
     for adapter_id, path in adapters.items():
         manager.register(adapter_id, path)
-    halfway, release = threading.Event(), threading.Event()
-    pack_on = model_runner._pack_on
+    compiled, halfway, release = threading.Event(), threading.Event(), threading.Event()
+    compile_attention, pack_on = ModelRunner._compile_attention, model_runner._pack_on
 
-    def held(threads, model):
+    def held_compile(self):
+        assert compiled.wait(timeout=60)
+        return compile_attention(self)
+
+    def held_packing(threads, model):
         pack_linears(model.model.layers[0])
         halfway.set()
         assert release.wait(timeout=60)
         return pack_on(threads, model)
 
-    monkeypatch.setattr(model_runner, "_pack_on", held)
+    monkeypatch.setattr(ModelRunner, "_compile_attention", held_compile)
+    monkeypatch.setattr(model_runner, "_pack_on", held_packing)
     config = EngineConfig(
         kv_cache_mb=4, block_size=4, max_batched_tokens=64, attention="flex", warm_up="background"
     )
     engine = LLMEngine.from_model(model, tokenizer, config, adapters=manager)
-    assert halfway.wait(timeout=300)
     mixtures = [m for m in pf.MIXTURES if all(n in adapters for n, _ in m)]
     uses = [((name, 1.0),) for name in adapters] + [()] + mixtures
     requests = requests_for(uses, engine.model_info.vocab_size, new_tokens=12)
@@ -182,8 +188,13 @@ def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypa
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     steps = 0
     while engine.has_unfinished():
-        if steps == 6:
-            assert "packing" in engine.runner.warming and _plain_linears(engine)
+        if steps == 0:  # gathered attention, the parallel adapter kernel, plain weights
+            assert engine.runner.warming == ("attention", "adapter kernels", "packing")
+            assert torch.float32 in low_rank_rows.building and len(_plain_linears(engine)) > 7
+        if steps == 4:  # then attention in place, the rows kernel, one layer packed
+            compiled.set()
+            assert halfway.wait(timeout=300) and engine.runner.warming == ("packing",)
+        if steps == 8:
             release.set()
             assert engine.runner.wait_warm_up(timeout=300)
         outputs, step, output = engine.step_with_output()
@@ -192,7 +203,7 @@ def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypa
         for out in outputs:
             tokens[out.request_id] += out.token_ids
         steps += 1
-    assert steps > 7 and engine.runner.warming == () and _plain_linears(engine) == []
+    assert steps > 9 and engine.runner.warming == () and _plain_linears(engine) == []
     for refs, request in zip(uses, requests, strict=True):
         rid = request.request_id
         if not refs:

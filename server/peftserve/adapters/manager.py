@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +134,12 @@ class AdapterManager:
         """Compile what the kernels compile before the first request needs it (CPU: seconds, per process)."""
         if self.kernels == "compiled":
             low_rank_rows.warm_up(self.dtype)
+
+    def warm_up_work(self) -> dict[str, Callable[[], str]]:
+        """warm_up as work for the runner's warm-up, which may run it beside the steps (the kernels run
+        their fallback until it is done); empty when there is nothing to compile."""
+        build = low_rank_rows.build_work(self.dtype) if self.kernels == "compiled" else None
+        return {"adapter kernels": build} if build is not None else {}
 
     def close(self) -> None:
         """Stop the load threads (pending loads are cancelled)."""

@@ -99,6 +99,7 @@ class LLMEngine:
             cpu_linear=config.cpu_linear,
             attention=config.attention,
             warm_up=config.warm_up,
+            warm_ups=adapters.warm_up_work() if adapters is not None else None,
         )
         if config.cuda_graphs:
             self.runner.enable_graphs(
@@ -420,10 +421,10 @@ class LLMEngine:
         """Run one short request through every path so the first user request is not slow; none while
         the runner warms up in the background (the paths change as it goes on: the first user request
         goes through them as soon as the engine serves, rather than after a request of its own)."""
-        if self.adapters is not None:
-            self.adapters.manager.warm_up()
         if self.runner.background_warm_up:
             return
+        if self.adapters is not None:
+            self.adapters.manager.warm_up()
         request_id = f"warmup-{uuid.uuid4().hex}"
         self.generate_all(
             [

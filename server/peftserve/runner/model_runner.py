@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -88,10 +88,12 @@ class ModelRunner:
         cpu_linear: str = "onednn",
         attention: str = "flex",
         warm_up: str = "before",
+        warm_ups: Mapping[str, Callable[[], str]] | None = None,
     ) -> None:
         """adapters: the side channel of the model's adapter layers (None: a model without them);
         attention: flex (read the pools in place, on CPU) or sdpa (gather each context, then SDPA);
-        warm_up: background or before (EngineConfig.warm_up)."""
+        warm_up: background or before (EngineConfig.warm_up); warm_ups: more work for the warm-up, by
+        name (the adapter kernels' build), each returning what it made."""
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -125,6 +127,7 @@ class ModelRunner:
             attention=attention == "flex" and self.device.type == "cpu",
             pack=cpu_linear == "onednn" and self.device.type == "cpu",
             background=warm_up == "background",
+            more=warm_ups or {},
         )
 
     def enable_graphs(
@@ -208,22 +211,35 @@ class ModelRunner:
             self.cache.values.index_fill_(1, self._tensor(tails), 0)
         return PagedLayout.build(chunks, self.block_size, self.cache.keys.shape[1], self.device)
 
-    def _warm_up(self, attention: bool, pack: bool, background: bool) -> None:
+    def _warm_up(
+        self, attention: bool, pack: bool, background: bool, more: Mapping[str, Callable[[], str]]
+    ) -> None:
         """Start what makes steps fast on CPU: compiling attention in place (_compile_attention; until it
         is in use, steps gather) and packing the Linear weights (one layer at a time; each layer runs its
-        plain weight until its packed one replaces it). Before serving: both at once, each in a thread
-        (packing is torch's C++, which releases the GIL), then raise what failed. In the background: one
-        after the other in one thread at the lowest priority, beside the steps (a step takes in what is
-        done at its start: _take_warm_up); attention first, which slows the steps beside it less."""
+        plain weight until its packed one replaces it). Before serving: packing in a thread beside the
+        rest (packing is torch's C++, which releases the GIL), then raise what failed. In the background:
+        one after the other in one thread at the lowest priority, beside the steps (a step takes in what
+        is done at its start: _take_warm_up); attention first, which slows the steps beside it less.
+        `more` runs after attention, in its thread (it may use the compile's set-up: inductor's probes
+        of the CPU)."""
         work = {"attention": self._compile_attention} if attention else {}
+        work.update(more)
         if pack:
             work["packing"] = functools.partial(_pack_on, torch.get_num_threads(), self.model)
         if not work:
             return
-        pool = ThreadPoolExecutor(1 if background else len(work), thread_name_prefix="peftserve-warm-up")
+        # one thread in the background; before serving, packing in a second one beside the rest
+        lanes = {
+            lane: ThreadPoolExecutor(1, thread_name_prefix="peftserve-warm-up")
+            for lane in {False, pack and not background}
+        }
         began = time.perf_counter()
-        self._warming = {name: pool.submit(_warm, name, run, began, background) for name, run in work.items()}
-        pool.shutdown(wait=False)  # its threads end with their work
+        self._warming = {
+            name: lanes[name == "packing" and not background].submit(_warm, name, run, began, background)
+            for name, run in work.items()
+        }
+        for lane in lanes.values():
+            lane.shutdown(wait=False)  # its thread ends with its work
         if background:
             self.background_warm_up = True
             log.info("warming up in the background: %s", ", ".join(work))

@@ -239,6 +239,9 @@ def _kernel(dtype: torch.dtype) -> Callable[..., None]:
 unavailable: str | None = None
 """Why the kernel cannot be built here (warm_up found out; e.g. no C++ compiler): the form then runs
 the parallel kernel for every token."""
+building: set[torch.dtype] = set()
+"""Dtypes whose kernel a warm-up beside the steps is building (build_work): until it is built, the
+form runs the parallel kernel, rather than a step waiting for the build (about 1-2 s)."""
 
 
 def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], stacks: RankStacks) -> None:
@@ -257,6 +260,23 @@ def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], sta
             raise TypeError(f"the layer's factors are {a.dtype}, its input {x.dtype} and output {y.dtype}")
         rows = (part.rows, part.index, part.weight, len(part.rows))
         kernel(x, x.stride(0), y, y.stride(0), *rows, a, bt, *a.shape[1:], bt.shape[2], threads)
+
+
+def build_work(dtype: torch.dtype) -> Callable[[], str] | None:
+    """The kernel's build for `dtype` as work for the runner's warm-up (ModelRunner, warm_ups), which
+    may run it beside the steps; None when there is nothing to build. `dtype` is `building` until it ends."""
+    if unavailable is not None or dtype not in SCALARS:
+        return None
+    building.add(dtype)
+
+    def build() -> str:
+        try:
+            warm_up(dtype)
+        finally:
+            building.discard(dtype)
+        return "the low-rank rows kernel built" if unavailable is None else "no low-rank rows kernel"
+
+    return build
 
 
 def warm_up(dtype: torch.dtype) -> None:
