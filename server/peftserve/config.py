@@ -64,11 +64,12 @@ class EngineConfig:
     """flex (default, or $PEFTSERVE_ATTENTION): on CPU, attention reads each sequence's K/V in place in
     the paged pools, compiled once per process; sdpa: each context is gathered first."""
     warm_up: str = field(default_factory=lambda: os.environ.get("PEFTSERVE_WARM_UP", "background"))
-    """When the CPU engine compiles attention in place and packs the Linear weights (seconds on a
-    multi-GB model). background (default, or $PEFTSERVE_WARM_UP): the engine serves as soon as the weights
-    are loaded, while threads do both; until then a step gathers attention and runs each layer on whatever
-    weight it has, plain or packed (same outputs, up to rounding). before: the engine serves once both
-    are done, at full speed from the first request."""
+    """When the CPU engine compiles attention in place, builds the adapter kernel and packs the Linear
+    weights (seconds on a multi-GB model). background (default, or $PEFTSERVE_WARM_UP): the engine serves
+    as soon as the weights are loaded, while a low-priority thread does the three; until each is done, a
+    step gathers attention, runs the adapters' parallel kernel and runs each layer on whatever weight it
+    has, plain or packed (same outputs, up to rounding). before: the engine serves once all are done, at
+    full speed from the first request."""
     cuda_graphs: bool = False
     """CUDA only: replay pure decode steps from graphs captured per batch-size bucket (runner/graphs.py)."""
     adapter_slots: int | None = None
