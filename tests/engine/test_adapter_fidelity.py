@@ -50,6 +50,16 @@ def make_adapters(base, family: str, root) -> dict[str, object]:
     return adapters
 
 
+def reference_model(base, adapters: dict[str, object], refs) -> torch.nn.Module:
+    """What a request on `refs` must equal: the base model, PEFT's model of its adapter, or the model
+    peft merges from a mixture."""
+    if not refs:
+        return base
+    if len(refs) == 1:
+        return PeftModel.from_pretrained(copy.deepcopy(base), adapters[refs[0][0]]).eval()
+    return pf.merged_mixture(base, [(adapters[n], w) for n, w in refs])
+
+
 def reference_run(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
     """Greedy decoding and each step's logits: incremental with the model's own cache, except prefix
     tuning, recomputed in full (PEFT's generate drops prefixes on transformers 5.24, its forward not)."""
@@ -95,12 +105,7 @@ def test_mixed_adapter_batch_equals_peft_per_adapter(family, tmp_path):
     recorded = run_recording(engine, [requests[:half], requests[half:]])
 
     for refs, request in zip(uses, requests, strict=True):
-        if not refs:
-            reference = base
-        elif len(refs) == 1:
-            reference = PeftModel.from_pretrained(copy.deepcopy(base), adapters[refs[0][0]]).eval()
-        else:
-            reference = pf.merged_mixture(base, [(adapters[n], w) for n, w in refs])
+        reference = reference_model(base, adapters, refs)
         want_tokens, want_logits = reference_run(reference, request.prompt_token_ids, NEW_TOKENS)
         assert recorded[request.request_id].token_ids == want_tokens, request.request_id
         got = recorded[request.request_id].logits

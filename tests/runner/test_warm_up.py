@@ -3,13 +3,11 @@ serves or beside it (EngineConfig.warm_up), with the same outputs either way."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 
 import pytest
 import torch
-from peft import PeftModel
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -24,7 +22,7 @@ from peftserve.runner.linear import pack_linears
 from peftserve.runner.model_runner import ModelRunner, attention_calls
 from tests.adapters import peft_factory as pf
 from tests.engine.conftest import random_prompts
-from tests.engine.test_adapter_fidelity import make_adapters, reference_run, requests_for
+from tests.engine.test_adapter_fidelity import make_adapters, reference_model, reference_run, requests_for
 from tests.helpers.tiny_models import build_tiny_model
 
 PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
@@ -206,13 +204,9 @@ def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypa
     assert steps > 9 and engine.runner.warming == () and _plain_linears(engine) == []
     for refs, request in zip(uses, requests, strict=True):
         rid = request.request_id
-        if not refs:
-            reference = base
-        elif len(refs) == 1:
-            reference = PeftModel.from_pretrained(copy.deepcopy(base), adapters[refs[0][0]]).eval()
-        else:
-            reference = pf.merged_mixture(base, [(adapters[n], w) for n, w in refs])
-        want_tokens, want_logits = reference_run(reference, request.prompt_token_ids, 12)
+        want_tokens, want_logits = reference_run(
+            reference_model(base, adapters, refs), request.prompt_token_ids, 12
+        )
         assert tokens[rid] == want_tokens, rid
         err = (torch.stack(logits[rid]) - want_logits).abs().max().item()
         assert err <= (1e-5 if not refs else 1e-4), f"{rid}: max |Δlogit| {err:.2e}"
