@@ -65,7 +65,7 @@ class EngineStatsCollector(Collector):
         yield GaugeMetricFamily("peftserve_kv_blocks_free", "KV cache blocks free.", stats.kv_blocks_free)
         yield GaugeMetricFamily(
             "peftserve_warming",
-            "Warm-up work still running in the background (attention's compile, the weights' packing).",
+            "Warm-up work still running in the background (attention, adapter kernels, weight packing).",
             stats.warming,
         )
         cache = stats.prefix_cache

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from peftserve.adapters.forms import low_rank_rows
+from peftserve.adapters.forms import low_rank, low_rank_rows
 from peftserve.adapters.manager import AdapterManager
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
@@ -57,6 +57,7 @@ def _plain_linears(engine: LLMEngine) -> list[str]:
     [
         ("llama", "before"),
         ("llama", "background"),
+        ("gpt2", "before"),  # plain multi-head attention: a query of other strides than grouped heads'
         pytest.param("gemma2", "before", marks=pytest.mark.slow),  # soft-capping, windows on half the layers
     ],
 )
@@ -159,20 +160,29 @@ def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypa
     for adapter_id, path in adapters.items():
         manager.register(adapter_id, path)
     compiled, halfway, release = threading.Event(), threading.Event(), threading.Event()
-    compile_attention, pack_on = ModelRunner._compile_attention, model_runner._pack_on
+    compile_attention, pack = ModelRunner._compile_attention, model_runner._pack
 
     def held_compile(self):
         assert compiled.wait(timeout=60)
         return compile_attention(self)
 
-    def held_packing(threads, model):
+    def held_packing(model, stop):
         pack_linears(model.model.layers[0])
         halfway.set()
         assert release.wait(timeout=60)
-        return pack_on(threads, model)
+        return pack(model, stop)
+
+    fallbacks = []
+
+    def counted(*args):
+        fallbacks.append(len(fallbacks))
+        return parallel(*args)
+
+    parallel = low_rank.low_rank_parallel
+    monkeypatch.setattr(low_rank, "low_rank_parallel", counted)
 
     monkeypatch.setattr(ModelRunner, "_compile_attention", held_compile)
-    monkeypatch.setattr(model_runner, "_pack_on", held_packing)
+    monkeypatch.setattr(model_runner, "_pack", held_packing)
     config = EngineConfig(
         kv_cache_mb=4, block_size=4, max_batched_tokens=64, attention="flex", warm_up="background"
     )
@@ -190,8 +200,10 @@ def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypa
             assert engine.runner.warming == ("attention", "adapter kernels", "packing")
             assert torch.float32 in low_rank_rows.building and len(_plain_linears(engine)) > 7
         if steps == 4:  # then attention in place, the rows kernel, one layer packed
+            assert fallbacks, "decode rows ran the parallel kernel while the rows kernel was building"
             compiled.set()
             assert halfway.wait(timeout=300) and engine.runner.warming == ("packing",)
+            fallbacks.clear()
         if steps == 8:
             release.set()
             assert engine.runner.wait_warm_up(timeout=300)
@@ -200,6 +212,8 @@ def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypa
             logits[rid].append(row.clone())
         for out in outputs:
             tokens[out.request_id] += out.token_ids
+        if steps == 4:
+            assert engine.runner.in_place and not low_rank_rows.building and not fallbacks
         steps += 1
     assert steps > 9 and engine.runner.warming == () and _plain_linears(engine) == []
     for refs, request in zip(uses, requests, strict=True):
@@ -221,3 +235,44 @@ def test_engine_warmup_sends_no_request_while_the_runner_warms_up_in_the_backgro
         engine.warmup()
         assert len(sent) == requests and engine.runner.background_warm_up == (warm_up == "background")
         assert engine.runner.wait_warm_up(timeout=300)
+
+
+def test_the_warm_up_runs_on_the_engine_threads_whatever_another_thread_set():
+    """A new thread starts with the thread count torch.set_num_threads last gave anywhere in the process
+    (the adapters' helper threads set 1), and attention's graph is guarded on, and built for, the count:
+    compiled on another count than the steps', it would be compiled again while serving."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    other = threading.Thread(target=torch.set_num_threads, args=(1,))
+    other.start()
+    other.join()
+    try:
+        torch._dynamo.reset()
+        engine = _engine("background")
+        assert engine.runner.wait_warm_up(timeout=300)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            done = engine.generate_all(_requests("t", seed=4))
+        assert engine.runner.in_place and all(len(out.token_ids) == 12 for out in done.values())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_close_stops_packing_and_lets_the_rest_end(monkeypatch):
+    """What exiting during the warm-up waits for: packing stops at once (the model keeps its plain
+    weights, and serves), attention's compile runs to its end."""
+    release = threading.Event()
+    compile_attention = ModelRunner._compile_attention
+
+    def held(self):
+        assert release.wait(timeout=60)
+        return compile_attention(self)
+
+    monkeypatch.setattr(ModelRunner, "_compile_attention", held)
+    engine = _engine("background")
+    plain = len(_plain_linears(engine))
+    engine.runner.close()
+    release.set()
+    assert engine.runner.wait_warm_up(timeout=300)
+    done = engine.generate_all(_requests("c", seed=5))
+    assert engine.runner.in_place and len(_plain_linears(engine)) == plain > 0
+    assert all(len(out.token_ids) == 12 for out in done.values())

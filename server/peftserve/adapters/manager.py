@@ -137,7 +137,7 @@ class AdapterManager:
 
     def warm_up_work(self) -> dict[str, Callable[[], str]]:
         """warm_up as work for the runner's warm-up, which may run it beside the steps (the kernels run
-        their fallback until it is done); empty when there is nothing to compile."""
+        their fallback from now until it is done); empty when there is nothing to compile."""
         build = low_rank_rows.build_work(self.dtype) if self.kernels == "compiled" else None
         return {"adapter kernels": build} if build is not None else {}
 

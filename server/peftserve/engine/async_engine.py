@@ -198,10 +198,11 @@ class AsyncEngine:
                 await asyncio.sleep(0.01)
 
     def shutdown(self) -> None:
-        """Stop the engine thread (after drain) and the adapter load threads."""
+        """Stop the engine thread (after drain), the runner's warm-up and the adapter load threads."""
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+        self.engine.runner.close()
         if self.engine.adapters is not None:
             self.engine.adapters.manager.close()
 

@@ -99,7 +99,7 @@ class LLMEngine:
             cpu_linear=config.cpu_linear,
             attention=config.attention,
             warm_up=config.warm_up,
-            warm_ups=adapters.warm_up_work() if adapters is not None else None,
+            warm_ups=adapters.warm_up_work if adapters is not None else None,
         )
         if config.cuda_graphs:
             self.runner.enable_graphs(
@@ -418,13 +418,12 @@ class LLMEngine:
         return done
 
     def warmup(self) -> None:
-        """Run one short request through every path so the first user request is not slow; none while
-        the runner warms up in the background (the paths change as it goes on: the first user request
-        goes through them as soon as the engine serves, rather than after a request of its own)."""
+        """Run one short request through every path so the first user request is not slow (what the
+        kernels compile, the runner's warm-up has built); none while the runner warms up in the
+        background (the paths change as it goes on: the first user request goes through them as soon as
+        the engine serves, rather than after a request of its own)."""
         if self.runner.background_warm_up:
             return
-        if self.adapters is not None:
-            self.adapters.manager.warm_up()
         request_id = f"warmup-{uuid.uuid4().hex}"
         self.generate_all(
             [

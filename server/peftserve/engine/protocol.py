@@ -60,7 +60,7 @@ class EngineStats:
     kv_blocks_free: int
     prefix_cache: PrefixCacheStats | None = None
     warming: int = 0
-    """Warm-up work still running (attention's compile, the weights' packing); 0: full speed."""
+    """Warm-up work still running (attention, adapter kernels, packing: ModelRunner); 0: full speed."""
 
 
 class EngineClient(Protocol):

@@ -190,7 +190,8 @@ def flex_paged_attention(
     kv_heads = keys.shape[1]
     group = num_heads // kv_heads
     q = query[0].view(kv_heads, group, num_tokens, head_dim).transpose(1, 2)  # [Hkv, T, G, D]
-    # contiguous whatever the caller's strides (a view when Hkv is 1): the graph is guarded on them
+    # contiguous whatever the caller's strides (a view when G is 1, plain multi-head attention): the
+    # compiled graph is guarded on them
     q = q.reshape(1, kv_heads, num_tokens * group, head_dim).contiguous()
     k = keys.permute(1, 0, 2)[None]  # [1, Hkv, slots, D], a view of the pool
     v = values.permute(1, 0, 2)[None]

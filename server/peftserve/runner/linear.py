@@ -24,6 +24,7 @@ import ctypes
 import logging
 import mmap
 import sys
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -141,12 +142,12 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, stop: threading.Event | None = None) -> int:
     """Replace every CPU nn.Linear of the model in `DTYPES` by a PackedLinear; how many were replaced.
 
     One layer at a time, each plain weight dropped (and its pages released, release_file_pages) once its
     packed copy exists, so memory peaks at the weights plus one layer. Weights must not be changed
-    afterwards.
+    afterwards. stop: once set, the layers not yet packed stay plain.
     """
     holders: dict[int, int] = {}  # id(weight) -> modules holding it (tied weights count twice)
     for module in model.modules():
@@ -161,10 +162,14 @@ def pack_linears(model: nn.Module) -> int:
         and onednn_usable(module.weight.dtype)
     ]
     mappings = file_mappings()
+    packed = 0
     for path in targets:
+        if stop is not None and stop.is_set():
+            break
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         plain = getattr(parent, name)
         setattr(parent, name, PackedLinear(plain))
         release_file_pages(plain.weight, mappings)
-    return len(targets)
+        packed += 1
+    return packed

@@ -39,11 +39,9 @@ LOWEST_PRIORITY = 19
 """The nice value of warm-up work in the background (Linux: 19 is the lowest)."""
 
 
-def _pack_on(threads: int, model: torch.nn.Module) -> str:
-    """pack_linears on `threads` intra-op threads: a new thread starts with OpenMP's default team (every
-    core), not the count torch.set_num_threads gave the thread that started it."""
-    torch.set_num_threads(threads)
-    return f"{pack_linears(model)} Linear layers run on prepacked oneDNN weights"
+def _pack(model: torch.nn.Module, stop: threading.Event) -> str:
+    """pack_linears, as warm-up work."""
+    return f"{pack_linears(model, stop)} Linear layers run on prepacked oneDNN weights"
 
 
 def attention_calls(model: torch.nn.Module) -> set[tuple[float, float | None]]:
@@ -60,18 +58,26 @@ def attention_calls(model: torch.nn.Module) -> set[tuple[float, float | None]]:
     }
 
 
-def _warm(name: str, run: Callable[[], str], began: float, yielding: bool) -> None:
-    """One piece of the warm-up, logged with the seconds since `began` when it ends (or fails: then it
-    raises). yielding: at the lowest CPU priority (Linux, where that is the calling thread's own, and
-    passes to the threads and processes it starts), so that steps served meanwhile take the cores first:
-    without it, a 4-token request beside the warm-up took 4.2-4.9 s instead of 1.2-1.4 s
-    (benchmarks/README.md, "Serving while warming up")."""
+def _warm(name: str, run: Callable[[], str], began: float, threads: int, yielding: bool) -> None:
+    """One piece of the warm-up on the engine's `threads` intra-op threads, logged with the seconds since
+    `began` when it ends (it raises what fails).
+
+    threads: a new thread starts with the count the process's last torch.set_num_threads gave (the
+    adapters' helper threads set 1), and attention's compiled graph is guarded on the count and built
+    for it. yielding: in the background, at the lowest CPU priority (Linux, where that is the calling
+    thread's own, and passes to the threads and processes it starts), so that steps served meanwhile
+    take the cores first: without it, a 4-token request beside the warm-up took 4.2-4.9 s instead of
+    1.2-1.4 s (benchmarks/README.md, "Serving while warming up"); a failure is logged there, as nothing
+    else raises it.
+    """
+    torch.set_num_threads(threads)
     if yielding and sys.platform.startswith("linux"):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)
     try:
         done = run()
     except BaseException:
-        log.exception("warm-up: %s failed", name)
+        if yielding:
+            log.exception("warm-up: %s failed", name)
         raise
     log.info("warm-up: %s in %.1f s", done, time.perf_counter() - began)
 
@@ -88,12 +94,12 @@ class ModelRunner:
         cpu_linear: str = "onednn",
         attention: str = "flex",
         warm_up: str = "before",
-        warm_ups: Mapping[str, Callable[[], str]] | None = None,
+        warm_ups: Callable[[], Mapping[str, Callable[[], str]]] | None = None,
     ) -> None:
         """adapters: the side channel of the model's adapter layers (None: a model without them);
         attention: flex (read the pools in place, on CPU) or sdpa (gather each context, then SDPA);
-        warm_up: background or before (EngineConfig.warm_up); warm_ups: more work for the warm-up, by
-        name (the adapter kernels' build), each returning what it made."""
+        warm_up: background or before (EngineConfig.warm_up); warm_ups: gives more work for the warm-up
+        when it starts, by name (the adapter kernels' build), each returning what it made."""
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -121,13 +127,15 @@ class ModelRunner:
         """Warm-up work not yet taken in by a step (attention, packing): see _warm_up."""
         self.background_warm_up = False
         """Whether the warm-up runs beside the steps (there is work, and warm_up is background)."""
+        self._stop = threading.Event()
+        """Set by close: packing stops after its current layer."""
         self._warm_up(
             # flex's block mask (one query block per token, G rows) is shaped for its CPU kernel; other
             # devices keep the gathering path until it is measured there.
             attention=attention == "flex" and self.device.type == "cpu",
             pack=cpu_linear == "onednn" and self.device.type == "cpu",
             background=warm_up == "background",
-            more=warm_ups or {},
+            more=warm_ups or dict,
         )
 
     def enable_graphs(
@@ -212,7 +220,11 @@ class ModelRunner:
         return PagedLayout.build(chunks, self.block_size, self.cache.keys.shape[1], self.device)
 
     def _warm_up(
-        self, attention: bool, pack: bool, background: bool, more: Mapping[str, Callable[[], str]]
+        self,
+        attention: bool,
+        pack: bool,
+        background: bool,
+        more: Callable[[], Mapping[str, Callable[[], str]]],
     ) -> None:
         """Start what makes steps fast on CPU: compiling attention in place (_compile_attention; until it
         is in use, steps gather) and packing the Linear weights (one layer at a time; each layer runs its
@@ -223,9 +235,9 @@ class ModelRunner:
         `more` runs after attention, in its thread (it may use the compile's set-up: inductor's probes
         of the CPU)."""
         work = {"attention": self._compile_attention} if attention else {}
-        work.update(more)
+        work.update(more())
         if pack:
-            work["packing"] = functools.partial(_pack_on, torch.get_num_threads(), self.model)
+            work["packing"] = functools.partial(_pack, self.model, self._stop)
         if not work:
             return
         # one thread in the background; before serving, packing in a second one beside the rest
@@ -233,9 +245,11 @@ class ModelRunner:
             lane: ThreadPoolExecutor(1, thread_name_prefix="peftserve-warm-up")
             for lane in {False, pack and not background}
         }
-        began = time.perf_counter()
+        began, threads = time.perf_counter(), torch.get_num_threads()
         self._warming = {
-            name: lanes[name == "packing" and not background].submit(_warm, name, run, began, background)
+            name: lanes[name == "packing" and not background].submit(
+                _warm, name, run, began, threads, background
+            )
             for name, run in work.items()
         }
         for lane in lanes.values():
@@ -244,9 +258,16 @@ class ModelRunner:
             self.background_warm_up = True
             log.info("warming up in the background: %s", ", ".join(work))
             return
+        wait(self._warming.values())  # all of it, so that nothing still changes the model
         for future in self._warming.values():
             future.result()  # raises what failed
         self._take_warm_up()
+
+    def close(self) -> None:
+        """Cut the warm-up short, so that the process can exit: packing stops after its current layer
+        (the rest keep their plain weights); attention's compile and the adapter kernels' build run to
+        their end (seconds: Python waits for them at exit)."""
+        self._stop.set()
 
     def wait_warm_up(self, timeout: float | None = None) -> bool:
         """Wait until the warm-up's work is done; whether it is (steps take it in at their start)."""
@@ -254,7 +275,8 @@ class ModelRunner:
 
     @property
     def warming(self) -> tuple[str, ...]:
-        """Warm-up work still running: attention, packing (empty once the next step runs at full speed)."""
+        """Warm-up work still running: attention, adapter kernels, packing (empty once it has finished:
+        the next step runs at full speed)."""
         return tuple(name for name, future in self._warming.items() if not future.done())
 
     def _take_warm_up(self) -> None:

@@ -241,7 +241,9 @@ unavailable: str | None = None
 the parallel kernel for every token."""
 building: set[torch.dtype] = set()
 """Dtypes whose kernel a warm-up beside the steps is building (build_work): until it is built, the
-form runs the parallel kernel, rather than a step waiting for the build (about 1-2 s)."""
+form runs the parallel kernel, rather than a step waiting for the build (about 1-2 s). Process-wide, as
+the kernel is: a layer called as the build ends runs the kernel, the layer before it the parallel one,
+each exact to the reference within rounding."""
 
 
 def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], stacks: RankStacks) -> None:
@@ -264,7 +266,8 @@ def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], sta
 
 def build_work(dtype: torch.dtype) -> Callable[[], str] | None:
     """The kernel's build for `dtype` as work for the runner's warm-up (ModelRunner, warm_ups), which
-    may run it beside the steps; None when there is nothing to build. `dtype` is `building` until it ends."""
+    may run it beside the steps; None when there is nothing to build. `dtype` is `building` from this
+    call until the build ends: call it when the work is handed to a thread."""
     if unavailable is not None or dtype not in SCALARS:
         return None
     building.add(dtype)
