@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_startup import build  # noqa: E402
@@ -78,10 +79,10 @@ def complete(root: str) -> None:
 
 
 def warming(root: str) -> bool:
-    """Whether peftserve's /metrics still counts warm-up work."""
+    """Whether peftserve's /metrics still counts warm-up work (or does not answer yet)."""
     status, text = get(f"{root}/metrics")
-    lines = [line for line in text.splitlines() if line.startswith("peftserve_warming ")]
-    return status != 200 or not lines or float(lines[0].split()[1]) > 0
+    gauges = [f for f in text_string_to_metric_families(text) if f.name == "peftserve_warming"]
+    return status != 200 or not gauges or gauges[0].samples[0].value > 0
 
 
 def start(system: str, args: argparse.Namespace, log_dir: Path) -> dict[str, float]:

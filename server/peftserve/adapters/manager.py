@@ -130,14 +130,10 @@ class AdapterManager:
         """Adapters one request may mix: the slots pins can never take."""
         return self.num_slots - self.slots.max_pins
 
-    def warm_up(self) -> None:
-        """Compile what the kernels compile before the first request needs it (CPU: seconds, per process)."""
-        if self.kernels == "compiled":
-            low_rank_rows.warm_up(self.dtype)
-
     def warm_up_work(self) -> dict[str, Callable[[], str]]:
-        """warm_up as work for the runner's warm-up, which may run it beside the steps (the kernels run
-        their fallback from now until it is done); empty when there is nothing to compile."""
+        """What the kernels compile (CPU: seconds, per process), as work for the runner's warm-up, which
+        may run it beside the steps (the kernels run their fallback from now until it is done); empty when
+        there is nothing to compile."""
         build = low_rank_rows.build_work(self.dtype) if self.kernels == "compiled" else None
         return {"adapter kernels": build} if build is not None else {}
 

@@ -47,15 +47,17 @@ def _pack(model: torch.nn.Module, stop: threading.Event) -> str:
 def attention_calls(model: torch.nn.Module) -> set[tuple[float, float | None]]:
     """(scaling, soft-cap) of each distinct call the model's attention layers make (compiled apart: the
     kernel is specialized on both), read from the layers as transformers' models pass them: `scaling`
-    (None: 1 / sqrt(head size)) and Gemma 2's `attn_logit_softcapping`."""
+    (None: 1 / sqrt(head size)) and Gemma 2's `attn_logit_softcapping`; a model whose layers name
+    neither: the default call."""
     default = head_dim(model.config) ** -0.5
-    return {
+    calls = {
         (getattr(m, "scaling", None) or default, getattr(m, "attn_logit_softcapping", None))
         for m in model.modules()
         if hasattr(m, "layer_idx")
         and hasattr(m, "scaling")
         and not isinstance(getattr(m, "sinks", None), torch.Tensor)
     }
+    return calls or {(default, None)}
 
 
 def _warm(name: str, run: Callable[[], str], began: float, threads: int, yielding: bool) -> None:
@@ -124,7 +126,7 @@ class ModelRunner:
         self.in_place = False
         """Whether steps read the pools in place (flex); set once its kernel is compiled (_warm_up)."""
         self._warming: dict[str, Future] = {}
-        """Warm-up work not yet taken in by a step (attention, packing): see _warm_up."""
+        """Warm-up work not yet taken in by a step, by name: see _warm_up."""
         self.background_warm_up = False
         """Whether the warm-up runs beside the steps (there is work, and warm_up is background)."""
         self._stop = threading.Event()
@@ -240,20 +242,20 @@ class ModelRunner:
             work["packing"] = functools.partial(_pack, self.model, self._stop)
         if not work:
             return
-        # one thread in the background; before serving, packing in a second one beside the rest
-        lanes = {
-            lane: ThreadPoolExecutor(1, thread_name_prefix="peftserve-warm-up")
-            for lane in {False, pack and not background}
-        }
+        rest = ThreadPoolExecutor(1, thread_name_prefix="peftserve-warm-up")
+        # before serving, packing in a second thread beside the rest; in the background, all in one
+        packing = (
+            ThreadPoolExecutor(1, thread_name_prefix="peftserve-pack") if pack and not background else rest
+        )
         began, threads = time.perf_counter(), torch.get_num_threads()
         self._warming = {
-            name: lanes[name == "packing" and not background].submit(
+            name: (packing if name == "packing" else rest).submit(
                 _warm, name, run, began, threads, background
             )
             for name, run in work.items()
         }
-        for lane in lanes.values():
-            lane.shutdown(wait=False)  # its thread ends with its work
+        for pool in {rest, packing}:
+            pool.shutdown(wait=False)  # its thread ends with its work
         if background:
             self.background_warm_up = True
             log.info("warming up in the background: %s", ", ".join(work))
@@ -304,7 +306,7 @@ class ModelRunner:
         pool = self.cache.keys.shape[1]
         layout = PagedLayout.build([(0, MIN_TOKENS, [0])], self.block_size, pool, self.device)
         keys, values = self.cache.keys[0], self.cache.values[0]
-        for scaling, softcap in attention_calls(self.model) or {(head_dim(config) ** -0.5, None)}:
+        for scaling, softcap in attention_calls(self.model):
             flex_paged_attention(query, keys, values, layout, scaling, None, softcap)
         return "attention reads the KV pools in place (flex), compiled"
 

@@ -89,8 +89,7 @@ def low_rank_compiled(
     with adapters 1.20x the base model's on the parallel kernel, 1.08x on this; bench_trace_steps.py).
     """
     stacks: RankStacks = slots.derived[STACKS]  # type: ignore[attr-defined]
-    rows = low_rank_rows
-    if rows.unavailable is not None or y.dtype not in rows.SCALARS or y.dtype in rows.building:
+    if not low_rank_rows.usable(y.dtype):
         low_rank_parallel(y, x, batch, slots)
         return
     plan = batch.memo(low_rank_rows.PLAN, lambda: RowsPlan.of(batch))

@@ -264,6 +264,12 @@ def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], sta
         kernel(x, x.stride(0), y, y.stride(0), *rows, a, bt, *a.shape[1:], bt.shape[2], threads)
 
 
+def usable(dtype: torch.dtype) -> bool:
+    """Whether the kernel serves `dtype` now: it can be built here, for this dtype, and no warm-up beside
+    the steps is building it."""
+    return unavailable is None and dtype in SCALARS and dtype not in building
+
+
 def build_work(dtype: torch.dtype) -> Callable[[], str] | None:
     """The kernel's build for `dtype` as work for the runner's warm-up (ModelRunner, warm_ups), which
     may run it beside the steps; None when there is nothing to build. `dtype` is `building` from this
