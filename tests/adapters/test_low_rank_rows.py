@@ -93,12 +93,26 @@ def test_compiled_equals_the_definition_on_random_steps(dtype: torch.dtype) -> N
             torch.testing.assert_close(outs["compiled"].double(), exact, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+BF16_DOT = pytest.mark.skipif(not low_rank_rows.bf16_dot, reason="the CPU has no AVX512-BF16")
+KERNEL_DTYPES = [
+    pytest.param(torch.float32, False, id="float32"),
+    pytest.param(torch.bfloat16, False, id="bfloat16-generic"),
+    pytest.param(torch.bfloat16, True, id="bfloat16-dot", marks=BF16_DOT),
+    pytest.param(torch.float16, False, id="float16"),
+]
+"""(dtype, bf16_dot): each of the kernel's loops, the bf16 dot-product one where the CPU has it."""
+
+
+@pytest.mark.parametrize("dtype, bf16_dot", KERNEL_DTYPES)
 @pytest.mark.parametrize("width, out", [(1, 1), (37, 70), (100, 33), (64, 128)])
-def test_the_rows_kernel_equals_the_definition_at_any_width(dtype: torch.dtype, width: int, out: int) -> None:
-    """Widths that are not multiples of the vector width (its masked tails), ranks from 1 to 256 (buckets 8
-    to 256) in one layer, weights, and x and y as strided views: each row as the definition in float64,
-    within one rounding of y (float32: 1e-5); rows outside the step untouched."""
+def test_the_rows_kernel_equals_the_definition_at_any_width(
+    dtype: torch.dtype, bf16_dot: bool, width: int, out: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Widths that are not multiples of the vector width (its masked tails: 32 values for the bf16
+    dot-product loop), ranks from 1 to 256 (buckets 8 to 256) in one layer, weights, and x and y as
+    strided views: each row as the definition in float64, within one rounding of y (float32: 1e-5); rows
+    outside the step untouched."""
+    monkeypatch.setattr(low_rank_rows, "bf16_dot", bf16_dot)
     gen = torch.Generator().manual_seed(6)
     form = LowRankForm(LayerSpec(width, out, 8, None, "compiled", SharedTensors()))
     ranks = (1, 8, 9, 40, 256, 16)

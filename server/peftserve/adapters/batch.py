@@ -139,9 +139,10 @@ class AdapterBatch:
             for slot, weight in pairs:
                 runs.setdefault(slot, []).append((start, length, weight))
 
-        # Gathered groups share one index tensor and one weight tensor, copied to the device once.
-        index_parts: list[torch.Tensor] = []
-        weight_parts: list[torch.Tensor] = []
+        # Gathered groups share one index tensor and one weight tensor, made from Python lists (one call
+        # each, not one per run: a decode step's runs are single tokens) and copied to the device once.
+        index_rows: list[int] = []
+        row_weights: list[float] = []
         # One plan per slot: (slot, start, n, scale, gathered, weights vary within the group).
         plans: list[tuple[int, int, int, float, bool, bool]] = []
         for slot in sorted(runs):
@@ -154,14 +155,18 @@ class AdapterBatch:
             if contiguous and uniform:
                 plans.append((slot, start, n, weights.pop(), False, False))
                 continue
-            index_parts.append(torch.cat([torch.arange(s, s + length) for s, length, _ in slot_runs]))
+            index_rows += (t for s, length, _ in slot_runs for t in range(s, s + length))
             if not uniform:
-                weight_parts.append(
-                    torch.cat([torch.full((length,), w, dtype=torch.float32) for _, length, w in slot_runs])
-                )
+                row_weights += (w for _, length, w in slot_runs for _ in range(length))
             plans.append((slot, start, n, weights.pop() if uniform else 1.0, True, not uniform))
-        index = torch.cat(index_parts).to(device, non_blocking=True) if index_parts else None  # [sum n]
-        weight = torch.cat(weight_parts).to(device, non_blocking=True) if weight_parts else None  # [sum n]
+        index = (
+            torch.tensor(index_rows, dtype=torch.long).to(device, non_blocking=True) if index_rows else None
+        )  # [sum n]
+        weight = (
+            torch.tensor(row_weights, dtype=torch.float32).to(device, non_blocking=True)
+            if row_weights
+            else None
+        )
 
         groups: list[SlotGroup] = []
         index_at = weight_at = 0
