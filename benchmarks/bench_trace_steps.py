@@ -37,6 +37,7 @@ from common import SHAPES, bench_tokenizer, build_model  # noqa: E402
 from profile_step import adapter_directories, add_trace  # noqa: E402
 
 from peftserve.adapters.manager import AdapterManager  # noqa: E402
+from peftserve.api.server import freeze_startup_heap  # noqa: E402
 from peftserve.bench.config import WorkloadSpec  # noqa: E402
 from peftserve.bench.workload import TraceRequest, make_trace  # noqa: E402
 from peftserve.config import EngineConfig  # noqa: E402
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             ids.append(adapter_id)
         engine = LLMEngine.from_model(model, tokenizer, config, adapters=manager)
         engine.warmup()
+        freeze_startup_heap()  # as the server does: a full collection would skip the model and modules
         for r in range(args.rounds):
             for system in list(rounds)[:: 1 if r % 2 == 0 else -1]:  # who goes first alternates
                 trace = traces[r % len(traces)]

@@ -149,3 +149,28 @@ def test_serve_freezes_the_startup_heap() -> None:
         server.stop()
     (line,) = [line for line in server.log if "frozen objects:" in line]
     assert int(line.rsplit(":", 1)[1]) > 10_000  # the modules imported, at least
+
+
+def test_the_heap_is_frozen_again_once_the_background_warm_up_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the warm-up builds beside the steps (the compile's objects) is frozen too, once it has ended."""
+    import gc
+    import threading
+    import time
+
+    from peftserve.api import server
+
+    monkeypatch.setattr(server, "WARM_UP_POLL_S", 0.01)
+    warming = [1]
+    gc.unfreeze()
+    try:
+        server.freeze_startup_heap(lambda: warming[0])
+        frozen = gc.get_freeze_count()
+        built = [[] for _ in range(5_000)]  # what the warm-up leaves
+        time.sleep(0.1)
+        assert gc.get_freeze_count() == frozen  # not while it runs
+        warming[0] = 0
+        (thread,) = [t for t in threading.enumerate() if t.name == "peftserve-freeze-after-warm-up"]
+        thread.join(timeout=5)
+        assert not thread.is_alive() and gc.get_freeze_count() >= frozen + len(built)
+    finally:
+        gc.unfreeze()

@@ -64,7 +64,7 @@ def open_engine(config: EngineConfig) -> tuple[AsyncEngine, StoreSync | None]:
         sync.sync_all()
     for adapter_id, path in config.adapters:
         manager.register(adapter_id, path)
-    freeze_startup_heap()  # as one server does: full collections then skip the model and the modules
+    freeze_startup_heap(lambda: engine.stats().warming)  # as one server does: full collections skip them
     return front, sync
 
 
