@@ -32,6 +32,7 @@ from peftserve.runner.flex import MIN_TOKENS, PagedLayout, flex_paged_attention,
 from peftserve.runner.kv_cache import PagedKVCache
 from peftserve.runner.linear import pack_linears
 from peftserve.runner.sampler import SampleRow, finite_rows, sample
+from peftserve.runner.vector_units import trust_known_vector_units
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,7 @@ class ModelRunner:
         other tensors would not pass their guards). It only reads the pool and drops its output, so steps
         may run beside it. The token count stays dynamic from 2 up; a lone token runs with a companion
         (flex.MIN_TOKENS)."""
+        trust_known_vector_units()
         config = self.model.config
         heads = text_config(config).num_attention_heads
         query = torch.zeros(1, heads, MIN_TOKENS, head_dim(config), dtype=self.dtype, device=self.device)
