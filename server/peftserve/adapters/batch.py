@@ -159,14 +159,11 @@ class AdapterBatch:
             if not uniform:
                 row_weights += (w for _, length, w in slot_runs for _ in range(length))
             plans.append((slot, start, n, weights.pop() if uniform else 1.0, True, not uniform))
-        index = (
-            torch.tensor(index_rows, dtype=torch.long).to(device, non_blocking=True) if index_rows else None
-        )  # [sum n]
-        weight = (
-            torch.tensor(row_weights, dtype=torch.float32).to(device, non_blocking=True)
-            if row_weights
-            else None
-        )
+        index = weight = None  # [sum n] each, where some group is gathered (has varying weights)
+        if index_rows:
+            index = torch.tensor(index_rows, dtype=torch.long).to(device, non_blocking=True)
+        if row_weights:
+            weight = torch.tensor(row_weights, dtype=torch.float32).to(device, non_blocking=True)
 
         groups: list[SlotGroup] = []
         index_at = weight_at = 0

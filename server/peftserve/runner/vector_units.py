@@ -51,8 +51,8 @@ def _settle() -> None:
     if config.cpp.vec_isa_ok is not None:
         return
     candidates = _candidates()
-    key = _key([str(isa) for isa in candidates])
-    if not candidates or key is None:
+    key = _key([str(isa) for isa in candidates]) if candidates else None
+    if key is None:
         return
     path = _verdicts_path()
     verdicts = _read(path)

@@ -115,7 +115,8 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void shrink_bf16_dot(
 
 // h[r] = weight * (x · a[r]) on the instruction `bf16_dot` asks for, where this build and dtype have it.
 template <typename T>
-inline void shrink_row(const T* x, const T* a, float weight, int64_t in, int64_t rank, float* h, bool bf16_dot) {
+inline void shrink_row(const T* x, const T* a, float weight, int64_t in, int64_t rank, float* h,
+                       bool bf16_dot) {
 #ifdef ROWS_BF16_DOT
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (bf16_dot) {
@@ -195,7 +196,8 @@ extern "C" void kernel(const SCALAR* x, int64_t x_stride, SCALAR* y, int64_t y_s
     const int64_t end = share_start(cost, index, me + 1, team);
     std::vector<float> h(rank);
     for (int64_t i = share_start(cost, index, me, team); i < end; ++i) {
-      shrink_row(x + token[i] * x_stride, a + index[i] * rank * in, weight[i], in, rank, h.data(), bf16_dot != 0);
+      shrink_row(x + token[i] * x_stride, a + index[i] * rank * in, weight[i], in, rank, h.data(),
+                 bf16_dot != 0);
       expand(h.data(), bt + index[i] * rank * out, y + token[i] * y_stride, out, rank);
     }
   }
