@@ -54,6 +54,27 @@ def test_workers_run_every_share_with_one_intra_op_thread() -> None:
     assert next(name for s, _, name in seen if s == 2) == threading.current_thread().name
 
 
+def test_helpers_keep_one_thread_and_threads_started_later_get_the_processs_count() -> None:
+    """The helpers' one intra-op thread is their own: a thread started after them (an engine's, a
+    warm-up's) runs with the count the process had, and the helpers keep 1 after the caller changes it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pool = Workers(2)
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]
+        torch.set_num_threads(2)  # as an engine made later sets its count (EngineConfig.threads)
+        counts: list[int] = []
+        pool.run(lambda share: counts.append(torch.get_num_threads()), [0, 1])
+        pool.close()
+        assert counts == [1, 1]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_workers_wait_for_every_share_and_raise_a_helpers_error() -> None:
     pool = Workers(2)
     done = []

@@ -61,11 +61,15 @@ class Workers:
         if size > 1:
             self._pool = ThreadPoolExecutor(size - 1, thread_name_prefix="adapter-delta")
             # Start every helper now, each setting its own thread count, so that no helper changes its
-            # setting later while the caller runs torch ops.
+            # setting later while the caller runs torch ops. torch.set_num_threads also sets the count
+            # that threads started later take; once every helper has taken its own, the caller's count
+            # is set back for them.
+            before = torch.get_num_threads()
             started = threading.Barrier(size)
             for _ in range(size - 1):
                 self._pool.submit(_start_helper, started)
-            started.wait()
+            started.wait()  # the helpers' torch ops no longer read the process's count
+            torch.set_num_threads(before)
 
     def run(self, fn: Callable[[T], None], shares: Sequence[T]) -> None:
         """fn(share) for every share, concurrently: the last share on the calling thread."""
@@ -100,6 +104,10 @@ def _in_modes(modes: tuple[bool, bool], fn: Callable[[T], None], share: T) -> No
 
 
 def _start_helper(started: threading.Barrier) -> None:
+    """One intra-op thread for this helper for good, whatever the process's count later. torch takes the
+    process's count into a thread at its first parallel op (get_num_threads counts as one): taken first,
+    it cannot replace the 1 set after it."""
+    torch.get_num_threads()
     torch.set_num_threads(1)
     started.wait()
 
