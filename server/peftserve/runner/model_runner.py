@@ -66,7 +66,8 @@ def _warm(name: str, run: Callable[[], str], began: float, threads: int, yieldin
     `began` when it ends (it raises what fails).
 
     threads: a new thread starts with the count the process's last torch.set_num_threads gave (another
-    engine's, a caller's), and attention's compiled graph is guarded on the count and built for it. yielding: in the background, at the lowest CPU priority (Linux, where that is the calling
+    engine's, a caller's), and attention's compiled graph is guarded on the count and built for it.
+    yielding: in the background, at the lowest CPU priority (Linux, where that is the calling
     thread's own, and passes to the threads and processes it starts), so that steps served meanwhile
     take the cores first: without it, a 4-token request beside the warm-up took 4.2-4.9 s instead of
     1.2-1.4 s (benchmarks/README.md, "Serving while warming up"); a failure is logged there, as nothing

@@ -8,6 +8,10 @@ compiler and torch, so it is kept in inductor's cache directory under a key of t
 passed under the same key, inductor is told to trust them (its own `cpp.vec_isa_ok`, which is
 TORCHINDUCTOR_VEC_ISA_OK) and skips the check; a set that failed, or another compiler, torch or CPU,
 means the check runs as before. A user's own setting of `cpp.vec_isa_ok` is left alone.
+
+Inductor's settings are context variables, so the trust holds in the thread that sets it: the runner's
+warm-up thread, which compiles attention and then builds the adapters' kernel. The list of good sets is
+then cached for the whole process.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ _settled = False
 
 def trust_known_vector_units() -> None:
     """Skip inductor's check of the CPU's vector sets where an earlier process found them all good;
-    otherwise run it now and remember the verdict. Once per process; threads wait for the first call."""
+    otherwise run it now and remember the verdict. Once per process, in the thread that compiles next
+    (the trust is that thread's setting); other threads wait for the first call."""
     global _settled
     with _lock:
         if _settled:
