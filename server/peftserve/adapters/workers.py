@@ -104,10 +104,8 @@ def _in_modes(modes: tuple[bool, bool], fn: Callable[[T], None], share: T) -> No
 
 
 def _start_helper(started: threading.Barrier) -> None:
-    """One intra-op thread for this helper for good, whatever the process's count later. torch takes the
-    process's count into a thread at its first parallel op (get_num_threads counts as one): taken first,
-    it cannot replace the 1 set after it."""
-    torch.get_num_threads()
+    """One intra-op thread for this helper for good: torch.set_num_threads in a thread keeps that thread's
+    count, whatever the process's count is set to later (tests/adapters/test_workers.py)."""
     torch.set_num_threads(1)
     started.wait()
 
