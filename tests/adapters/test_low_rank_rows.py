@@ -59,11 +59,14 @@ def test_slots_are_views_of_the_stacks_and_survive_growth() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_equals_the_definition_on_random_steps(dtype: torch.dtype) -> None:
+def test_compiled_equals_the_definition_on_random_steps(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Random steps of decode rows, prefill chunks and mixtures, slots of mixed ranks and a slot without a
     delta: the compiled kernel's output equals the per-token definition in float64 (float32: 1e-4;
-    bfloat16: a few roundings of the output), and in float32 the reference kernel's (1e-5)."""
-    assert 17 <= low_rank_rows.ROWS_SPAN_MAX < 40  # _random_spans' lengths take both of its paths
+    bfloat16: a few roundings of the output), and in float32 the reference kernel's (1e-5). Spans longer
+    than ROWS_SPAN_MAX (32 here, so that _random_spans' 40-token ones pass it) take both paths."""
+    monkeypatch.setattr(low_rank_rows, "ROWS_SPAN_MAX", 32)
     gen = torch.Generator().manual_seed(1)
     forms = {k: _form(k) for k in ("reference", "compiled")}
     for slot, rank in enumerate((4, 16, 9, 33, 16, 1, 12)):  # slot 7 stays empty
@@ -109,9 +112,9 @@ def test_the_rows_kernel_equals_the_definition_at_any_width(
     dtype: torch.dtype, bf16_dot: bool, width: int, out: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Widths that are not multiples of the vector width (its masked tails: 32 values for the bf16
-    dot-product loop), ranks from 1 to 256 (buckets 8 to 256) in one layer, weights, and x and y as
-    strided views: each row as the definition in float64, within one rounding of y (float32: 1e-5); rows
-    outside the step untouched."""
+    dot-product loop), ranks from 1 to 256 (buckets 8 to 256) in one layer, runs of 1 to 6 rows of one
+    adapter (the kernel's blocks of 1 to 4 rows), weights, and x and y as strided views: each row as the
+    definition in float64, within one rounding of y (float32: 1e-5); rows outside the step untouched."""
     monkeypatch.setattr(low_rank_rows, "bf16_dot", bf16_dot)
     gen = torch.Generator().manual_seed(6)
     form = LowRankForm(LayerSpec(width, out, 8, None, "compiled", SharedTensors()))
@@ -120,8 +123,12 @@ def test_the_rows_kernel_equals_the_definition_at_any_width(
         a = torch.randn(rank, width, generator=gen) / width**0.5
         b = torch.randn(out, rank, generator=gen) / rank
         form.load(slot, LowRankDelta(a=a.to(dtype), b=b.to(dtype)))
-    t = 14
-    spans = [(i, 1, ((i % 7, 0.5 if i % 3 else 1.0),)) for i in range(t - 1)]  # slot 6 holds nothing
+    runs = [(0, 2), (6, 1), (1, 3), (2, 1), (3, 4), (4, 6), (5, 5)]  # (slot, rows): slot 6 holds nothing
+    spans, t = [], 0
+    for slot, count in runs:
+        spans += [(t + i, 1, ((slot, 0.5 if (t + i) % 3 else 1.0),)) for i in range(count)]
+        t += count
+    t += 1  # a row outside the step
     x = torch.randn(t, 2 * width, generator=gen).to(dtype)[:, ::2]  # rows with a stride of 2
     y = torch.randn(out, t, generator=gen).to(dtype).T  # y's rows not contiguous either
     before = y.clone()
@@ -133,7 +140,7 @@ def test_the_rows_kernel_equals_the_definition_at_any_width(
             exact[start] += weight * (x[start].double() @ held.a.double().T @ held.b.double().T)
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
     torch.testing.assert_close(y.double(), exact, rtol=tolerance, atol=tolerance)
-    assert torch.equal(y[t - 1], before[t - 1]) and torch.equal(y[6], before[6])
+    assert torch.equal(y[t - 1], before[t - 1]) and torch.equal(y[2], before[2])  # outside; slot 6
 
 
 def test_rows_of_another_dtype_than_the_factors_are_refused() -> None:
@@ -147,7 +154,8 @@ def test_rows_of_another_dtype_than_the_factors_are_refused() -> None:
 
 
 def test_a_rows_bits_do_not_depend_on_its_step() -> None:
-    """Each decode row, computed in a random step, has the bits it has computed alone."""
+    """Each decode row and each token of a prefill span (its neighbours in the kernel's blocks of rows),
+    computed in a random step, has the bits it has computed alone."""
     gen = torch.Generator().manual_seed(2)
     form = _form("compiled")
     for slot in range(8):
@@ -158,11 +166,15 @@ def test_a_rows_bits_do_not_depend_on_its_step() -> None:
         x, y = torch.randn(t, D_IN, generator=gen).bfloat16(), torch.randn(t, D_OUT, generator=gen).bfloat16()
         together = y.clone()
         form.apply(together, x, AdapterBatch.build(spans, t, "cpu"))
+        alone_batch = {pairs: AdapterBatch.build([(0, 1, pairs)], 1, "cpu") for _, _, pairs in spans}
         for start, length, pairs in spans:
-            if length == 1 and len(pairs) == 1:
-                alone = y[start : start + 1].clone()
-                form.apply(alone, x[start : start + 1], AdapterBatch.build([(0, 1, pairs)], 1, "cpu"))
-                assert torch.equal(alone[0], together[start]), (start, spans)
+            if len(pairs) > 1:
+                continue
+            assert length <= low_rank_rows.ROWS_SPAN_MAX  # every token a row
+            for token in range(start, start + length):
+                alone = y[token : token + 1].clone()
+                form.apply(alone, x[token : token + 1], alone_batch[pairs])
+                assert torch.equal(alone[0], together[token]), (token, spans)
 
 
 def test_rows_shared_among_threads_have_the_bits_of_one_thread() -> None:
@@ -216,8 +228,7 @@ def test_without_a_compiler_the_parallel_kernel_serves(monkeypatch: pytest.Monke
 
 
 def _random_spans(rng: random.Random, slots: int) -> tuple[list, int]:
-    """1-12 sequences of 1 (mostly), 5, 17 or 40 tokens (past ROWS_SPAN_MAX: its first 32 on the grouped
-    GEMMs, 8 as rows); one in ten a mixture, one in ten weighted."""
+    """1-12 sequences of 1 (mostly), 5, 17 or 40 tokens; one in ten a mixture, one in ten weighted."""
     spans, t = [], 0
     for _ in range(rng.randint(1, 12)):
         length, first, second = rng.choice([1, 1, 1, 5, 17, 40]), rng.randrange(slots), rng.randrange(slots)

@@ -77,16 +77,16 @@ def low_rank_parallel(
 def low_rank_compiled(
     y: torch.Tensor, x: torch.Tensor, batch: AdapterBatch, slots: Sequence[LowRankDelta | None]
 ) -> None:
-    """CPU fast path: decode rows in one C++ pass per layer, long spans by the grouped kernel.
+    """CPU fast path: decode and prefill rows in one C++ pass per layer, long spans by the grouped kernel.
 
     Semantics: same as low_rank_reference. The tokens of spans of one adapter up to ROWS_SPAN_MAX
-    tokens (decode, short prefill chunks), and the last `length % ROWS_SPAN_MAX` tokens of longer ones,
-    run low_rank_rows' kernel over the layer's stacked factors, each row alone; the rest of the longer
-    spans, and mixtures, run low_rank_grouped on views of the same factors, each
-    product on all intra-op threads: GEMMs of tens to hundreds of rows, which torch's threads share
-    well, where the parallel kernel's helper threads compete for the cores with the OpenMP threads still
-    spinning after the base layer's parallel regions (bench-1b's trace in bf16 on 2 cores: prefill steps
-    with adapters 1.20x the base model's on the parallel kernel, 1.08x on this; bench_trace_steps.py).
+    tokens (decode, most prefill chunks), and the last `length % ROWS_SPAN_MAX` tokens of longer ones,
+    run low_rank_rows' kernel over the layer's stacked factors, each row's bits its own; the rest of the
+    longer spans, and mixtures, run low_rank_grouped on views of the same factors, each product on all
+    intra-op threads: GEMMs of hundreds of rows, which torch's threads share well, where the parallel
+    kernel's helper threads compete for the cores with the OpenMP threads still spinning after the base
+    layer's parallel regions (bench-1b's trace in bf16 on 2 cores: prefill steps with adapters 1.20x the
+    base model's on the parallel kernel, 1.08x on this; bench_trace_steps.py).
     """
     stacks: RankStacks = slots.derived[STACKS]  # type: ignore[attr-defined]
     if not low_rank_rows.usable(y.dtype):

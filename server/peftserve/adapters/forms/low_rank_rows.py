@@ -1,19 +1,20 @@
-"""The CPU's low-rank kernel for decode rows: every row's two products in one C++ pass per layer.
+"""The CPU's low-rank kernel for rows: each token's two products in one C++ pass per layer.
 
 A decode step has one token per sequence and, with many tenants, nearly as many distinct adapters as
 rows; run as a Python loop of two small products per adapter (the grouped kernel) its cost is the count of
 operations, not the bytes of the factors. Here a layer keeps its slots' factors stacked by rank
-(`RankStacks`: A as [n, R, in] and Bᵀ as [n, R, out] per rank bucket R), and the step's rows of one
-adapter each (decode tokens, and the tokens of short prefill chunks) run through one loop of our own
-(low_rank_rows.cpp):
+(`RankStacks`: A as [n, R, in] and Bᵀ as [n, R, out] per rank bucket R), and the step's tokens of spans
+of one adapter (decode tokens, and prefill chunks up to ROWS_SPAN_MAX tokens) run as rows through one
+loop of our own (low_rank_rows.cpp):
 
     y[row_i] += w_i * (x[row_i] · A[index_i]ᵀ) · Bᵀ[index_i]      (float32, rounded once, in place)
 
 reading each row's factors where they lie (no gathered copy), in the model's dtype, on all intra-op
-threads. A row's bits do not depend on the other rows of its step (each row is its own loop iteration),
-so a request's outputs are the same alone or batched. Longer spans (ROWS_SPAN_MAX: their multiples of
-it, the rest as rows) and mixtures run the grouped kernel on views of the same stacks: products of many
-rows with one adapter are what GEMMs do best.
+threads, consecutive rows of one adapter four at a time (each load of its factors serves all four). A
+row's bits do not depend on the other rows of its step (each row keeps its own sums), so a request's
+outputs are the same alone or batched. Longer spans (ROWS_SPAN_MAX: their multiples of it, the rest as
+rows) and mixtures run the grouped kernel on views of the same stacks: products of many rows with one
+adapter are what GEMMs do best.
 
 Why C++ of our own: the same loop written in torch and compiled by torch.compile became reductions with
 one accumulator per output, each waiting on the latency of its previous addition, and every call paid
@@ -50,18 +51,22 @@ log = logging.getLogger(__name__)
 RANK_FLOOR = 8
 """Smallest bucket: ranks 1-8 share it. The kernel takes ranks in fours, so every bucket is a multiple
 of 4."""
-ROWS_SPAN_MAX = 32
-"""Spans of one adapter up to this many tokens run as rows; longer ones as the grouped kernel's GEMMs. The
-rows kernel costs about 65 us a token over bench-1b's 28 layers in bf16 on the 2-core dev box; the
-GEMMs about 2 ms per span plus 33 us a token (an ad hoc timing): 32-token spans of 8 adapters took
-17 ms as rows and 20-34 ms as GEMMs, 128-token spans 67 and 39 ms.
+ROWS_SPAN_MAX = 256
+"""Spans of one adapter up to this many tokens run as rows; longer ones give the grouped kernel's GEMMs
+their first multiple of it and run the rest as rows. The kernel runs a span's rows four at a time, at
+27-28 us a token over bench-1b's 28 layers in bf16 on the 2-core dev box whatever the span's length; the
+GEMMs cost more per token the shorter the span: 8 spans of 32 tokens took 7.6 ms as rows and 20.8 ms as
+GEMMs, of 128 tokens 28.4 and 39.5 ms, 4 of 256 tokens 28.1 and 29.7 ms, 2 of 512 tokens 27.4 and 26.0
+ms, one of 1,024 tokens 27.7 and 23.5 ms; in float32 256 tokens 54.8 and 60.3 ms, 1,024 tokens 57.7
+and 48.2 ms (bench_rows_kernel.py --prefill). Rows also give a prompt's tokens the bits they have alone,
+however the prompt is chunked or batched.
 
-The GEMMs take a multiple of this many tokens, the rest of the span runs as rows: oneDNN builds a kernel
-for each new row count of a product (the pair of a span's products at bench-1b's widths: 1.2 ms the first
-time, 0.26 ms after) and keeps 1,024 of them, shared with the base model's linears. Prompts of every
-length would otherwise keep it building: now a product sees at most max_batched_tokens / 32 row counts
-(32 at the default), but for an adapter that is also in a mixture in the same step (the grouped kernel
-then takes its mixture's tokens with its spans', any count)."""
+The GEMMs take a multiple of this many tokens: oneDNN builds a kernel for each new row count of a
+product (the pair of a span's products at bench-1b's widths: 1.2 ms the first time, 0.26 ms after) and
+keeps 1,024 of them, shared with the base model's linears. Prompts of every length would otherwise keep
+it building: a product sees at most max_batched_tokens / 256 row counts (4 at the default), but for an
+adapter that is also in a mixture in the same step (the grouped kernel then takes its mixture's tokens
+with its spans', any count)."""
 STACKS = "stacks"
 """SlotList.derived key of a layer's RankStacks."""
 PLAN = "low-rank-rows"
