@@ -11,8 +11,8 @@
 // products over `in`, then `rank` scaled rows of Bᵀ summed over `out`. Each loop keeps several independent
 // accumulators in flight and widens every loaded value once, which is what a generated reduction (one
 // accumulator per output) does not do; consecutive rows of one adapter share each load of its factors
-// (kBlock), which cut a prefill span's cost from about 48 to 29 us a token at bench-1b in bf16
-// (bench_rows_kernel.py --prefill).
+// (kBlock), which cut a prefill span's cost from about 48 to 29 us a token over bench-1b's 28 layers in
+// bf16 (ad hoc, both kernels in one process).
 //
 // In bfloat16 on a CPU with AVX512-BF16 (the caller says, `bf16_dot`), the product by A runs on the
 // bf16 dot-product instruction: 32 products per instruction, each exact in float32 (a bf16 times a bf16
@@ -72,8 +72,8 @@ inline float total(const Floats& v) {
 
 // Rows of one adapter run kBlock at a time: each value of its A and Bᵀ loaded once for all of them. Each
 // (row, output) keeps its own accumulator, summed in the same order whatever the block, so a row's bits
-// are the same in any block (a prefill span's token has the bits it has alone). 8 rows to a block were
-// slower than 4: their accumulators no longer fit the registers.
+// are the same in any block (a prefill span's token has the bits it has alone). Blocks of 6 or 8 rows (with
+// half the ranks or outputs per pass, to keep the accumulators in registers) were slower than 4.
 constexpr int kBlock = 4;
 
 // h[b * rank + r] = weight[b] * (x[b] · a[r]) for the B rows x[b] and r < rank (a multiple of 4): Q rows of A

@@ -12,9 +12,9 @@ loop of our own (low_rank_rows.cpp):
 reading each row's factors where they lie (no gathered copy), in the model's dtype, on all intra-op
 threads, consecutive rows of one adapter four at a time (each load of its factors serves all four). A
 row's bits do not depend on the other rows of its step (each row keeps its own sums), so a request's
-outputs are the same alone or batched. Longer spans (ROWS_SPAN_MAX: their multiples of it, the rest as
-rows) and mixtures run the grouped kernel on views of the same stacks: products of many rows with one
-adapter are what GEMMs do best.
+adapter deltas are the same alone or batched. Longer spans (ROWS_SPAN_MAX: their multiples of it, the
+rest as rows) and mixtures run the grouped kernel on views of the same stacks: products of many rows
+with one adapter are what GEMMs do best.
 
 Why C++ of our own: the same loop written in torch and compiled by torch.compile became reductions with
 one accumulator per output, each waiting on the latency of its previous addition, and every call paid
@@ -54,12 +54,12 @@ of 4."""
 ROWS_SPAN_MAX = 256
 """Spans of one adapter up to this many tokens run as rows; longer ones give the grouped kernel's GEMMs
 their first multiple of it and run the rest as rows. The kernel runs a span's rows four at a time, at
-27-28 us a token over bench-1b's 28 layers in bf16 on the 2-core dev box whatever the span's length; the
+27-30 us a token over bench-1b's 28 layers in bf16 on the 2-core dev box whatever the span's length; the
 GEMMs cost more per token the shorter the span: 8 spans of 32 tokens took 7.6 ms as rows and 20.8 ms as
 GEMMs, of 128 tokens 28.4 and 39.5 ms, 4 of 256 tokens 28.1 and 29.7 ms, 2 of 512 tokens 27.4 and 26.0
 ms, one of 1,024 tokens 27.7 and 23.5 ms; in float32 256 tokens 54.8 and 60.3 ms, 1,024 tokens 57.7
-and 48.2 ms (bench_rows_kernel.py --prefill). Rows also give a prompt's tokens the bits they have alone,
-however the prompt is chunked or batched.
+and 48.2 ms (bench_rows_kernel.py --prefill). Rows also give each of a prompt's tokens the adapter delta
+it has alone, bit for bit, however the prompt is chunked or batched.
 
 The GEMMs take a multiple of this many tokens: oneDNN builds a kernel for each new row count of a
 product (the pair of a span's products at bench-1b's widths: 1.2 ms the first time, 0.26 ms after) and
