@@ -59,14 +59,16 @@ def test_slots_are_views_of_the_stacks_and_survive_growth() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("span_max", [32, low_rank_rows.ROWS_SPAN_MAX], ids=["span-max-32", "span-max"])
 def test_compiled_equals_the_definition_on_random_steps(
-    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, span_max: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Random steps of decode rows, prefill chunks and mixtures, slots of mixed ranks and a slot without a
     delta: the compiled kernel's output equals the per-token definition in float64 (float32: 1e-4;
-    bfloat16: a few roundings of the output), and in float32 the reference kernel's (1e-5). Spans longer
-    than ROWS_SPAN_MAX (32 here, so that _random_spans' 40-token ones pass it) take both paths."""
-    monkeypatch.setattr(low_rank_rows, "ROWS_SPAN_MAX", 32)
+    bfloat16: a few roundings of the output), and in float32 the reference kernel's (1e-5). With
+    ROWS_SPAN_MAX at 32, _random_spans' 40-token spans take both paths; at its own value, every span of
+    one adapter runs as rows."""
+    monkeypatch.setattr(low_rank_rows, "ROWS_SPAN_MAX", span_max)
     gen = torch.Generator().manual_seed(1)
     forms = {k: _form(k) for k in ("reference", "compiled")}
     for slot, rank in enumerate((4, 16, 9, 33, 16, 1, 12)):  # slot 7 stays empty
