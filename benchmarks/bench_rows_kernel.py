@@ -93,14 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(shape.layers):
         for name in PROJECTIONS:
             out, width = shape.projection_shape(name)
-            stacks, views = RankStacks(max(adapters, args.rows)), []
+            stacks, deltas = RankStacks(max(adapters, args.rows)), []
             for slot in range(adapters):  # loaded as the engine loads a slot
                 a = torch.randn(args.rank, width, generator=gen) / width**0.5
                 b = torch.randn(out, args.rank, generator=gen) / args.rank
-                stacks.put(slot, LowRankDelta(a=a.to(dtype), b=b.to(dtype)))
-            for slot in range(adapters):  # after every put: a bucket's growth moves its storage
-                views.append(stacks.view(slot, LowRankDelta(a=torch.empty(0), b=torch.empty(0))))
-            layers.append((width, out, stacks, views))
+                deltas.append(LowRankDelta(a=a.to(dtype), b=b.to(dtype)))
+                stacks.put(slot, deltas[-1])
+            # the views once every delta is in: a bucket's growth moves its storage
+            layers.append((width, out, stacks, [stacks.view(s, d) for s, d in enumerate(deltas)]))
     steps, what = (prefill_steps if args.prefill else decode_steps)(args, layers, gen)
     systems = list(steps)
     times: dict[str, list[float]] = {s: [] for s in systems}
