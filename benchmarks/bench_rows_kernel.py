@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 stacks.put(slot, deltas[-1])
             # the views once every delta is in: a bucket's growth moves its storage
             layers.append((width, out, stacks, [stacks.view(s, d) for s, d in enumerate(deltas)]))
-    steps, what = (prefill_steps if args.prefill else decode_steps)(args, layers, gen)
+    steps, what = (prefill_steps if args.prefill else decode_steps)(args, layers, dtype, gen)
     systems = list(steps)
     times: dict[str, list[float]] = {s: [] for s in systems}
     with torch.inference_mode():
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def decode_steps(
-    args: argparse.Namespace, layers: list[Layer], gen: torch.Generator
+    args: argparse.Namespace, layers: list[Layer], dtype: torch.dtype, gen: torch.Generator
 ) -> tuple[dict[str, Step], str]:
     """A decode step's rows (and --span's chunk) on the kernel, on torch.compile, and on one adapter."""
     rng = random.Random(0)
@@ -145,7 +145,7 @@ def decode_steps(
         "one adapter": AdapterBatch.build([(t, 1, ((0, 1.0),)) for t in range(tokens)], tokens, "cpu"),
     }
     plans = {system: RowsPlan.of(batch) for system, batch in batches.items()}
-    xs, ys = _activations(layers, tokens, getattr(torch, args.dtype), gen)
+    xs, ys = _activations(layers, tokens, dtype, gen)
     peer = compiled_definition()
 
     def compiled() -> None:
@@ -162,16 +162,14 @@ def decode_steps(
         return step
 
     distinct = len(set(slots))
-    factor_bytes = (
-        distinct * sum(args.rank * (w + o) for w, o, _, _ in layers) * xs[layers[0][0]].element_size()
-    )
+    factor_bytes = distinct * sum(args.rank * (w + o) for w, o, _, _ in layers) * dtype.itemsize
     chunk = f" and a span of {args.span} tokens of one of them" if args.span else ""
     what = f"{args.rows} rows over {distinct} adapters{chunk} ({factor_bytes / 1e6:.0f} MB of factors)"
     return {"kernel": kernel("kernel"), "torch.compile": compiled, "one adapter": kernel("one adapter")}, what
 
 
 def prefill_steps(
-    args: argparse.Namespace, layers: list[Layer], gen: torch.Generator
+    args: argparse.Namespace, layers: list[Layer], dtype: torch.dtype, gen: torch.Generator
 ) -> tuple[dict[str, Step], str]:
     """--spans prefill spans of --prefill tokens, one adapter each, as rows and as the grouped GEMMs."""
     length = args.prefill
@@ -179,7 +177,7 @@ def prefill_steps(
     tokens = length * args.spans
     batch = AdapterBatch.build(spans, tokens, "cpu")
     plan = RowsPlan([(i * length + t, i, 1.0) for i in range(args.spans) for t in range(length)], None)
-    xs, ys = _activations(layers, tokens, getattr(torch, args.dtype), gen)
+    xs, ys = _activations(layers, tokens, dtype, gen)
 
     def rows() -> None:
         for w, o, stacks, _ in layers:

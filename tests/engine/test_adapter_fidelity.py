@@ -30,9 +30,13 @@ NEW_TOKENS = 32
 TOL = 1e-4
 
 
-def requests_for(uses, vocab_size: int, new_tokens: int) -> list[GenerationRequest]:
-    """One greedy request per entry of uses (its adapter refs; () for the base), seeded 3-31 token prompts."""
-    prompts = random_prompts([3 + 5 * i % 29 for i in range(len(uses))], vocab_size, seed=7)
+def requests_for(
+    uses, vocab_size: int, new_tokens: int, lengths: list[int] | None = None
+) -> list[GenerationRequest]:
+    """One greedy request per entry of uses (its adapter refs; () for the base), with seeded prompts of
+    `lengths` tokens (by default 3-31)."""
+    lengths = lengths or [3 + 5 * i % 29 for i in range(len(uses))]
+    prompts = random_prompts(lengths, vocab_size, seed=7)
     return [
         GenerationRequest(
             request_id=f"{i}-" + ("+".join(n for n, _ in refs) or "base"),
@@ -205,16 +209,7 @@ def test_long_prompts_through_the_rows_kernel_equal_peft(tmp_path, monkeypatch):
         model, tokenizer, EngineConfig(kv_cache_mb=4, block_size=4, max_batched_tokens=512), adapters=manager
     )
     uses = [(("patterns", 1.0),), (("layers", 1.0),), (("patterns", 1.0),)]
-    prompts = random_prompts([100, 300, 40], engine.model_info.vocab_size, seed=11)
-    requests = [
-        GenerationRequest(
-            request_id=f"{i}-{refs[0][0]}",
-            prompt_token_ids=prompt,
-            sampling=SamplingParams(max_new_tokens=8, ignore_eos=True),
-            adapters=tuple(AdapterRef(n, w) for n, w in refs),
-        )
-        for i, (refs, prompt) in enumerate(zip(uses, prompts, strict=True))
-    ]
+    requests = requests_for(uses, engine.model_info.vocab_size, 8, lengths=[100, 300, 40])
     recorded = run_recording(engine, [requests])
     assert max(rows_per_call) >= 100 + 44 + 40  # the prefill step's rows went through the kernel
     for refs, request in zip(uses, requests, strict=True):

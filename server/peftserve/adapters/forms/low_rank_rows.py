@@ -93,14 +93,12 @@ class _Stack:
 
 
 class _Layout:
-    """Where a RankStacks places its slots, one object for each placement some layer holds: a step's row
-    lists are memoized by it (bucket_rows), and a lookup by identity costs nothing, where comparing two
-    equal sets of every slot's place cost ~7 us for each of a step's 28 layers at 51 adapters."""
+    """One placement of slots in a RankStacks, as an identity: one object for each placement some layer
+    holds (_layouts maps the placement to it). A step's row lists are memoized by it (bucket_rows), and a
+    lookup by identity costs nothing, where comparing two equal sets of every slot's place cost ~7 us for
+    each of a step's 28 layers at 51 adapters."""
 
-    __slots__ = ("places", "__weakref__")
-
-    def __init__(self, places: frozenset[tuple[int, tuple[int, int]]]) -> None:
-        self.places = places
+    __slots__ = ("__weakref__",)
 
 
 _layouts: weakref.WeakValueDictionary[frozenset, _Layout] = weakref.WeakValueDictionary()
@@ -113,7 +111,7 @@ def _layout_of(where: dict[int, tuple[int, int]]) -> _Layout:
     places = frozenset(where.items())
     layout = _layouts.get(places)
     if layout is None:
-        layout = _layouts[places] = _Layout(places)
+        layout = _layouts[places] = _Layout()
     return layout
 
 
