@@ -11,6 +11,9 @@ fresh process, one after the other:
   onednn   LLMEngine.create with the defaults (packed weights, warm-up in the background), then the
            same request
   before   as onednn, with warm_up=before: attention compiled and weights packed before it serves
+  kept     as onednn, with the packed weights an earlier start kept in --packed-cache (the defaults
+           keep them in ~/.cache/peftserve/packed; the other systems here keep none); where none are
+           kept yet, a first start packs and writes them, reported as its own row ("kept, first")
 
 It reports the wall time until the engine was created, until the system is ready (for the engines: the
 request served, so every weight has been read), and until it is warm (the warm-up's work done: full
@@ -41,7 +44,7 @@ from common import SHAPES, bench_tokenizer, build_model, environment  # noqa: E4
 
 from peftserve.bench.report import format_rows  # noqa: E402
 
-SYSTEMS = ("runtime", "load", "torch", "onednn", "before")
+SYSTEMS = ("runtime", "load", "torch", "onednn", "before", "kept")
 PAGE = 4096
 
 
@@ -55,7 +58,7 @@ def memory_gb() -> tuple[float, float]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def start(system: str, model_dir: Path, dtype: str) -> dict[str, float]:
+def start(system: str, model_dir: Path, dtype: str, packed_cache: Path) -> dict[str, float]:
     """Start one system in this process; seconds until ready, and memory with it alive."""
     from peftserve.config import EngineConfig
     from peftserve.engine.engine import LLMEngine
@@ -75,17 +78,24 @@ def start(system: str, model_dir: Path, dtype: str) -> dict[str, float]:
         linear = "torch" if system == "torch" else "onednn"
         warm_up = "before" if system == "before" else "background"
         config = EngineConfig(
-            model=str(model_dir), dtype=dtype, cpu_linear=linear, kv_cache_mb=512, warm_up=warm_up
+            model=str(model_dir),
+            dtype=dtype,
+            cpu_linear=linear,
+            kv_cache_mb=512,
+            warm_up=warm_up,
+            packed_cache=str(packed_cache) if system == "kept" else "off",
         )
         started = LLMEngine.create(config)
         created = time.perf_counter()
         sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
         started.generate_all([GenerationRequest(request_id="r", prompt="hello world", sampling=sampling)])
     ready = time.perf_counter()
-    if system in ("torch", "onednn", "before"):
+    if system in ("torch", "onednn", "before", "kept"):
         started.runner.wait_warm_up()
     warm = time.perf_counter()
     rss, peak = memory_gb()
+    if system == "kept" and started.runner.keeping is not None:
+        started.runner.keeping.result()  # a first start writes them whole before it exits
     weights = json.loads((model_dir / "weights.json").read_text())["bytes"]
     return {
         "created": created - began,
@@ -108,10 +118,11 @@ def build(model_dir: Path, shape_name: str, layers: int, dtype: torch.dtype) -> 
     (model_dir / "weights.json").write_text(json.dumps({"bytes": weights}))
 
 
-def evict(model_dir: Path) -> None:
-    """Drop the model's files from the page cache, so that the next start reads them from the disk
-    (the host of a virtual machine may still hold them: a cold start here is at best cool)."""
-    for path in (p for p in model_dir.rglob("*") if p.is_file()):
+def evict(directory: Path) -> None:
+    """Drop the files of a model (or of its kept packed weights) from the page cache, so that the next
+    start reads them from the disk (the host of a virtual machine may still hold them: a cold start here
+    is at best cool)."""
+    for path in (p for p in directory.rglob("*") if p.is_file()):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -119,8 +130,9 @@ def evict(model_dir: Path) -> None:
             os.close(fd)
 
 
-def run_child(system: str, model_dir: Path, dtype: str) -> dict[str, float]:
-    command = [sys.executable, __file__, "--child", system, "--model-dir", str(model_dir), "--dtype", dtype]
+def run_child(system: str, model_dir: Path, dtype: str, packed_cache: Path) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", system, "--model-dir", str(model_dir), "--dtype", dtype,
+               "--packed-cache", str(packed_cache)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -134,22 +146,32 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--model-dir", type=Path, default=None, help="kept between runs (default: temporary)")
-    parser.add_argument("--cold", action="store_true", help="evict the model's files before each system")
+    parser.add_argument(
+        "--packed-cache", type=Path, default=None, help="for kept (default: <model dir>-packed)"
+    )
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the model's (and kept weights') files before each system"
+    )
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(start(args.child, args.model_dir, args.dtype)))
+        print(json.dumps(start(args.child, args.model_dir, args.dtype, args.packed_cache)))
         return
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         model_dir = args.model_dir or Path(tmp) / "model"
+        packed_cache = args.packed_cache or model_dir.with_name(f"{model_dir.name}-packed")
         build(model_dir, args.shape, args.layers, getattr(torch, args.dtype))
         rows = [["system", "created s", "ready s", "warm s", "RSS GB", "peak GB", "RSS / weights",
                  "peak / weights", "(RSS - runtime) / weights"]]  # fmt: skip
         runtime = 0.0
-        for system in args.systems.split(","):
+        systems = args.systems.split(",")
+        if "kept" in systems and not any(p.is_dir() for p in packed_cache.glob("[!.]*")):
+            systems.insert(systems.index("kept"), "kept, first")
+        for system in systems:
             if args.cold:
                 evict(model_dir)
-            r = run_child(system, model_dir, args.dtype)
+                evict(packed_cache)
+            r = run_child(system.partition(",")[0], model_dir, args.dtype, packed_cache)
             runtime = r["rss"] if system == "runtime" else runtime
             rows.append(
                 [system, f"{r['created']:.1f}", f"{r['ready']:.1f}", f"{r['warm']:.1f}", f"{r['rss']:.2f}",

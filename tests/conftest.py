@@ -15,6 +15,9 @@ os.environ.setdefault("PEFTSERVE_ATTENTION", "sdpa")
 # weight packed or plain) does not depend on threads' timing; tests/runner/test_warm_up.py covers the
 # background.
 os.environ.setdefault("PEFTSERVE_WARM_UP", "before")
+# Engines pack their weights at every start, and write nothing under the user's cache directory;
+# tests/runner/test_packed_cache.py covers keeping them.
+os.environ.setdefault("PEFTSERVE_PACKED_CACHE", "off")
 # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which must be on when they
 # are defined (at import). With one, the triton tests run compiled on the device.
 if not torch.cuda.is_available():

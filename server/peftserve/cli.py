@@ -53,6 +53,12 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--cpu-linear", "cpu_linear", str, "onednn (default: oneDNN on packed weights, faster) or torch"),
     ("--attention", "attention", str, "flex (default: reads the paged KV in place) or sdpa"),
     (
+        "--packed-cache",
+        "packed_cache",
+        str,
+        "directory keeping packed weights across starts (default ~/.cache/peftserve/packed), or off",
+    ),
+    (
         "--warm-up",
         "warm_up",
         str,

@@ -17,6 +17,12 @@ ATTENTIONS = ("flex", "sdpa")
 WARM_UPS = ("background", "before")
 
 
+def _default_packed_cache() -> str:
+    """$XDG_CACHE_HOME/peftserve/packed (~/.cache/peftserve/packed without it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "peftserve", "packed")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything that shapes the engine: model, device, memory and batching budgets."""
@@ -70,6 +76,13 @@ class EngineConfig:
     step gathers attention, runs the adapters' parallel kernel and runs each layer on whatever weight it
     has, plain or packed (same outputs, up to rounding). before: the engine serves once all are done, at
     full speed from the first request."""
+    packed_cache: str = field(
+        default_factory=lambda: os.environ.get("PEFTSERVE_PACKED_CACHE") or _default_packed_cache()
+    )
+    """Where packed Linear weights are kept across starts (cpu_linear onednn), or 'off'. The first start
+    of a model in a dtype packs them, then writes them there (as many bytes as the weights); later starts
+    map them back instead of packing (seconds sooner at full speed on a multi-GB model). Default:
+    $PEFTSERVE_PACKED_CACHE, else ~/.cache/peftserve/packed ($XDG_CACHE_HOME/peftserve/packed)."""
     cuda_graphs: bool = False
     """CUDA only: replay pure decode steps from graphs captured per batch-size bucket (runner/graphs.py)."""
     adapter_slots: int | None = None
@@ -131,6 +144,8 @@ class EngineConfig:
         if self.warm_up not in WARM_UPS:
             choices = ", ".join(WARM_UPS)
             raise InvalidRequest(f"warm_up must be one of {choices}, got {self.warm_up!r}")
+        if not self.packed_cache or os.path.isfile(self.packed_cache):
+            raise InvalidRequest(f"packed_cache must be a directory or 'off', got {self.packed_cache!r}")
         positive = (
             "block_size",
             "max_batched_tokens",

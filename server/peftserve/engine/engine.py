@@ -35,6 +35,7 @@ from peftserve.model.loader import eos_token_ids, max_context
 from peftserve.model.text import encode
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
+from peftserve.runner.packed_cache import PackedCache
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,19 @@ class LLMEngine:
     """One frozen base model served with continuous batching over a paged KV cache."""
 
     def __init__(
-        self, model, tokenizer, config: EngineConfig, model_id: str = "custom", adapters=None, store=None
+        self,
+        model,
+        tokenizer,
+        config: EngineConfig,
+        model_id: str = "custom",
+        adapters=None,
+        store=None,
+        packed_cache: PackedCache | None = None,
     ):
         """adapters: an AdapterManager already wrapped around model, or None to serve the base only.
 
         store: the AdapterStore the manager's versions come from (for the admin API), or None.
+        packed_cache: the model's packed weights kept across starts (runner/packed_cache.py), or None.
         """
         model.eval().requires_grad_(False)
         hf = model.config
@@ -100,6 +109,7 @@ class LLMEngine:
             attention=config.attention,
             warm_up=config.warm_up,
             warm_ups=adapters.warm_up_work if adapters is not None else None,
+            packed_cache=packed_cache,
         )
         if config.cuda_graphs:
             self.runner.enable_graphs(
@@ -154,8 +164,17 @@ class LLMEngine:
             manager.scan(store)
         for adapter_id, path in config.adapters:  # after the store: these are the newest versions
             manager.register(adapter_id, path)
+        packed = None
+        if config.packed_cache != "off":
+            packed = PackedCache(config.packed_cache, loaded.directory, loaded.dtype)
         return cls(
-            loaded.model, loaded.tokenizer, config, model_id=loaded.model_id, adapters=manager, store=store
+            loaded.model,
+            loaded.tokenizer,
+            config,
+            model_id=loaded.model_id,
+            adapters=manager,
+            store=store,
+            packed_cache=packed,
         )
 
     @classmethod

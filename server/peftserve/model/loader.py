@@ -32,6 +32,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     model_id: str
     """'default' or the model directory's name."""
+    directory: Path
+    """Where it was loaded from."""
     family: str
     """config.model_type, e.g. 'llama'."""
     dtype: torch.dtype
@@ -65,12 +67,13 @@ def cpu_bf16_units() -> str | None:
         amx, avx512 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
         present = {"AMX": amx, "AVX512-BF16": avx512}
     except AttributeError:
-        flags = _cpu_flags()
+        flags = cpu_flags()
         present = {name: flag in flags for name, flag in BF16_UNITS.items()}
     return next((name for name, yes in present.items() if yes), None)
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The flags /proc/cpuinfo gives this CPU (empty where it is not there)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -173,6 +176,7 @@ def load_base_model(model: str, device: str, dtype: str) -> LoadedModel:
         model=hf_model,
         tokenizer=tokenizer,
         model_id=model_id,
+        directory=directory,
         family=family,
         dtype=torch_dtype,
         device=torch_device,

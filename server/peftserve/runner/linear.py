@@ -25,6 +25,7 @@ import logging
 import mmap
 import sys
 import threading
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -83,12 +84,17 @@ def onednn_usable(dtype: torch.dtype) -> bool:
 class PackedLinear(nn.Linear):
     """An nn.Linear whose weight is held only in oneDNN's packed layout; `.weight` unpacks it."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, packed: torch.Tensor | None = None, holder: object = None) -> None:
+        """packed: the linear's weight already packed (runner/packed_cache.py), else packed here; holder:
+        what must live as long as it (the file mapping its bytes are in)."""
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias
-        with torch.inference_mode():
-            self.packed = pack(linear.weight)  # opaque, not in the state dict
+        if packed is None:
+            with torch.inference_mode():
+                packed = pack(linear.weight)
+        self.packed = packed  # opaque, not in the state dict
+        self._holder = holder
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
@@ -134,26 +140,22 @@ def release_file_pages(weight: torch.Tensor, mappings: list[tuple[int, int]]) ->
         return
     start, end = -(-first // PAGE) * PAGE, last // PAGE * PAGE
     if end > start:
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+        libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 @cache
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def pack_linears(model: nn.Module, stop: threading.Event | None = None) -> int:
-    """Replace every CPU nn.Linear of the model in `DTYPES` by a PackedLinear; how many were replaced.
-
-    One layer at a time, each plain weight dropped (and its pages released, release_file_pages) once its
-    packed copy exists, so memory peaks at the weights plus one layer. Weights must not be changed
-    afterwards. stop: once set, the layers not yet packed stay plain.
-    """
+def packing_targets(model: nn.Module) -> list[str]:
+    """Paths of the model's Linear layers that pack_linears replaces: plain nn.Linear on CPU in `DTYPES`,
+    each the only holder of its weight."""
     holders: dict[int, int] = {}  # id(weight) -> modules holding it (tied weights count twice)
     for module in model.modules():
         for param in module.parameters(recurse=False):
             holders[id(param)] = holders.get(id(param), 0) + 1
-    targets = [
+    return [
         path
         for path, module in model.named_modules()
         if type(module) is nn.Linear
@@ -161,15 +163,33 @@ def pack_linears(model: nn.Module, stop: threading.Event | None = None) -> int:
         and holders[id(module.weight)] == 1
         and onednn_usable(module.weight.dtype)
     ]
+
+
+def replace_linear(
+    model: nn.Module, path: str, make: Callable[[nn.Linear], PackedLinear], mappings: list[tuple[int, int]]
+) -> None:
+    """Put make(layer) in place of the Linear at `path`, then release its plain weight's pages if they
+    are in one of `mappings` (file_mappings)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    plain = getattr(parent, name)
+    setattr(parent, name, make(plain))
+    release_file_pages(plain.weight, mappings)
+
+
+def pack_linears(model: nn.Module, stop: threading.Event | None = None) -> int:
+    """Replace every CPU nn.Linear of the model in `DTYPES` by a PackedLinear (packing_targets); how many
+    were replaced.
+
+    One layer at a time, each plain weight dropped (and its pages released, release_file_pages) once its
+    packed copy exists, so memory peaks at the weights plus one layer. Weights must not be changed
+    afterwards. stop: once set, the layers not yet packed stay plain.
+    """
     mappings = file_mappings()
     packed = 0
-    for path in targets:
+    for path in packing_targets(model):
         if stop is not None and stop.is_set():
             break
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        plain = getattr(parent, name)
-        setattr(parent, name, PackedLinear(plain))
-        release_file_pages(plain.weight, mappings)
+        replace_linear(model, path, PackedLinear, mappings)
         packed += 1
     return packed

@@ -30,7 +30,8 @@ from peftserve.model.geometry import head_dim, kv_heads, text_config
 from peftserve.runner.attention import ATTENTION_NAME, AttentionMetadata, PrefillChunk
 from peftserve.runner.flex import MIN_TOKENS, PagedLayout, flex_paged_attention, unwritten_tails
 from peftserve.runner.kv_cache import PagedKVCache
-from peftserve.runner.linear import pack_linears
+from peftserve.runner.linear import pack_linears, packing_targets
+from peftserve.runner.packed_cache import PackedCache
 from peftserve.runner.sampler import SampleRow, finite_rows, sample
 from peftserve.runner.vector_units import trust_known_vector_units
 
@@ -61,7 +62,7 @@ def attention_calls(model: torch.nn.Module) -> set[tuple[float, float | None]]:
     return calls or {(default, None)}
 
 
-def _warm(name: str, run: Callable[[], str], began: float, threads: int, yielding: bool) -> None:
+def _warm(name: str, run: Callable[[], str], began: float, threads: int, yielding: bool) -> str:
     """One piece of the warm-up on the engine's `threads` intra-op threads, logged with the seconds since
     `began` when it ends (it raises what fails).
 
@@ -83,6 +84,7 @@ def _warm(name: str, run: Callable[[], str], began: float, threads: int, yieldin
             log.exception("warm-up: %s failed", name)
         raise
     log.info("warm-up: %s in %.1f s", done, time.perf_counter() - began)
+    return done
 
 
 class ModelRunner:
@@ -98,11 +100,14 @@ class ModelRunner:
         attention: str = "flex",
         warm_up: str = "before",
         warm_ups: Callable[[], Mapping[str, Callable[[], str]]] | None = None,
+        packed_cache: PackedCache | None = None,
     ) -> None:
         """adapters: the side channel of the model's adapter layers (None: a model without them);
         attention: flex (read the pools in place, on CPU) or sdpa (gather each context, then SDPA);
         warm_up: background or before (EngineConfig.warm_up); warm_ups: gives more work for the warm-up
-        when it starts, by name (the adapter kernels' build), each returning what it made."""
+        when it starts, by name (the adapter kernels' build), each returning what it made; packed_cache:
+        where the packed weights of an earlier start are taken from, and this start's are kept once
+        packed (None: packed at every start)."""
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -131,14 +136,20 @@ class ModelRunner:
         self.background_warm_up = False
         """Whether the warm-up runs beside the steps (there is work, and warm_up is background)."""
         self._stop = threading.Event()
-        """Set by close: packing stops after its current layer."""
+        """Set by close: packing (and keeping what it packed) stops after its current layer."""
+        self.keeping: Future | None = None
+        """Writing the packed weights to packed_cache, after packing (its result says where, or why not)."""
+        pack = cpu_linear == "onednn" and self.device.type == "cpu"
+        if pack and packed_cache is not None:
+            packed_cache.restore(model)
         self._warm_up(
             # flex's block mask (one query block per token, G rows) is shaped for its CPU kernel; other
             # devices keep the gathering path until it is measured there.
             attention=attention == "flex" and self.device.type == "cpu",
-            pack=cpu_linear == "onednn" and self.device.type == "cpu",
+            pack=pack and bool(packing_targets(model)),
             background=warm_up == "background",
             more=warm_ups or dict,
+            keep=packed_cache,
         )
 
     def enable_graphs(
@@ -228,6 +239,7 @@ class ModelRunner:
         pack: bool,
         background: bool,
         more: Callable[[], Mapping[str, Callable[[], str]]],
+        keep: PackedCache | None,
     ) -> None:
         """Start what makes steps fast on CPU: compiling attention in place (_compile_attention; until it
         is in use, steps gather) and packing the Linear weights (one layer at a time; each layer runs its
@@ -236,7 +248,8 @@ class ModelRunner:
         one after the other in one thread at the lowest priority, beside the steps (a step takes in what
         is done at its start: _take_warm_up); attention first, which slows the steps beside it less.
         `more` runs after attention, in its thread (it may use the compile's set-up: inductor's probes
-        of the CPU)."""
+        of the CPU). After packing, in its thread and at the lowest priority in either case, the packed
+        weights are written to `keep` (self.keeping): not warm-up, as steps already run at full speed."""
         work = {"attention": self._compile_attention} if attention else {}
         work.update(more())
         if pack:
@@ -255,6 +268,9 @@ class ModelRunner:
             )
             for name, run in work.items()
         }
+        if pack and keep is not None:
+            run = functools.partial(keep.keep, self.model, self._stop)
+            self.keeping = packing.submit(_warm, "keeping the packed weights", run, began, threads, True)
         for pool in {rest, packing}:
             pool.shutdown(wait=False)  # its thread ends with its work
         if background:
@@ -268,8 +284,9 @@ class ModelRunner:
 
     def close(self) -> None:
         """Cut the warm-up short, so that the process can exit: packing stops after its current layer
-        (the rest keep their plain weights); attention's compile and the adapter kernels' build run to
-        their end (seconds: Python waits for them at exit)."""
+        (the rest keep their plain weights), and so does writing the packed weights (nothing is kept);
+        attention's compile and the adapter kernels' build run to their end (seconds: Python waits for
+        them at exit)."""
         self._stop.set()
 
     def wait_warm_up(self, timeout: float | None = None) -> bool:

@@ -1,0 +1,361 @@
+"""Packed weights kept across starts: the first start writes the model's packed Linear weights to disk,
+and later starts map them back instead of packing again.
+
+Packing reorders every weight into oneDNN's blocked layout: seconds of work on a multi-GB model (3.87 GB
+in bfloat16: 2-5 s here), every start. The packed bytes depend only on the weights, their dtype, torch's
+oneDNN and the CPU's instruction sets. So once a start has packed them all, its warm-up writes them to
+one file under the cache directory, keyed by all four. The next start maps that file and wraps each
+layer's bytes where they lie as its packed tensor: no copy, no reorder. The pages are read from the file
+on first use. They are clean file pages, so under memory pressure the kernel drops them and reads them
+again later, where it would swap out a packed copy made in memory.
+
+An entry is `<root>/<key>/`, with `weights.bin` (each layer's bytes at a page-aligned offset) and
+`index.json` (per layer: offset, size, shape, dtype, and oneDNN's description of the layout). It appears
+whole or not at all: it is written under a temporary name and renamed once synced, so a crash leaves at
+most a temporary, which the next writer removes. A start checks the entry against the model (the same
+layers, shapes and dtype), then unpacks its first layer and compares it bit for bit with the plain
+weight. An entry that fails is removed and the weights are packed as without it. Bytes damaged on disk
+in other layers are not detected: hashing the file would cost what the entry saves.
+
+The wrapping goes through the C functions torch's ahead-of-time compiled models load their packed
+constants with (`aoti_torch_create_tensor_from_blob_v2` in libtorch_cpu); private to torch, hence a
+probe at first use (usable) and torch's upper bound in pyproject.toml. Linux only (the library's name,
+/proc/cpuinfo); elsewhere nothing is kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftserve.model.loader import cpu_flags
+from peftserve.runner.linear import (
+    PAGE,
+    PackedLinear,
+    file_mappings,
+    libc,
+    onednn_usable,
+    pack,
+    packed_linear,
+    packing_targets,
+    replace_linear,
+    unpack,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+"""The entry layout's version: part of the key, so that a new layout never reads an old entry."""
+WEIGHTS, INDEX = "weights.bin", "index.json"
+SYNC_BYTES = 256 * 2**20
+"""Written bytes synced at a time, so that writing a model's weights does not fill memory with their
+dirty pages (once synced, they are clean page cache, which the kernel reclaims when it needs to)."""
+READ_AHEAD_BYTES = 64 * 2**20
+"""How much of the mapping one call faults in."""
+MADV_POPULATE_READ = 22
+"""Linux's madvise advice that faults a range in for reading (from 5.14 on)."""
+FREE_MARGIN = 2**30
+"""Disk space left free after an entry; with less, nothing is written."""
+DTYPE_SHIMS = {torch.float32: "aoti_torch_dtype_float32", torch.bfloat16: "aoti_torch_dtype_bfloat16"}
+
+
+class PackedCache:
+    """The entry of one model directory in one dtype under `root`, on this CPU and torch."""
+
+    def __init__(self, root: str | Path, model_dir: Path, dtype: torch.dtype) -> None:
+        self.root = Path(root)
+        self.model_dir = model_dir.resolve()
+        self.dtype = dtype
+        self.key = _key(self.model_dir, dtype)
+        self.entry = self.root / self.key
+
+    def restore(self, model: nn.Module) -> int:
+        """Put the kept packed weights in place of the model's Linear layers (pack_linears' targets);
+        how many were replaced: all of them, or 0 where there is no usable entry (a missing one quietly,
+        a stale or damaged one with a warning, and then it is removed)."""
+        targets = packing_targets(model)
+        if not targets or not (self.entry / INDEX).exists() or not usable(self.dtype):
+            return 0
+        began = time.perf_counter()
+        try:
+            storage, packed = self._read(model, targets)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.warning("packed weights kept in %s not used (%s); packing again", self.entry, exc)
+            self.discard()
+            return 0
+        threading.Thread(
+            target=_read_ahead, args=(storage,), name="peftserve-read-ahead", daemon=True
+        ).start()
+        mappings = file_mappings()
+        for path in targets:
+            replace_linear(
+                model, path, functools.partial(PackedLinear, packed=packed[path], holder=storage), mappings
+            )
+        log.info(
+            "%d Linear layers run on packed weights kept in %s (%.2f s)",
+            len(targets), self.entry, time.perf_counter() - began,
+        )  # fmt: skip
+        return len(targets)
+
+    def _read(
+        self, model: nn.Module, targets: list[str]
+    ) -> tuple[torch.UntypedStorage, dict[str, torch.Tensor]]:
+        """The entry's file mapped, and each target's packed weight wrapped in it; ValueError (and the
+        rest of restore's list) where the entry does not fit the model."""
+        index = json.loads((self.entry / INDEX).read_text())
+        layers = index["layers"]
+        if index["format"] != FORMAT or sorted(layers) != sorted(targets):
+            raise ValueError("its layers are not the model's")
+        size = (self.entry / WEIGHTS).stat().st_size
+        if size != index["bytes"]:
+            raise ValueError(f"{WEIGHTS} has {size} bytes, its index says {index['bytes']}")
+        storage = torch.UntypedStorage.from_file(str(self.entry / WEIGHTS), shared=False, nbytes=size)
+        packed = {}
+        for path in targets:
+            weight, layer = model.get_submodule(path).weight, layers[path]
+            if layer["shape"] != list(weight.shape) or layer["dtype"] != str(weight.dtype):
+                raise ValueError(f"{path} is {layer['dtype']} {layer['shape']} there, not the model's")
+            if layer["offset"] % PAGE or layer["offset"] + layer["bytes"] > size:
+                raise ValueError(f"{path}'s bytes are not in {WEIGHTS}")
+            metadata = base64.b64decode(layer["layout"])
+            packed[path] = wrap(storage.data_ptr() + layer["offset"], weight.shape, weight.dtype, metadata)
+            if torch.ops.mkldnn._nbytes(packed[path]) != layer["bytes"]:
+                raise ValueError(f"{path}'s layout does not span its bytes")
+        first = targets[0]
+        if not torch.equal(unpack(packed[first]), model.get_submodule(first).weight):
+            raise ValueError(f"{first} unpacked differs from the model's weight")
+        return storage, packed
+
+    def keep(self, model: nn.Module, stop: threading.Event | None = None) -> str:
+        """Write the model's packed weights as this entry, once every target is packed (best effort: what
+        stops it, a full disk or a read-only directory, is said in the result and leaves nothing)."""
+        layers = [(path, m) for path, m in model.named_modules() if isinstance(m, PackedLinear)]
+        if not layers or packing_targets(model):
+            return "packed weights not kept: some layers are not packed"
+        if self.entry.exists():
+            return f"packed weights already kept in {self.entry}"
+        sizes = [torch.ops.mkldnn._nbytes(m.packed) for _, m in layers]
+        need = sum(-(-n // PAGE) * PAGE for n in sizes)
+        began = time.perf_counter()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.root).free
+            if free < need + FREE_MARGIN:
+                return (
+                    f"packed weights not kept: {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free in {self.root}"
+                )
+            self._sweep()
+            temporary = self.root / f".{self.key}.{os.getpid()}.tmp"
+            try:
+                self._write(temporary, layers, sizes, stop)
+                os.rename(temporary, self.entry)  # fails if another process kept it first
+            finally:
+                shutil.rmtree(temporary, ignore_errors=True)
+            _sync_directory(self.root)
+        except _Stopped:
+            return "packed weights not kept: the engine closed"
+        except OSError as exc:
+            if self.entry.exists():
+                return f"packed weights already kept in {self.entry}"
+            return f"packed weights not kept in {self.root}: {exc}"
+        self._drop_superseded()
+        seconds = time.perf_counter() - began
+        return f"packed weights kept in {self.entry} ({need / 1e9:.2f} GB, {seconds:.1f} s)"
+
+    def _write(
+        self,
+        directory: Path,
+        layers: list[tuple[str, PackedLinear]],
+        sizes: list[int],
+        stop: threading.Event | None,
+    ) -> None:
+        """weights.bin then index.json into `directory`, both synced."""
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir()
+        index: dict[str, object] = {"format": FORMAT, "model": str(self.model_dir), "dtype": str(self.dtype)}
+        entries: dict[str, dict[str, object]] = {}
+        with open(directory / WEIGHTS, "wb") as f:
+            synced = 0
+            for (path, module), size in zip(layers, sizes, strict=True):
+                if stop is not None and stop.is_set():
+                    raise _Stopped
+                offset = -(-f.tell() // PAGE) * PAGE
+                f.seek(offset)
+                f.write((ctypes.c_uint8 * size).from_address(torch.ops.mkldnn.data_ptr(module.packed)))
+                layout = torch.ops.mkldnn._get_mkldnn_serialized_md(module.packed).numpy().tobytes()
+                entries[path] = {
+                    "offset": offset,
+                    "bytes": size,
+                    "shape": [module.out_features, module.in_features],
+                    "dtype": str(self.dtype),
+                    "layout": base64.b64encode(layout).decode(),
+                }
+                if f.tell() - synced >= SYNC_BYTES:
+                    synced = _sync(f)
+            index["bytes"] = _sync(f)
+        index["layers"] = entries
+        with open(directory / INDEX, "w") as f:
+            json.dump(index, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def discard(self) -> None:
+        """Remove this entry (a process that has it mapped reads on: the file lives until unmapped)."""
+        shutil.rmtree(self.entry, ignore_errors=True)
+
+    def _sweep(self) -> None:
+        """Remove the temporaries of writers that are gone (crashed or killed mid-write)."""
+        for temporary in self.root.glob(".*.tmp"):
+            pid = temporary.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(temporary, ignore_errors=True)
+
+    def _drop_superseded(self) -> None:
+        """Remove the entries of this model directory in this dtype under other keys (its files changed,
+        or torch or the CPU did): they would never be read again."""
+        for entry in self.root.iterdir():
+            if entry.name == self.key or entry.name.startswith("."):
+                continue
+            try:
+                index = json.loads((entry / INDEX).read_text())
+            except (OSError, ValueError):
+                continue
+            if index.get("model") == str(self.model_dir) and index.get("dtype") == str(self.dtype):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+class _Stopped(Exception):
+    """The engine closed while an entry was being written."""
+
+
+def _key(model_dir: Path, dtype: torch.dtype) -> str:
+    """What the packed bytes depend on: the weights (each file's name, size and time of change), the
+    dtype, torch (with its oneDNN) and the CPU's instruction sets."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
+    facts = {
+        "format": FORMAT,
+        "model": str(model_dir),
+        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "dtype": str(dtype),
+        "torch": [torch.__version__, torch.version.git_version],
+        "cpu": sorted(cpu_flags()),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def wrap(address: int, shape: torch.Size, dtype: torch.dtype, layout: bytes) -> torch.Tensor:
+    """The packed weight whose bytes are at `address`, in oneDNN's `layout` (as packing described it),
+    without a copy: whatever holds those bytes must outlive the tensor."""
+    shim = _shim()
+    sizes = (ctypes.c_int64 * 2)(*shape)
+    strides = (ctypes.c_int64 * 2)(shape[1], 1)
+    handle = ctypes.c_void_p()
+    failed = shim.aoti_torch_create_tensor_from_blob_v2(
+        ctypes.c_void_p(address), 2, sizes, strides, 0, _code(DTYPE_SHIMS[dtype]),
+        _code("aoti_torch_device_type_cpu"), 0, ctypes.byref(handle), _code("aoti_torch_layout__mkldnn"),
+        layout, len(layout),
+    )  # fmt: skip
+    if failed or not handle.value:
+        raise RuntimeError("torch could not wrap the packed bytes")
+    capsule = ctypes.pythonapi.PyCapsule_New
+    capsule.restype, capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    return torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr(capsule(handle.value, None, None))
+
+
+@cache
+def _shim() -> ctypes.CDLL:
+    shim = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    shim.aoti_torch_create_tensor_from_blob_v2.restype = ctypes.c_int32
+    shim.aoti_torch_create_tensor_from_blob_v2.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
+        ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int32, ctypes.c_char_p,
+        ctypes.c_int64,
+    ]  # fmt: skip
+    return shim
+
+
+@cache
+def _code(name: str) -> int:
+    """One of the shim's constants (a dtype, device type or layout code)."""
+    function = getattr(_shim(), name)
+    function.restype = ctypes.c_int32
+    return function()
+
+
+@cache
+def usable(dtype: torch.dtype) -> bool:
+    """Whether packed weights can be kept here: packing works for the dtype, and a packed weight's bytes,
+    copied elsewhere and wrapped, unpack and multiply as the original (a probe, once per dtype)."""
+    if dtype not in DTYPE_SHIMS or not onednn_usable(dtype):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 40, generator=gen).to(dtype)
+    x = torch.randn(3, 40, generator=gen).to(dtype)
+    try:
+        with torch.inference_mode():
+            packed = pack(weight)
+            size = torch.ops.mkldnn._nbytes(packed)
+            copy = torch.empty(size + PAGE, dtype=torch.uint8)
+            address = -(-copy.data_ptr() // PAGE) * PAGE
+            ctypes.memmove(address, torch.ops.mkldnn.data_ptr(packed), size)
+            layout = torch.ops.mkldnn._get_mkldnn_serialized_md(packed).numpy().tobytes()
+            wrapped = wrap(address, weight.shape, dtype, layout)
+            same = torch.equal(unpack(wrapped), weight) and torch.equal(
+                packed_linear(x, wrapped), packed_linear(x, packed)
+            )
+            del wrapped  # before `copy`, which holds its bytes
+    except (AttributeError, OSError, RuntimeError) as exc:  # a torch without these functions
+        log.warning("packed weights cannot be kept across starts here (%s)", exc)
+        return False
+    return same
+
+
+def _read_ahead(storage: torch.UntypedStorage) -> None:
+    """Fault the mapped file in, in order, ahead of the first steps (Linux 5.14+; elsewhere the steps
+    fault it in as they go). From a cold page cache the steps otherwise read it a page fault at a time:
+    a 4-token request on a 3.87 GB model was served in 8.4-9.1 s without, 6.0-6.9 s with it
+    (benchmarks/README.md, "Packed weights kept across starts"). From a warm one it only maps the pages."""
+    base, size = storage.data_ptr(), storage.nbytes()
+    for start in range(0, size, READ_AHEAD_BYTES):
+        length = ctypes.c_size_t(min(READ_AHEAD_BYTES, size - start))
+        if libc().madvise(ctypes.c_void_p(base + start), length, MADV_POPULATE_READ) != 0:
+            return  # a kernel without it: EINVAL
+
+
+def _sync(f) -> int:
+    """Sync what was written to `f`; where it ends."""
+    f.flush()
+    os.fsync(f.fileno())
+    return f.tell()
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

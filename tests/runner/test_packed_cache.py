@@ -1,0 +1,243 @@
+"""Packed weights kept across starts: a later start maps them back bit for bit and serves the same tokens;
+a stale, damaged or half-written entry is never used; keeping them never stops the engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from peftserve.config import EngineConfig
+from peftserve.engine.engine import LLMEngine
+from peftserve.engine.request import GenerationRequest, SamplingParams
+from peftserve.errors import InvalidRequest
+from peftserve.model.loader import load_base_model
+from peftserve.runner import packed_cache
+from peftserve.runner.linear import PackedLinear, pack_linears, packing_targets
+from peftserve.runner.packed_cache import INDEX, WEIGHTS, PackedCache, usable
+from tests.engine.conftest import random_prompts
+
+pytestmark = pytest.mark.skipif(not usable(torch.float32), reason="packed weights cannot be kept here")
+
+PARAMS = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=True)
+
+
+@pytest.fixture
+def model_dir(tiny_llama_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny llama, whose files a test may change."""
+    return Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+
+
+def _loaded(model_dir: Path, dtype: str = "float32") -> nn.Module:
+    return load_base_model(str(model_dir), "cpu", dtype).model
+
+
+def _kept(model_dir: Path, root: Path, dtype: str = "float32") -> PackedCache:
+    """The model's packed weights written as an entry under root (by a first start's steps)."""
+    model = _loaded(model_dir, dtype)
+    pack_linears(model)
+    cache = PackedCache(root, model_dir, model.dtype)
+    assert cache.keep(model).startswith("packed weights kept in")
+    return cache
+
+
+def _entries(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kept_weights_unpack_bit_for_bit_and_give_the_same_logits(model_dir, tmp_path, dtype):
+    if not usable(getattr(torch, dtype)):
+        pytest.skip(f"no packed {dtype} here")
+    cache = _kept(model_dir, tmp_path / "packed", dtype)
+    plain, packed, restored = _loaded(model_dir, dtype), _loaded(model_dir, dtype), _loaded(model_dir, dtype)
+    pack_linears(packed)
+    targets = packing_targets(plain)
+    assert cache.restore(restored) == len(targets) > 0
+    for path in targets:
+        layer = restored.get_submodule(path)
+        assert isinstance(layer, PackedLinear) and layer._holder is not None  # mapped, not packed here
+        assert torch.equal(layer.weight, plain.get_submodule(path).weight)
+    ids = torch.tensor([random_prompts([11], 100, seed=3)[0]])
+    with torch.inference_mode():
+        assert torch.equal(restored(ids).logits, packed(ids).logits)
+
+
+def test_a_second_start_serves_the_same_tokens_on_the_kept_weights(model_dir, tmp_path, caplog):
+    config = EngineConfig(model=str(model_dir), packed_cache=str(tmp_path / "packed"), warm_up="before")
+    prompts = random_prompts([5, 17, 2], 100, seed=1)
+    requests = [
+        GenerationRequest(f"r{i}", prompt_token_ids=p, sampling=PARAMS) for i, p in enumerate(prompts)
+    ]
+    first = LLMEngine.create(config)
+    assert "packed weights kept in" in first.runner.keeping.result(timeout=60)
+    with caplog.at_level(logging.INFO, logger="peftserve.runner.packed_cache"):
+        second = LLMEngine.create(config)
+    assert "run on packed weights kept in" in caplog.text
+    assert second.runner.keeping is None  # nothing was packed, so nothing to keep
+    holders = {m._holder is not None for m in second.runner.model.modules() if isinstance(m, PackedLinear)}
+    assert holders == {True}
+    a, b = first.generate_all(requests), second.generate_all(requests)
+    assert [a[r.request_id].token_ids for r in requests] == [b[r.request_id].token_ids for r in requests]
+    assert [a[r.request_id].logprobs for r in requests] == [b[r.request_id].logprobs for r in requests]
+
+
+def test_changed_weights_are_packed_again_and_their_old_entry_dropped(model_dir, tmp_path):
+    root = tmp_path / "packed"
+    old = _kept(model_dir, root)
+    weights = next(model_dir.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    model = _loaded(model_dir)
+    new = PackedCache(root, model_dir, model.dtype)
+    assert new.key != old.key and new.restore(model) == 0
+    pack_linears(model)
+    assert new.keep(model).startswith("packed weights kept in")
+    assert _entries(root) == [new.key]  # the old entry would never be read again
+    assert PackedCache(root, model_dir, torch.bfloat16).key != new.key  # and each dtype has its own
+
+
+def _truncate(entry: Path) -> None:
+    with open(entry / WEIGHTS, "r+b") as f:
+        f.truncate(entry.joinpath(WEIGHTS).stat().st_size - 4096)
+
+
+def _flip_first_layer(entry: Path) -> None:
+    index = json.loads((entry / INDEX).read_text())
+    first = min(index["layers"].values(), key=lambda layer: layer["offset"])
+    with open(entry / WEIGHTS, "r+b") as f:
+        f.seek(first["offset"] + 8)
+        byte = f.read(1)
+        f.seek(first["offset"] + 8)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def _reshape_a_layer(entry: Path) -> None:
+    index = json.loads((entry / INDEX).read_text())
+    layer = next(iter(index["layers"].values()))
+    layer["shape"] = [layer["shape"][1], layer["shape"][0] + 1]
+    (entry / INDEX).write_text(json.dumps(index))
+
+
+def _garble_index(entry: Path) -> None:
+    (entry / INDEX).write_text('{"format": 1, "layers": ')
+
+
+def _drop_a_layer(entry: Path) -> None:
+    index = json.loads((entry / INDEX).read_text())
+    index["layers"].pop(next(iter(index["layers"])))
+    (entry / INDEX).write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    "damage", [_truncate, _flip_first_layer, _reshape_a_layer, _garble_index, _drop_a_layer]
+)
+def test_a_damaged_entry_is_removed_and_the_engine_packs_and_serves_as_without_it(
+    model_dir, tmp_path, damage, caplog
+):
+    root = tmp_path / "packed"
+    cache = _kept(model_dir, root)
+    damage(cache.entry)
+    model = _loaded(model_dir)
+    with caplog.at_level(logging.WARNING, logger="peftserve.runner.packed_cache"):
+        assert cache.restore(model) == 0
+    assert "not used" in caplog.text and not cache.entry.exists()
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())  # all or nothing
+    config = EngineConfig(model=str(model_dir), packed_cache=str(root), warm_up="before")
+    engine = LLMEngine.create(config)
+    assert engine.runner.keeping.result(timeout=60).startswith("packed weights kept in")
+    request = GenerationRequest("r", prompt_token_ids=[3, 4, 5], sampling=PARAMS)
+    assert len(engine.generate_all([request])["r"].token_ids) == PARAMS.max_new_tokens
+
+
+def test_a_writer_that_died_leaves_only_a_temporary_which_the_next_writer_sweeps(model_dir, tmp_path):
+    root = tmp_path / "packed"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    model = _loaded(model_dir)
+    cache = PackedCache(root, model_dir, model.dtype)
+    temporary = root / f".{cache.key}.{int(dead.stdout)}.tmp"
+    temporary.mkdir(parents=True)
+    (temporary / WEIGHTS).write_bytes(b"\0" * 4096)  # cut off before its index
+    assert cache.restore(model) == 0  # a temporary is never read
+    pack_linears(model)
+    assert cache.keep(model).startswith("packed weights kept in")
+    assert _entries(root) == [cache.key]
+
+
+def test_a_close_while_writing_leaves_nothing(model_dir, tmp_path):
+    model = _loaded(model_dir)
+    pack_linears(model)
+    cache = PackedCache(tmp_path / "packed", model_dir, model.dtype)
+    stop = threading.Event()
+    stop.set()
+    assert cache.keep(model, stop) == "packed weights not kept: the engine closed"
+    assert _entries(tmp_path / "packed") == []
+
+
+def test_only_a_model_whose_every_layer_is_packed_is_kept(model_dir, tmp_path):
+    model = _loaded(model_dir)
+    first = packing_targets(model)[0]
+    pack_linears(model.get_submodule(first.rpartition(".")[0]))  # one block's layers, not the rest
+    cache = PackedCache(tmp_path / "packed", model_dir, model.dtype)
+    assert cache.keep(model) == "packed weights not kept: some layers are not packed"
+    assert not (tmp_path / "packed").exists()
+
+
+def test_without_room_or_a_writable_directory_nothing_is_kept_and_nothing_raised(
+    model_dir, tmp_path, monkeypatch
+):
+    model = _loaded(model_dir)
+    pack_linears(model)
+    (tmp_path / "a-file").write_text("")
+    cache = PackedCache(tmp_path / "a-file" / "packed", model_dir, model.dtype)
+    assert cache.keep(model).startswith(f"packed weights not kept in {tmp_path / 'a-file' / 'packed'}")
+    full = shutil.disk_usage(tmp_path)._replace(free=packed_cache.FREE_MARGIN)
+    monkeypatch.setattr(packed_cache.shutil, "disk_usage", lambda path: full)
+    cache = PackedCache(tmp_path / "packed", model_dir, model.dtype)
+    assert "GB free in" in cache.keep(model)
+    assert _entries(tmp_path / "packed") == []
+
+
+def test_an_entry_kept_once_is_not_written_again(model_dir, tmp_path):
+    cache = _kept(model_dir, tmp_path / "packed")
+    model = _loaded(model_dir)
+    pack_linears(model)
+    written = (cache.entry / WEIGHTS).stat().st_mtime_ns
+    assert cache.keep(model) == f"packed weights already kept in {cache.entry}"
+    assert (cache.entry / WEIGHTS).stat().st_mtime_ns == written
+
+
+def test_the_probe_refuses_wrapping_that_does_not_give_the_packed_weight_back(monkeypatch, caplog):
+    probe = usable.__wrapped__  # usable() is cached per dtype
+    assert probe(torch.float32) and not probe(torch.float16)  # float16 is not packed at all
+    other = packed_cache.pack(torch.zeros(48, 40))
+    monkeypatch.setattr(packed_cache, "wrap", lambda *args: other)
+    assert not probe(torch.float32)
+
+    monkeypatch.undo()
+
+    def missing():
+        raise OSError("libtorch_cpu.so: cannot open shared object file")
+
+    monkeypatch.setattr(packed_cache, "_shim", missing)
+    with caplog.at_level(logging.WARNING, logger="peftserve.runner.packed_cache"):
+        assert not probe(torch.float32)
+    assert "cannot be kept across starts" in caplog.text
+
+
+@pytest.mark.parametrize("value", ["", "a-file"])
+def test_packed_cache_must_name_a_directory_or_off(tmp_path, value):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InvalidRequest, match="packed_cache must be a directory or 'off'"):
+        EngineConfig(packed_cache=str(tmp_path / value) if value else value)
+    assert EngineConfig(packed_cache="off").packed_cache == "off"
