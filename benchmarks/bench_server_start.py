@@ -7,11 +7,13 @@ For each system, in a fresh process, the seconds from launching the server until
   warm     peftserve: its warm-up has ended (`peftserve_warming` 0 on /metrics), full speed from the next
            step; vLLM warms up before it serves, so its warm time is its ready time
 
-Systems: `peftserve` (the defaults: warm-up in the background), `peftserve-before` (`--warm-up
-before`), and `vllm` (its CPU build's OpenAI server, `make peer-vllm`; left out when the peer is not
-built). They take turns, --rounds times. The model is bench_startup.py's (bench-1b at --layers layers,
-safetensors in --dtype), built once into --model-dir; launching includes each server's imports. The
-page cache stays warm (the model is read once before the first round).
+Systems: `peftserve` (the defaults: warm-up in the background, and the packed weights an earlier start
+kept, here in --packed-cache; where none are kept yet, an untimed first start packs and keeps them),
+`peftserve-packing` (`--packed-cache off`: packing at every start), `peftserve-before` (`--warm-up before
+--packed-cache off`), and `vllm` (its CPU build's OpenAI server, `make peer-vllm`; left out when the
+peer is not built). They take turns, --rounds times. The model is bench_startup.py's (bench-1b at
+--layers layers, safetensors in --dtype), built once into --model-dir; launching includes each server's
+imports. The page cache stays warm (the model is read once before the first round).
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_server_start.py --layers 40 \\
         --dtype bfloat16 --model-dir /tmp/startup-bf16-40
@@ -39,7 +41,7 @@ from peftserve.bench.report import format_rows  # noqa: E402
 from peftserve.bench.server import ServerProcess  # noqa: E402
 from peftserve.bench.vllm_system import VllmServer, VllmSpec, free_port  # noqa: E402
 
-SYSTEMS = ("peftserve", "peftserve-before", "vllm")
+SYSTEMS = ("peftserve", "peftserve-packing", "peftserve-before", "vllm")
 POLL_S = 0.05
 TIMEOUT_S = 600.0
 
@@ -78,6 +80,11 @@ def complete(root: str) -> None:
         raise RuntimeError(f"expected 4 tokens, got {answer['usage']}")
 
 
+def kept(packed_cache: Path) -> list[Path]:
+    """The entries kept under a packed-weights cache (a writer's temporary starts with a dot)."""
+    return [p for p in packed_cache.glob("[!.]*") if p.is_dir()] if packed_cache.is_dir() else []
+
+
 def warming(root: str) -> bool:
     """Whether peftserve's /metrics still counts warm-up work (or does not answer yet)."""
     status, text = get(f"{root}/metrics")
@@ -85,8 +92,8 @@ def warming(root: str) -> bool:
     return status != 200 or not gauges or gauges[0].samples[0].value > 0
 
 
-def start(system: str, args: argparse.Namespace, log_dir: Path) -> dict[str, float]:
-    """Launch one server, time it, stop it."""
+def start(system: str, args: argparse.Namespace, log_dir: Path, keep: bool = False) -> dict[str, float]:
+    """Launch one server, time it, stop it; keep: once its packed weights are kept (a first start)."""
     began = time.perf_counter()
     if system == "vllm":
         spec = VllmSpec(
@@ -103,6 +110,7 @@ def start(system: str, args: argparse.Namespace, log_dir: Path) -> dict[str, flo
         port = free_port()
         argv = ["--model", str(args.model_dir), "--dtype", args.dtype, "--kv-cache-mb", "512"]
         argv += ["--http-port", str(port), "--grace-s", "1"]
+        argv += ["--packed-cache", str(args.packed_cache) if system == "peftserve" else "off"]
         if system == "peftserve-before":
             argv += ["--warm-up", "before"]
         server = ServerProcess.serve(argv, log_dir / f"{system}.log")
@@ -112,6 +120,8 @@ def start(system: str, args: argparse.Namespace, log_dir: Path) -> dict[str, flo
         complete(root)
         ready = time.perf_counter() - began
         warm = ready if system == "vllm" else until(began, lambda: not warming(root), alive)
+        if keep:
+            until(began, lambda: bool(kept(args.packed_cache)), alive)
     finally:
         server.stop()
     return {"serving": serving, "ready": ready, "warm": warm}
@@ -128,12 +138,19 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/bench-server-start"))
+    parser.add_argument(
+        "--packed-cache", type=Path, default=None, help="for peftserve (default: <model dir>-packed)"
+    )
     add_vllm_arguments(parser, threads_default="its own")
     args = parser.parse_args()
     build(args.model_dir, args.shape, args.layers, getattr(torch, args.dtype))
     for path in args.model_dir.glob("*.safetensors"):
         path.read_bytes()  # every round starts from a warm page cache, the first too
+    args.packed_cache = args.packed_cache or args.model_dir.with_name(f"{args.model_dir.name}-packed")
     systems = [s for s in args.systems.split(",") if s != "vllm" or Path(args.vllm_python).is_file()]
+    if "peftserve" in systems and not kept(args.packed_cache):
+        first = start("peftserve", args, args.log_dir, keep=True)
+        print("peftserve, first start (packs, then keeps)", {k: round(v, 2) for k, v in first.items()})
     runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
     for _ in range(args.rounds):
         for system in systems:
