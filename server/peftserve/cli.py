@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from peftserve.bench.cli import add_bench_parser
 from peftserve.client_flags import API_KEY_ENV, add_tls_args, tls_kwargs
-from peftserve.config import DTYPES, EngineConfig, ServerConfig, TlsConfig
+from peftserve.config import DTYPES, EngineConfig, ServerConfig, TlsConfig, default_packed_cache
 from peftserve.deploy.cli import add_cluster_parser
 from peftserve.errors import InvalidRequest, PeftServeError
 from peftserve.training.cli import add_train_parser
@@ -171,6 +171,30 @@ def _cmd_model_path(args: argparse.Namespace) -> int:
     from peftserve.model.default_model import ensure_default_model  # imports torch and transformers
 
     print(ensure_default_model())
+    return 0
+
+
+def _cmd_model_pack(args: argparse.Namespace) -> int:
+    """What a server's first start does after packing, ahead of it (in an image's build, say): the
+    packed weights written under --packed-cache, for this CPU, torch and dtype."""
+    from peftserve.model.loader import load_base_model  # imports torch and transformers
+    from peftserve.runner.linear import pack_linears
+    from peftserve.runner.packed_cache import PackedCache, usable
+
+    loaded = load_base_model(args.model, "cpu", args.dtype)
+    if not usable(loaded.dtype):
+        print(f"error: packed {loaded.dtype} weights cannot be kept with this torch and CPU", file=sys.stderr)
+        return 1
+    cache = PackedCache(args.packed_cache, loaded.directory, loaded.dtype)
+    if cache.entry.exists():
+        print(f"packed weights already kept in {cache.entry}")
+        return 0
+    pack_linears(loaded.model)
+    result = cache.keep(loaded.model)  # or "already kept": another process was first
+    if not result.startswith(("packed weights kept", "packed weights already kept")):
+        print(f"error: {result}", file=sys.stderr)
+        return 1
+    print(result)
     return 0
 
 
@@ -413,6 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     path = model_commands.add_parser("path", help="print the model directory, building the default if absent")
     path.add_argument("--model", default="default")
     path.set_defaults(run=_cmd_model_path)
+    pack = model_commands.add_parser(
+        "pack", help="pack the model's Linear weights for this CPU and keep them for the server's starts"
+    )
+    pack.add_argument("--model", default="default")
+    pack.add_argument("--dtype", default="auto", help="as serve's --dtype (the entry is per dtype)")
+    pack.add_argument(
+        "--packed-cache",
+        default=os.environ.get("PEFTSERVE_PACKED_CACHE") or default_packed_cache(),
+        help="as serve's --packed-cache (default: $PEFTSERVE_PACKED_CACHE, else ~/.cache/peftserve/packed)",
+    )
+    pack.set_defaults(run=_cmd_model_pack)
     add_train_parser(commands)
 
     generate = commands.add_parser("generate", help="generate a completion on a running server")

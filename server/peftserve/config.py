@@ -17,7 +17,7 @@ ATTENTIONS = ("flex", "sdpa")
 WARM_UPS = ("background", "before")
 
 
-def _default_packed_cache() -> str:
+def default_packed_cache() -> str:
     """$XDG_CACHE_HOME/peftserve/packed (~/.cache/peftserve/packed without it)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "peftserve", "packed")
@@ -77,7 +77,7 @@ class EngineConfig:
     has, plain or packed (same outputs, up to rounding). before: the engine serves once all are done, at
     full speed from the first request."""
     packed_cache: str = field(
-        default_factory=lambda: os.environ.get("PEFTSERVE_PACKED_CACHE") or _default_packed_cache()
+        default_factory=lambda: os.environ.get("PEFTSERVE_PACKED_CACHE") or default_packed_cache()
     )
     """Where packed Linear weights are kept across starts (cpu_linear onednn), or 'off'. The first start
     of a model in a dtype packs them, then writes them there (as many bytes as the weights); later starts

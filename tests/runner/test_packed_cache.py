@@ -241,3 +241,40 @@ def test_packed_cache_must_name_a_directory_or_off(tmp_path, value):
     with pytest.raises(InvalidRequest, match="packed_cache must be a directory or 'off'"):
         EngineConfig(packed_cache=str(tmp_path / value) if value else value)
     assert EngineConfig(packed_cache="off").packed_cache == "off"
+
+
+def test_two_starts_writing_at_once_leave_one_whole_entry(model_dir, tmp_path, monkeypatch):
+    root = tmp_path / "packed"
+    other = _kept(model_dir, tmp_path / "other")  # what the other start wrote, renamed in just before ours
+    model = _loaded(model_dir)
+    pack_linears(model)
+    cache = PackedCache(root, model_dir, model.dtype)
+    write = PackedCache._write
+
+    def beaten(self, directory, *args):
+        write(self, directory, *args)
+        shutil.copytree(other.entry, self.entry)
+
+    monkeypatch.setattr(PackedCache, "_write", beaten)
+    assert cache.keep(model) == f"packed weights already kept in {cache.entry}"
+    assert _entries(root) == [cache.key]  # ours is gone, theirs is whole
+    fresh = _loaded(model_dir)
+    assert cache.restore(fresh) == len(packing_targets(_loaded(model_dir))) > 0
+
+
+def test_peftserve_model_pack_keeps_what_a_later_start_maps(model_dir, tmp_path, capsys):
+    from peftserve.cli import main
+
+    root = tmp_path / "packed"
+    argv = ["model", "pack", "--model", str(model_dir), "--dtype", "float32", "--packed-cache", str(root)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("packed weights kept in")
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("packed weights already kept in")
+    model = _loaded(model_dir)
+    assert PackedCache(root, model_dir, torch.float32).restore(model) == len(
+        packing_targets(_loaded(model_dir))
+    )
+    (tmp_path / "a-file").write_text("")
+    assert main([*argv[:-1], str(tmp_path / "a-file" / "packed")]) == 1
+    assert "error: packed weights not kept in" in capsys.readouterr().err
