@@ -117,7 +117,7 @@ class PackedCache:
         rest of restore's list) where the entry does not fit the model."""
         index = json.loads((self.entry / INDEX).read_text())
         layers = index["layers"]
-        if index["format"] != FORMAT or sorted(layers) != sorted(targets):
+        if index["format"] != FORMAT or sorted(layers) != sorted(map(_name, targets)):
             raise ValueError("its layers are not the model's")
         size = (self.entry / WEIGHTS).stat().st_size
         if size != index["bytes"]:
@@ -125,15 +125,15 @@ class PackedCache:
         storage = torch.UntypedStorage.from_file(str(self.entry / WEIGHTS), shared=False, nbytes=size)
         packed = {}
         for path in targets:
-            weight, layer = model.get_submodule(path).weight, layers[path]
+            weight, layer = model.get_submodule(path).weight, layers[_name(path)]
             if layer["shape"] != list(weight.shape) or layer["dtype"] != str(weight.dtype):
-                raise ValueError(f"{path} is {layer['dtype']} {layer['shape']} there, not the model's")
+                raise ValueError(f"{_name(path)} is {layer['dtype']} {layer['shape']} there, not the model's")
             if layer["offset"] % PAGE or layer["offset"] + layer["bytes"] > size:
-                raise ValueError(f"{path}'s bytes are not in {WEIGHTS}")
+                raise ValueError(f"{_name(path)}'s bytes are not in {WEIGHTS}")
             metadata = base64.b64decode(layer["layout"])
             packed[path] = wrap(storage.data_ptr() + layer["offset"], weight.shape, weight.dtype, metadata)
             if torch.ops.mkldnn._nbytes(packed[path]) != layer["bytes"]:
-                raise ValueError(f"{path}'s layout does not span its bytes")
+                raise ValueError(f"{_name(path)}'s layout does not span its bytes")
         first = targets[0]
         if not torch.equal(unpack(packed[first]), model.get_submodule(first).weight):
             raise ValueError(f"{first} unpacked differs from the model's weight")
@@ -196,7 +196,7 @@ class PackedCache:
                 f.seek(offset)
                 f.write((ctypes.c_uint8 * size).from_address(torch.ops.mkldnn.data_ptr(module.packed)))
                 layout = torch.ops.mkldnn._get_mkldnn_serialized_md(module.packed).numpy().tobytes()
-                entries[path] = {
+                entries[_name(path)] = {
                     "offset": offset,
                     "bytes": size,
                     "shape": [module.out_features, module.in_features],
@@ -235,6 +235,12 @@ class PackedCache:
                 continue
             if index.get("model") == str(self.model_dir) and index.get("dtype") == str(self.dtype):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _name(path: str) -> str:
+    """A layer's name in an entry: its module path without the adapter layers wrapped around it, so that
+    an entry fits the model with or without them (`peftserve model pack` loads it without)."""
+    return ".".join(part for part in path.split(".") if part != "base_layer")
 
 
 class _Stopped(Exception):
