@@ -194,7 +194,7 @@ def test_only_a_model_whose_every_layer_is_packed_is_kept(model_dir, tmp_path):
 
 
 def test_without_room_or_a_writable_directory_nothing_is_kept_and_nothing_raised(
-    model_dir, tmp_path, monkeypatch
+    model_dir, tmp_path, monkeypatch, caplog
 ):
     model = _loaded(model_dir)
     pack_linears(model)
@@ -206,6 +206,8 @@ def test_without_room_or_a_writable_directory_nothing_is_kept_and_nothing_raised
     cache = PackedCache(tmp_path / "packed", model_dir, model.dtype)
     assert "GB free in" in cache.keep(model)
     assert _entries(tmp_path / "packed") == []
+    warned = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and all("the next start packs again" in m for m in warned)
 
 
 def test_an_entry_kept_once_is_not_written_again(model_dir, tmp_path):

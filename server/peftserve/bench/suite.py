@@ -150,7 +150,9 @@ def serve_args(
 ) -> list[str]:
     """Flags of `peftserve serve`: the pools' adapters, a KV budget for max_running longest requests, and
     the warm-up done before it serves: the runs measure serving at full speed (bench_startup.py measures
-    the start), as the peers', which warm up before they serve."""
+    the start), as the peers', which warm up before they serve. The weights are packed at every start and
+    not kept, so that no write of them runs beside the runs (the steps are as fast on kept weights:
+    benchmarks/README.md, "Packed weights kept across starts")."""
     dtype = serving_dtype(config)
     args = [
         "--model", str(model_dir),
@@ -163,6 +165,7 @@ def serve_args(
         "--max-queue", str(max(1024, config.workload.requests, config.sweep_requests)),
         "--grace-s", "5",
         "--warm-up", "before",
+        "--packed-cache", "off",
     ]  # fmt: skip
     if config.threads:
         args += ["--threads", str(config.threads)]

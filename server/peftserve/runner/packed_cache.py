@@ -141,7 +141,8 @@ class PackedCache:
 
     def keep(self, model: nn.Module, stop: threading.Event | None = None) -> str:
         """Write the model's packed weights as this entry, once every target is packed (best effort: what
-        stops it, a full disk or a read-only directory, is said in the result and leaves nothing)."""
+        stops it, a full disk or a read-only directory, is said in the result, also as a warning, and
+        leaves nothing)."""
         layers = [(path, m) for path, m in model.named_modules() if isinstance(m, PackedLinear)]
         if not layers or packing_targets(model):
             return "packed weights not kept: some layers are not packed"
@@ -154,7 +155,7 @@ class PackedCache:
             self.root.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.root).free
             if free < need + FREE_MARGIN:
-                return (
+                return _warn(
                     f"packed weights not kept: {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free in {self.root}"
                 )
             self._sweep()
@@ -170,7 +171,7 @@ class PackedCache:
         except OSError as exc:
             if self.entry.exists():
                 return f"packed weights already kept in {self.entry}"
-            return f"packed weights not kept in {self.root}: {exc}"
+            return _warn(f"packed weights not kept in {self.root}: {exc}")
         self._drop_superseded()
         seconds = time.perf_counter() - began
         return f"packed weights kept in {self.entry} ({need / 1e9:.2f} GB, {seconds:.1f} s)"
@@ -235,6 +236,12 @@ class PackedCache:
                 continue
             if index.get("model") == str(self.model_dir) and index.get("dtype") == str(self.dtype):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _warn(message: str) -> str:
+    """The message, logged as a warning (the engine serves on: it packs at every start)."""
+    log.warning("%s; the next start packs again", message)
+    return message
 
 
 def _name(path: str) -> str:
