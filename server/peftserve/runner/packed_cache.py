@@ -6,8 +6,8 @@ in bfloat16: 2-5 s here), every start. The packed bytes depend only on the weigh
 oneDNN and the CPU's instruction sets. So once a start has packed them all, its warm-up writes them to
 one file under the cache directory, keyed by all four. The next start maps that file and wraps each
 layer's bytes where they lie as its packed tensor: no copy, no reorder. The pages are read from the file
-on first use. They are clean file pages, so under memory pressure the kernel drops them and reads them
-again later, where it would swap out a packed copy made in memory.
+on first use. They are clean file pages: under memory pressure the kernel may drop them and read them
+again later, where a packed copy made in memory could only be swapped out.
 
 An entry is `<root>/<key>/`, with `weights.bin` (each layer's bytes at a page-aligned offset) and
 `index.json` (per layer: offset, size, shape, dtype, and oneDNN's description of the layout). It appears
@@ -85,7 +85,7 @@ class PackedCache:
     def restore(self, model: nn.Module) -> int:
         """Put the kept packed weights in place of the model's Linear layers (pack_linears' targets);
         how many were replaced: all of them, or 0 where there is no usable entry (a missing one quietly,
-        a stale or damaged one with a warning, and then it is removed)."""
+        one that does not fit the model or is damaged with a warning, and then it is removed)."""
         targets = packing_targets(model)
         if not targets or not (self.entry / INDEX).exists() or not usable(self.dtype):
             return 0
