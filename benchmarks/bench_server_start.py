@@ -34,7 +34,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_startup import build  # noqa: E402
+from bench_startup import build, kept  # noqa: E402
 from common import SHAPES, add_vllm_arguments, environment  # noqa: E402
 
 from peftserve.bench.report import format_rows  # noqa: E402
@@ -80,11 +80,6 @@ def complete(root: str) -> None:
         raise RuntimeError(f"expected 4 tokens, got {answer['usage']}")
 
 
-def kept(packed_cache: Path) -> list[Path]:
-    """The entries kept under a packed-weights cache (a writer's temporary starts with a dot)."""
-    return [p for p in packed_cache.glob("[!.]*") if p.is_dir()] if packed_cache.is_dir() else []
-
-
 def warming(root: str) -> bool:
     """Whether peftserve's /metrics still counts warm-up work (or does not answer yet)."""
     status, text = get(f"{root}/metrics")
@@ -121,7 +116,7 @@ def start(system: str, args: argparse.Namespace, log_dir: Path, keep: bool = Fal
         ready = time.perf_counter() - began
         warm = ready if system == "vllm" else until(began, lambda: not warming(root), alive)
         if keep:
-            until(began, lambda: bool(kept(args.packed_cache)), alive)
+            until(began, lambda: kept(args.packed_cache, args.model_dir, args.dtype), alive)
     finally:
         server.stop()
     return {"serving": serving, "ready": ready, "warm": warm}
@@ -148,7 +143,7 @@ def main() -> None:
         path.read_bytes()  # every round starts from a warm page cache, the first too
     args.packed_cache = args.packed_cache or args.model_dir.with_name(f"{args.model_dir.name}-packed")
     systems = [s for s in args.systems.split(",") if s != "vllm" or Path(args.vllm_python).is_file()]
-    if "peftserve" in systems and not kept(args.packed_cache):
+    if "peftserve" in systems and not kept(args.packed_cache, args.model_dir, args.dtype):
         first = start("peftserve", args, args.log_dir, keep=True)
         print("peftserve, first start (packs, then keeps)", {k: round(v, 2) for k, v in first.items()})
     runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}

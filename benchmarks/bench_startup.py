@@ -118,6 +118,14 @@ def build(model_dir: Path, shape_name: str, layers: int, dtype: torch.dtype) -> 
     (model_dir / "weights.json").write_text(json.dumps({"bytes": weights}))
 
 
+def kept(packed_cache: Path, model_dir: Path, dtype: str) -> bool:
+    """Whether packed weights of the model in this dtype are kept under packed_cache for this torch and
+    CPU (runner/packed_cache.py's key)."""
+    from peftserve.runner.packed_cache import PackedCache
+
+    return PackedCache(packed_cache, model_dir, getattr(torch, dtype)).entry.is_dir()
+
+
 def evict(directory: Path) -> None:
     """Drop the files of a model (or of its kept packed weights) from the page cache, so that the next
     start reads them from the disk (the host of a virtual machine may still hold them: a cold start here
@@ -165,7 +173,7 @@ def main() -> None:
                  "peak / weights", "(RSS - runtime) / weights"]]  # fmt: skip
         runtime = 0.0
         systems = args.systems.split(",")
-        if "kept" in systems and not any(p.is_dir() for p in packed_cache.glob("[!.]*")):
+        if "kept" in systems and not kept(packed_cache, model_dir, args.dtype):
             systems.insert(systems.index("kept"), "kept, first")
         for system in systems:
             if args.cold:

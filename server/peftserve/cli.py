@@ -181,7 +181,14 @@ def _cmd_model_pack(args: argparse.Namespace) -> int:
     from peftserve.runner.linear import pack_linears
     from peftserve.runner.packed_cache import PackedCache, usable
 
-    loaded = load_base_model(args.model, "cpu", args.dtype)
+    if args.packed_cache == "off":
+        print("error: --packed-cache off keeps nothing; name a directory", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_base_model(args.model, "cpu", args.dtype)
+    except InvalidRequest as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not usable(loaded.dtype):
         print(f"error: packed {loaded.dtype} weights cannot be kept with this torch and CPU", file=sys.stderr)
         return 1
@@ -444,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--dtype", default="auto", help="as serve's --dtype (the entry is per dtype)")
     pack.add_argument(
         "--packed-cache",
-        default=os.environ.get("PEFTSERVE_PACKED_CACHE") or default_packed_cache(),
+        default=default_packed_cache(),
         help="as serve's --packed-cache (default: $PEFTSERVE_PACKED_CACHE, else ~/.cache/peftserve/packed)",
     )
     pack.set_defaults(run=_cmd_model_pack)

@@ -18,9 +18,9 @@ WARM_UPS = ("background", "before")
 
 
 def default_packed_cache() -> str:
-    """$XDG_CACHE_HOME/peftserve/packed (~/.cache/peftserve/packed without it)."""
+    """$PEFTSERVE_PACKED_CACHE, else $XDG_CACHE_HOME/peftserve/packed (~/.cache/peftserve/packed)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "peftserve", "packed")
+    return os.environ.get("PEFTSERVE_PACKED_CACHE") or os.path.join(base, "peftserve", "packed")
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,7 @@ class EngineConfig:
     step gathers attention, runs the adapters' parallel kernel and runs each layer on whatever weight it
     has, plain or packed (same outputs, up to rounding). before: the engine serves once all are done, at
     full speed from the first request."""
-    packed_cache: str = field(
-        default_factory=lambda: os.environ.get("PEFTSERVE_PACKED_CACHE") or default_packed_cache()
-    )
+    packed_cache: str = field(default_factory=default_packed_cache)
     """Where packed Linear weights are kept across starts (cpu_linear onednn), or 'off'. The first start
     of a model in a dtype packs them, then writes them there (as many bytes as the weights); later starts
     map them back instead of packing (seconds sooner at full speed on a multi-GB model). Default:

@@ -280,3 +280,7 @@ def test_peftserve_model_pack_keeps_what_a_later_start_maps(model_dir, tmp_path,
     (tmp_path / "a-file").write_text("")
     assert main([*argv[:-1], str(tmp_path / "a-file" / "packed")]) == 1
     assert "error: packed weights not kept in" in capsys.readouterr().err
+    assert main([*argv[:-1], "off"]) == 2
+    assert "error: --packed-cache off keeps nothing" in capsys.readouterr().err
+    assert main(["model", "pack", "--model", str(tmp_path / "missing"), "--packed-cache", str(root)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
