@@ -284,3 +284,26 @@ def test_peftserve_model_pack_keeps_what_a_later_start_maps(model_dir, tmp_path,
     assert "error: --packed-cache off keeps nothing" in capsys.readouterr().err
     assert main(["model", "pack", "--model", str(tmp_path / "missing"), "--packed-cache", str(root)]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_a_kept_file_out_of_the_page_cache_is_left_for_packing(model_dir, tmp_path, monkeypatch, caplog):
+    cache = _kept(model_dir, tmp_path / "packed")
+    weights = cache.entry / WEIGHTS
+
+    def share() -> float:
+        mapped = torch.UntypedStorage.from_file(str(weights), shared=False, nbytes=weights.stat().st_size)
+        return packed_cache._resident_share(mapped)
+
+    assert share() > packed_cache.RESIDENT_MIN  # just written
+    fd = os.open(weights, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if share() > 0.1:
+        pytest.skip("this file system keeps the file's pages (tmpfs?)")
+    model = _loaded(model_dir)
+    with caplog.at_level(logging.INFO, logger="peftserve.runner.packed_cache"):
+        assert cache.restore(model) == 0
+    assert "of them is in the page cache, so this start packs" in caplog.text
+    assert cache.entry.exists() and not any(isinstance(m, PackedLinear) for m in model.modules())
+    pack_linears(model)
+    assert cache.keep(model) == f"packed weights already kept in {cache.entry}"

@@ -67,6 +67,12 @@ READ_AHEAD_BYTES = 64 * 2**20
 """How much of the mapping one call faults in."""
 MADV_POPULATE_READ = 22
 """Linux's madvise advice that faults a range in for reading (from 5.14 on)."""
+RESIDENT_MIN = 0.5
+"""The least share of the kept file in the page cache for a start to map it rather than pack. From a
+cold page cache, reading the 3.74 GB file put the first request 1.5-2.5 s after packing's (5.4 s
+later when only the checkpoint had been read), with full speed no sooner (benchmarks/README.md,
+"Packed weights kept across starts"); a server that restarts finds the file cached, as its steps
+read it."""
 FREE_MARGIN = 2**30
 """Disk space left free after an entry; with less, nothing is written."""
 DTYPE_SHIMS = {torch.float32: "aoti_torch_dtype_float32", torch.bfloat16: "aoti_torch_dtype_bfloat16"}
@@ -92,6 +98,13 @@ class PackedCache:
         began = time.perf_counter()
         try:
             storage, packed = self._read(model, targets)
+        except _NotCached as cold:
+            log.info(
+                "packed weights kept in %s not used: %.0f%% of them is in the page cache, so this start"
+                " packs rather than reading the rest from the disk",
+                self.entry, 100 * cold.share,
+            )  # fmt: skip
+            return 0
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             log.warning("packed weights kept in %s not used (%s); packing again", self.entry, exc)
             self.discard()
@@ -114,7 +127,8 @@ class PackedCache:
         self, model: nn.Module, targets: list[str]
     ) -> tuple[torch.UntypedStorage, dict[str, torch.Tensor]]:
         """The entry's file mapped, and each target's packed weight wrapped in it; ValueError (and the
-        rest of restore's list) where the entry does not fit the model."""
+        rest of restore's list) where the entry does not fit the model, _NotCached where too little of
+        the file is in the page cache (measured before anything here reads it)."""
         index = json.loads((self.entry / INDEX).read_text())
         layers = index["layers"]
         if index["format"] != FORMAT or sorted(layers) != sorted(map(_name, targets)):
@@ -123,6 +137,8 @@ class PackedCache:
         if size != index["bytes"]:
             raise ValueError(f"{WEIGHTS} has {size} bytes, its index says {index['bytes']}")
         storage = torch.UntypedStorage.from_file(str(self.entry / WEIGHTS), shared=False, nbytes=size)
+        if (share := _resident_share(storage)) < RESIDENT_MIN:
+            raise _NotCached(share)
         packed = {}
         for path in targets:
             weight, layer = model.get_submodule(path).weight, layers[_name(path)]
@@ -250,6 +266,14 @@ def _name(path: str) -> str:
     return ".".join(part for part in path.split(".") if part != "base_layer")
 
 
+class _NotCached(Exception):
+    """Less than RESIDENT_MIN of an entry's file is in the page cache."""
+
+    def __init__(self, share: float) -> None:
+        super().__init__(share)
+        self.share = share
+
+
 class _Stopped(Exception):
     """The engine closed while an entry was being written."""
 
@@ -336,11 +360,22 @@ def usable(dtype: torch.dtype) -> bool:
     return same
 
 
+def _resident_share(storage: torch.UntypedStorage) -> float:
+    """The share of the mapped file's pages in the page cache (Linux's mincore; 1.0 where it fails)."""
+    size = storage.nbytes()
+    pages = -(-size // PAGE)
+    vector = (ctypes.c_ubyte * pages)()
+    if libc().mincore(ctypes.c_void_p(storage.data_ptr()), ctypes.c_size_t(size), vector) != 0:
+        return 1.0
+    return 1 - bytes(vector).count(0) / pages if pages else 1.0
+
+
 def _read_ahead(storage: torch.UntypedStorage) -> None:
     """Fault the mapped file in, in order, ahead of the first steps (Linux 5.14+; elsewhere the steps
-    fault it in as they go). From a cold page cache the steps otherwise read it a page fault at a time:
-    a 4-token request on a 3.87 GB model was served in 8.4-9.1 s without, 6.0-6.9 s with it
-    (benchmarks/README.md, "Packed weights kept across starts"). From a warm one it only maps the pages."""
+    fault it in as they go). What is not in the page cache the steps would otherwise read a page fault at
+    a time: from a cold page cache, a 4-token request on a 3.87 GB model was served in 8.4-9.1 s without,
+    6.0-6.9 s with it (benchmarks/README.md, "Packed weights kept across starts"). From a warm one it only
+    maps the pages."""
     base, size = storage.data_ptr(), storage.nbytes()
     for start in range(0, size, READ_AHEAD_BYTES):
         length = ctypes.c_size_t(min(READ_AHEAD_BYTES, size - start))
