@@ -215,7 +215,10 @@ def test_an_entry_kept_once_is_not_written_again(model_dir, tmp_path):
     model = _loaded(model_dir)
     pack_linears(model)
     written = (cache.entry / WEIGHTS).stat().st_mtime_ns
-    assert cache.keep(model) == f"packed weights already kept in {cache.entry}"
+    targets = len(packing_targets(_loaded(model_dir)))
+    assert cache.keep(model).startswith(
+        f"packed weights already kept in {cache.entry}: {targets} layers moved"
+    )
     assert (cache.entry / WEIGHTS).stat().st_mtime_ns == written
 
 
@@ -305,5 +308,36 @@ def test_a_kept_file_out_of_the_page_cache_is_left_for_packing(model_dir, tmp_pa
         assert cache.restore(model) == 0
     assert "of them is in the page cache, so this start packs" in caplog.text
     assert cache.entry.exists() and not any(isinstance(m, PackedLinear) for m in model.modules())
+    reference = _loaded(model_dir)
+    targets = len(packing_targets(reference))
+    pack_linears(reference)
     pack_linears(model)
-    assert cache.keep(model) == f"packed weights already kept in {cache.entry}"
+    assert f": {targets} layers moved onto it" in cache.keep(model)
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert {m._holder is not None for m in layers} == {True}  # the copies packed here are freed
+    assert share() > packed_cache.RESIDENT_MIN  # so the next start maps it
+    ids = torch.tensor([random_prompts([9], 100, seed=4)[0]])
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_moving_onto_a_damaged_entry_removes_it_and_keeps_the_copies_made_here(model_dir, tmp_path, caplog):
+    cache = _kept(model_dir, tmp_path / "packed")
+    index = json.loads((cache.entry / INDEX).read_text())
+    last = max(index["layers"].values(), key=lambda layer: layer["offset"])
+    with open(cache.entry / WEIGHTS, "r+b") as f:
+        f.seek(last["offset"] + last["bytes"] - 1)
+        byte = f.read(1)
+        f.seek(last["offset"] + last["bytes"] - 1)
+        f.write(bytes([byte[0] ^ 1]))
+    model, reference = _loaded(model_dir), _loaded(model_dir)
+    pack_linears(model)
+    pack_linears(reference)
+    with caplog.at_level(logging.WARNING, logger="peftserve.runner.packed_cache"):
+        result = cache.keep(model)
+    assert "removed" in result and "differ from those packed here" in result and not cache.entry.exists()
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert 0 < sum(m._holder is not None for m in layers) < len(layers)  # those before it had moved
+    ids = torch.tensor([random_prompts([9], 100, seed=5)[0]])
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, reference(ids).logits)

@@ -71,8 +71,8 @@ RESIDENT_MIN = 0.5
 """The least share of the kept file in the page cache for a start to map it rather than pack. From a
 cold page cache, reading the 3.74 GB file put the first request 1.5-2.5 s after packing's (5.4 s
 later when only the checkpoint had been read), with full speed no sooner (benchmarks/README.md,
-"Packed weights kept across starts"); a server that restarts finds the file cached, as its steps
-read it."""
+"Packed weights kept across starts"). A start that passes the file by moves its layers onto it once
+they are packed (adopt), and a server's steps read it, so the next start finds it cached."""
 FREE_MARGIN = 2**30
 """Disk space left free after an entry; with less, nothing is written."""
 DTYPE_SHIMS = {torch.float32: "aoti_torch_dtype_float32", torch.bfloat16: "aoti_torch_dtype_bfloat16"}
@@ -163,7 +163,7 @@ class PackedCache:
         if not layers or packing_targets(model):
             return "packed weights not kept: some layers are not packed"
         if self.entry.exists():
-            return f"packed weights already kept in {self.entry}"
+            return self.adopt(layers, stop)
         sizes = [torch.ops.mkldnn._nbytes(m.packed) for _, m in layers]
         need = sum(-(-n // PAGE) * PAGE for n in sizes)
         began = time.perf_counter()
@@ -191,6 +191,52 @@ class PackedCache:
         self._drop_superseded()
         seconds = time.perf_counter() - began
         return f"packed weights kept in {self.entry} ({need / 1e9:.2f} GB, {seconds:.1f} s)"
+
+    def adopt(self, layers: list[tuple[str, PackedLinear]], stop: threading.Event | None = None) -> str:
+        """Move layers packed in memory onto this entry's file, which a start passed by when it was not in
+        the page cache (restore): one layer at a time, read its bytes in, compare them with the ones
+        packed here, and swap its packed tensor for the mapped one. The copies made in memory are freed,
+        engines on the machine share the file's pages, and the next start finds them cached. A layer
+        whose bytes differ means a damaged entry: it is removed, and the layers not yet moved keep their
+        copies (those moved were identical)."""
+        began, moved = time.perf_counter(), 0
+        try:
+            index = json.loads((self.entry / INDEX).read_text())
+            size = (self.entry / WEIGHTS).stat().st_size
+            storage = torch.UntypedStorage.from_file(str(self.entry / WEIGHTS), shared=False, nbytes=size)
+            for path, module in layers:
+                if stop is not None and stop.is_set():
+                    break
+                if module._holder is not None:
+                    continue
+                layer = index["layers"][_name(path)]
+                size_here = torch.ops.mkldnn._nbytes(module.packed)
+                if (
+                    layer["bytes"] != size_here
+                    or layer["offset"] % PAGE
+                    or layer["offset"] + size_here > size
+                ):
+                    raise ValueError(f"{_name(path)}'s bytes are not those packed here")
+                address = storage.data_ptr() + layer["offset"]
+                length = ctypes.c_size_t(size_here)
+                libc().madvise(ctypes.c_void_p(address), length, MADV_POPULATE_READ)  # read in, in one go
+                here = torch.ops.mkldnn.data_ptr(module.packed)
+                layout = base64.b64decode(layer["layout"])
+                same_layout = (
+                    layout == torch.ops.mkldnn._get_mkldnn_serialized_md(module.packed).numpy().tobytes()
+                )
+                if not same_layout or libc().memcmp(ctypes.c_void_p(address), ctypes.c_void_p(here), length):
+                    raise ValueError(f"{_name(path)}'s bytes differ from those packed here")
+                module.packed = wrap(address, module.packed.shape, module.packed.dtype, layout)
+                module._holder = storage
+                moved += 1
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            self.discard()
+            return _warn(
+                f"packed weights kept in {self.entry} removed ({exc}; {moved} layers had moved onto it)"
+            )
+        seconds = time.perf_counter() - began
+        return f"packed weights already kept in {self.entry}: {moved} layers moved onto it ({seconds:.1f} s)"
 
     def _write(
         self,
