@@ -15,7 +15,12 @@ whole or not at all: it is written under a temporary name and renamed once synce
 most a temporary, which the next writer removes. A start checks the entry against the model (the same
 layers, shapes and dtype), then unpacks its first layer and compares it bit for bit with the plain
 weight. An entry that fails is removed and the weights are packed as without it. Bytes damaged on disk
-in other layers are not detected: hashing the file would cost what the entry saves.
+in other layers are not detected then: hashing the file would cost what the entry saves.
+
+Reading the file from the disk is not free either: where less than half of it is in the page cache, a
+start packs as if there were no entry (RESIDENT_MIN), then moves its layers onto the file in the
+background (adopt), comparing each layer's bytes with the ones it packed. That frees the copies, leaves
+the file cached for the next start, and removes an entry whose bytes differ anywhere.
 
 The wrapping goes through the C functions torch's ahead-of-time compiled models load their packed
 constants with (`aoti_torch_create_tensor_from_blob_v2` in libtorch_cpu); private to torch, hence a
