@@ -96,7 +96,8 @@ class PackedCache:
     def restore(self, model: nn.Module) -> int:
         """Put the kept packed weights in place of the model's Linear layers (pack_linears' targets);
         how many were replaced: all of them, or 0 where there is no usable entry (a missing one quietly,
-        one that does not fit the model or is damaged with a warning, and then it is removed)."""
+        one that does not fit the model or is damaged with a warning, and then it is removed), or where
+        the entry is mostly out of the page cache (RESIDENT_MIN: kept, for keep to move onto)."""
         targets = packing_targets(model)
         if not targets or not (self.entry / INDEX).exists() or not usable(self.dtype):
             return 0
@@ -163,7 +164,7 @@ class PackedCache:
     def keep(self, model: nn.Module, stop: threading.Event | None = None) -> str:
         """Write the model's packed weights as this entry, once every target is packed (best effort: what
         stops it, a full disk or a read-only directory, is said in the result, also as a warning, and
-        leaves nothing)."""
+        leaves nothing); where the entry exists already, move the layers onto it (adopt)."""
         layers = [(path, m) for path, m in model.named_modules() if isinstance(m, PackedLinear)]
         if not layers or packing_targets(model):
             return "packed weights not kept: some layers are not packed"
