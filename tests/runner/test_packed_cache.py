@@ -261,10 +261,13 @@ def test_two_starts_writing_at_once_leave_one_whole_entry(model_dir, tmp_path, m
         shutil.copytree(other.entry, self.entry)
 
     monkeypatch.setattr(PackedCache, "_write", beaten)
-    assert cache.keep(model) == f"packed weights already kept in {cache.entry}"
-    assert _entries(root) == [cache.key]  # ours is gone, theirs is whole
-    fresh = _loaded(model_dir)
-    assert cache.restore(fresh) == len(packing_targets(_loaded(model_dir))) > 0
+    targets = len(packing_targets(_loaded(model_dir)))
+    assert cache.keep(model).startswith(
+        f"packed weights already kept in {cache.entry}: {targets} layers moved"
+    )
+    assert _entries(root) == [cache.key]  # ours is gone, theirs is whole, and this start moved onto it
+    assert {m._holder is not None for m in model.modules() if isinstance(m, PackedLinear)} == {True}
+    assert cache.restore(_loaded(model_dir)) == targets > 0
 
 
 def test_peftserve_model_pack_keeps_what_a_later_start_maps(model_dir, tmp_path, capsys):
@@ -341,3 +344,12 @@ def test_moving_onto_a_damaged_entry_removes_it_and_keeps_the_copies_made_here(m
     ids = torch.tensor([random_prompts([9], 100, seed=5)[0]])
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_nothing_is_written_where_torch_could_not_map_it_back(model_dir, tmp_path, monkeypatch):
+    model = _loaded(model_dir)
+    pack_linears(model)
+    monkeypatch.setattr(packed_cache, "usable", lambda dtype: False)
+    cache = PackedCache(tmp_path / "packed", model_dir, model.dtype)
+    assert cache.keep(model) == "packed weights not kept: torch cannot map them back here"
+    assert not (tmp_path / "packed").exists()

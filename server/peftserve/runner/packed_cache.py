@@ -68,8 +68,6 @@ WEIGHTS, INDEX = "weights.bin", "index.json"
 SYNC_BYTES = 256 * 2**20
 """Written bytes synced at a time, so that writing a model's weights does not fill memory with their
 dirty pages (once synced, they are clean page cache, which the kernel reclaims when it needs to)."""
-READ_AHEAD_BYTES = 64 * 2**20
-"""How much of the mapping one call faults in."""
 MADV_POPULATE_READ = 22
 """Linux's madvise advice that faults a range in for reading (from 5.14 on)."""
 RESIDENT_MIN = 0.5
@@ -115,9 +113,6 @@ class PackedCache:
             log.warning("packed weights kept in %s not used (%s); packing again", self.entry, exc)
             self.discard()
             return 0
-        threading.Thread(
-            target=_read_ahead, args=(storage,), name="peftserve-read-ahead", daemon=True
-        ).start()
         mappings = file_mappings()
         for path in targets:
             replace_linear(
@@ -132,17 +127,10 @@ class PackedCache:
     def _read(
         self, model: nn.Module, targets: list[str]
     ) -> tuple[torch.UntypedStorage, dict[str, torch.Tensor]]:
-        """The entry's file mapped, and each target's packed weight wrapped in it; ValueError (and the
-        rest of restore's list) where the entry does not fit the model, _NotCached where too little of
-        the file is in the page cache (measured before anything here reads it)."""
-        index = json.loads((self.entry / INDEX).read_text())
-        layers = index["layers"]
-        if index["format"] != FORMAT or sorted(layers) != sorted(map(_name, targets)):
-            raise ValueError("its layers are not the model's")
-        size = (self.entry / WEIGHTS).stat().st_size
-        if size != index["bytes"]:
-            raise ValueError(f"{WEIGHTS} has {size} bytes, its index says {index['bytes']}")
-        storage = torch.UntypedStorage.from_file(str(self.entry / WEIGHTS), shared=False, nbytes=size)
+        """The entry's file mapped (_open), and each target's packed weight wrapped in it; ValueError (and
+        the rest of restore's list) where the entry does not fit the model, _NotCached where too little
+        of the file is in the page cache (measured before anything here reads it)."""
+        layers, storage = self._open(targets)
         if (share := _resident_share(storage)) < RESIDENT_MIN:
             raise _NotCached(share)
         packed = {}
@@ -150,10 +138,8 @@ class PackedCache:
             weight, layer = model.get_submodule(path).weight, layers[_name(path)]
             if layer["shape"] != list(weight.shape) or layer["dtype"] != str(weight.dtype):
                 raise ValueError(f"{_name(path)} is {layer['dtype']} {layer['shape']} there, not the model's")
-            if layer["offset"] % PAGE or layer["offset"] + layer["bytes"] > size:
-                raise ValueError(f"{_name(path)}'s bytes are not in {WEIGHTS}")
-            metadata = base64.b64decode(layer["layout"])
-            packed[path] = wrap(storage.data_ptr() + layer["offset"], weight.shape, weight.dtype, metadata)
+            address, layout = _place(path, layer, storage, layer["bytes"])
+            packed[path] = wrap(address, weight.shape, weight.dtype, layout)
             if torch.ops.mkldnn._nbytes(packed[path]) != layer["bytes"]:
                 raise ValueError(f"{_name(path)}'s layout does not span its bytes")
         first = targets[0]
@@ -161,10 +147,24 @@ class PackedCache:
             raise ValueError(f"{first} unpacked differs from the model's weight")
         return storage, packed
 
+    def _open(self, paths: list[str]) -> tuple[dict[str, dict], torch.UntypedStorage]:
+        """The entry's layers by name and its file mapped (nothing read yet); ValueError where its format,
+        its layers (against `paths`) or its size are not what they should be."""
+        index = json.loads((self.entry / INDEX).read_text())
+        layers = index["layers"]
+        if index["format"] != FORMAT or sorted(layers) != sorted(map(_name, paths)):
+            raise ValueError("its layers are not the model's")
+        size = (self.entry / WEIGHTS).stat().st_size
+        if size != index["bytes"]:
+            raise ValueError(f"{WEIGHTS} has {size} bytes, its index says {index['bytes']}")
+        return layers, torch.UntypedStorage.from_file(str(self.entry / WEIGHTS), shared=False, nbytes=size)
+
     def keep(self, model: nn.Module, stop: threading.Event | None = None) -> str:
         """Write the model's packed weights as this entry, once every target is packed (best effort: what
         stops it, a full disk or a read-only directory, is said in the result, also as a warning, and
         leaves nothing); where the entry exists already, move the layers onto it (adopt)."""
+        if not usable(self.dtype):
+            return "packed weights not kept: torch cannot map them back here"
         layers = [(path, m) for path, m in model.named_modules() if isinstance(m, PackedLinear)]
         if not layers or packing_targets(model):
             return "packed weights not kept: some layers are not packed"
@@ -191,8 +191,8 @@ class PackedCache:
         except _Stopped:
             return "packed weights not kept: the engine closed"
         except OSError as exc:
-            if self.entry.exists():
-                return f"packed weights already kept in {self.entry}"
+            if self.entry.exists():  # another process kept them first
+                return self.adopt(layers, stop)
             return _warn(f"packed weights not kept in {self.root}: {exc}")
         self._drop_superseded()
         seconds = time.perf_counter() - began
@@ -207,31 +207,21 @@ class PackedCache:
         copies (those moved were identical)."""
         began, moved = time.perf_counter(), 0
         try:
-            index = json.loads((self.entry / INDEX).read_text())
-            size = (self.entry / WEIGHTS).stat().st_size
-            storage = torch.UntypedStorage.from_file(str(self.entry / WEIGHTS), shared=False, nbytes=size)
+            entries, storage = self._open([path for path, _ in layers])
             for path, module in layers:
                 if stop is not None and stop.is_set():
                     break
                 if module._holder is not None:
                     continue
-                layer = index["layers"][_name(path)]
-                size_here = torch.ops.mkldnn._nbytes(module.packed)
-                if (
-                    layer["bytes"] != size_here
-                    or layer["offset"] % PAGE
-                    or layer["offset"] + size_here > size
-                ):
-                    raise ValueError(f"{_name(path)}'s bytes are not those packed here")
-                address = storage.data_ptr() + layer["offset"]
-                length = ctypes.c_size_t(size_here)
-                libc().madvise(ctypes.c_void_p(address), length, MADV_POPULATE_READ)  # read in, in one go
-                here = torch.ops.mkldnn.data_ptr(module.packed)
-                layout = base64.b64decode(layer["layout"])
-                same_layout = (
-                    layout == torch.ops.mkldnn._get_mkldnn_serialized_md(module.packed).numpy().tobytes()
+                size = torch.ops.mkldnn._nbytes(module.packed)
+                address, layout = _place(path, entries[_name(path)], storage, size)
+                length, here = (
+                    ctypes.c_size_t(size),
+                    ctypes.c_void_p(torch.ops.mkldnn.data_ptr(module.packed)),
                 )
-                if not same_layout or libc().memcmp(ctypes.c_void_p(address), ctypes.c_void_p(here), length):
+                libc().madvise(ctypes.c_void_p(address), length, MADV_POPULATE_READ)  # read in, in one go
+                same_layout = layout == _layout(module.packed)
+                if not same_layout or libc().memcmp(ctypes.c_void_p(address), here, length):
                     raise ValueError(f"{_name(path)}'s bytes differ from those packed here")
                 module.packed = wrap(address, module.packed.shape, module.packed.dtype, layout)
                 module._holder = storage
@@ -264,7 +254,7 @@ class PackedCache:
                 offset = -(-f.tell() // PAGE) * PAGE
                 f.seek(offset)
                 f.write((ctypes.c_uint8 * size).from_address(torch.ops.mkldnn.data_ptr(module.packed)))
-                layout = torch.ops.mkldnn._get_mkldnn_serialized_md(module.packed).numpy().tobytes()
+                layout = _layout(module.packed)
                 entries[_name(path)] = {
                     "offset": offset,
                     "bytes": size,
@@ -318,6 +308,20 @@ def _name(path: str) -> str:
     return ".".join(part for part in path.split(".") if part != "base_layer")
 
 
+def _layout(packed: torch.Tensor) -> bytes:
+    """oneDNN's description of a packed weight's layout, as wrap takes it."""
+    return torch.ops.mkldnn._get_mkldnn_serialized_md(packed).numpy().tobytes()
+
+
+def _place(path: str, layer: dict, storage: torch.UntypedStorage, size: int) -> tuple[int, bytes]:
+    """Where a layer's `size` bytes lie in the mapped file, and its oneDNN layout; ValueError where its
+    index entry does not say that many bytes, page-aligned and inside the file."""
+    offset = layer["offset"]
+    if layer["bytes"] != size or offset % PAGE or offset + size > storage.nbytes():
+        raise ValueError(f"{_name(path)}'s bytes are not in {WEIGHTS} as packed here")
+    return storage.data_ptr() + offset, base64.b64decode(layer["layout"])
+
+
 class _NotCached(Exception):
     """Less than RESIDENT_MIN of an entry's file is in the page cache."""
 
@@ -337,7 +341,7 @@ def _key(model_dir: Path, dtype: torch.dtype) -> str:
     facts = {
         "format": FORMAT,
         "model": str(model_dir),
-        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "files": [[p.name, st.st_size, st.st_mtime_ns] for p in files for st in [p.stat()]],
         "dtype": str(dtype),
         "torch": [torch.__version__, torch.version.git_version],
         "cpu": sorted(cpu_flags()),
@@ -400,7 +404,7 @@ def usable(dtype: torch.dtype) -> bool:
             copy = torch.empty(size + PAGE, dtype=torch.uint8)
             address = -(-copy.data_ptr() // PAGE) * PAGE
             ctypes.memmove(address, torch.ops.mkldnn.data_ptr(packed), size)
-            layout = torch.ops.mkldnn._get_mkldnn_serialized_md(packed).numpy().tobytes()
+            layout = _layout(packed)
             wrapped = wrap(address, weight.shape, dtype, layout)
             same = torch.equal(unpack(wrapped), weight) and torch.equal(
                 packed_linear(x, wrapped), packed_linear(x, packed)
@@ -420,19 +424,6 @@ def _resident_share(storage: torch.UntypedStorage) -> float:
     if libc().mincore(ctypes.c_void_p(storage.data_ptr()), ctypes.c_size_t(size), vector) != 0:
         return 1.0
     return 1 - bytes(vector).count(0) / pages if pages else 1.0
-
-
-def _read_ahead(storage: torch.UntypedStorage) -> None:
-    """Fault the mapped file in, in order, ahead of the first steps (Linux 5.14+; elsewhere the steps
-    fault it in as they go). What is not in the page cache the steps would otherwise read a page fault at
-    a time: from a cold page cache, a 4-token request on a 3.87 GB model was served in 8.4-9.1 s without,
-    6.0-6.9 s with it (benchmarks/README.md, "Packed weights kept across starts"). From a warm one it only
-    maps the pages."""
-    base, size = storage.data_ptr(), storage.nbytes()
-    for start in range(0, size, READ_AHEAD_BYTES):
-        length = ctypes.c_size_t(min(READ_AHEAD_BYTES, size - start))
-        if libc().madvise(ctypes.c_void_p(base + start), length, MADV_POPULATE_READ) != 0:
-            return  # a kernel without it: EINVAL
 
 
 def _sync(f) -> int:
