@@ -1,6 +1,7 @@
 """Suite-wide settings: no network, deterministic torch, few threads, Triton's interpreter without a GPU."""
 
 import os
+import tempfile
 
 import torch
 
@@ -18,6 +19,8 @@ os.environ.setdefault("PEFTSERVE_WARM_UP", "before")
 # Engines pack their weights at every start, and write nothing under the user's cache directory;
 # tests/runner/test_packed_cache.py covers keeping them.
 os.environ.setdefault("PEFTSERVE_PACKED_CACHE", "off")
+# Our built C++ kernels are kept beside inductor's cache in the temporary directory, not the user's.
+os.environ.setdefault("PEFTSERVE_KERNEL_CACHE", os.path.join(tempfile.gettempdir(), "peftserve-test-kernels"))
 # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which must be on when they
 # are defined (at import). With one, the triton tests run compiled on the device.
 if not torch.cuda.is_available():

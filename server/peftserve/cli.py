@@ -51,7 +51,12 @@ _ENGINE_FLAGS: tuple[tuple[str, str, Callable[[str], object], str], ...] = (
     ("--max-context", "max_context", int, "longest prompt plus completion (default: the model's)"),
     ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
     ("--cpu-linear", "cpu_linear", str, "onednn (default: oneDNN on packed weights, faster) or torch"),
-    ("--attention", "attention", str, "flex (default: reads the paged KV in place) or sdpa"),
+    (
+        "--attention",
+        "attention",
+        str,
+        "cpp (default: our kernel reads the paged KV in place), flex (torch's, compiled) or sdpa (gathers)",
+    ),
     (
         "--packed-cache",
         "packed_cache",

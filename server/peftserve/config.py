@@ -13,14 +13,25 @@ from peftserve.store.staging import MAX_UPLOAD_BYTES
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_OFF = ("on", "off")
 CPU_LINEARS = ("onednn", "torch")
-ATTENTIONS = ("flex", "sdpa")
+ATTENTIONS = ("cpp", "flex", "sdpa")
 WARM_UPS = ("background", "before")
+
+
+def _user_cache(name: str) -> str:
+    """$XDG_CACHE_HOME/peftserve/<name> (~/.cache/peftserve/<name>)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "peftserve", name)
 
 
 def default_packed_cache() -> str:
     """$PEFTSERVE_PACKED_CACHE, else $XDG_CACHE_HOME/peftserve/packed (~/.cache/peftserve/packed)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("PEFTSERVE_PACKED_CACHE") or os.path.join(base, "peftserve", "packed")
+    return os.environ.get("PEFTSERVE_PACKED_CACHE") or _user_cache("packed")
+
+
+def default_kernel_cache() -> str:
+    """Where our built C++ kernels are kept (runner/native.py): $PEFTSERVE_KERNEL_CACHE, else
+    $XDG_CACHE_HOME/peftserve/kernels (~/.cache/peftserve/kernels)."""
+    return os.environ.get("PEFTSERVE_KERNEL_CACHE") or _user_cache("kernels")
 
 
 @dataclass(frozen=True)
@@ -66,9 +77,10 @@ class EngineConfig:
     cpu_linear: str = "onednn"
     """onednn: the model's Linear layers run on weights packed for oneDNN on CPU, which replace the
     plain ones (1.1-3.6x faster on serving shapes); torch: plain F.linear."""
-    attention: str = field(default_factory=lambda: os.environ.get("PEFTSERVE_ATTENTION", "flex"))
-    """flex (default, or $PEFTSERVE_ATTENTION): on CPU, attention reads each sequence's K/V in place in
-    the paged pools, compiled once per process; sdpa: each context is gathered first."""
+    attention: str = field(default_factory=lambda: os.environ.get("PEFTSERVE_ATTENTION", "cpp"))
+    """cpp (default, or $PEFTSERVE_ATTENTION): on CPU, attention reads each sequence's K/V in place in
+    the paged pools, in our C++ kernel (built once per machine, loaded in milliseconds); flex: the same
+    with torch's flex attention, compiled once per process; sdpa: each context is gathered first."""
     warm_up: str = field(default_factory=lambda: os.environ.get("PEFTSERVE_WARM_UP", "background"))
     """When the CPU engine compiles attention in place, builds the adapter kernel and packs the Linear
     weights (seconds on a multi-GB model). background (default, or $PEFTSERVE_WARM_UP): the engine serves

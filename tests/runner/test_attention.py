@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 import peftserve.runner.attention as attention
 from peftserve.runner.attention import AttentionMetadata, PrefillChunk, paged_attention
-from peftserve.runner.flex import PagedLayout, unwritten_tails
+from peftserve.runner.flex import PagedLayout, flex_paged_attention, unwritten_tails
 from peftserve.runner.kv_cache import PagedKVCache
+from peftserve.runner.paged_kernel import kernel_paged_attention
 
 HQ, HKV, D, BS = 4, 2, 8, 4
 
@@ -53,15 +54,21 @@ def explicit_reference(q, k, v, window=None, softcap=None, sinks=None, scale=0.3
     return (probs @ v).float()  # [H, n, D]
 
 
-def run_case(seqs, window=None, softcap=None, sinks=None, in_place=False):
+IN_PLACE = {"flex": flex_paged_attention, "cpp": kernel_paged_attention}
+"""The kernels that read the pool in place, by --attention name."""
+
+
+def run_case(seqs, window=None, softcap=None, sinks=None, in_place=None, dtype=torch.float32):
     """seqs: (context already cached, new tokens) per sequence; new tokens of 1 with context > 0 decode.
 
     With softcap or sinks the layer takes the explicit path, checked against explicit_reference. With
-    in_place, attention reads the pool in place (flex), and every slot outside the sequences' contexts
-    holds NaN first, as free blocks and unwritten slots may.
+    in_place ("flex" or "cpp"), attention reads the pool in place with that kernel, and every slot outside
+    the sequences' contexts holds NaN first, as free blocks and unwritten slots may (flex's reads of the
+    unwritten value rows in a sequence's last block are zeroed, as the runner does; cpp reads none).
+    In bfloat16 the inputs are rounded to it and the result compared with the float32 reference.
     """
     g = torch.Generator().manual_seed(0)
-    cache = PagedKVCache(1, 64, BS, HKV, D, torch.float32, torch.device("cpu"))
+    cache = PagedKVCache(1, 64, BS, HKV, D, dtype, torch.device("cpu"))
     if in_place:
         cache.keys.fill_(float("nan"))
         cache.values.fill_(float("nan"))
@@ -73,13 +80,14 @@ def run_case(seqs, window=None, softcap=None, sinks=None, in_place=False):
         ctx = cached + new
         table = [next(blocks) for _ in range(-(-ctx // BS))]
         slots = torch.tensor([table[i // BS] * BS + i % BS for i in range(ctx)])
-        k = torch.randn(HKV, ctx, D, generator=g)
-        v = torch.randn(HKV, ctx, D, generator=g)
-        cache.keys[0, slots[:cached]] = k[:, :cached].transpose(0, 1)
-        cache.values[0, slots[:cached]] = v[:, :cached].transpose(0, 1)
+        # rounded to the dtype, so that the float32 reference sees the values the kernel sees
+        k = torch.randn(HKV, ctx, D, generator=g).to(dtype).float()
+        v = torch.randn(HKV, ctx, D, generator=g).to(dtype).float()
+        cache.keys[0, slots[:cached]] = k[:, :cached].transpose(0, 1).to(dtype)
+        cache.values[0, slots[:cached]] = v[:, :cached].transpose(0, 1).to(dtype)
         full_k.append(k), full_v.append(v), tables.append(slots)
         block_tables.append(table)
-        queries.append(torch.randn(HQ, new, D, generator=g))
+        queries.append(torch.randn(HQ, new, D, generator=g).to(dtype).float())
 
     slot_map, decode_idx, decode_slots, decode_lens, prefills = [], [], [], [], []
     start = 0
@@ -105,12 +113,14 @@ def run_case(seqs, window=None, softcap=None, sinks=None, in_place=False):
     )
     if in_place:
         chunks = [(c, n, t) for (c, n), t in zip(seqs, block_tables, strict=True)]
-        tails = torch.tensor(unwritten_tails(chunks, BS), dtype=torch.long)
-        cache.values.index_fill_(1, tails, 0)  # as the runner does
+        if in_place == "flex":
+            tails = torch.tensor(unwritten_tails(chunks, BS), dtype=torch.long)
+            cache.values.index_fill_(1, tails, 0)  # as the runner does
         meta.paged = PagedLayout.build(chunks, BS, cache.keys.shape[1], torch.device("cpu"))
-    q = torch.cat(queries, dim=1)[None]  # [1, HQ, T, D]
-    k_new = torch.cat([k[:, c:] for k, (c, _) in zip(full_k, seqs, strict=True)], dim=1)[None]
-    v_new = torch.cat([v[:, c:] for v, (c, _) in zip(full_v, seqs, strict=True)], dim=1)[None]
+        meta.attend = IN_PLACE[in_place]
+    q = torch.cat(queries, dim=1)[None].to(dtype)  # [1, HQ, T, D]
+    k_new = torch.cat([k[:, c:] for k, (c, _) in zip(full_k, seqs, strict=True)], dim=1)[None].to(dtype)
+    v_new = torch.cat([v[:, c:] for v, (c, _) in zip(full_v, seqs, strict=True)], dim=1)[None].to(dtype)
     cache.update(k_new, v_new, 0, kwargs={"peftserve_attn": meta})
     explicit = softcap is not None or sinks is not None
     extra = {"softcap": softcap, "s_aux": sinks, "scaling": 0.3} if explicit else {}
@@ -118,6 +128,8 @@ def run_case(seqs, window=None, softcap=None, sinks=None, in_place=False):
     out, _ = paged_attention(
         _Layer(), q, k_new, v_new, None, sliding_window=window, peftserve_attn=meta, **extra
     )
+    out = out.float()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding (2^-8)
 
     start = 0
     for (_, new), q_i, k, v in zip(seqs, queries, full_k, full_v, strict=True):
@@ -125,7 +137,7 @@ def run_case(seqs, window=None, softcap=None, sinks=None, in_place=False):
             want = explicit_reference(q_i, k, v, window, softcap, sinks).transpose(0, 1)  # [n, H, D]
         else:
             want = reference(q_i, k, v, window).transpose(0, 1)  # [n, H, D]
-        torch.testing.assert_close(out[0, start : start + new], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[0, start : start + new], want.float(), atol=tolerance, rtol=tolerance)
         start += new
 
 

@@ -29,21 +29,21 @@ from tests.runner.test_attention import MIXED, SINKS, run_case
     ],
 )
 def test_decode_rows_fresh_prefills_and_chunks_with_context(seqs):
-    run_case(seqs, in_place=True)
+    run_case(seqs, in_place="flex")
 
 
 @pytest.mark.parametrize("window", [1, 4, 6])
 def test_sliding_window(window):
-    run_case(MIXED, window=window, in_place=True)
+    run_case(MIXED, window=window, in_place="flex")
 
 
 @pytest.mark.parametrize("window", [None, 4])
 def test_soft_capping(window):
-    run_case(MIXED, window=window, softcap=1.5, in_place=True)
+    run_case(MIXED, window=window, softcap=1.5, in_place="flex")
 
 
 def test_layers_with_sinks_keep_the_gathering_path():
-    run_case(MIXED, window=5, softcap=2.0, sinks=SINKS, in_place=True)
+    run_case(MIXED, window=5, softcap=2.0, sinks=SINKS, in_place="flex")
 
 
 def test_layout_lists_only_each_tokens_own_blocks():
@@ -87,5 +87,5 @@ def test_an_engine_in_place_generates_what_the_gathering_engine_does(family):
 
 
 def test_unknown_attention_is_rejected():
-    with pytest.raises(InvalidRequest, match="attention must be one of flex, sdpa"):
+    with pytest.raises(InvalidRequest, match="attention must be one of cpp, flex, sdpa"):
         EngineConfig(attention="eager")

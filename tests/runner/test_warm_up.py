@@ -17,7 +17,7 @@ from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.request import GenerationRequest, SamplingParams
 from peftserve.errors import InvalidRequest
-from peftserve.runner import model_runner
+from peftserve.runner import model_runner, paged_kernel
 from peftserve.runner.linear import pack_linears
 from peftserve.runner.model_runner import ModelRunner, attention_calls
 from tests.adapters import peft_factory as pf
@@ -153,6 +153,7 @@ def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypa
     weights, then in place with the rows kernel and one decoder layer packed, then warm: each request's
     logits equal PEFT's own forward within 1e-4 in fp32, its greedy tokens identical; base rows equal
     the base model."""
+    monkeypatch.setenv("PEFTSERVE_KERNEL_CACHE", str(tmp_path / "kernels"))  # the rows kernel not yet built
     base, _ = build_tiny_model("llama")
     adapters = make_adapters(base, "llama", tmp_path)
     model, tokenizer = build_tiny_model("llama")
@@ -276,3 +277,38 @@ def test_close_stops_packing_and_lets_the_rest_end(monkeypatch):
     done = engine.generate_all(_requests("c", seed=5))
     assert engine.runner.in_place and len(_plain_linears(engine)) == plain > 0
     assert all(len(out.token_ids) == 12 for out in done.values())
+
+
+def test_the_attention_kernel_built_on_an_earlier_start_serves_from_the_first_step(tmp_path, monkeypatch):
+    """With no built kernel on this machine the warm-up builds it (steps gather meanwhile, same tokens);
+    a later start loads it at once: its first step reads the pools in place, with nothing to warm up
+    but packing."""
+    monkeypatch.setenv("PEFTSERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(paged_kernel, "_loaded", {})  # as in a new process
+    release = threading.Event()
+    build = paged_kernel.build
+
+    def held(dtype):
+        assert release.wait(timeout=60)
+        return build(dtype)
+
+    monkeypatch.setattr(paged_kernel, "build", held)
+    first = _engine("background", attention="cpp")
+    gathered = first.generate_all(_requests("a", 1))
+    assert first.runner.in_place is None and "attention" in first.runner.warming
+    release.set()
+    assert first.runner.wait_warm_up(timeout=300)
+    in_place = first.generate_all(_requests("b", 2))
+    assert first.runner.in_place is paged_kernel.kernel_paged_attention
+    assert any(p.name.startswith("paged-attention-float32-") for p in tmp_path.iterdir())
+
+    monkeypatch.setattr(paged_kernel, "_loaded", {})
+    monkeypatch.setattr(paged_kernel, "build", None)  # a later start must not build
+    second = _engine("background", attention="cpp")
+    assert second.runner.in_place is paged_kernel.kernel_paged_attention
+    assert "attention" not in second.runner.warming
+    again = second.generate_all([*_requests("a", 1), *_requests("b", 2)])
+    for rid, out in again.items():
+        want = (gathered | in_place)[rid]
+        assert out.token_ids == want.token_ids, rid
+        assert max(abs(a - b) for a, b in zip(out.logprobs, want.logprobs, strict=True)) <= 1e-5, rid

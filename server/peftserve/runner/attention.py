@@ -4,8 +4,9 @@ The runner packs every token of a step into one ``[1, T]`` batch. Each sequence 
 contiguous run of query tokens; its keys and values live in the paged pools of ``PagedKVCache``
 (written by ``cache.update`` just before this function runs).
 
-With attention in place (``--attention flex``, runner/flex.py) every token reads its own sequence's
-blocks straight from the pool, in one compiled call per layer. Otherwise (``sdpa``), and in layers
+With attention in place every token reads its own sequence's blocks straight from the pool, in one
+call per layer: our C++ kernel (``--attention cpp``, runner/paged_kernel.py) or torch's flex attention
+compiled (``flex``, runner/flex.py). Otherwise (``sdpa``), and in layers
 with attention sinks (GPT-OSS), decode rows are gathered into a padded buffer and attended together
 in one call, prefill chunks one call each, on torch's SDPA. Attention-logit soft-capping (Gemma 2)
 and sinks are not expressible in SDPA: there layers that pass ``softcap`` or ``s_aux`` take
@@ -14,6 +15,7 @@ and sinks are not expressible in SDPA: there layers that pass ``softcap`` or ``s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +56,10 @@ class AttentionMetadata:
     """[Bd] context length of each decode row."""
     prefills: list[PrefillChunk]
     paged: PagedLayout | None = None
-    """Set when attention reads the pools in place (flex); layers with sinks still take the paths below."""
+    """Set when attention reads the pools in place; layers with sinks still take the paths below."""
+    attend: Callable[..., torch.Tensor] = flex_paged_attention
+    """What reads the pools in place with `paged`: kernel_paged_attention (runner/paged_kernel.py) or
+    flex_paged_attention, which share a signature."""
     _masks: dict = field(default_factory=dict)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
@@ -171,7 +176,7 @@ def paged_attention(
         scaling = head_dim**-0.5
     if meta.paged is not None and s_aux is None:
         keys, values = meta.cache.keys[layer], meta.cache.values[layer]
-        return flex_paged_attention(query, keys, values, meta.paged, scaling, sliding_window, softcap), None
+        return meta.attend(query, keys, values, meta.paged, scaling, sliding_window, softcap), None
     gqa = num_heads != key.shape[1]
     explicit = softcap is not None or s_aux is not None
     out = query.new_empty(num_tokens, num_heads, head_dim)  # [T, Hq, D]

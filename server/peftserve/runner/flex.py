@@ -127,9 +127,17 @@ class PagedLayout:
             self._visible[window] = self._build(window)
         return self._visible[window]
 
+    def first(self, window: int | None) -> torch.Tensor:
+        """[T] each token's first visible KV index under a sliding window (None: causal only, 0)."""
+        key = ("first", window)
+        if key not in self._visible:
+            pos = self.token_pos
+            first = (pos - window + 1).clamp_(min=0) if window is not None else torch.zeros_like(pos)
+            self._visible[key] = first
+        return self._visible[key]
+
     def _build(self, window: int | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        bs, pos = self.block_size, self.token_pos  # pos: [T]
-        first = (pos - window + 1).clamp_(min=0) if window is not None else torch.zeros_like(pos)  # [T]
+        bs, pos, first = self.block_size, self.token_pos, self.first(window)  # [T] each
         lo, hi = first // bs, pos // bs  # [T] logical blocks holding the first and last visible entry
         full_lo = (first + bs - 1) // bs  # first block that starts inside the visible range
         num_full = ((pos + 1) // bs - full_lo).clamp_(min=0)  # blocks wholly visible

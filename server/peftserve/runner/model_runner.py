@@ -27,6 +27,7 @@ from peftserve.adapters.batch import AdapterBatch, AdapterContext
 from peftserve.engine.sequence import Sequence
 from peftserve.engine.step import PackedChunk, Sampled, StepInput, StepOutput
 from peftserve.model.geometry import head_dim, kv_heads, text_config
+from peftserve.runner import paged_kernel
 from peftserve.runner.attention import ATTENTION_NAME, AttentionMetadata, PrefillChunk
 from peftserve.runner.flex import MIN_TOKENS, PagedLayout, flex_paged_attention, unwritten_tails
 from peftserve.runner.kv_cache import PagedKVCache
@@ -97,13 +98,14 @@ class ModelRunner:
         block_size: int,
         adapters: AdapterContext | None = None,
         cpu_linear: str = "onednn",
-        attention: str = "flex",
+        attention: str = "cpp",
         warm_up: str = "before",
         warm_ups: Callable[[], Mapping[str, Callable[[], str]]] | None = None,
         packed_cache: PackedCache | None = None,
     ) -> None:
         """adapters: the side channel of the model's adapter layers (None: a model without them);
-        attention: flex (read the pools in place, on CPU) or sdpa (gather each context, then SDPA);
+        attention: cpp or flex (read the pools in place, on CPU: our kernel or torch's flex attention)
+        or sdpa (gather each context, then SDPA);
         warm_up: background or before (EngineConfig.warm_up); warm_ups: gives more work for the warm-up
         when it starts, by name (the adapter kernels' build), each returning what it made; packed_cache:
         where the packed weights of an earlier start are taken from, and this start's are kept once
@@ -129,8 +131,11 @@ class ModelRunner:
         self.graphs = None  # DecodeGraphs once enable_graphs is called
         self._sinks = any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules())
         """Layers with attention sinks (GPT-OSS) gather their context even when the rest read in place."""
-        self.in_place = False
-        """Whether steps read the pools in place (flex); set once its kernel is compiled (_warm_up)."""
+        self.in_place: Callable[..., torch.Tensor] | None = None
+        """What steps read the pools in place with (kernel_paged_attention or flex_paged_attention); None
+        while they gather. Set once it is built or compiled (_warm_up)."""
+        self._attention_kernel: Callable[..., torch.Tensor] | None = None
+        """What in_place becomes once attention's warm-up is done."""
         self._warming: dict[str, Future] = {}
         """Warm-up work not yet taken in by a step, by name: see _warm_up."""
         self.background_warm_up = False
@@ -143,9 +148,8 @@ class ModelRunner:
         if pack and packed_cache is not None:
             packed_cache.restore(model)
         self._warm_up(
-            # flex's block mask (one query block per token, G rows) is shaped for its CPU kernel; other
-            # devices keep the gathering path until it is measured there.
-            attention=attention == "flex" and self.device.type == "cpu",
+            # both are CPU kernels; other devices keep the gathering path until it is measured there.
+            attention=attention if attention != "sdpa" and self.device.type == "cpu" else None,
             pack=pack and bool(packing_targets(model)),
             background=warm_up == "background",
             more=warm_ups or dict,
@@ -214,8 +218,9 @@ class ModelRunner:
             slot_mapping=torch.cat([*slot_parts, self._tensor(row_slots)]),
             prefills=prefills,
             paged=self._paged_layout([(c.position, c.num_tokens, c.seq.blocks) for c in step.chunks])
-            if self.in_place
+            if self.in_place is not None
             else None,
+            attend=self.in_place or flex_paged_attention,
             # the gathered decode rows: read by the gathering path, sink layers and captured graphs only
             **self._decode_metadata(decodes if self._gathers else []),
         )
@@ -223,25 +228,26 @@ class ModelRunner:
     @property
     def _gathers(self) -> bool:
         """Whether a step needs each decode row's context gathered (built once per step, ~1 ms)."""
-        return not self.in_place or self._sinks or self.graphs is not None
+        return self.in_place is None or self._sinks or self.graphs is not None
 
     def _paged_layout(self, chunks: list[tuple[int, int, list[int]]]) -> PagedLayout:
-        """The step's layout for attention in place; first zeroes the value rows past each sequence's
-        end in its last block, which the kernel reads with weight 0 (see runner/flex.py)."""
-        tails = unwritten_tails(chunks, self.block_size)
+        """The step's layout for attention in place; for flex, first zeroes the value rows past each
+        sequence's end in its last block, which flex reads with weight 0 (see runner/flex.py)."""
+        tails = unwritten_tails(chunks, self.block_size) if self.in_place is flex_paged_attention else []
         if tails:
             self.cache.values.index_fill_(1, self._tensor(tails), 0)
         return PagedLayout.build(chunks, self.block_size, self.cache.keys.shape[1], self.device)
 
     def _warm_up(
         self,
-        attention: bool,
+        attention: str | None,
         pack: bool,
         background: bool,
         more: Callable[[], Mapping[str, Callable[[], str]]],
         keep: PackedCache | None,
     ) -> None:
-        """Start what makes steps fast on CPU: compiling attention in place (_compile_attention; until it
+        """Start what makes steps fast on CPU: attention in place (`attention`: our kernel, loaded at once
+        where this machine has built it, else built; or flex, compiled by _compile_attention; until it
         is in use, steps gather) and packing the Linear weights (one layer at a time; each layer runs its
         plain weight until its packed one replaces it). Before serving: packing in a thread beside the
         rest (packing is torch's C++, which releases the GIL), then raise what failed. In the background:
@@ -250,7 +256,16 @@ class ModelRunner:
         `more` runs after attention, in its thread (it may use the compile's set-up: inductor's probes
         of the CPU). After packing, in its thread and at the lowest priority in either case, the packed
         weights are written to `keep` (self.keeping): not warm-up, as steps already run at full speed."""
-        work = {"attention": self._compile_attention} if attention else {}
+        work = {}
+        if attention == "cpp":
+            self._attention_kernel = paged_kernel.kernel_paged_attention
+            if paged_kernel.load(self.dtype):
+                self.in_place = self._attention_kernel  # built on an earlier start: nothing to wait for
+            elif self.dtype in paged_kernel.SCALARS:
+                work["attention"] = functools.partial(paged_kernel.build, self.dtype)
+        elif attention == "flex":
+            self._attention_kernel = flex_paged_attention
+            work["attention"] = self._compile_attention
         work.update(more())
         if pack:
             work["packing"] = functools.partial(_pack, self.model, self._stop)
@@ -309,7 +324,7 @@ class ModelRunner:
             if future.exception() is not None:
                 log.warning("serving on without %s (its warm-up failed)", name)
             elif name == "attention":
-                self.in_place = True
+                self.in_place = self._attention_kernel
 
     @torch.inference_mode()
     def _compile_attention(self) -> str:

@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from peftserve import native
+
 from ..batch import AdapterBatch
 
 if TYPE_CHECKING:
@@ -252,17 +254,20 @@ _PARAMETERS = (
 
 @functools.cache
 def _kernel(dtype: torch.dtype) -> Callable[..., None]:
-    """low_rank_rows.cpp built for `dtype` by inductor's C++ code cache, which compiles it with inductor's
-    flags for this CPU's vector units, links it to torch's OpenMP, keeps the library on disk for later
-    processes and binds `kernel` to Python (a call costs microseconds; a torch.compile'd function's
-    guards cost ~56 us). The first build takes about 2 s on the 2-core dev box."""
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
+    """low_rank_rows.cpp built for `dtype` (peftserve/native.py: built once per machine, with inductor's
+    flags for this CPU's vector units, then loaded in milliseconds; a call costs microseconds, where a
+    torch.compile'd function's guards cost ~56 us). The first build takes about 2 s on the 2-core dev
+    box."""
+    kernel = _built(dtype, build=True)
+    assert kernel is not None
+    return kernel
 
+
+def _built(dtype: torch.dtype, build: bool) -> Callable[..., None] | None:
     scalar = SCALARS[dtype]
     source = f"#define SCALAR {scalar}\n" + _SOURCE.read_text()
-    return CppPythonBindingsCodeCache.load_pybinding(
-        [p.replace("SCALAR", scalar) for p in _PARAMETERS], source
-    )
+    name = f"low-rank-rows-{str(dtype).removeprefix('torch.')}"
+    return native.load(name, [p.replace("SCALAR", scalar) for p in _PARAMETERS], source, build)
 
 
 bf16_dot: bool = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
@@ -307,6 +312,9 @@ def build_work(dtype: torch.dtype) -> Callable[[], str] | None:
     may run it beside the steps; None when there is nothing to build. `dtype` is `building` from this
     call until the build ends: call it when the work is handed to a thread."""
     if unavailable is not None or dtype not in SCALARS:
+        return None
+    if _built(dtype, build=False) is not None:  # built on an earlier start: loaded in milliseconds
+        _kernel(dtype)
         return None
     building.add(dtype)
 

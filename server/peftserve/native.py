@@ -1,0 +1,124 @@
+"""Our C++ kernels (runner/paged_attention.cpp, adapters/forms/low_rank_rows.cpp), built once per machine
+and loaded in milliseconds.
+
+Inductor's C++ code cache builds each kernel with its flags for this CPU's vector units, links it to
+torch's OpenMP and binds its `kernel` function to Python. But even when the library is already on disk,
+asking the code cache for it imports inductor and recomputes its compile command: 2.3-2.5 s of a start on
+the 2-core dev box, longer than loading a 1.7 GB model from the page cache. So each library, once built,
+is also copied into a directory of our own (`$PEFTSERVE_KERNEL_CACHE`, default
+`~/.cache/peftserve/kernels`) under a key of everything it depends on (its source and signature, torch,
+Python and the CPU's instruction sets), and later processes load that copy directly.
+
+A copy appears whole or not at all (written beside, then renamed); one cut short or that does not load
+is removed and built again; a directory we cannot write to only costs the next start its build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import struct
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from peftserve.config import default_kernel_cache
+from peftserve.model.loader import cpu_flags
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+
+
+def load(name: str, parameters: Sequence[str], source: str, build: bool = True) -> Callable[..., None] | None:
+    """`source`'s function `kernel`, bound with `parameters` (its C types, as inductor's bindings parse
+    them): from our copy when there is one, else built by inductor's code cache and copied (unless not
+    `build`: then None). Raises what the build raises (a compile error, no compiler)."""
+    key = _key(name, parameters, source)
+    root = Path(default_kernel_cache())
+    path = root / f"{name}-{key}.so"
+    with _lock:
+        if path.exists():
+            try:
+                return _import(path, key)
+            except (ImportError, OSError) as exc:
+                log.warning("the kept C++ kernel %s did not load (%s); building it again", path, exc)
+                path.unlink(missing_ok=True)
+        if not build:
+            return None
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        kernel = CppPythonBindingsCodeCache.load_pybinding(list(parameters), source)
+        _keep(Path(kernel.__self__.__file__), path)
+        return kernel
+
+
+def _import(path: Path, key: str) -> Callable[..., None]:
+    """The library's `kernel`, imported from `path` as inductor's code cache imports its own."""
+    module_name = f"peftserve_native_{key}.kernel"  # the last part names the module's init function
+    if module_name in sys.modules:
+        return sys.modules[module_name].kernel
+    _check_whole(path)
+    # the bindings read a tensor's data pointer through a function of torch's, whose address they take
+    # from the environment when the module is initialized
+    os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
+        torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr
+    )
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+    return module.kernel
+
+
+def _check_whole(path: Path) -> None:
+    """Raise ImportError unless `path` is a 64-bit little-endian ELF file reaching the end of its section
+    headers (the last thing the linker writes): a truncated library would not fail to load, it would
+    kill the process with SIGBUS when the loader touched its missing pages."""
+    with path.open("rb") as f:
+        header = f.read(64)
+        size = os.fstat(f.fileno()).st_size
+    if len(header) < 64 or header[:6] != b"\x7fELF\x02\x01":
+        raise ImportError(f"{path} is not a 64-bit little-endian ELF library")
+    sections, entry_size, count = (
+        struct.unpack_from("<Q", header, 0x28)[0],
+        *struct.unpack_from("<HH", header, 0x3A),
+    )
+    if size < sections + entry_size * count:
+        raise ImportError(f"{path} is cut short ({size} bytes of {sections + entry_size * count})")
+
+
+def _keep(built: Path, path: Path) -> None:
+    """Copy the built library to `path`, whole or not at all; a failure is only logged."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built, temporary)
+        os.replace(temporary, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        log.info("C++ kernel not kept in %s (%s): the next start builds it again", path.parent, exc)
+
+
+def _key(name: str, parameters: Sequence[str], source: str) -> str:
+    """What a built library depends on: its source and signature, torch, Python and the CPU."""
+    facts = {
+        "name": name,
+        "parameters": list(parameters),
+        "source": hashlib.sha256(source.encode()).hexdigest(),
+        "torch": [torch.__version__, torch.version.git_version],
+        "python": sys.version,
+        "cpu": sorted(cpu_flags()),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]

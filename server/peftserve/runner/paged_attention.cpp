@@ -1,0 +1,249 @@
+// The CPU's paged-attention kernel (paged_kernel.py says where it sits and why).
+//
+// For each packed token t at KV index p of the sequence in row r of the block tables, and each query head
+// h (reading KV head h / G):
+//
+//     s[j]      = cap(scaling * q[t, h] · K[slot(r, j), h / G])      for first[t] <= j <= p
+//     out[t, h] = sum_j softmax(s)[j] * V[slot(r, j), h / G]
+//
+// with slot(r, j) = tables[r, j / block_size] * block_size + j % block_size and cap(x) = softcap *
+// tanh(x / softcap) (identity when softcap is 0). Everything runs in float32 and is rounded once into the
+// model's dtype. Only the entries a token may see are read: nothing is gathered, masked or padded, and the
+// G query heads that share a KV head read each of its keys and values once, together.
+//
+// A work item is one (token, KV head); the threads take items as they come (a prefill token's context
+// may be hundreds of entries, a decode token's a few), and an item's arithmetic never depends on which
+// thread runs it or on the other items, so a token's bits are the same alone or in any step.
+//
+// In bfloat16 on a CPU with AVX512-BF16 (the caller says, `bf16_dot`), the scores run on the bf16
+// dot-product instruction: each product of two bf16 values is exact in float32, summed in pairs into
+// float32 lanes; the generic loop widens every value to float32 first.
+//
+// Built by paged_kernel.py through inductor's C++ code cache, once per dtype: SCALAR is defined before
+// this file, at::vec comes from inductor's prefix header, and `kernel` is the entry it binds.
+
+#include <torch/csrc/inductor/cpp_prefix.h>
+
+#include <omp.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define ATTENTION_BF16_DOT 1
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Floats = at::vec::VectorizedN<float, 2>;
+constexpr int64_t kWidth = Floats::size();
+constexpr int kHeads = 8;  // query heads per pass over a KV head's entries (their sums stay in registers)
+
+// Loads `count` values as floats, zeros after them.
+template <typename T>
+inline Floats widen(const T* p, int64_t count = kWidth) {
+  if constexpr (std::is_same_v<T, float>) {
+    using Half = at::vec::Vectorized<float>;
+    Floats v;
+    v[0] = Half::loadu(p, std::min(count, int64_t{Half::size()}));
+    v[1] = count > Half::size() ? Half::loadu(p + Half::size(), count - Half::size()) : Half(0);
+    return v;
+  } else {
+    return at::vec::convert<float, 2, T, 1>(at::vec::Vectorized<T>::loadu(p, count));
+  }
+}
+
+template <typename T>
+inline void round_into(T* p, const Floats& v, int64_t count = kWidth) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, count);
+  } else {
+    at::vec::convert<T, 1, float, 2>(v).store(p, count);
+  }
+}
+
+inline float total(const Floats& v) {
+  return at::vec::vec_reduce_all<float, 2>(
+      [](at::vec::Vectorized<float>& a, at::vec::Vectorized<float>& b) { return a + b; }, v);
+}
+
+// Calls visit(j, slot) for each KV index j in [lo, hi] of the sequence whose block table is `table`.
+template <typename Visit>
+inline void each_entry(const int64_t* table, int64_t block_size, int64_t lo, int64_t hi, Visit&& visit) {
+  for (int64_t b = lo / block_size, last = hi / block_size; b <= last; ++b) {
+    const int64_t start = b * block_size, base = table[b] * block_size - start;
+    for (int64_t j = std::max(lo, start), end = std::min(hi, start + block_size - 1); j <= end; ++j) {
+      visit(j, base + j);
+    }
+  }
+}
+
+// out[g * stride] = q[g] · key for `heads` (<= kHeads) float queries `dim` apart, pre-scaled.
+template <typename T>
+inline void scores_of(const float* q, int heads, const T* key, int64_t dim, float* out, int64_t stride) {
+  Floats acc[kHeads];
+  std::fill(std::begin(acc), std::begin(acc) + heads, Floats(0));
+  for (int64_t d = 0; d < dim; d += kWidth) {
+    const int64_t count = std::min(kWidth, dim - d);
+    const Floats k = widen(key + d, count);
+    for (int g = 0; g < heads; ++g) {
+      acc[g] = at::vec::fmadd(Floats::loadu(q + g * dim + d, count), k, acc[g]);
+    }
+  }
+  for (int g = 0; g < heads; ++g) {
+    out[g * stride] = total(acc[g]);
+  }
+}
+
+#ifdef ATTENTION_BF16_DOT
+// scores_of for bfloat16 on the bf16 dot-product instruction: `q` holds the heads' bf16 queries as they
+// came (`q_head` apart, unscaled), and the sums are scaled after. Built for that instruction set whatever
+// the flags of the rest of the file, and called only where the CPU has it.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void scores_bf16_dot(
+    const at::BFloat16* q, int64_t q_head, int heads, const at::BFloat16* key, int64_t dim, float scaling,
+    float* out, int64_t stride) {
+  constexpr int64_t kPairs = 32;  // bf16 values per 512-bit register
+  __m512 acc[kHeads];
+  std::fill(std::begin(acc), std::begin(acc) + heads, _mm512_setzero_ps());
+  for (int64_t d = 0; d < dim; d += kPairs) {
+    const int64_t count = std::min(kPairs, dim - d);  // the masked loads read zeros past the end
+    const __mmask32 m = count == kPairs ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
+    const __m512bh k = (__m512bh)_mm512_maskz_loadu_epi16(m, key + d);
+    for (int g = 0; g < heads; ++g) {
+      acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_maskz_loadu_epi16(m, q + g * q_head + d), k);
+    }
+  }
+  for (int g = 0; g < heads; ++g) {
+    out[g * stride] = _mm512_reduce_add_ps(acc[g]) * scaling;
+  }
+}
+#endif
+
+// Scores of entries lo..hi on the bf16 dot-product instruction, where this build and dtype have it (else
+// false, and nothing is done).
+template <typename T>
+inline bool dot_scores(const T* q, int64_t q_head, int heads, const T* keys, int64_t kv_slot, int64_t dim,
+                       float scaling, const int64_t* table, int64_t block_size, int64_t lo, int64_t hi, float* s,
+                       int64_t n) {
+#ifdef ATTENTION_BF16_DOT
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    each_entry(table, block_size, lo, hi, [&](int64_t j, int64_t slot) {
+      scores_bf16_dot(q, q_head, heads, keys + slot * kv_slot, dim, scaling, s + j, n);
+    });
+    return true;
+  }
+#endif
+  return false;
+}
+
+// s[0:n] = softmax(cap(s[0:n])) in place.
+inline void softmax(float* s, int64_t n, float softcap) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t w = Vec::size();
+  if (softcap != 0.0f) {
+    const Vec cap(softcap);
+    for (int64_t j = 0; j < n; j += w) {
+      const int64_t count = std::min(w, n - j);
+      (cap * (Vec::loadu(s + j, count) / cap).tanh()).store(s + j, count);
+    }
+  }
+  const int64_t whole = n - n % w;
+  float top = -std::numeric_limits<float>::infinity();
+  if (whole) {
+    Vec m = Vec::loadu(s);
+    for (int64_t j = w; j < whole; j += w) {
+      m = at::vec::maximum(m, Vec::loadu(s + j));
+    }
+    top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+  }
+  for (int64_t j = whole; j < n; ++j) {
+    top = std::max(top, s[j]);
+  }
+  Vec sums(0.0f);
+  for (int64_t j = 0; j < n; j += w) {
+    const int64_t count = std::min(w, n - j);
+    const Vec e = (Vec::loadu(s + j, count) - Vec(top)).exp();
+    e.store(s + j, count);
+    sums += count == w ? e : Vec::set(Vec(0.0f), e, count);
+  }
+  const Vec scale(1.0f / at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sums));
+  for (int64_t j = 0; j < n; j += w) {
+    const int64_t count = std::min(w, n - j);
+    (Vec::loadu(s + j, count) * scale).store(s + j, count);
+  }
+}
+
+}  // namespace
+
+// q: [T, Hq, D] with strides (q_token, q_head, 1); keys, values: one layer's pool, [slots, Hkv, D] with
+// strides (kv_slot, kv_head, 1); out: [T, Hq, D], contiguous; token_pos, token_row, first: [T]; tables:
+// [rows, width], contiguous. softcap: 0 for none. bf16_dot: the CPU has AVX512-BF16 (bfloat16 only).
+extern "C" void kernel(const SCALAR* q, int64_t q_token, int64_t q_head, const SCALAR* keys, const SCALAR* values,
+                       int64_t kv_slot, int64_t kv_head, SCALAR* out, const int64_t* token_pos,
+                       const int64_t* token_row, const int64_t* first, const int64_t* tables, int64_t width,
+                       int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size,
+                       float scaling, float softcap, int64_t bf16_dot, int64_t threads) {
+  const int64_t group = num_heads / kv_heads, items = num_tokens * kv_heads;
+#pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
+  {
+    std::vector<float> qf(group * dim), s;  // per thread: the item's scaled queries, then its scores
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t t = item / kv_heads, h = item % kv_heads;
+      const int64_t lo = first[t], hi = token_pos[t], n = hi - lo + 1;
+      const int64_t* table = tables + token_row[t] * width;
+      const SCALAR* k0 = keys + h * kv_head;
+      const SCALAR* v0 = values + h * kv_head;
+      const SCALAR* q0 = q + t * q_token + h * group * q_head;
+      s.resize(group * n);  // s[g * n + j - lo]: head g's score, then weight, of entry j
+
+      // scores, kHeads query heads at a time
+      for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
+        const int heads = static_cast<int>(std::min<int64_t>(kHeads, group - g0));
+        float* sg = s.data() + g0 * n - lo;
+        if (bf16_dot && dot_scores(q0 + g0 * q_head, q_head, heads, k0, kv_slot, dim, scaling, table, block_size,
+                                   lo, hi, sg, n)) {
+          continue;
+        }
+        for (int g = 0; g < heads; ++g) {
+          const SCALAR* qh = q0 + (g0 + g) * q_head;
+          for (int64_t d = 0; d < dim; d += kWidth) {
+            const int64_t count = std::min(kWidth, dim - d);
+            (widen(qh + d, count) * Floats(scaling)).store(qf.data() + g * dim + d, count);
+          }
+        }
+        each_entry(table, block_size, lo, hi, [&](int64_t j, int64_t slot) {
+          scores_of(qf.data(), heads, k0 + slot * kv_slot, dim, sg + j, n);
+        });
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        softmax(s.data() + g * n, n, softcap);
+      }
+
+      // out = weights · V: a chunk of the head dimension at a time, kHeads heads' sums in registers
+      for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
+        const int heads = static_cast<int>(std::min<int64_t>(kHeads, group - g0));
+        const float* w = s.data() + g0 * n - lo;
+        SCALAR* o = out + (t * num_heads + h * group + g0) * dim;
+        for (int64_t d = 0; d < dim; d += kWidth) {
+          const int64_t count = std::min(kWidth, dim - d);
+          Floats acc[kHeads];
+          std::fill(std::begin(acc), std::begin(acc) + heads, Floats(0));
+          each_entry(table, block_size, lo, hi, [&](int64_t j, int64_t slot) {
+            const Floats v = widen(v0 + slot * kv_slot + d, count);
+            for (int g = 0; g < heads; ++g) {
+              acc[g] = at::vec::fmadd(Floats(w[g * n + j]), v, acc[g]);
+            }
+          });
+          for (int g = 0; g < heads; ++g) {
+            round_into(o + g * dim + d, acc[g], count);
+          }
+        }
+      }
+    }
+  }
+}
