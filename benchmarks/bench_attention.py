@@ -1,14 +1,15 @@
-"""Decode-step attention: gathering each context then SDPA (sdpa) against reading the pool in place (flex).
+"""Decode-step attention: gathering each context then SDPA (sdpa) against reading the pool in place, with
+torch's flex attention compiled (flex) or our C++ kernel (cpp).
 
 One layer of a DESIGN.md shape, N decode rows whose contexts are uniform in [--min-context,
---max-context], their blocks scattered over a pool sized like the engine's. Both paths run the
-server's own code (runner/attention.py, runner/flex.py) on the same cache, interleaved, best of
-several bursts; per-step metadata (built once per step for all layers) is timed apart from the
+--max-context], their blocks scattered over a pool sized like the engine's. The paths run the
+server's own code (runner/attention.py, runner/flex.py, runner/paged_kernel.py) on the same cache,
+best of several bursts; per-step metadata (built once per step for all layers) is timed apart from the
 per-layer attention. A decode step's attention = layers x per-layer + metadata.
 
---engine: whole engine steps instead. One engine (attention in place, compiled first) serves --rows
-requests (prompts uniform in 16-256, 64 new tokens); its decode-only steps alternate between the two
-paths, so neighbouring steps of nearly the same batch compare them under the same machine load.
+--engine: whole engine steps instead. One engine (flex compiled first, the kernel built) serves --rows
+requests (prompts uniform in 16-256, 64 new tokens); its decode-only steps take the paths in turn, so
+neighbouring steps of nearly the same batch compare them under the same machine load.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_attention.py --shape bench-1b --rows 64
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_attention.py --shape bench-1b --engine
@@ -30,15 +31,19 @@ from common import SHAPES, environment  # noqa: E402
 
 from peftserve.bench.report import format_rows  # noqa: E402
 from peftserve.runner.attention import AttentionMetadata, paged_attention  # noqa: E402
-from peftserve.runner.flex import PagedLayout, unwritten_tails  # noqa: E402
+from peftserve.runner.flex import PagedLayout, flex_paged_attention, unwritten_tails  # noqa: E402
 from peftserve.runner.kv_cache import PagedKVCache  # noqa: E402
+from peftserve.runner.paged_kernel import kernel_paged_attention  # noqa: E402
+
+PATHS = {"sdpa": None, "flex": flex_paged_attention, "cpp": kernel_paged_attention}
+"""Each path by its --attention name, and what reads the pools in place on it (None: gathered)."""
 
 
 class _Layer(torch.nn.Module):
     layer_idx = 0
 
 
-def decode_step(cache: PagedKVCache, contexts: list[int], tables: list[list[int]], in_place: bool):
+def decode_step(cache: PagedKVCache, contexts: list[int], tables: list[list[int]], path: str):
     """The step's metadata as the runner builds it (runner/model_runner.py)."""
     bs = cache.block_size
     lens = torch.tensor(contexts)  # [B]
@@ -56,18 +61,19 @@ def decode_step(cache: PagedKVCache, contexts: list[int], tables: list[list[int]
         decode_ctx_lens=lens,
         prefills=[],
     )
-    if in_place:
+    if PATHS[path] is not None:
         chunks = [(c - 1, 1, t) for c, t in zip(contexts, tables, strict=True)]
-        tails = unwritten_tails(chunks, bs)
+        tails = unwritten_tails(chunks, bs) if path == "flex" else []
         if tails:
             cache.values.index_fill_(1, torch.tensor(tails), 0)
         meta.paged = PagedLayout.build(chunks, bs, cache.keys.shape[1], torch.device("cpu"))
-        meta.paged.visible(None)
+        meta.attend = PATHS[path]
+        meta.paged.visible(None) if path == "flex" else meta.paged.first(None)
     return meta
 
 
 def engine_steps(shape, args: argparse.Namespace) -> None:
-    """Decode steps of one engine, alternating attention in place and gathered; mean seconds of each."""
+    """Decode steps of one engine, taking the paths in turn; mean seconds of each."""
     from common import bench_tokenizer, build_model, make_prompts
 
     from peftserve.config import EngineConfig
@@ -82,14 +88,14 @@ def engine_steps(shape, args: argparse.Namespace) -> None:
     )  # fmt: skip
     engine = LLMEngine.from_model(build_model(shape, seed=args.seed), bench_tokenizer(), config)
     runner, execute = engine.runner, engine.runner.execute
-    times: dict[str, list[float]] = {"sdpa": [], "flex": []}
+    times: dict[str, list[float]] = {path: [] for path in PATHS}
 
     def timed_execute(step):
         if not all(c.is_decode for c in step.chunks):
-            runner.in_place = True
+            runner.in_place = kernel_paged_attention
             return execute(step)
-        path = "flex" if len(times["flex"]) <= len(times["sdpa"]) else "sdpa"
-        runner.in_place = path == "flex"
+        path = min(PATHS, key=lambda p: len(times[p]))
+        runner.in_place = PATHS[path]
         start = time.perf_counter()
         out = execute(step)
         times[path].append(time.perf_counter() - start)
@@ -108,7 +114,7 @@ def engine_steps(shape, args: argparse.Namespace) -> None:
         f"threads {torch.get_num_threads()}"
     )
     rows = [["path", "decode steps", "mean step ms", "tok/s in decode", "speed-up"]]
-    for path in ("sdpa", "flex"):
+    for path in PATHS:
         rows.append([
             path, str(len(times[path])), f"{mean[path] * 1e3:.0f}", f"{args.rows / mean[path]:.1f}",
             f"{mean['sdpa'] / mean[path]:.2f}x",
@@ -128,7 +134,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine", action="store_true", help="time whole engine decode steps instead")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="with --engine")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,28 +154,29 @@ def main() -> None:
     for c in contexts:
         tables.append(order[at : at + -(-c // bs)])
         at += len(tables[-1])
-    cache = PagedKVCache(1, num_blocks, bs, kv_heads, head_dim, torch.float32, torch.device("cpu"))
+    dtype = getattr(torch, args.dtype)
+    cache = PagedKVCache(1, num_blocks, bs, kv_heads, head_dim, dtype, torch.device("cpu"))
     g = torch.Generator().manual_seed(args.seed)
     cache.keys[:, : cache.null_slot].normal_(generator=g)
     cache.values[:, : cache.null_slot].normal_(generator=g)
-    q = torch.randn(1, heads, args.rows, head_dim, generator=g)  # [1, Hq, B, D]
-    kv = torch.randn(1, kv_heads, args.rows, head_dim, generator=g)  # this step's K/V (already cached)
+    q = torch.randn(1, heads, args.rows, head_dim, generator=g).to(dtype)  # [1, Hq, B, D]
+    kv = torch.randn(1, kv_heads, args.rows, head_dim, generator=g).to(dtype)  # this step's K/V (cached)
 
     outs, rows = {}, []
     with torch.inference_mode():
-        metas = {p: decode_step(cache, contexts, tables, p == "flex") for p in ("sdpa", "flex")}
+        metas = {p: decode_step(cache, contexts, tables, p) for p in PATHS}
         start = time.perf_counter()
         for path, meta in metas.items():
             outs[path] = paged_attention(_Layer(), q, kv, kv, None, peftserve_attn=meta)[0]
         first_call_s = time.perf_counter() - start
-        for path in ("sdpa", "flex"):
-            step_s = best_seconds(lambda p=path: decode_step(cache, contexts, tables, p == "flex"))
+        for path in PATHS:
+            step_s = best_seconds(lambda p=path: decode_step(cache, contexts, tables, p))
             meta = metas[path]
             layer_s = best_seconds(
                 lambda m=meta: paged_attention(_Layer(), q, kv, kv, None, peftserve_attn=m)
             )
             rows.append((path, step_s, layer_s))
-    diff = (outs["flex"] - outs["sdpa"]).abs().max().item()
+    diff = {p: (outs[p].float() - outs["sdpa"].float()).abs().max().item() for p in ("flex", "cpp")}
     base = rows[0][1] + shape.layers * rows[0][2]
     table = []
     for path, step_s, layer_s in rows:
@@ -185,9 +192,11 @@ def main() -> None:
         )
     print(environment("cpu"))
     print(
-        f"{shape.name}: {args.rows} decode rows, contexts {args.min_context}-{args.max_context} "
+        f"{shape.name}, {args.dtype}: {args.rows} decode rows, "
+        f"contexts {args.min_context}-{args.max_context} "
         f"(mean {sum(contexts) / len(contexts):.0f}), block {bs}, pool {num_blocks} blocks, "
-        f"threads {torch.get_num_threads()}; max |flex - sdpa| = {diff:.1e}; first calls (compile) "
+        f"threads {torch.get_num_threads()}; max |flex - sdpa| = {diff['flex']:.1e}, |cpp - sdpa| = "
+        f"{diff['cpp']:.1e}; first calls (compile, build) "
         f"{first_call_s:.1f} s"
     )
     header = [

@@ -17,8 +17,8 @@ from peftserve import native
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.request import GenerationRequest, SamplingParams
-from peftserve.runner import paged_kernel
 from peftserve.runner.flex import PagedLayout, flex_paged_attention
+from peftserve.runner.paged_kernel import kernel_paged_attention as attend
 from tests.engine.conftest import random_prompts
 from tests.helpers.tiny_models import build_tiny_model
 from tests.runner.test_attention import MIXED, SINKS, run_case
@@ -96,7 +96,7 @@ def test_serving_shapes_against_float64(dtype, geometry):
     heads, kv_heads, head_dim = geometry
     query, keys, values, layout = _pool_case(dtype, heads, kv_heads, head_dim, [1, 17, 200, 64, 333])
     scaling = head_dim**-0.5
-    got = paged_kernel.kernel_paged_attention(query, keys, values, layout, scaling, None, None)
+    got = attend(query, keys, values, layout, scaling, None, None)
     want = _float64_reference(query, keys, values, layout, scaling)
     assert got.dtype == dtype and got.shape == want.shape
     tolerance = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
@@ -106,17 +106,17 @@ def test_serving_shapes_against_float64(dtype, geometry):
 def test_a_tokens_bits_do_not_depend_on_its_step():
     """One token alone, or among others (any threads, any order of work), gives the same bits."""
     query, keys, values, layout = _pool_case(torch.bfloat16, 16, 4, 128, [40, 300, 7, 129, 64])
-    together = paged_kernel.kernel_paged_attention(query, keys, values, layout, 0.1, None, None)
+    together = attend(query, keys, values, layout, 0.1, None, None)
     for t in range(query.shape[2]):
         start, _, blocks = int(layout.token_pos[t]), 1, layout.tables[layout.token_row[t]].tolist()
         alone = PagedLayout.build([(start, 1, blocks)], 16, keys.shape[0], torch.device("cpu"))
-        out = paged_kernel.kernel_paged_attention(query[:, :, t : t + 1], keys, values, alone, 0.1, None, None)
+        out = attend(query[:, :, t : t + 1], keys, values, alone, 0.1, None, None)
         assert torch.equal(out[0, 0], together[0, t]), t
 
 
 def test_matches_flex_attention_on_a_serving_step():
     query, keys, values, layout = _pool_case(torch.float32, 16, 4, 128, [24, 511, 130, 16, 257, 3])
-    got = paged_kernel.kernel_paged_attention(query, keys, values, layout, 0.088, 6, 30.0)  # window, cap
+    got = attend(query, keys, values, layout, 0.088, 6, 30.0)  # window, cap
     want = flex_paged_attention(query, keys, values, layout, 0.088, 6, 30.0)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
@@ -124,11 +124,11 @@ def test_matches_flex_attention_on_a_serving_step():
 def test_wrong_inputs_are_refused_before_the_kernel_reads_them():
     query, keys, values, layout = _pool_case(torch.float32, 4, 2, 8, [5])
     with pytest.raises(TypeError, match="differ"):
-        paged_kernel.kernel_paged_attention(query.double(), keys, values, layout, 1.0, None, None)
+        attend(query.double(), keys, values, layout, 1.0, None, None)
     with pytest.raises(TypeError, match="no torch.float64 build"):
-        paged_kernel.kernel_paged_attention(query.double(), keys.double(), values.double(), layout, 1.0, None, None)
+        attend(query.double(), keys.double(), values.double(), layout, 1.0, None, None)
     with pytest.raises(ValueError, match="share strides"):
-        paged_kernel.kernel_paged_attention(query, keys, values.transpose(0, 1), layout, 1.0, None, None)
+        attend(query, keys, values.transpose(0, 1), layout, 1.0, None, None)
 
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])

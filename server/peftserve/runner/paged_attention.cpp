@@ -71,17 +71,6 @@ inline float total(const Floats& v) {
       [](at::vec::Vectorized<float>& a, at::vec::Vectorized<float>& b) { return a + b; }, v);
 }
 
-// Calls visit(j, slot) for each KV index j in [lo, hi] of the sequence whose block table is `table`.
-template <typename Visit>
-inline void each_entry(const int64_t* table, int64_t block_size, int64_t lo, int64_t hi, Visit&& visit) {
-  for (int64_t b = lo / block_size, last = hi / block_size; b <= last; ++b) {
-    const int64_t start = b * block_size, base = table[b] * block_size - start;
-    for (int64_t j = std::max(lo, start), end = std::min(hi, start + block_size - 1); j <= end; ++j) {
-      visit(j, base + j);
-    }
-  }
-}
-
 // out[g * stride] = q[g] · key for `heads` (<= kHeads) float queries `dim` apart, pre-scaled.
 template <typename T>
 inline void scores_of(const float* q, int heads, const T* key, int64_t dim, float* out, int64_t stride) {
@@ -123,21 +112,21 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void scores_bf16_d
 }
 #endif
 
-// Scores of entries lo..hi on the bf16 dot-product instruction, where this build and dtype have it (else
-// false, and nothing is done).
+// One key row's scores for `heads` query heads: on the bf16 dot-product instruction where this build and
+// dtype have it and `dot` asks for it (from `q`, the bf16 queries `q_head` apart), else from `qf`, the
+// float queries `dim` apart, pre-scaled.
 template <typename T>
-inline bool dot_scores(const T* q, int64_t q_head, int heads, const T* keys, int64_t kv_slot, int64_t dim,
-                       float scaling, const int64_t* table, int64_t block_size, int64_t lo, int64_t hi, float* s,
-                       int64_t n) {
+inline void score(const T* q, int64_t q_head, const float* qf, int heads, const T* key, int64_t dim, float scaling,
+                  bool dot, float* out, int64_t stride) {
 #ifdef ATTENTION_BF16_DOT
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    each_entry(table, block_size, lo, hi, [&](int64_t j, int64_t slot) {
-      scores_bf16_dot(q, q_head, heads, keys + slot * kv_slot, dim, scaling, s + j, n);
-    });
-    return true;
+    if (dot) {
+      scores_bf16_dot(q, q_head, heads, key, dim, scaling, out, stride);
+      return;
+    }
   }
 #endif
-  return false;
+  scores_of(qf, heads, key, dim, out, stride);
 }
 
 // s[0:n] = softmax(cap(s[0:n])) in place.
@@ -187,62 +176,86 @@ extern "C" void kernel(const SCALAR* q, int64_t q_token, int64_t q_head, const S
                        const int64_t* token_row, const int64_t* first, const int64_t* tables, int64_t width,
                        int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                        float scaling, float softcap, int64_t bf16_dot, int64_t threads) {
-  const int64_t group = num_heads / kv_heads, items = num_tokens * kv_heads;
+  const int64_t group = num_heads / kv_heads;
+  // A work item is a token's KV heads, whose entries lie together in each slot's row: a block of the pool is
+  // then read front to back. With too few tokens to keep the threads busy, each KV head is an item.
+  const int64_t split = num_tokens >= 4 * threads ? 1 : kv_heads, own = kv_heads / split;
+  const int64_t items = num_tokens * split, rows = own * group;  // rows: the item's query heads
+  const bool dot = bf16_dot != 0;
 #pragma omp parallel num_threads(threads) if (threads > 1 && items > 1)
   {
-    std::vector<float> qf(group * dim), s;  // per thread: the item's scaled queries, then its scores
+    // per thread: the item's scaled queries, its scores then weights, its outputs' float32 sums
+    std::vector<float> qf(rows * dim), s, acc(rows * dim);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t t = item / kv_heads, h = item % kv_heads;
+      const int64_t t = item / split, h0 = item % split * own;
       const int64_t lo = first[t], hi = token_pos[t], n = hi - lo + 1;
       const int64_t* table = tables + token_row[t] * width;
-      const SCALAR* k0 = keys + h * kv_head;
-      const SCALAR* v0 = values + h * kv_head;
-      const SCALAR* q0 = q + t * q_token + h * group * q_head;
-      s.resize(group * n);  // s[g * n + j - lo]: head g's score, then weight, of entry j
-
-      // scores, kHeads query heads at a time
-      for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
-        const int heads = static_cast<int>(std::min<int64_t>(kHeads, group - g0));
-        float* sg = s.data() + g0 * n - lo;
-        if (bf16_dot && dot_scores(q0 + g0 * q_head, q_head, heads, k0, kv_slot, dim, scaling, table, block_size,
-                                   lo, hi, sg, n)) {
-          continue;
-        }
-        for (int g = 0; g < heads; ++g) {
-          const SCALAR* qh = q0 + (g0 + g) * q_head;
-          for (int64_t d = 0; d < dim; d += kWidth) {
-            const int64_t count = std::min(kWidth, dim - d);
-            (widen(qh + d, count) * Floats(scaling)).store(qf.data() + g * dim + d, count);
-          }
-        }
-        each_entry(table, block_size, lo, hi, [&](int64_t j, int64_t slot) {
-          scores_of(qf.data(), heads, k0 + slot * kv_slot, dim, sg + j, n);
-        });
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        softmax(s.data() + g * n, n, softcap);
-      }
-
-      // out = weights · V: a chunk of the head dimension at a time, kHeads heads' sums in registers
-      for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
-        const int heads = static_cast<int>(std::min<int64_t>(kHeads, group - g0));
-        const float* w = s.data() + g0 * n - lo;
-        SCALAR* o = out + (t * num_heads + h * group + g0) * dim;
+      const SCALAR* q0 = q + t * q_token + h0 * group * q_head;  // the item's first query head
+      s.resize(rows * n);  // s[r * n + j - lo]: query head h0 * group + r's score, then weight, of entry j
+      for (int64_t r = 0; r < rows; ++r) {
         for (int64_t d = 0; d < dim; d += kWidth) {
           const int64_t count = std::min(kWidth, dim - d);
-          Floats acc[kHeads];
-          std::fill(std::begin(acc), std::begin(acc) + heads, Floats(0));
-          each_entry(table, block_size, lo, hi, [&](int64_t j, int64_t slot) {
-            const Floats v = widen(v0 + slot * kv_slot + d, count);
-            for (int g = 0; g < heads; ++g) {
-              acc[g] = at::vec::fmadd(Floats(w[g * n + j]), v, acc[g]);
+          (widen(q0 + r * q_head + d, count) * Floats(scaling)).store(qf.data() + r * dim + d, count);
+        }
+      }
+      // Calls visit(j, slot) for each visible entry j, a block at a time (first_j, last_j, slot of j = base + j).
+      auto each_block = [&](auto&& visit) {
+        for (int64_t b = lo / block_size, last = hi / block_size; b <= last; ++b) {
+          const int64_t start = b * block_size;
+          visit(std::max(lo, start), std::min(hi, start + block_size - 1), table[b] * block_size - start);
+        }
+      };
+
+      each_block([&](int64_t j0, int64_t j1, int64_t base) {
+        for (int64_t hh = 0; hh < own; ++hh) {
+          const SCALAR* kh = keys + (h0 + hh) * kv_head;
+          for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
+            const int heads = static_cast<int>(std::min<int64_t>(kHeads, group - g0));
+            const int64_t r = hh * group + g0;
+            for (int64_t j = j0; j <= j1; ++j) {
+              score(q0 + r * q_head, q_head, qf.data() + r * dim, heads, kh + (base + j) * kv_slot, dim, scaling,
+                    dot, s.data() + r * n + j - lo, n);
             }
-          });
-          for (int g = 0; g < heads; ++g) {
-            round_into(o + g * dim + d, acc[g], count);
           }
         }
+      });
+      for (int64_t r = 0; r < rows; ++r) {
+        softmax(s.data() + r * n, n, softcap);
+      }
+
+      // out = weights · V: per block, a chunk of the head dimension at a time, kHeads heads' sums in
+      // registers, then added to the item's sums
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      each_block([&](int64_t j0, int64_t j1, int64_t base) {
+        for (int64_t hh = 0; hh < own; ++hh) {
+          const SCALAR* vh = values + (h0 + hh) * kv_head;
+          for (int64_t g0 = 0; g0 < group; g0 += kHeads) {
+            const int heads = static_cast<int>(std::min<int64_t>(kHeads, group - g0));
+            const int64_t r = hh * group + g0;
+            const float* w = s.data() + r * n - lo;
+            for (int64_t d = 0; d < dim; d += kWidth) {
+              const int64_t count = std::min(kWidth, dim - d);
+              Floats sums[kHeads];
+              std::fill(std::begin(sums), std::begin(sums) + heads, Floats(0));
+              for (int64_t j = j0; j <= j1; ++j) {
+                const Floats v = widen(vh + (base + j) * kv_slot + d, count);
+                for (int g = 0; g < heads; ++g) {
+                  sums[g] = at::vec::fmadd(Floats(w[g * n + j]), v, sums[g]);
+                }
+              }
+              for (int g = 0; g < heads; ++g) {
+                float* a = acc.data() + (r + g) * dim + d;
+                (Floats::loadu(a, count) + sums[g]).store(a, count);
+              }
+            }
+          }
+        }
+      });
+      SCALAR* o = out + (t * num_heads + h0 * group) * dim;
+      for (int64_t i = 0; i < rows * dim; i += kWidth) {
+        const int64_t count = std::min(kWidth, rows * dim - i);
+        round_into(o + i, Floats::loadu(acc.data() + i, count), count);
       }
     }
   }
