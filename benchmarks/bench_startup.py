@@ -17,8 +17,9 @@ fresh process, one after the other:
 
 It reports the wall time until the engine was created, until the system is ready (for the engines: the
 request served, so every weight has been read), and until it is warm (the warm-up's work done: full
-speed), resident memory then (VmRSS) and its peak (VmHWM), each also over the weight
-bytes, and over the weights once the runtime's own memory is taken off. The adapter host cache is
+speed; where none was left when the engine was created, it was at full speed from then on), resident
+memory then (VmRSS) and its peak (VmHWM), each also over the weight bytes, and over the weights once the
+runtime's own memory is taken off. The adapter host cache is
 empty; the KV pool (512 MiB) is allocated zeroed. With --cold, the model's files are dropped from the
 page cache before each system starts.
 
@@ -66,7 +67,7 @@ def start(system: str, model_dir: Path, dtype: str, packed_cache: Path) -> dict[
     from peftserve.model.loader import load_base_model
 
     began = time.perf_counter()
-    started = None
+    started, pending = None, []
     if system == "runtime":
         created = began
     elif system == "load":
@@ -87,6 +88,7 @@ def start(system: str, model_dir: Path, dtype: str, packed_cache: Path) -> dict[
         )
         started = LLMEngine.create(config)
         created = time.perf_counter()
+        pending = list(started.runner.warming)
         sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
         started.generate_all([GenerationRequest(request_id="r", prompt="hello world", sampling=sampling)])
     ready = time.perf_counter()
@@ -104,6 +106,7 @@ def start(system: str, model_dir: Path, dtype: str, packed_cache: Path) -> dict[
         "rss": rss,
         "peak": peak,
         "weights": weights / 1e9,
+        "pending": pending,
     }
 
 
@@ -170,7 +173,7 @@ def main() -> None:
         packed_cache = args.packed_cache or model_dir.with_name(f"{model_dir.name}-packed")
         build(model_dir, args.shape, args.layers, getattr(torch, args.dtype))
         rows = [["system", "created s", "ready s", "warm s", "RSS GB", "peak GB", "RSS / weights",
-                 "peak / weights", "(RSS - runtime) / weights"]]  # fmt: skip
+                 "peak / weights", "(RSS - runtime) / weights", "warm-up left when created"]]  # fmt: skip
         runtime = 0.0
         systems = args.systems.split(",")
         if "kept" in systems and not kept(packed_cache, model_dir, args.dtype):
@@ -185,7 +188,8 @@ def main() -> None:
                 [system, f"{r['created']:.1f}", f"{r['ready']:.1f}", f"{r['warm']:.1f}", f"{r['rss']:.2f}",
                  f"{r['peak']:.2f}",
                  f"{r['rss'] / r['weights']:.2f}x", f"{r['peak'] / r['weights']:.2f}x",
-                 f"{(r['rss'] - runtime) / r['weights']:.2f}x" if runtime else "-"]
+                 f"{(r['rss'] - runtime) / r['weights']:.2f}x" if runtime else "-",
+                 ", ".join(r["pending"]) or "-"]
             )  # fmt: skip
     cache = "cold (evicted before each system)" if args.cold else "warm"
     print(f"{args.shape}, {args.layers} layers, {args.dtype}, weights {r['weights']:.2f} GB")

@@ -8,10 +8,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Engines (and servers started by tests) gather then run SDPA: nothing to compile per model geometry.
-# tests/runner/test_flex_attention.py covers attention in place; PEFTSERVE_ATTENTION=flex runs the
-# whole suite on it.
-os.environ.setdefault("PEFTSERVE_ATTENTION", "sdpa")
+# Engines (and servers started by tests) attend in place with our C++ kernel, the CPU default (built once
+# per dtype, kept below). tests/runner/test_flex_attention.py covers flex attention, test_attention.py the
+# gathering path; PEFTSERVE_ATTENTION=flex or sdpa runs the whole suite on either.
+os.environ.setdefault("PEFTSERVE_ATTENTION", "cpp")
 # Engines warm up before they serve, so that a step's path (attention in place or gathered, a layer's
 # weight packed or plain) does not depend on threads' timing; tests/runner/test_warm_up.py covers the
 # background.

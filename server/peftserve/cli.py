@@ -180,8 +180,9 @@ def _cmd_model_path(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_pack(args: argparse.Namespace) -> int:
-    """What a server's first start does after packing, ahead of it (in an image's build, say): the
-    packed weights written under --packed-cache, for this CPU, torch and dtype."""
+    """What a server's first start does in its warm-up, ahead of it (in an image's build, say): the
+    packed weights written under --packed-cache, and the C++ kernels built for the dtype, for this CPU
+    and torch."""
     from peftserve.model.loader import load_base_model  # imports torch and transformers
     from peftserve.runner.linear import pack_linears
     from peftserve.runner.packed_cache import PackedCache, usable
@@ -200,14 +201,32 @@ def _cmd_model_pack(args: argparse.Namespace) -> int:
     cache = PackedCache(args.packed_cache, loaded.directory, loaded.dtype)
     if cache.entry.exists():
         print(f"packed weights already kept in {cache.entry}")
-        return 0
-    pack_linears(loaded.model)
-    result = cache.keep(loaded.model)  # or "already kept": another process was first
-    if not result.startswith(("packed weights kept", "packed weights already kept")):
-        print(f"error: {result}", file=sys.stderr)
-        return 1
-    print(result)
+    else:
+        pack_linears(loaded.model)
+        result = cache.keep(loaded.model)  # or "already kept": another process was first
+        if not result.startswith(("packed weights kept", "packed weights already kept")):
+            print(f"error: {result}", file=sys.stderr)
+            return 1
+        print(result)
+    print(_build_kernels(loaded.dtype))
     return 0
+
+
+def _build_kernels(dtype) -> str:
+    """Attention's and the adapters' C++ kernels built for `dtype` and kept (peftserve/native.py); where
+    they cannot be built, why (servers then gather attention and run the adapters' parallel kernel)."""
+    from peftserve.adapters.forms import low_rank_rows
+    from peftserve.config import default_kernel_cache
+    from peftserve.runner import paged_kernel
+
+    try:
+        paged_kernel.load(dtype, build=True)
+        low_rank_rows.warm_up(dtype)  # says why where it cannot be built
+    except Exception as exc:  # noqa: BLE001 - the weights are kept either way
+        return f"warning: C++ kernels not built ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
+    if low_rank_rows.unavailable is not None:
+        return f"warning: the adapters' C++ kernel not built ({low_rank_rows.unavailable})"
+    return f"C++ kernels built for {dtype} and kept in {default_kernel_cache()}"
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -450,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     path.add_argument("--model", default="default")
     path.set_defaults(run=_cmd_model_path)
     pack = model_commands.add_parser(
-        "pack", help="pack the model's Linear weights for this CPU and keep them for the server's starts"
+        "pack",
+        help="pack the model's Linear weights for this CPU and keep them, and build the C++ kernels,"
+        " for the server's starts",
     )
     pack.add_argument("--model", default="default")
     pack.add_argument("--dtype", default="auto", help="as serve's --dtype (the entry is per dtype)")

@@ -270,18 +270,30 @@ def test_two_starts_writing_at_once_leave_one_whole_entry(model_dir, tmp_path, m
     assert cache.restore(_loaded(model_dir)) == targets > 0
 
 
-def test_peftserve_model_pack_keeps_what_a_later_start_maps(model_dir, tmp_path, capsys):
+def test_peftserve_model_pack_keeps_what_a_later_start_maps(model_dir, tmp_path, capsys, monkeypatch):
     from peftserve.cli import main
 
-    root = tmp_path / "packed"
+    from peftserve.adapters.forms import low_rank_rows
+    from peftserve.runner import paged_kernel
+
+    root, kernels = tmp_path / "packed", tmp_path / "kernels"
+    monkeypatch.setenv("PEFTSERVE_KERNEL_CACHE", str(kernels))
+    monkeypatch.setattr(paged_kernel, "_loaded", {})  # the kernels as a new process finds them: not loaded
+    low_rank_rows._kernel.cache_clear()
     argv = ["model", "pack", "--model", str(model_dir), "--dtype", "float32", "--packed-cache", str(root)]
     assert main(argv) == 0
-    assert capsys.readouterr().out.startswith("packed weights kept in")
+    out = capsys.readouterr().out
+    assert out.startswith("packed weights kept in")
+    assert f"C++ kernels built for torch.float32 and kept in {kernels}" in out
+    built = sorted(p.name.rsplit("-", 1)[0] for p in kernels.iterdir())
+    assert built == ["low-rank-rows-float32", "paged-attention-float32"]
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith("packed weights already kept in")
-    engine = LLMEngine.create(EngineConfig(model=str(model_dir), dtype="float32", packed_cache=str(root)))
+    config = EngineConfig(model=str(model_dir), dtype="float32", packed_cache=str(root), attention="cpp")
+    engine = LLMEngine.create(config)
     layers = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
     assert engine.runner.keeping is None and {m._holder is not None for m in layers} == {True}  # mapped
+    assert engine.runner.in_place is not None and engine.runner.warming == ()  # nothing left to warm up
     assert len(layers) == len(packing_targets(_loaded(model_dir)))  # though adapter layers wrap them now
     (tmp_path / "a-file").write_text("")
     assert main([*argv[:-1], str(tmp_path / "a-file" / "packed")]) == 1

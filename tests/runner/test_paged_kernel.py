@@ -17,6 +17,7 @@ from peftserve import native
 from peftserve.config import EngineConfig
 from peftserve.engine.engine import LLMEngine
 from peftserve.engine.request import GenerationRequest, SamplingParams
+from peftserve.runner import paged_kernel
 from peftserve.runner.flex import PagedLayout, flex_paged_attention
 from peftserve.runner.paged_kernel import kernel_paged_attention as attend
 from tests.engine.conftest import random_prompts
@@ -226,3 +227,26 @@ def test_a_file_in_the_way_only_costs_the_next_start_its_build(tmp_path, monkeyp
     x = torch.zeros(1)
     kernel(x, 1, 2.0)
     assert x.tolist() == [2.0]
+
+
+def test_where_the_kernel_cannot_be_built_the_engine_serves_on_the_gathering_path(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("PEFTSERVE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(paged_kernel, "_loaded", {})  # as in a new process
+
+    def no_compiler(name, parameters, source, build=True):
+        if build:
+            raise RuntimeError("no C++ compiler\ng++: not found")
+        return None
+
+    monkeypatch.setattr(native, "load", no_compiler)
+    model, tokenizer = build_tiny_model("llama")
+    config = EngineConfig(kv_cache_mb=1, block_size=4, attention="cpp", warm_up="before")
+    with caplog.at_level(logging.WARNING, logger="peftserve.runner.paged_kernel"):
+        engine = LLMEngine.from_model(model, tokenizer, config)
+    assert "attention's C++ kernel is unavailable (RuntimeError: no C++ compiler)" in caplog.text
+    assert engine.runner.in_place is None and engine.runner.warming == ()
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    done = engine.generate_all([GenerationRequest("r", prompt_token_ids=[5, 6, 7], sampling=params)])
+    assert len(done["r"].token_ids) == 6

@@ -12,8 +12,10 @@ enters the kernel's p·V product with weight 0, and 0 x NaN is NaN: so the runne
 past each sequence's end in its last block before the step (masked keys are harmless: the mask replaces
 their scores). Every other entry a token reads is its own sequence's computed K/V.
 
-Compiled once per process by torch.compile (inductor's C++ template on CPU; about 20-40 s cold, a few
-seconds from inductor's on-disk cache); the runner compiles it at start (ModelRunner._warm_up).
+Compiled once per process by torch.compile (inductor's C++ template on CPU; about 10-40 s cold, a few
+seconds from inductor's on-disk cache); with --attention flex the runner compiles it at start
+(ModelRunner._warm_up). The CPU default, --attention cpp (runner/paged_kernel.py), reads the same layout
+in a kernel of our own that needs no compile.
 """
 
 from __future__ import annotations

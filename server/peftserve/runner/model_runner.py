@@ -323,8 +323,10 @@ class ModelRunner:
         for name, future in done.items():
             if future.exception() is not None:
                 log.warning("serving on without %s (its warm-up failed)", name)
-            elif name == "attention":
-                self.in_place = self._attention_kernel
+            elif name == "attention" and (
+                self._attention_kernel is flex_paged_attention or paged_kernel.load(self.dtype)
+            ):
+                self.in_place = self._attention_kernel  # (our kernel's build may have failed: it said so)
 
     @torch.inference_mode()
     def _compile_attention(self) -> str:

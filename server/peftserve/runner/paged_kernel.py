@@ -65,8 +65,16 @@ def load(dtype: torch.dtype, build: bool = False) -> bool:
 
 
 def build(dtype: torch.dtype) -> str:
-    """The kernel's build, as warm-up work (ModelRunner._warm_up)."""
-    load(dtype, build=True)
+    """The kernel's build, as warm-up work (ModelRunner._warm_up). Where it cannot be built (no C++
+    compiler, say), that is said once and steps go on gathering each context: load then stays False."""
+    try:
+        load(dtype, build=True)
+    except Exception as exc:  # noqa: BLE001 - any build failure: serve on the gathering path instead
+        first_line = str(exc).strip().split("\n", 1)[0]  # a compile error goes on with the compiler's output
+        log.warning("attention's C++ kernel is unavailable (%s: %s): steps gather each context",
+                    type(exc).__name__, first_line)  # fmt: skip
+        log.debug("building attention's C++ kernel failed", exc_info=True)
+        return "no attention kernel: steps gather each context"
     return "attention reads the KV pools in place (our C++ kernel), built"
 
 
