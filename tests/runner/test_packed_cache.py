@@ -271,9 +271,8 @@ def test_two_starts_writing_at_once_leave_one_whole_entry(model_dir, tmp_path, m
 
 
 def test_peftserve_model_pack_keeps_what_a_later_start_maps(model_dir, tmp_path, capsys, monkeypatch):
-    from peftserve.cli import main
-
     from peftserve.adapters.forms import low_rank_rows
+    from peftserve.cli import main
     from peftserve.runner import paged_kernel
 
     root, kernels = tmp_path / "packed", tmp_path / "kernels"
