@@ -139,9 +139,12 @@ def main() -> None:
     add_vllm_arguments(parser, threads_default="its own")
     args = parser.parse_args()
     build(args.model_dir, args.shape, args.layers, getattr(torch, args.dtype))
-    for path in args.model_dir.glob("*.safetensors"):
-        path.read_bytes()  # every round starts from a warm page cache, the first too
     args.packed_cache = args.packed_cache or args.model_dir.with_name(f"{args.model_dir.name}-packed")
+    # every round starts from a warm page cache, the first too: the weights' files and the kept ones
+    for path in [*args.model_dir.glob("*.safetensors"), *args.packed_cache.rglob("*.bin")]:
+        with path.open("rb") as f:
+            while f.read(1 << 26):
+                pass
     systems = [s for s in args.systems.split(",") if s != "vllm" or Path(args.vllm_python).is_file()]
     if "peftserve" in systems and not kept(args.packed_cache, args.model_dir, args.dtype):
         first = start("peftserve", args, args.log_dir, keep=True)
