@@ -38,6 +38,15 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 
+HEADER = Path(__file__).with_name("native.h")
+"""What the kernels share (vectors of floats), put before each one's source."""
+
+
+def kernel_source(kernel: Path, scalar: str) -> str:
+    """A kernel's whole source for one element type: SCALAR defined, then native.h, then the kernel."""
+    return f"#define SCALAR {scalar}\n" + HEADER.read_text() + kernel.read_text()
+
+
 def load(name: str, parameters: Sequence[str], source: str, build: bool = True) -> Callable[..., None] | None:
     """`source`'s function `kernel`, bound with `parameters` (its C types, as inductor's bindings parse
     them): from our copy when there is one, else built by inductor's code cache and copied (unless not

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from peftserve.config import EngineConfig
-from peftserve.engine.engine import LLMEngine
-from peftserve.engine.request import GenerationRequest, SamplingParams
 from peftserve.errors import InvalidRequest
 from peftserve.runner.flex import PagedLayout, unwritten_tails
-from tests.engine.conftest import random_prompts
-from tests.helpers.tiny_models import build_tiny_model
-from tests.runner.test_attention import MIXED, SINKS, run_case
+from tests.runner.test_attention import (
+    MIXED,
+    SINKS,
+    engine_generates_what_the_gathering_engine_does,
+    run_case,
+)
 
 
 @pytest.mark.parametrize(
@@ -68,22 +69,7 @@ def test_layout_lists_only_each_tokens_own_blocks():
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_an_engine_in_place_generates_what_the_gathering_engine_does(family):
-    """Chunked prefill, late joiners and block-boundary contexts, on flex and on sdpa: same tokens,
-    log-probabilities within fp32 rounding. Gemma 2 adds soft-capping and windows on alternate layers."""
-    prompts = random_prompts([3, 9, 16, 23, 5], 320, seed=11)
-    params = SamplingParams(max_new_tokens=10, ignore_eos=True, logprobs=True)
-    requests = [
-        GenerationRequest(f"r{i}", prompt_token_ids=p, sampling=params) for i, p in enumerate(prompts)
-    ]
-    runs = {}
-    for attention in ("sdpa", "flex"):
-        model, tokenizer = build_tiny_model(family)
-        config = EngineConfig(kv_cache_mb=1, block_size=4, max_batched_tokens=20, attention=attention)
-        runs[attention] = LLMEngine.from_model(model, tokenizer, config).generate_all(requests)
-    for rid, want in runs["sdpa"].items():
-        got = runs["flex"][rid]
-        assert got.token_ids == want.token_ids, rid
-        assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) <= 1e-5, rid
+    engine_generates_what_the_gathering_engine_does(family, "flex")
 
 
 def test_unknown_attention_is_rejected():

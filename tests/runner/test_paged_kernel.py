@@ -20,9 +20,13 @@ from peftserve.engine.request import GenerationRequest, SamplingParams
 from peftserve.runner import paged_kernel
 from peftserve.runner.flex import PagedLayout, flex_paged_attention
 from peftserve.runner.paged_kernel import kernel_paged_attention as attend
-from tests.engine.conftest import random_prompts
 from tests.helpers.tiny_models import build_tiny_model
-from tests.runner.test_attention import MIXED, SINKS, run_case
+from tests.runner.test_attention import (
+    MIXED,
+    SINKS,
+    engine_generates_what_the_gathering_engine_does,
+    run_case,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -134,24 +138,7 @@ def test_wrong_inputs_are_refused_before_the_kernel_reads_them():
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_an_engine_on_the_kernel_generates_what_the_gathering_engine_does(family):
-    """Chunked prefill, late joiners and block-boundary contexts, on cpp and on sdpa: same tokens,
-    log-probabilities within fp32 rounding. Gemma 2 adds soft-capping and windows on alternate layers."""
-    prompts = random_prompts([3, 9, 16, 23, 5], 320, seed=11)
-    params = SamplingParams(max_new_tokens=10, ignore_eos=True, logprobs=True)
-    requests = [
-        GenerationRequest(f"r{i}", prompt_token_ids=p, sampling=params) for i, p in enumerate(prompts)
-    ]
-    runs = {}
-    for attention in ("sdpa", "cpp"):
-        model, tokenizer = build_tiny_model(family)
-        config = EngineConfig(kv_cache_mb=1, block_size=4, max_batched_tokens=20, attention=attention)
-        engine = LLMEngine.from_model(model, tokenizer, config)
-        assert (engine.runner.in_place is not None) == (attention == "cpp")
-        runs[attention] = engine.generate_all(requests)
-    for rid, want in runs["sdpa"].items():
-        got = runs["cpp"][rid]
-        assert got.token_ids == want.token_ids, rid
-        assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) <= 1e-5, rid
+    engine_generates_what_the_gathering_engine_does(family, "cpp")
 
 
 # peftserve/native.py: built kernels kept per machine

@@ -19,8 +19,9 @@
 // dot-product instruction: each product of two bf16 values is exact in float32, summed in pairs into
 // float32 lanes; the generic loop widens every value to float32 first.
 //
-// Built by paged_kernel.py through inductor's C++ code cache, once per dtype: SCALAR is defined before
-// this file, at::vec comes from inductor's prefix header, and `kernel` is the entry it binds.
+// Built by paged_kernel.py through inductor's C++ code cache, once per dtype: SCALAR and what
+// peftserve/native.h defines (Floats, widen, round_into, total) come before this file, and `kernel` is the
+// entry it binds.
 
 #include <torch/csrc/inductor/cpp_prefix.h>
 
@@ -39,37 +40,7 @@
 
 namespace {
 
-using Floats = at::vec::VectorizedN<float, 2>;
-constexpr int64_t kWidth = Floats::size();
 constexpr int kHeads = 8;  // query heads per pass over a KV head's entries (their sums stay in registers)
-
-// Loads `count` values as floats, zeros after them.
-template <typename T>
-inline Floats widen(const T* p, int64_t count = kWidth) {
-  if constexpr (std::is_same_v<T, float>) {
-    using Half = at::vec::Vectorized<float>;
-    Floats v;
-    v[0] = Half::loadu(p, std::min(count, int64_t{Half::size()}));
-    v[1] = count > Half::size() ? Half::loadu(p + Half::size(), count - Half::size()) : Half(0);
-    return v;
-  } else {
-    return at::vec::convert<float, 2, T, 1>(at::vec::Vectorized<T>::loadu(p, count));
-  }
-}
-
-template <typename T>
-inline void round_into(T* p, const Floats& v, int64_t count = kWidth) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p, count);
-  } else {
-    at::vec::convert<T, 1, float, 2>(v).store(p, count);
-  }
-}
-
-inline float total(const Floats& v) {
-  return at::vec::vec_reduce_all<float, 2>(
-      [](at::vec::Vectorized<float>& a, at::vec::Vectorized<float>& b) { return a + b; }, v);
-}
 
 // out[g * stride] = q[g] · key for `heads` (<= kHeads) float queries `dim` apart, pre-scaled.
 template <typename T>

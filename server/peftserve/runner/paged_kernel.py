@@ -54,7 +54,7 @@ def load(dtype: torch.dtype, build: bool = False) -> bool:
         return False
     if dtype not in _loaded:
         scalar = SCALARS[dtype]
-        source = f"#define SCALAR {scalar}\n" + _SOURCE.read_text()
+        source = native.kernel_source(_SOURCE, scalar)
         parameters = [p.replace("SCALAR", scalar) for p in _PARAMETERS]
         name = f"paged-attention-{str(dtype).removeprefix('torch.')}"
         kernel = native.load(name, parameters, source, build)

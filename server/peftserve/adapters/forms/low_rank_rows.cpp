@@ -20,8 +20,9 @@
 // additions differs from the generic loop, and values below float32's normal range (1e-38) count as
 // zero. It cut the compute of bench-1b's 64-row step from 4.3 to 3.2 ms (bench_rows_kernel.py).
 //
-// Built by low_rank_rows.py through inductor's C++ code cache, once per dtype: SCALAR is defined before
-// this file, at::vec comes from inductor's prefix header, and `kernel` is the entry it binds.
+// Built by low_rank_rows.py through inductor's C++ code cache, once per dtype: SCALAR and what
+// peftserve/native.h defines (Floats, widen, round_into, total) come before this file, and `kernel` is the
+// entry it binds.
 
 #include <torch/csrc/inductor/cpp_prefix.h>
 
@@ -38,37 +39,6 @@
 #include <vector>
 
 namespace {
-
-using Floats = at::vec::VectorizedN<float, 2>;
-constexpr int64_t kWidth = Floats::size();
-
-// Loads `count` values as floats, zeros after them (VectorizedN's own masked load fills with ones).
-template <typename T>
-inline Floats widen(const T* p, int64_t count = kWidth) {
-  if constexpr (std::is_same_v<T, float>) {
-    using Half = at::vec::Vectorized<float>;
-    Floats v;
-    v[0] = Half::loadu(p, std::min(count, int64_t{Half::size()}));
-    v[1] = count > Half::size() ? Half::loadu(p + Half::size(), count - Half::size()) : Half(0);
-    return v;
-  } else {
-    return at::vec::convert<float, 2, T, 1>(at::vec::Vectorized<T>::loadu(p, count));
-  }
-}
-
-template <typename T>
-inline void round_into(T* p, const Floats& v, int64_t count = kWidth) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p, count);
-  } else {
-    at::vec::convert<T, 1, float, 2>(v).store(p, count);
-  }
-}
-
-inline float total(const Floats& v) {
-  return at::vec::vec_reduce_all<float, 2>(
-      [](at::vec::Vectorized<float>& a, at::vec::Vectorized<float>& b) { return a + b; }, v);
-}
 
 // Rows of one adapter run kBlock at a time: each value of its A and Bᵀ loaded once for all of them. Each
 // (row, output) keeps its own accumulator, summed in the same order whatever the block, so a row's bits

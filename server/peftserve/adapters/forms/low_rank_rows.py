@@ -265,7 +265,7 @@ def _kernel(dtype: torch.dtype) -> Callable[..., None]:
 
 def _built(dtype: torch.dtype, build: bool) -> Callable[..., None] | None:
     scalar = SCALARS[dtype]
-    source = f"#define SCALAR {scalar}\n" + _SOURCE.read_text()
+    source = native.kernel_source(_SOURCE, scalar)
     name = f"low-rank-rows-{str(dtype).removeprefix('torch.')}"
     return native.load(name, [p.replace("SCALAR", scalar) for p in _PARAMETERS], source, build)
 
