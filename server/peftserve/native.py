@@ -9,8 +9,9 @@ is also copied into a directory of our own (`$PEFTSERVE_KERNEL_CACHE`, default
 `~/.cache/peftserve/kernels`) under a key of everything it depends on (its source and signature, torch,
 Python and the CPU's instruction sets), and later processes load that copy directly.
 
-A copy appears whole or not at all (written beside, then renamed); one cut short or that does not load
-is removed and built again; a directory we cannot write to only costs the next start its build.
+A copy appears whole or not at all (written beside, then renamed), and replaces the kernel's copies
+under other keys; one cut short or that does not load is removed and built again; a directory we cannot
+write to only costs the next start its build.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def load(name: str, parameters: Sequence[str], source: str, build: bool = True) 
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
         kernel = CppPythonBindingsCodeCache.load_pybinding(list(parameters), source)
-        _keep(Path(kernel.__self__.__file__), path)
+        _keep(Path(kernel.__self__.__file__), path, name)
         return kernel
 
 
@@ -107,13 +108,17 @@ def _check_whole(path: Path) -> None:
         raise ImportError(f"{path} is cut short ({size} bytes of {sections + entry_size * count})")
 
 
-def _keep(built: Path, path: Path) -> None:
-    """Copy the built library to `path`, whole or not at all; a failure is only logged."""
+def _keep(built: Path, path: Path, name: str) -> None:
+    """Copy the built library to `path`, whole or not at all, and remove the kernel's copies under other
+    keys (built from older sources, or for another torch): a failure is only logged."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(built, temporary)
         os.replace(temporary, path)
+        for old in path.parent.glob(f"{name}-*.so"):
+            if old != path:
+                old.unlink(missing_ok=True)  # a process that has it loaded keeps its mapping
     except OSError as exc:
         with contextlib.suppress(OSError):
             temporary.unlink()

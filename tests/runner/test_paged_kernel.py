@@ -172,12 +172,18 @@ def test_a_built_kernel_is_kept_and_loaded_without_building(tmp_path, monkeypatc
 
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
+    building = CppPythonBindingsCodeCache.load_pybinding
     monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", no_build)
     again = native.load("add", PARAMETERS, SOURCE, build=False)
     again(x, 3, 1.0)
     assert x.tolist() == [2.5] * 3
-    other = native.load("add", PARAMETERS, SOURCE.replace("+=", "-="), build=False)  # another source
-    assert other is None
+    changed = SOURCE.replace("+=", "-=")
+    assert native.load("add", PARAMETERS, changed, build=False) is None  # another source: not that copy
+    monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", building)
+    native.load("add", PARAMETERS, changed)(x, 3, 0.5)
+    assert x.tolist() == [2.0] * 3
+    (replaced,) = _kept(tmp_path)  # the old source's copy is gone
+    assert replaced != kept and replaced.startswith("add-")
 
 
 def test_a_damaged_copy_is_removed_and_built_again(tmp_path, monkeypatch, caplog):
