@@ -11,9 +11,11 @@
 // model's dtype. Only the entries a token may see are read: nothing is gathered, masked or padded, and the
 // G query heads that share a KV head read each of its keys and values once, together.
 //
-// A work item is one (token, KV head); the threads take items as they come (a prefill token's context
-// may be hundreds of entries, a decode token's a few), and an item's arithmetic never depends on which
-// thread runs it or on the other items, so a token's bits are the same alone or in any step.
+// A work item is one token's KV heads (or one KV head, when there are too few tokens to share out), its
+// entries walked a block at a time; each value row's weighted sum runs per block, then adds to the
+// token's float32 sums. The threads take items as they come (a prefill token's context may be hundreds of
+// entries, a decode token's a few), and a head's arithmetic never depends on which thread runs it or on
+// the other items, so a token's bits are the same alone or in any step (blocks are its own sequence's).
 //
 // In bfloat16 on a CPU with AVX512-BF16 (the caller says, `bf16_dot`), the scores run on the bf16
 // dot-product instruction: each product of two bf16 values is exact in float32, summed in pairs into
