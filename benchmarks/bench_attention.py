@@ -68,7 +68,10 @@ def decode_step(cache: PagedKVCache, contexts: list[int], tables: list[list[int]
             cache.values.index_fill_(1, torch.tensor(tails), 0)
         meta.paged = PagedLayout.build(chunks, bs, cache.keys.shape[1], torch.device("cpu"))
         meta.attend = PATHS[path]
-        meta.paged.visible(None) if path == "flex" else meta.paged.first(None)
+        if path == "flex":  # the step's share of the per-layer work, built once per step as the runner does
+            meta.paged.visible(None)
+        else:
+            meta.paged.first(None)
     return meta
 
 

@@ -29,7 +29,7 @@ def default_packed_cache() -> str:
 
 
 def default_kernel_cache() -> str:
-    """Where our built C++ kernels are kept (runner/native.py): $PEFTSERVE_KERNEL_CACHE, else
+    """Where our built C++ kernels are kept (peftserve/native.py): $PEFTSERVE_KERNEL_CACHE, else
     $XDG_CACHE_HOME/peftserve/kernels (~/.cache/peftserve/kernels)."""
     return os.environ.get("PEFTSERVE_KERNEL_CACHE") or _user_cache("kernels")
 

@@ -3,11 +3,12 @@ and loaded in milliseconds.
 
 Inductor's C++ code cache builds each kernel with its flags for this CPU's vector units, links it to
 torch's OpenMP and binds its `kernel` function to Python. But even when the library is already on disk,
-asking the code cache for it imports inductor and recomputes its compile command: 2.3-2.5 s of a start on
-the 2-core dev box, longer than loading a 1.7 GB model from the page cache. So each library, once built,
+asking the code cache for it recomputes its compile command (probing the compiler and the CPU): 1.2-1.3
+s of a start on the 2-core dev box (Intel Xeon), in a process that has imported what a server imports,
+longer than loading a 1.7 GB model from the page cache. So each library, once built,
 is also copied into a directory of our own (`$PEFTSERVE_KERNEL_CACHE`, default
 `~/.cache/peftserve/kernels`) under a key of everything it depends on (its source and signature, torch,
-Python and the CPU's instruction sets), and later processes load that copy directly.
+Python and the CPU's instruction sets), and later processes load that copy directly (0.3-0.6 ms).
 
 A copy appears whole or not at all (written beside, then renamed), and replaces the kernel's copies
 under other keys; one cut short or that does not load is removed and built again; a directory we cannot
@@ -38,14 +39,37 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 
-
+SCALARS = {torch.float32: "float", torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}
+"""The model dtypes our kernels are built for, and the C++ element type of each."""
+bf16_dot: bool = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+"""Whether the CPU has AVX512-BF16's dot-product instruction, which the kernels use in bfloat16 (each
+product of two bf16 values exact in float32, summed in pairs); they widen every value first without it."""
 HEADER = Path(__file__).with_name("native.h")
 """What the kernels share (vectors of floats), put before each one's source."""
 
 
-def kernel_source(kernel: Path, scalar: str) -> str:
-    """A kernel's whole source for one element type: SCALAR defined, then native.h, then the kernel."""
-    return f"#define SCALAR {scalar}\n" + HEADER.read_text() + kernel.read_text()
+class Kernel:
+    """One of our C++ kernels (`kernel` in `source`, bound with `parameters`, SCALAR standing for the
+    element type), built per dtype and kept (load), loaded once per process."""
+
+    def __init__(self, name: str, source: Path, parameters: Sequence[str]) -> None:
+        self.name = name
+        self.source = source
+        self.parameters = tuple(parameters)
+        self._loaded: dict[torch.dtype, Callable[..., None]] = {}
+
+    def get(self, dtype: torch.dtype, build: bool = True) -> Callable[..., None] | None:
+        """The kernel for `dtype` (one of SCALARS): loaded already, or from this machine's copy, or else
+        built (unless not `build`: then None). Raises what a build raises."""
+        if dtype not in self._loaded:
+            scalar = SCALARS[dtype]
+            source = f"#define SCALAR {scalar}\n" + HEADER.read_text() + self.source.read_text()
+            parameters = [p.replace("SCALAR", scalar) for p in self.parameters]
+            kernel = load(f"{self.name}-{str(dtype).removeprefix('torch.')}", parameters, source, build)
+            if kernel is None:
+                return None
+            self._loaded[dtype] = kernel
+        return self._loaded[dtype]
 
 
 def load(name: str, parameters: Sequence[str], source: str, build: bool = True) -> Callable[..., None] | None:

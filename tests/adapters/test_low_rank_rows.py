@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from peftserve import native
 from peftserve.adapters import AdapterBatch
 from peftserve.adapters.forms import LayerSpec, LowRankDelta, LowRankForm, SharedTensors, low_rank_rows
 from peftserve.adapters.forms.low_rank_rows import bucket_of
@@ -98,7 +99,7 @@ def test_compiled_equals_the_definition_on_random_steps(
             torch.testing.assert_close(outs["compiled"].double(), exact, rtol=2e-2, atol=2e-2)
 
 
-BF16_DOT = pytest.mark.skipif(not low_rank_rows.bf16_dot, reason="the CPU has no AVX512-BF16")
+BF16_DOT = pytest.mark.skipif(not native.bf16_dot, reason="the CPU has no AVX512-BF16")
 KERNEL_DTYPES = [
     pytest.param(torch.float32, False, id="float32"),
     pytest.param(torch.bfloat16, False, id="bfloat16-generic"),
@@ -117,7 +118,7 @@ def test_the_rows_kernel_equals_the_definition_at_any_width(
     dot-product loop), ranks from 1 to 256 (buckets 8 to 256) in one layer, runs of 1 to 6 rows of one
     adapter (the kernel's blocks of 1 to 4 rows), weights, and x and y as strided views: each row as the
     definition in float64, within one rounding of y (float32: 1e-5); rows outside the step untouched."""
-    monkeypatch.setattr(low_rank_rows, "bf16_dot", bf16_dot)
+    monkeypatch.setattr(native, "bf16_dot", bf16_dot)
     gen = torch.Generator().manual_seed(6)
     form = LowRankForm(LayerSpec(width, out, 8, None, "compiled", SharedTensors()))
     ranks = (1, 8, 9, 40, 256, 16)
@@ -208,10 +209,10 @@ def test_rows_shared_among_threads_have_the_bits_of_one_thread() -> None:
 
 
 def test_without_a_compiler_the_parallel_kernel_serves(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(dtype: torch.dtype) -> None:
+    def broken(dtype: torch.dtype, build: bool = True) -> None:
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(low_rank_rows, "_kernel", broken)
+    monkeypatch.setattr(low_rank_rows.KERNEL, "get", broken)
     monkeypatch.setattr(low_rank_rows, "unavailable", None)
     low_rank_rows.warm_up(torch.float32)
     assert low_rank_rows.unavailable == "RuntimeError: no C++ compiler"

@@ -277,8 +277,8 @@ def test_peftserve_model_pack_keeps_what_a_later_start_maps(model_dir, tmp_path,
 
     root, kernels = tmp_path / "packed", tmp_path / "kernels"
     monkeypatch.setenv("PEFTSERVE_KERNEL_CACHE", str(kernels))
-    monkeypatch.setattr(paged_kernel, "_loaded", {})  # the kernels as a new process finds them: not loaded
-    low_rank_rows._kernel.cache_clear()
+    for kernel in (paged_kernel.KERNEL, low_rank_rows.KERNEL):  # as a new process finds them: not loaded
+        monkeypatch.setattr(kernel, "_loaded", {})
     argv = ["model", "pack", "--model", str(model_dir), "--dtype", "float32", "--packed-cache", str(root)]
     assert main(argv) == 0
     out = capsys.readouterr().out

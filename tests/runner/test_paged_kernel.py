@@ -222,24 +222,32 @@ def test_a_file_in_the_way_only_costs_the_next_start_its_build(tmp_path, monkeyp
     assert x.tolist() == [2.0]
 
 
-def test_where_the_kernel_cannot_be_built_the_engine_serves_on_the_gathering_path(
+def test_where_the_kernel_cannot_be_built_a_start_before_serving_stops_and_one_beside_gathers(
     tmp_path, monkeypatch, caplog
 ):
+    """As a failed compile of flex does (test_warm_up.py): the warm-up's failure mechanism, nothing of
+    the kernel's own."""
     monkeypatch.setenv("PEFTSERVE_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(paged_kernel, "_loaded", {})  # as in a new process
+    monkeypatch.setattr(paged_kernel.KERNEL, "_loaded", {})  # as in a new process
 
     def no_compiler(name, parameters, source, build=True):
         if build:
-            raise RuntimeError("no C++ compiler\ng++: not found")
+            raise RuntimeError("no C++ compiler")
         return None
 
     monkeypatch.setattr(native, "load", no_compiler)
-    model, tokenizer = build_tiny_model("llama")
-    config = EngineConfig(kv_cache_mb=1, block_size=4, attention="cpp", warm_up="before")
-    with caplog.at_level(logging.WARNING, logger="peftserve.runner.paged_kernel"):
-        engine = LLMEngine.from_model(model, tokenizer, config)
-    assert "attention's C++ kernel is unavailable (RuntimeError: no C++ compiler)" in caplog.text
-    assert engine.runner.in_place is None and engine.runner.warming == ()
+
+    def engine(warm_up: str) -> LLMEngine:
+        model, tokenizer = build_tiny_model("llama")
+        config = EngineConfig(kv_cache_mb=1, block_size=4, attention="cpp", warm_up=warm_up)
+        return LLMEngine.from_model(model, tokenizer, config)
+
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        engine("before")
+    beside = engine("background")
+    assert beside.runner.wait_warm_up(timeout=300)
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    done = engine.generate_all([GenerationRequest("r", prompt_token_ids=[5, 6, 7], sampling=params)])
-    assert len(done["r"].token_ids) == 6
+    with caplog.at_level(logging.WARNING, logger="peftserve.runner.model_runner"):
+        done = beside.generate_all([GenerationRequest("r", prompt_token_ids=[5, 6, 7], sampling=params)])
+    assert "serving on without attention (its warm-up failed)" in caplog.text
+    assert beside.runner.in_place is None and len(done["r"].token_ids) == 6

@@ -284,7 +284,7 @@ def test_the_attention_kernel_built_on_an_earlier_start_serves_from_the_first_st
     a later start loads it at once: its first step reads the pools in place, with nothing to warm up
     but packing."""
     monkeypatch.setenv("PEFTSERVE_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(paged_kernel, "_loaded", {})  # as in a new process
+    monkeypatch.setattr(paged_kernel.KERNEL, "_loaded", {})  # as in a new process
     release = threading.Event()
     build = paged_kernel.build
 
@@ -302,7 +302,7 @@ def test_the_attention_kernel_built_on_an_earlier_start_serves_from_the_first_st
     assert first.runner.in_place is paged_kernel.kernel_paged_attention
     assert any(p.name.startswith("paged-attention-float32-") for p in tmp_path.iterdir())
 
-    monkeypatch.setattr(paged_kernel, "_loaded", {})
+    monkeypatch.setattr(paged_kernel.KERNEL, "_loaded", {})
     monkeypatch.setattr(paged_kernel, "build", None)  # a later start must not build
     second = _engine("background", attention="cpp")
     assert second.runner.in_place is paged_kernel.kernel_paged_attention

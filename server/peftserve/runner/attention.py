@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from peftserve.runner.flex import PagedLayout, flex_paged_attention
+from peftserve.runner.flex import PagedLayout
 from peftserve.runner.kv_cache import PagedKVCache
 
 ATTENTION_NAME = "peftserve_paged"
@@ -57,9 +57,9 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     paged: PagedLayout | None = None
     """Set when attention reads the pools in place; layers with sinks still take the paths below."""
-    attend: Callable[..., torch.Tensor] = flex_paged_attention
-    """What reads the pools in place with `paged`: kernel_paged_attention (runner/paged_kernel.py) or
-    flex_paged_attention, which share a signature."""
+    attend: Callable[..., torch.Tensor] | None = None
+    """What reads the pools in place with `paged` (set with it): kernel_paged_attention
+    (runner/paged_kernel.py) or flex_paged_attention, which share a signature."""
     _masks: dict = field(default_factory=dict)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
+from peftserve import native
 from peftserve.adapters.batch import AdapterBatch, AdapterContext
 from peftserve.engine.sequence import Sequence
 from peftserve.engine.step import PackedChunk, Sampled, StepInput, StepOutput
@@ -220,7 +221,7 @@ class ModelRunner:
             paged=self._paged_layout([(c.position, c.num_tokens, c.seq.blocks) for c in step.chunks])
             if self.in_place is not None
             else None,
-            attend=self.in_place or flex_paged_attention,
+            attend=self.in_place,
             # the gathered decode rows: read by the gathering path, sink layers and captured graphs only
             **self._decode_metadata(decodes if self._gathers else []),
         )
@@ -261,7 +262,7 @@ class ModelRunner:
             self._attention_kernel = paged_kernel.kernel_paged_attention
             if paged_kernel.load(self.dtype):
                 self.in_place = self._attention_kernel  # built on an earlier start: nothing to wait for
-            elif self.dtype in paged_kernel.SCALARS:
+            elif self.dtype in native.SCALARS:
                 work["attention"] = functools.partial(paged_kernel.build, self.dtype)
         elif attention == "flex":
             self._attention_kernel = flex_paged_attention
@@ -323,10 +324,8 @@ class ModelRunner:
         for name, future in done.items():
             if future.exception() is not None:
                 log.warning("serving on without %s (its warm-up failed)", name)
-            elif name == "attention" and (
-                self._attention_kernel is flex_paged_attention or paged_kernel.load(self.dtype)
-            ):
-                self.in_place = self._attention_kernel  # (our kernel's build may have failed: it said so)
+            elif name == "attention":
+                self.in_place = self._attention_kernel
 
     @torch.inference_mode()
     def _compile_attention(self) -> str:

@@ -30,7 +30,6 @@ and find its factors in cache.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import weakref
@@ -240,9 +239,6 @@ def bucket_rows(batch: AdapterBatch, plan: RowsPlan, stacks: RankStacks) -> list
     return batch.memo((PLAN, stacks.layout), build)
 
 
-SCALARS = {torch.float32: "float", torch.bfloat16: "at::BFloat16", torch.float16: "at::Half"}
-"""The model dtypes the kernel is built for, and the C++ element type of each."""
-_SOURCE = Path(__file__).with_suffix(".cpp")
 _PARAMETERS = (
     *("const SCALAR*", "int64_t", "SCALAR*", "int64_t"),  # x, y: each with its row stride
     *("const int64_t*", "const int64_t*", "const float*", "int64_t"),  # token, index, weight: n each
@@ -250,29 +246,12 @@ _PARAMETERS = (
     *("int64_t", "int64_t"),  # bf16_dot, threads
 )
 """`kernel`'s parameters as inductor's bindings parse its arguments (a tensor as its data pointer)."""
-
-
-@functools.cache
-def _kernel(dtype: torch.dtype) -> Callable[..., None]:
-    """low_rank_rows.cpp built for `dtype` (peftserve/native.py: built once per machine, with inductor's
-    flags for this CPU's vector units, then loaded in milliseconds; a call costs microseconds, where a
-    torch.compile'd function's guards cost ~56 us). The first build takes about 2 s on the 2-core dev
-    box."""
-    kernel = _built(dtype, build=True)
-    assert kernel is not None
-    return kernel
-
-
-def _built(dtype: torch.dtype, build: bool) -> Callable[..., None] | None:
-    scalar = SCALARS[dtype]
-    source = native.kernel_source(_SOURCE, scalar)
-    name = f"low-rank-rows-{str(dtype).removeprefix('torch.')}"
-    return native.load(name, [p.replace("SCALAR", scalar) for p in _PARAMETERS], source, build)
-
-
-bf16_dot: bool = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-"""Whether the kernel's bfloat16 rows use the CPU's bf16 dot-product instruction (AVX512-BF16) for the
-product by A (low_rank_rows.cpp says how it rounds); the generic loop where the CPU lacks it."""
+KERNEL = native.Kernel("low-rank-rows", Path(__file__).with_suffix(".cpp"), _PARAMETERS)
+"""low_rank_rows.cpp per dtype (peftserve/native.py: built once per machine, with inductor's flags for
+this CPU's vector units, then loaded in milliseconds; a call costs microseconds, where a
+torch.compile'd function's guards cost ~56 us). The first build takes about 2 s on the 2-core dev box.
+In bfloat16 the product by A runs on the bf16 dot-product instruction where the CPU has it
+(native.bf16_dot; low_rank_rows.cpp says how it rounds)."""
 unavailable: str | None = None
 """Why the kernel cannot be built here (warm_up found out; e.g. no C++ compiler): the form then runs
 the parallel kernel for every token."""
@@ -292,29 +271,28 @@ def add_rows(y: torch.Tensor, x: torch.Tensor, parts: Sequence[_BucketRows], sta
         add_rows(rows, x, parts, stacks)
         y.copy_(rows)
         return
-    kernel, threads = _kernel(y.dtype), torch.get_num_threads()
+    kernel, dot, threads = KERNEL.get(y.dtype), native.bf16_dot, torch.get_num_threads()
     for part in parts:
         a, bt = stacks.stacks[part.bucket].a, stacks.stacks[part.bucket].bt  # [c, R, in], [c, R, out]
         if not a.dtype == x.dtype == y.dtype:  # the kernel reads raw memory: a mismatch must never reach it
             raise TypeError(f"the layer's factors are {a.dtype}, its input {x.dtype} and output {y.dtype}")
         rows = (part.rows, part.index, part.weight, len(part.rows))
-        kernel(x, x.stride(0), y, y.stride(0), *rows, a, bt, *a.shape[1:], bt.shape[2], bf16_dot, threads)
+        kernel(x, x.stride(0), y, y.stride(0), *rows, a, bt, *a.shape[1:], bt.shape[2], dot, threads)
 
 
 def usable(dtype: torch.dtype) -> bool:
     """Whether the kernel serves `dtype` now: it can be built here, for this dtype, and no warm-up beside
     the steps is building it."""
-    return unavailable is None and dtype in SCALARS and dtype not in building
+    return unavailable is None and dtype in native.SCALARS and dtype not in building
 
 
 def build_work(dtype: torch.dtype) -> Callable[[], str] | None:
     """The kernel's build for `dtype` as work for the runner's warm-up (ModelRunner, warm_ups), which
     may run it beside the steps; None when there is nothing to build. `dtype` is `building` from this
     call until the build ends: call it when the work is handed to a thread."""
-    if unavailable is not None or dtype not in SCALARS:
+    if unavailable is not None or dtype not in native.SCALARS:
         return None
-    if _built(dtype, build=False) is not None:  # built on an earlier start: loaded in milliseconds
-        _kernel(dtype)
+    if KERNEL.get(dtype, build=False) is not None:  # built on an earlier start: loaded in milliseconds
         return None
     building.add(dtype)
 
@@ -332,10 +310,10 @@ def warm_up(dtype: torch.dtype) -> None:
     """Build the kernel for `dtype` before serving. If it cannot be built, say why once and leave it
     `unavailable`."""
     global unavailable
-    if unavailable is not None or dtype not in SCALARS:
+    if unavailable is not None or dtype not in native.SCALARS:
         return
     try:
-        _kernel(dtype)
+        KERNEL.get(dtype)
     except Exception as e:  # noqa: BLE001 - any build failure: serve with the parallel kernel instead
         first_line = str(e).strip().split("\n", 1)[0]  # a compile error goes on with the compiler's output
         unavailable = f"{type(e).__name__}: {first_line}"
