@@ -154,6 +154,7 @@ def test_while_warming_up_a_mixed_adapter_batch_equals_peft_per_adapter(monkeypa
     logits equal PEFT's own forward within 1e-4 in fp32, its greedy tokens identical; base rows equal
     the base model."""
     monkeypatch.setenv("PEFTSERVE_KERNEL_CACHE", str(tmp_path / "kernels"))  # the rows kernel not yet built
+    monkeypatch.setattr(low_rank_rows.KERNEL, "_loaded", {})  # nor loaded, as in a new process
     base, _ = build_tiny_model("llama")
     adapters = make_adapters(base, "llama", tmp_path)
     model, tokenizer = build_tiny_model("llama")
