@@ -16,8 +16,9 @@ fresh process, one after the other:
            kept yet, a first start packs and writes them, reported as its own row ("kept, first")
 
 It reports the wall time until the engine was created, until the system is ready (for the engines: the
-request served, so every weight has been read), and until it is warm (the warm-up's work done: full
-speed; where none was left when the engine was created, it was at full speed from then on), resident
+request served, so every weight has been read), and until it is warm (when the last of the warm-up's
+work ended, beside the request: full speed from then on; where none was left when the engine was
+created, from creation; a kept start's warm-up is reading the kept weights in), resident
 memory then (VmRSS) and its peak (VmHWM), each also over the weight bytes, and over the weights once the
 runtime's own memory is taken off. The adapter host cache is
 empty; the KV pool (512 MiB) is allocated zeroed. With --cold, the model's files are dropped from the
@@ -34,6 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -59,8 +61,9 @@ def memory_gb() -> tuple[float, float]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def start(system: str, model_dir: Path, dtype: str, packed_cache: Path) -> dict[str, float]:
-    """Start one system in this process; seconds until ready, and memory with it alive."""
+def start(system: str, model_dir: Path, dtype: str, packed_cache: Path, idle: bool) -> dict[str, float]:
+    """Start one system in this process; seconds until ready, and memory with it alive. idle: the request
+    waits until the warm-up is done (the start-up alone, nothing served beside it)."""
     from peftserve.config import EngineConfig
     from peftserve.engine.engine import LLMEngine
     from peftserve.engine.request import GenerationRequest, SamplingParams
@@ -89,12 +92,22 @@ def start(system: str, model_dir: Path, dtype: str, packed_cache: Path) -> dict[
         started = LLMEngine.create(config)
         created = time.perf_counter()
         pending = list(started.runner.warming)
+        warmed: list[float] = []
+
+        def wait_warm_up() -> None:
+            started.runner.wait_warm_up()
+            warmed.append(time.perf_counter())
+
+        waiting = threading.Thread(target=wait_warm_up)
+        waiting.start()
+        if idle:
+            waiting.join()
         sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
         started.generate_all([GenerationRequest(request_id="r", prompt="hello world", sampling=sampling)])
     ready = time.perf_counter()
-    if system in ("torch", "onednn", "before", "kept"):
-        started.runner.wait_warm_up()
-    warm = time.perf_counter()
+    if pending:
+        waiting.join()
+    warm = warmed[0] if pending else created
     rss, peak = memory_gb()
     if system == "kept" and started.runner.keeping is not None:
         started.runner.keeping.result()  # a first start writes them whole before it exits
@@ -141,9 +154,9 @@ def evict(directory: Path) -> None:
             os.close(fd)
 
 
-def run_child(system: str, model_dir: Path, dtype: str, packed_cache: Path) -> dict[str, float]:
+def run_child(system: str, model_dir: Path, dtype: str, packed_cache: Path, idle: bool) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", system, "--model-dir", str(model_dir), "--dtype", dtype,
-               "--packed-cache", str(packed_cache)]  # fmt: skip
+               "--packed-cache", str(packed_cache), *(["--idle"] if idle else [])]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -163,10 +176,15 @@ def main() -> None:
     parser.add_argument(
         "--cold", action="store_true", help="evict the model's (and kept weights') files before each system"
     )
+    parser.add_argument(
+        "--idle",
+        action="store_true",
+        help="the request waits for the warm-up (start-up alone, nothing beside)",
+    )
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(start(args.child, args.model_dir, args.dtype, args.packed_cache)))
+        print(json.dumps(start(args.child, args.model_dir, args.dtype, args.packed_cache, args.idle)))
         return
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         model_dir = args.model_dir or Path(tmp) / "model"
@@ -182,7 +200,7 @@ def main() -> None:
             if args.cold:
                 evict(model_dir)
                 evict(packed_cache)
-            r = run_child(system.partition(",")[0], model_dir, args.dtype, packed_cache)
+            r = run_child(system.partition(",")[0], model_dir, args.dtype, packed_cache, args.idle)
             runtime = r["rss"] if system == "runtime" else runtime
             rows.append(
                 [system, f"{r['created']:.1f}", f"{r['ready']:.1f}", f"{r['warm']:.1f}", f"{r['rss']:.2f}",
@@ -194,6 +212,7 @@ def main() -> None:
     cache = "cold (evicted before each system)" if args.cold else "warm"
     print(f"{args.shape}, {args.layers} layers, {args.dtype}, weights {r['weights']:.2f} GB")
     print(f"page cache: {cache}")
+    print("request: " + ("after the warm-up (--idle)" if args.idle else "as soon as the engine is created"))
     print(environment("cpu"))
     print(format_rows(rows))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from peftserve.errors import InvalidRequest
 from peftserve.model import loader
 from peftserve.model.default_model import DEFAULT_MODEL_NAME
 from peftserve.model.loader import LoadedModel, load_base_model, resolve_dtype
+from tests.helpers.tiny_models import ALL_FAMILIES
 
 
 def copy_model(source: Path, target: Path) -> Path:
@@ -123,3 +125,82 @@ def test_auto_is_reported_in_model_info(tiny_llama_dir: Path, monkeypatch) -> No
     engine = LLMEngine.create(EngineConfig(model=str(tiny_llama_dir), kv_cache_mb=1))
     assert engine.model_info.dtype == "bfloat16"
     assert engine.runner.cache.keys.dtype == torch.bfloat16
+
+
+def _linear_weights(model: torch.nn.Module) -> list[str]:
+    """The weights of the model's Linear layers but a head tied to the embeddings (what a start leaves
+    unread when the packed weights are kept)."""
+    embeddings = model.get_input_embeddings().weight
+    linears = [(path, m) for path, m in model.named_modules() if type(m) is torch.nn.Linear]
+    return [f"{path}.weight" for path, m in linears if m.weight is not embeddings]
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_unread_weights_are_left_as_placeholders_and_the_rest_read_as_from_pretrained(
+    family: str, tiny_model_dir: Callable[[str], Path]
+) -> None:
+    directory = tiny_model_dir(family)
+    whole = load_base_model(str(directory), "cpu", "float32")
+    source = loader.find_base_model(str(directory), "cpu", "float32")
+    weights = _linear_weights(whole.model)[1::2]  # every other one
+    if family == "gpt2":
+        weights = ["transformer.h.0.attn.c_attn.weight"]  # Conv1D layers: no Linear but the tied head
+    unread = {*weights, "model.no_such.weight"}  # a name the checkpoint does not hold is only read
+    part = loader.read_base_model(source, unread)
+    assert part.unread == frozenset(weights) and weights
+    parameters = dict(part.model.named_parameters())
+    assert parameters.keys() == dict(whole.model.named_parameters()).keys()
+    for name, value in whole.model.named_parameters():
+        assert parameters[name].shape == value.shape and parameters[name].dtype == value.dtype
+        assert not parameters[name].requires_grad
+        if name not in weights:
+            assert torch.equal(parameters[name], value), name
+    for name, value in whole.model.named_buffers():
+        assert torch.equal(part.model.get_buffer(name), value), name
+    assert part.model.generation_config.to_dict() == whole.model.generation_config.to_dict()
+    assert part.model.config.to_dict() == whole.model.config.to_dict()
+    assert part.eos_token_ids == whole.eos_token_ids and not part.model.training
+    assert (part.family, part.model_id, part.max_context) == (whole.family, whole.model_id, whole.max_context)
+
+
+def test_a_sharded_checkpoint_leaves_its_unread_weights_in_every_shard(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    whole = load_base_model(str(tiny_llama_dir), "cpu", "float32")
+    directory = tmp_path / "sharded"
+    whole.model.save_pretrained(directory, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llama_dir / name).is_file():
+            shutil.copy(tiny_llama_dir / name, directory / name)
+    shards = sorted(directory.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (directory / "model.safetensors").exists()
+    (directory / "stray.safetensors").write_bytes(shards[0].read_bytes())  # not in the index: never read
+    weights = _linear_weights(whole.model)
+    part = loader.read_base_model(loader.find_base_model(str(directory), "cpu", "float32"), weights[1:])
+    assert part.unread == frozenset(weights[1:])
+    assert torch.equal(part.model.get_parameter(weights[0]), whole.model.get_parameter(weights[0]))
+    assert torch.equal(part.model.get_input_embeddings().weight, whole.model.get_input_embeddings().weight)
+
+
+def test_a_weight_transformers_would_convert_is_read_with_the_rest(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    whole = load_base_model(str(tiny_llama_dir), "cpu", "float32")
+    weights = _linear_weights(whole.model)
+    real = loader.MODEL_FOR_CAUSAL_LM_MAPPING[type(whole.model.config)]
+
+    class KeepsOneInFloat64(real):  # as a model class with a module kept in another dtype
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            model = real.from_pretrained(*args, **kwargs)
+            layer = model.get_submodule(weights[1].removesuffix(".weight"))
+            layer.weight = torch.nn.Parameter(layer.weight.double().float())  # a copy, as a conversion makes
+            return model
+
+    monkeypatch.setattr(loader, "MODEL_FOR_CAUSAL_LM_MAPPING", {type(whole.model.config): KeepsOneInFloat64})
+    with caplog.at_level(logging.INFO, logger="peftserve.model.loader"):
+        part = loader.read_base_model(loader.find_base_model(str(tiny_llama_dir), "cpu", "float32"), weights)
+    assert "reading them all" in caplog.text
+    assert part.unread == frozenset()
+    for name, value in whole.model.named_parameters():
+        assert torch.equal(part.model.get_parameter(name), value), name

@@ -31,12 +31,6 @@ pytestmark = pytest.mark.skipif(not usable(torch.float32), reason="packed weight
 PARAMS = SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=True)
 
 
-@pytest.fixture
-def model_dir(tiny_llama_dir: Path, tmp_path: Path) -> Path:
-    """A copy of the tiny llama, whose files a test may change."""
-    return Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
-
-
 def _loaded(model_dir: Path, dtype: str = "float32") -> nn.Module:
     return load_base_model(str(model_dir), "cpu", dtype).model
 

@@ -31,7 +31,7 @@ from peftserve.engine.sequence import Sequence
 from peftserve.engine.step import PrefixWrite, StepInput, StepOutput, pack
 from peftserve.errors import AdapterNotFound, CapacityExceeded, InvalidRequest, NonFiniteOutput, quote
 from peftserve.model.geometry import head_dim, kv_heads
-from peftserve.model.loader import eos_token_ids, max_context
+from peftserve.model.loader import BaseModelSource, LoadedModel, eos_token_ids, max_context, read_base_model
 from peftserve.model.text import encode
 from peftserve.runner.kv_cache import kv_bytes_per_token
 from peftserve.runner.model_runner import ModelRunner
@@ -142,12 +142,16 @@ class LLMEngine:
     def create(cls, config: EngineConfig) -> LLMEngine:
         """Load the base model named by the config and build the engine on it."""
         from peftserve.adapters.manager import AdapterManager
-        from peftserve.model.loader import load_base_model
+        from peftserve.model.loader import find_base_model
         from peftserve.store import AdapterStore
 
         if config.threads:
             torch.set_num_threads(config.threads)
-        loaded = load_base_model(config.model, config.device, config.dtype)
+        source = find_base_model(config.model, config.device, config.dtype)
+        packed = None
+        if config.packed_cache != "off":
+            packed = PackedCache(config.packed_cache, source.directory, source.dtype)
+        loaded = _read_model(source, packed if config.cpu_linear == "onednn" else None)
         manager = AdapterManager(
             loaded.model,
             config.slots,
@@ -164,9 +168,6 @@ class LLMEngine:
             manager.scan(store)
         for adapter_id, path in config.adapters:  # after the store: these are the newest versions
             manager.register(adapter_id, path)
-        packed = None
-        if config.packed_cache != "off":
-            packed = PackedCache(config.packed_cache, loaded.directory, loaded.dtype)
         return cls(
             loaded.model,
             loaded.tokenizer,
@@ -453,6 +454,19 @@ class LLMEngine:
                 )
             ]
         )
+
+
+def _read_model(source: BaseModelSource, packed: PackedCache | None) -> LoadedModel:
+    """The base model, its Linear layers on the packed weights an earlier start kept in `packed`, where
+    there are (on CPU): their plain weights are then not read from the checkpoint, so a start reads
+    from the disk what loading the model would, and no more. Read whole where none are kept, or where
+    the entry fails restore's checks (it is then removed, and the runner packs and keeps them anew)."""
+    unread = packed.prefetch() if packed is not None and source.device.type == "cpu" else frozenset()
+    loaded = read_base_model(source, unread)
+    if loaded.unread and not packed.restore(loaded.model, loaded.unread):
+        log.warning("reading %s again, whole: the packed weights kept were not usable", source.model_id)
+        loaded = read_base_model(source)
+    return loaded
 
 
 def _gather(outputs: list[RequestOutput]) -> Completion:

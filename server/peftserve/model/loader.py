@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import safe_open
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from peftserve.errors import InvalidRequest
 from peftserve.model.default_model import ensure_default_model
@@ -42,6 +52,19 @@ class LoadedModel:
     """max_position_embeddings (or n_positions)."""
     eos_token_ids: tuple[int, ...]
     """From generation_config then config, deduplicated, in that order."""
+    unread: frozenset[str] = frozenset()
+    """Weights left unread (read_base_model's `unread`): uninitialized until the caller puts them."""
+
+
+@dataclass(frozen=True)
+class BaseModelSource:
+    """A base model found and checked, before any of its weights is read (find_base_model)."""
+
+    directory: Path
+    model_id: str
+    family: str
+    device: torch.device
+    dtype: torch.dtype
 
 
 def resolve_device(device: str) -> torch.device:
@@ -154,32 +177,114 @@ def max_context(model: PreTrainedModel) -> int:
     raise InvalidRequest(f"{model.config.model_type} config has no max_position_embeddings or n_positions")
 
 
-def load_base_model(model: str, device: str, dtype: str) -> LoadedModel:
-    """Load `model` ('default' or a local HF directory) frozen, on `device`, in `dtype` ('auto' allowed)."""
+def find_base_model(model: str, device: str, dtype: str) -> BaseModelSource:
+    """Where `model` ('default' or a local HF directory) is, checked as one we serve, and the device and
+    dtype ('auto' allowed) it will be read in."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     directory, model_id = resolve_model_dir(model)
     family = check_family(directory)
     check_safetensors(directory)
-    # transformers' default attention (sdpa, or eager for families without it: Gemma 2, GPT-OSS) until
-    # the runner installs its own.
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        directory,
-        dtype=torch_dtype,
-        local_files_only=True,
-        use_safetensors=True,
-        trust_remote_code=False,
-    )
-    hf_model.to(torch_device).eval().requires_grad_(False)
-    tokenizer = load_tokenizer(directory)
+    return BaseModelSource(directory, model_id, family, torch_device, torch_dtype)
+
+
+def load_base_model(model: str, device: str, dtype: str) -> LoadedModel:
+    """Load `model` ('default' or a local HF directory) frozen, on `device`, in `dtype` ('auto' allowed)."""
+    return read_base_model(find_base_model(model, device, dtype))
+
+
+def read_base_model(source: BaseModelSource, unread: Collection[str] = ()) -> LoadedModel:
+    """Read the model `source` names, frozen.
+
+    unread: weights (by parameter name) not to read from the checkpoint, because the caller has them in
+    another form (the packed weights kept across starts: runner/packed_cache.py). Each is left as an
+    uninitialized tensor of its shape and dtype, which costs no memory until written, for the caller to
+    replace before anything reads it; LoadedModel.unread says which were left. Where transformers would
+    not have put the checkpoint's tensor under that name as it is (a key it renames, a module kept in
+    another dtype), the model is read whole instead.
+    """
+    hf_model, left = None, frozenset()
+    if unread:
+        hf_model, left = _read_leaving_out(source, frozenset(unread))
+    if hf_model is None:
+        # transformers' default attention (sdpa, or eager for families without it: Gemma 2, GPT-OSS)
+        # until the runner installs its own.
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            source.directory,
+            dtype=source.dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=False,
+        )
+    hf_model.to(source.device).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(source.directory)
     return LoadedModel(
         model=hf_model,
         tokenizer=tokenizer,
-        model_id=model_id,
-        directory=directory,
-        family=family,
-        dtype=torch_dtype,
-        device=torch_device,
+        model_id=source.model_id,
+        directory=source.directory,
+        family=source.family,
+        dtype=source.dtype,
+        device=source.device,
         max_context=max_context(hf_model),
         eos_token_ids=eos_token_ids(hf_model),
+        unread=left,
     )
+
+
+def _read_leaving_out(
+    source: BaseModelSource, unread: frozenset[str]
+) -> tuple[PreTrainedModel | None, frozenset[str]]:
+    """The model read as from_pretrained reads it, from the same tensors (slices of the mapped
+    checkpoint, read on first use), but with a placeholder for each of `unread`, and the names of those
+    left; (None, empty) where that cannot be done as from_pretrained does it: a checkpoint that is not
+    model.safetensors or shards listed in its index, a config the causal-LM mapping names no one class
+    for, or a placeholder that did not end up as its weight."""
+    files = _checkpoint_files(source.directory)
+    config = AutoConfig.from_pretrained(source.directory, local_files_only=True, trust_remote_code=False)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if files is None or not isinstance(model_class, type):
+        return None, frozenset()
+    placeholders: dict[str, torch.Tensor] = {}
+    with ExitStack() as files_open:
+        state: dict[str, object] = {}
+        for file in files:
+            checkpoint = files_open.enter_context(
+                safe_open(str(file), framework="pt", device="cpu", backend="pread")
+            )
+            for key in checkpoint.keys():
+                state[key] = checkpoint.get_slice(key)
+                if key in unread:
+                    shape = state[key].get_shape()
+                    placeholders[key] = state[key] = torch.empty(shape, dtype=source.dtype)
+        generation = source.directory / "generation_config.json"
+        hf_model = model_class.from_pretrained(
+            None,
+            config=config,
+            state_dict=state,
+            dtype=source.dtype,
+            generation_config=GenerationConfig.from_pretrained(source.directory)
+            if generation.is_file()
+            else None,
+        )
+    hf_model.config.name_or_path = str(source.directory)  # from_pretrained(None) set None
+    parameters = dict(hf_model.named_parameters())
+    if any(
+        name not in parameters or parameters[name].data_ptr() != placeholder.data_ptr()
+        for name, placeholder in placeholders.items()
+    ):
+        log.info(
+            "%s: transformers converts weights that were to be left unread; reading them all", source.model_id
+        )
+        return None, frozenset()
+    return hf_model, frozenset(placeholders)
+
+
+def _checkpoint_files(directory: Path) -> list[Path] | None:
+    """The safetensors files from_pretrained reads in `directory` (the shards its index lists, or
+    model.safetensors); None where it would read others."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({directory / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else None

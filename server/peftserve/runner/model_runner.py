@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,13 +32,11 @@ from peftserve.runner.flex import MIN_TOKENS, PagedLayout, flex_paged_attention,
 from peftserve.runner.kv_cache import PagedKVCache
 from peftserve.runner.linear import pack_linears, packing_targets
 from peftserve.runner.packed_cache import PackedCache
+from peftserve.runner.priority import lowest_priority
 from peftserve.runner.sampler import SampleRow, finite_rows, sample
 from peftserve.runner.vector_units import trust_known_vector_units
 
 log = logging.getLogger(__name__)
-
-LOWEST_PRIORITY = 19
-"""The nice value of warm-up work in the background (Linux: 19 is the lowest)."""
 
 
 def _pack(model: torch.nn.Module, stop: threading.Event) -> str:
@@ -77,8 +73,8 @@ def _warm(name: str, run: Callable[[], str], began: float, threads: int, yieldin
     else raises it.
     """
     torch.set_num_threads(threads)
-    if yielding and sys.platform.startswith("linux"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)
+    if yielding:
+        lowest_priority()
     try:
         done = run()
     except BaseException:
@@ -145,6 +141,7 @@ class ModelRunner:
         """Set by close: packing (and keeping what it packed) stops after its current layer."""
         self.keeping: Future | None = None
         """Writing the packed weights to packed_cache, after packing (its result says where, or why not)."""
+        self._packed_cache = packed_cache
         pack = cpu_linear == "onednn" and self.device.type == "cpu"
         if pack and packed_cache is not None:
             packed_cache.restore(model)
@@ -256,7 +253,9 @@ class ModelRunner:
         is done at its start: _take_warm_up); attention first, which slows the steps beside it less.
         `more` runs after attention, in its thread (it may use the compile's set-up: inductor's probes
         of the CPU). After packing, in its thread and at the lowest priority in either case, the packed
-        weights are written to `keep` (self.keeping): not warm-up, as steps already run at full speed."""
+        weights are written to `keep` (self.keeping): not warm-up, as steps already run at full speed.
+        Where `keep` is reading kept weights in (PackedCache.prefetch), that is warm-up work too, already
+        running in its own thread."""
         work = {}
         if attention == "cpp":
             self._attention_kernel = paged_kernel.kernel_paged_attention
@@ -270,7 +269,11 @@ class ModelRunner:
         work.update(more())
         if pack:
             work["packing"] = functools.partial(_pack, self.model, self._stop)
-        if not work:
+        reading = keep.reading if keep is not None else None
+        running = (
+            {"reading the packed weights": reading} if reading is not None and not reading.done() else {}
+        )
+        if not work and not running:
             return
         rest = ThreadPoolExecutor(1, thread_name_prefix="peftserve-warm-up")
         # before serving, packing in a second thread beside the rest; in the background, all in one
@@ -278,7 +281,7 @@ class ModelRunner:
             ThreadPoolExecutor(1, thread_name_prefix="peftserve-pack") if pack and not background else rest
         )
         began, threads = time.perf_counter(), torch.get_num_threads()
-        self._warming = {
+        self._warming = running | {
             name: (packing if name == "packing" else rest).submit(
                 _warm, name, run, began, threads, background
             )
@@ -291,7 +294,7 @@ class ModelRunner:
             pool.shutdown(wait=False)  # its thread ends with its work
         if background:
             self.background_warm_up = True
-            log.info("warming up in the background: %s", ", ".join(work))
+            log.info("warming up in the background: %s", ", ".join(self._warming))
             return
         wait(self._warming.values())  # all of it, so that nothing still changes the model
         for future in self._warming.values():
@@ -300,10 +303,12 @@ class ModelRunner:
 
     def close(self) -> None:
         """Cut the warm-up short, so that the process can exit: packing stops after its current layer
-        (the rest keep their plain weights), and so does writing the packed weights (nothing is kept);
-        attention's compile and the adapter kernels' build run to their end (seconds: Python waits for
-        them at exit)."""
+        (the rest keep their plain weights), and so do writing the packed weights (nothing is kept) and
+        reading kept ones in; attention's compile and the adapter kernels' build run to their end
+        (seconds: Python waits for them at exit)."""
         self._stop.set()
+        if self._packed_cache is not None:
+            self._packed_cache.close()
 
     def wait_warm_up(self, timeout: float | None = None) -> bool:
         """Wait until the warm-up's work is done; whether it is (steps take it in at their start)."""

@@ -5,22 +5,29 @@ Packing reorders every weight into oneDNN's blocked layout: seconds of work on a
 in bfloat16: 2-5 s here), every start. The packed bytes depend only on the weights, their dtype, torch's
 oneDNN and the CPU's instruction sets. So once a start has packed them all, its warm-up writes them to
 one file under the cache directory, keyed by all four. The next start maps that file and wraps each
-layer's bytes where they lie as its packed tensor: no copy, no reorder. The pages are read from the file
-on first use. They are clean file pages: under memory pressure the kernel may drop them and read them
-again later, where a packed copy made in memory could only be swapped out.
+layer's bytes where they lie as its packed tensor: no copy, no reorder. They are clean file pages: under
+memory pressure the kernel may drop them and read them again later, where a packed copy made in memory
+could only be swapped out.
+
+Such a start does not read those layers' plain weights from the checkpoint at all (prefetch, then
+read_base_model's `unread`): the model is read without them while the kept file is read into memory
+in the background, so it reads from the disk what loading the checkpoint would, no more, and runs at
+full speed once that is read.
 
 An entry is `<root>/<key>/`, with `weights.bin` (each layer's bytes at a page-aligned offset) and
 `index.json` (per layer: offset, size, shape, dtype, and oneDNN's description of the layout). It appears
 whole or not at all: it is written under a temporary name and renamed once synced, so a crash leaves at
 most a temporary, which the next writer removes. A start checks the entry against the model (the same
 layers, shapes and dtype), then unpacks its first layer and compares it bit for bit with the plain
-weight. An entry that fails is removed and the weights are packed as without it. Bytes damaged on disk
-in other layers are not detected then: hashing the file would cost what the entry saves.
+weight, the one the start read. An entry that fails is removed, and the model is read whole and packed
+as without it. Bytes damaged on disk in other layers are not detected then: hashing the file would
+cost what the entry saves.
 
-Reading the file from the disk is not free either: where less than half of it is in the page cache, a
-start packs as if there were no entry (RESIDENT_MIN), then moves its layers onto the file in the
-background (adopt), comparing each layer's bytes with the ones it packed. That frees the copies, leaves
-the file cached for the next start, and removes an entry whose bytes differ anywhere.
+A model whose weights were all read already (LLMEngine.from_model, say) takes the entry only where at
+least half of its file is in the page cache (RESIDENT_MIN): reading it from the disk would come on top.
+Otherwise it packs as if there were no entry, then moves its layers onto the file in the background
+(adopt), comparing each layer's bytes with the ones it packed. That frees the copies, leaves the file
+cached for the next start, and removes an entry whose bytes differ anywhere.
 
 The wrapping goes through the C functions torch's ahead-of-time compiled models load their packed
 constants with (`aoti_torch_create_tensor_from_blob_v2` in libtorch_cpu); private to torch, hence a
@@ -40,6 +47,7 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from functools import cache
 from pathlib import Path
 
@@ -59,6 +67,7 @@ from peftserve.runner.linear import (
     replace_linear,
     unpack,
 )
+from peftserve.runner.priority import lowest_priority
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +80,17 @@ dirty pages (once synced, they are clean page cache, which the kernel reclaims w
 MADV_POPULATE_READ = 22
 """Linux's madvise advice that faults a range in for reading (from 5.14 on)."""
 RESIDENT_MIN = 0.5
-"""The least share of the kept file in the page cache for a start to map it rather than pack. From a
-cold page cache, reading the 3.74 GB file put the first request 1.5-2.5 s after packing's (5.4 s
-later when only the checkpoint had been read), with full speed no sooner (benchmarks/README.md,
-"Packed weights kept across starts"). A start that passes the file by moves its layers onto it once
-they are packed (adopt), and a server's steps read it, so the next start finds it cached."""
+"""The least share of the kept file in the page cache for a model read whole to map it rather than
+pack (a start that read the model without its Linear weights maps it wherever it lies). From a cold
+page cache, reading the 3.74 GB file on top of the checkpoint put the first request 1.5-2.5 s after
+packing's, with full speed no sooner (benchmarks/README.md, "Packed weights kept across starts"). A
+start that passes the file by moves its layers onto it once they are packed (adopt), and a server's
+steps read it, so the next start finds it cached."""
+READ_CHUNK = 64 * 2**20
+"""Bytes of a kept file read in at a time (prefetch): the unit in which a close stops it."""
+READERS = 4
+"""Threads reading a kept file in (prefetch): the 3.74 GB file of the start-up benchmark was read in
+1.9-2.0 s by 4, 2.1-2.7 s by 2 and 6.7-6.9 s by one (alone, from a cold page cache, here)."""
 FREE_MARGIN = 2**30
 """Disk space left free after an entry; with less, nothing is written."""
 DTYPE_SHIMS = {torch.float32: "aoti_torch_dtype_float32", torch.bfloat16: "aoti_torch_dtype_bfloat16"}
@@ -90,18 +105,48 @@ class PackedCache:
         self.dtype = dtype
         self.key = _key(self.model_dir, dtype)
         self.entry = self.root / self.key
+        self.reading: Future[str] | None = None
+        """The entry's file being read into memory (prefetch); None where nothing reads it."""
+        self._mapped: tuple[dict[str, dict], torch.UntypedStorage] | None = None  # prefetch's _open
+        self._closed = threading.Event()
 
-    def restore(self, model: nn.Module) -> int:
+    def prefetch(self) -> frozenset[str]:
+        """Before the model is read: the weights it need not read from its checkpoint, as this entry
+        holds them packed (read_base_model's `unread`), while the entry's file is read into memory in
+        the background (self.reading). That is every layer's weight but one, the first in the file,
+        which restore compares bit for bit with its packed bytes. Empty where there is no entry to take
+        (none, one this torch cannot map back, or one whose index or size is wrong: removed)."""
+        if not usable(self.dtype) or not (self.entry / INDEX).exists():
+            return frozenset()
+        try:
+            self._mapped = layers, storage = self._open()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("packed weights kept in %s not used (%s); packing again", self.entry, exc)
+            self.discard()
+            return frozenset()
+        self.reading = _read_in(storage, self._closed)
+        first = min(layers, key=lambda name: layers[name]["offset"])
+        return frozenset(f"{name}.weight" for name in layers if name != first)
+
+    def close(self) -> None:
+        """Stop reading the entry's file in (what is mapped stays valid: it is read on use)."""
+        self._closed.set()
+
+    def restore(self, model: nn.Module, unread: frozenset[str] = frozenset()) -> int:
         """Put the kept packed weights in place of the model's Linear layers (pack_linears' targets);
         how many were replaced: all of them, or 0 where there is no usable entry (a missing one quietly,
         one that does not fit the model or is damaged with a warning, and then it is removed), or where
-        the entry is mostly out of the page cache (RESIDENT_MIN: kept, for keep to move onto)."""
+        the entry is mostly out of the page cache (RESIDENT_MIN: kept, for keep to move onto).
+
+        unread: the weights the model was read without (prefetch's answer, read_base_model's): the
+        entry is then taken wherever its file lies, since it is read in place of the checkpoint's
+        bytes, not beside them. Where it fails, those weights are garbage: read the model again."""
         targets = packing_targets(model)
         if not targets or not (self.entry / INDEX).exists() or not usable(self.dtype):
             return 0
         began = time.perf_counter()
         try:
-            storage, packed = self._read(model, targets)
+            storage, packed = self._read(model, targets, unread)
         except _NotCached as cold:
             log.info(
                 "packed weights kept in %s not used: %.0f%% of them is in the page cache, so this start"
@@ -125,13 +170,15 @@ class PackedCache:
         return len(targets)
 
     def _read(
-        self, model: nn.Module, targets: list[str]
+        self, model: nn.Module, targets: list[str], unread: frozenset[str]
     ) -> tuple[torch.UntypedStorage, dict[str, torch.Tensor]]:
-        """The entry's file mapped (_open), and each target's packed weight wrapped in it; ValueError (and
-        the rest of restore's list) where the entry does not fit the model, _NotCached where too little
-        of the file is in the page cache (measured before anything here reads it)."""
-        layers, storage = self._open(targets)
-        if (share := _resident_share(storage)) < RESIDENT_MIN:
+        """The entry's file mapped (_open, or prefetch's), and each target's packed weight wrapped in it;
+        ValueError (and the rest of restore's list) where the entry does not fit the model, _NotCached
+        where too little of the file is in the page cache (measured before anything here reads it) and
+        the model's own weights were all read."""
+        layers, storage = self._mapped or self._open()
+        _check_layers(layers, targets)
+        if not unread and (share := _resident_share(storage)) < RESIDENT_MIN:
             raise _NotCached(share)
         packed = {}
         for path in targets:
@@ -142,18 +189,20 @@ class PackedCache:
             packed[path] = wrap(address, weight.shape, weight.dtype, layout)
             if torch.ops.mkldnn._nbytes(packed[path]) != layer["bytes"]:
                 raise ValueError(f"{_name(path)}'s layout does not span its bytes")
-        first = targets[0]
-        if not torch.equal(unpack(packed[first]), model.get_submodule(first).weight):
-            raise ValueError(f"{first} unpacked differs from the model's weight")
+        read = [path for path in targets if f"{_name(path)}.weight" not in unread]
+        if not read:
+            raise ValueError("the model was read without any of its layers, so none can be compared")
+        if not torch.equal(unpack(packed[read[0]]), model.get_submodule(read[0]).weight):
+            raise ValueError(f"{read[0]} unpacked differs from the model's weight")
         return storage, packed
 
-    def _open(self, paths: list[str]) -> tuple[dict[str, dict], torch.UntypedStorage]:
-        """The entry's layers by name and its file mapped (nothing read yet); ValueError where its format,
-        its layers (against `paths`) or its size are not what they should be."""
+    def _open(self) -> tuple[dict[str, dict], torch.UntypedStorage]:
+        """The entry's layers by name and its file mapped (nothing read yet); ValueError where its format
+        or its size are not what they should be."""
         index = json.loads((self.entry / INDEX).read_text())
         layers = index["layers"]
-        if index["format"] != FORMAT or sorted(layers) != sorted(map(_name, paths)):
-            raise ValueError("its layers are not the model's")
+        if index["format"] != FORMAT:
+            raise ValueError(f"its format is {index['format']}, not {FORMAT}")
         size = (self.entry / WEIGHTS).stat().st_size
         if size != index["bytes"]:
             raise ValueError(f"{WEIGHTS} has {size} bytes, its index says {index['bytes']}")
@@ -207,7 +256,8 @@ class PackedCache:
         copies (those moved were identical)."""
         began, moved = time.perf_counter(), 0
         try:
-            entries, storage = self._open([path for path, _ in layers])
+            entries, storage = self._mapped or self._open()
+            _check_layers(entries, [path for path, _ in layers])
             for path, module in layers:
                 if stop is not None and stop.is_set():
                     break
@@ -272,7 +322,9 @@ class PackedCache:
             os.fsync(f.fileno())
 
     def discard(self) -> None:
-        """Remove this entry (a process that has it mapped reads on: the file lives until unmapped)."""
+        """Remove this entry (a process that has it mapped reads on: the file lives until unmapped), and
+        stop reading it in."""
+        self.close()
         shutil.rmtree(self.entry, ignore_errors=True)
 
     def _sweep(self) -> None:
@@ -306,6 +358,54 @@ def _name(path: str) -> str:
     """A layer's name in an entry: its module path without the adapter layers wrapped around it, so that
     an entry fits the model with or without them (`peftserve model pack` loads it without)."""
     return ".".join(part for part in path.split(".") if part != "base_layer")
+
+
+def _check_layers(layers: dict[str, dict], paths: list[str]) -> None:
+    """ValueError unless an entry's layers are the ones at `paths` (module paths) in the model."""
+    if sorted(layers) != sorted(map(_name, paths)):
+        raise ValueError("its layers are not the model's")
+
+
+def _read_in(storage: torch.UntypedStorage, stop: threading.Event) -> Future[str]:
+    """Read a mapped file into memory in the background, READ_CHUNK at a time, in READERS threads at the
+    lowest CPU priority, by reading one byte of each page; its result says how long it took, or that
+    `stop` ended it early.
+
+    Reading a page through the mapping reads it from the disk (with the kernel's read-ahead), maps it
+    into the process (so steps take no page faults on it) and touches it. The touch costs nothing on
+    a machine of its own, but in a virtual machine whose host takes back the memory its guest frees, a
+    page's first touch is when the host gives it again: a first pass over a 3.74 GB file just read in
+    took 7.3 s here, the next 0.24 s (Firecracker); the first step would pay that. Several readers
+    overlap their waits on the disk and on the host.
+    """
+    reading: Future[str] = Future()
+    reading.set_running_or_notify_cancel()
+    pages = torch.empty(0, dtype=torch.uint8).set_(storage)  # [bytes], over the mapping
+    size = pages.numel()
+
+    def read(first: int) -> None:
+        """Chunks first, first + READERS, first + 2 READERS, ..."""
+        lowest_priority()
+        for start in range(first * READ_CHUNK, size, READERS * READ_CHUNK):
+            if stop.is_set():
+                return
+            pages[start : start + READ_CHUNK : PAGE].sum()
+
+    def run() -> None:
+        began = time.perf_counter()
+        readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(READERS)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+        if stop.is_set():
+            reading.set_result("reading the packed weights in stopped")
+        else:
+            seconds = time.perf_counter() - began
+            reading.set_result(f"{size / 1e9:.2f} GB of packed weights read in ({seconds:.1f} s)")
+
+    threading.Thread(target=run, name="peftserve-read-packed", daemon=True).start()
+    return reading
 
 
 def _layout(packed: torch.Tensor) -> bytes:
