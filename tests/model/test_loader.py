@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -135,11 +136,13 @@ def _linear_weights(model: torch.nn.Module) -> list[str]:
     return [f"{path}.weight" for path, m in linears if m.weight is not embeddings]
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["mapped", "read"])
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_unread_weights_are_left_as_placeholders_and_the_rest_read_as_from_pretrained(
-    family: str, tiny_model_dir: Callable[[str], Path]
+    family: str, cached: bool, tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     directory = tiny_model_dir(family)
+    monkeypatch.setattr(loader, "_in_page_cache", lambda path: cached)  # the checkpoint mapped, or read
     whole = load_base_model(str(directory), "cpu", "float32")
     source = loader.find_base_model(str(directory), "cpu", "float32")
     weights = _linear_weights(whole.model)[1::2]  # every other one
@@ -204,3 +207,21 @@ def test_a_weight_transformers_would_convert_is_read_with_the_rest(
     assert part.unread == frozenset()
     for name, value in whole.model.named_parameters():
         assert torch.equal(part.model.get_parameter(name), value), name
+
+
+def test_a_file_out_of_the_page_cache_is_told_from_one_in_it(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from peftserve.runner.packed_cache import _resident_share
+
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes((tiny_llama_dir / "model.safetensors").read_bytes() * 8)  # a few pages to sample
+    assert loader._in_page_cache(path)  # just written
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    mapped = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    if _resident_share(mapped) > 0.1:
+        pytest.skip("this file system keeps the file's pages (tmpfs?)")
+    assert not loader._in_page_cache(path)
+    path.read_bytes()
+    assert loader._in_page_cache(path)

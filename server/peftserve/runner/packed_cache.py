@@ -113,9 +113,10 @@ class PackedCache:
     def prefetch(self) -> frozenset[str]:
         """Before the model is read: the weights it need not read from its checkpoint, as this entry
         holds them packed (read_base_model's `unread`), while the entry's file is read into memory in
-        the background (self.reading). That is every layer's weight but one, the first in the file,
-        which restore compares bit for bit with its packed bytes. Empty where there is no entry to take
-        (none, one this torch cannot map back, or one whose index or size is wrong: removed)."""
+        the background where it is not all there (self.reading). That is every layer's weight but one,
+        the first in the file, which restore compares bit for bit with its packed bytes. Empty where
+        there is no entry to take (none, one this torch cannot map back, or one whose index or size is
+        wrong: removed)."""
         if not usable(self.dtype) or not (self.entry / INDEX).exists():
             return frozenset()
         try:
@@ -124,7 +125,8 @@ class PackedCache:
             log.warning("packed weights kept in %s not used (%s); packing again", self.entry, exc)
             self.discard()
             return frozenset()
-        self.reading = _read_in(storage, self._closed)
+        if _resident_share(storage) < 1:  # where it is all in the page cache, steps map it in at once
+            self.reading = _read_in(storage, self._closed)
         first = min(layers, key=lambda name: layers[name]["offset"])
         return frozenset(f"{name}.weight" for name in layers if name != first)
 
