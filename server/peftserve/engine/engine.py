@@ -142,41 +142,42 @@ class LLMEngine:
     def create(cls, config: EngineConfig) -> LLMEngine:
         """Load the base model named by the config and build the engine on it."""
         from peftserve.adapters.manager import AdapterManager
-        from peftserve.model.loader import find_base_model
+        from peftserve.model.loader import find_base_model, garbage_collection_paused
         from peftserve.store import AdapterStore
 
         if config.threads:
             torch.set_num_threads(config.threads)
-        source = find_base_model(config.model, config.device, config.dtype)
-        packed = None
-        if config.packed_cache != "off":
-            packed = PackedCache(config.packed_cache, source.directory, source.dtype)
-        loaded = _read_model(source, packed if config.cpu_linear == "onednn" else None)
-        manager = AdapterManager(
-            loaded.model,
-            config.slots,
-            loaded.device,
-            loaded.dtype,
-            host_cache_bytes=int(config.host_cache_mb * 2**20),
-            max_rank=config.adapter_max_rank,
-            load_threads=config.adapter_load_threads,
-            metrics_top_n=config.adapter_metrics_top_n,
-        )
-        store = None
-        if config.store is not None:
-            store = AdapterStore(config.store, config.max_adapters_per_tenant, config.max_upload_bytes)
-            manager.scan(store)
-        for adapter_id, path in config.adapters:  # after the store: these are the newest versions
-            manager.register(adapter_id, path)
-        return cls(
-            loaded.model,
-            loaded.tokenizer,
-            config,
-            model_id=loaded.model_id,
-            adapters=manager,
-            store=store,
-            packed_cache=packed,
-        )
+        with garbage_collection_paused():  # see there: objects by the hundred thousand
+            source = find_base_model(config.model, config.device, config.dtype)
+            packed = None
+            if config.packed_cache != "off":
+                packed = PackedCache(config.packed_cache, source.directory, source.dtype)
+            loaded = _read_model(source, packed if config.cpu_linear == "onednn" else None)
+            manager = AdapterManager(
+                loaded.model,
+                config.slots,
+                loaded.device,
+                loaded.dtype,
+                host_cache_bytes=int(config.host_cache_mb * 2**20),
+                max_rank=config.adapter_max_rank,
+                load_threads=config.adapter_load_threads,
+                metrics_top_n=config.adapter_metrics_top_n,
+            )
+            store = None
+            if config.store is not None:
+                store = AdapterStore(config.store, config.max_adapters_per_tenant, config.max_upload_bytes)
+                manager.scan(store)
+            for adapter_id, path in config.adapters:  # after the store: these are the newest versions
+                manager.register(adapter_id, path)
+            return cls(
+                loaded.model,
+                loaded.tokenizer,
+                config,
+                model_id=loaded.model_id,
+                adapters=manager,
+                store=store,
+                packed_cache=packed,
+            )
 
     @classmethod
     def from_model(cls, model, tokenizer, config: EngineConfig | None = None, **kwargs) -> LLMEngine:
