@@ -225,3 +225,19 @@ def test_a_file_out_of_the_page_cache_is_told_from_one_in_it(tiny_llama_dir: Pat
     assert not loader._in_page_cache(path)
     path.read_bytes()
     assert loader._in_page_cache(path)
+
+
+def test_garbage_collection_is_paused_while_reading_and_left_as_it_was() -> None:
+    import gc
+
+    assert gc.isenabled()
+    with loader.garbage_collection_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pytest.raises(RuntimeError), loader.garbage_collection_paused():
+            raise RuntimeError("a failed read")
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
