@@ -122,7 +122,13 @@ def test_a_start_on_a_damaged_entry_reads_the_model_whole_and_serves_as_without_
     assert "packed weights kept in" in caplog.text and "not used" in caplog.text
     assert ("reading tiny-llama" in caplog.text or "again, whole" in caplog.text) == read_twice
     assert engine.runner.keeping.result(timeout=60).startswith("packed weights kept in")  # packed anew
-    assert _served(engine) == _served(LLMEngine.create(replace(config, packed_cache="off")))
+    served = _served(engine)
+    assert served == _served(LLMEngine.create(replace(config, packed_cache="off")))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = LLMEngine.create(config)  # on the entry kept anew
+    assert "run on packed weights kept in" in caplog.text and "not used" not in caplog.text
+    assert again.runner.keeping is None and _served(again) == served
 
 
 def test_the_kept_file_is_read_in_from_the_disk_in_the_background(model_dir, tmp_path, monkeypatch):

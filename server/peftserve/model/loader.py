@@ -253,11 +253,11 @@ def read_base_model(source: BaseModelSource, unread: Collection[str] = ()) -> Lo
 def _read_leaving_out(
     source: BaseModelSource, unread: frozenset[str]
 ) -> tuple[PreTrainedModel | None, frozenset[str]]:
-    """The model read as from_pretrained reads it, from the same tensors (slices of the mapped
-    checkpoint, read on first use), but with a placeholder for each of `unread`, and the names of those
-    left; (None, empty) where that cannot be done as from_pretrained does it: a checkpoint that is not
-    model.safetensors or shards listed in its index, a config the causal-LM mapping names no one class
-    for, or a placeholder that did not end up as its weight."""
+    """The model read as from_pretrained reads it, from the checkpoint's tensors (mapped, or read
+    whole where the file is not in the page cache: _in_page_cache), but with a placeholder for each of
+    `unread`, and the names of those left; (None, empty) where that cannot be done as from_pretrained
+    does it: a checkpoint that is not model.safetensors or shards listed in its index, a config the
+    causal-LM mapping names no one class for, or a placeholder that did not end up as its weight."""
     files = _checkpoint_files(source.directory)
     config = AutoConfig.from_pretrained(source.directory, local_files_only=True, trust_remote_code=False)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)

@@ -269,10 +269,9 @@ class ModelRunner:
         work.update(more())
         if pack:
             work["packing"] = functools.partial(_pack, self.model, self._stop)
-        reading = keep.reading if keep is not None else None
-        running = (
-            {"reading the packed weights": reading} if reading is not None and not reading.done() else {}
-        )
+        running = {}  # warm-up work that runs already: the kept weights being read in
+        if keep is not None and keep.reading is not None and not keep.reading.done():
+            running["reading the packed weights"] = keep.reading
         if not work and not running:
             return
         rest = ThreadPoolExecutor(1, thread_name_prefix="peftserve-warm-up")

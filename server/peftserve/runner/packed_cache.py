@@ -325,8 +325,9 @@ class PackedCache:
 
     def discard(self) -> None:
         """Remove this entry (a process that has it mapped reads on: the file lives until unmapped), and
-        stop reading it in."""
+        stop reading it in: an entry kept later under the same key is mapped anew."""
         self.close()
+        self._mapped = None
         shutil.rmtree(self.entry, ignore_errors=True)
 
     def _sweep(self) -> None:
