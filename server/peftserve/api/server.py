@@ -105,6 +105,10 @@ def freeze_startup_heap(warming: Callable[[], int] | None = None) -> None:
         threading.Thread(target=again, name="peftserve-freeze-after-warm-up", daemon=True).start()
 
 
+STOP_LINGER_S = 0.5
+"""How long a draining server still answers, UNAVAILABLE, once its last request has ended, before gRPC
+stops: gRPC cancels a call that arrives while it stops (grpc/grpc#41785), so a client that sent one
+just then would be told CANCELLED, where UNAVAILABLE says to try another replica."""
 WARM_UP_POLL_S = 0.5
 """How often freeze_startup_heap's thread looks whether the warm-up has ended."""
 
@@ -171,6 +175,7 @@ async def serve(
     logger.info("draining: up to %.1f s for in-flight requests", config.grace_s)
     await health.mark_not_serving()
     await engine.drain(config.grace_s)
+    await asyncio.sleep(min(STOP_LINGER_S, config.grace_s))
     await server.stop(config.grace_s)
     if http_server is not None:
         await http_server.stop()
