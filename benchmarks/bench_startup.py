@@ -22,7 +22,8 @@ created, from creation; a kept start's warm-up is reading the kept weights in), 
 memory then (VmRSS) and its peak (VmHWM), each also over the weight bytes, and over the weights once the
 runtime's own memory is taken off. The adapter host cache is
 empty; the KV pool (512 MiB) is allocated zeroed. With --cold, the model's files are dropped from the
-page cache before each system starts.
+page cache before each system starts. With --idle, the request is sent once the warm-up is done, so
+that `warm` is the start-up alone, with nothing served beside it.
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_startup.py --layers 16
 """
