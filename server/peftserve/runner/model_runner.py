@@ -151,7 +151,6 @@ class ModelRunner:
             pack=pack and bool(packing_targets(model)),
             background=warm_up == "background",
             more=warm_ups or dict,
-            keep=packed_cache,
         )
 
     def enable_graphs(
@@ -242,7 +241,6 @@ class ModelRunner:
         pack: bool,
         background: bool,
         more: Callable[[], Mapping[str, Callable[[], str]]],
-        keep: PackedCache | None,
     ) -> None:
         """Start what makes steps fast on CPU: attention in place (`attention`: our kernel, loaded at once
         where this machine has built it, else built; or flex, compiled by _compile_attention; until it
@@ -253,9 +251,9 @@ class ModelRunner:
         is done at its start: _take_warm_up); attention first, which slows the steps beside it less.
         `more` runs after attention, in its thread (it may use the compile's set-up: inductor's probes
         of the CPU). After packing, in its thread and at the lowest priority in either case, the packed
-        weights are written to `keep` (self.keeping): not warm-up, as steps already run at full speed.
-        Where `keep` is reading kept weights in (PackedCache.prefetch), that is warm-up work too, already
-        running in its own thread."""
+        weights are written to the packed cache (self.keeping): not warm-up, as steps already run at full
+        speed. Where the packed cache is reading kept weights in (PackedCache.prefetch), that is warm-up
+        work too, already running in its own threads."""
         work = {}
         if attention == "cpp":
             self._attention_kernel = paged_kernel.kernel_paged_attention
@@ -270,8 +268,9 @@ class ModelRunner:
         if pack:
             work["packing"] = functools.partial(_pack, self.model, self._stop)
         running = {}  # warm-up work that runs already: the kept weights being read in
-        if keep is not None and keep.reading is not None and not keep.reading.done():
-            running["reading the packed weights"] = keep.reading
+        kept = self._packed_cache
+        if kept is not None and kept.reading is not None and not kept.reading.done():
+            running["reading the packed weights"] = kept.reading
         if not work and not running:
             return
         rest = ThreadPoolExecutor(1, thread_name_prefix="peftserve-warm-up")
@@ -286,8 +285,8 @@ class ModelRunner:
             )
             for name, run in work.items()
         }
-        if pack and keep is not None:
-            run = functools.partial(keep.keep, self.model, self._stop)
+        if pack and kept is not None:
+            run = functools.partial(kept.keep, self.model, self._stop)
             self.keeping = packing.submit(_warm, "keeping the packed weights", run, began, threads, True)
         for pool in {rest, packing}:
             pool.shutdown(wait=False)  # its thread ends with its work

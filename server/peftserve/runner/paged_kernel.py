@@ -4,7 +4,8 @@ in one C++ pass per layer (paged_attention.cpp).
 Like flex attention in place (runner/flex.py) it reads each token's keys and values where they lie in
 the paged pool, through the step's block tables (PagedLayout), and reads each KV head's entries once for
 all the query heads that share it. Unlike flex it needs no torch.compile: the library is built once
-per dtype by inductor's C++ code cache (2.4-4 s on the 2-core dev box), kept on disk, and later processes
+per dtype by inductor's C++ code cache (1.4-1.5 s of compiling on the 2-core Intel Xeon, plus about 7 s
+of inductor's set-up for the first kernel a process builds), kept on disk, and later processes
 load it in milliseconds, so a restarted server attends at full speed as soon as its weights are loaded.
 And it reads only the entries each token sees: no block is masked, so no value row past a sequence's end is
 ever read and nothing needs zeroing before a step.
@@ -34,7 +35,7 @@ KERNEL = native.Kernel("paged-attention", Path(__file__).with_name("paged_attent
 
 def load(dtype: torch.dtype, build: bool = False) -> bool:
     """Whether the kernel for `dtype` is ready: loaded from this machine's built copy (milliseconds), or
-    else built (`build`: 2.4-4 s on the 2-core dev box; peftserve/native.py). False for a dtype it is
+    else built (`build`: see above; peftserve/native.py). False for a dtype it is
     not built for; raises what a build raises."""
     return dtype in native.SCALARS and KERNEL.get(dtype, build) is not None
 

@@ -249,7 +249,8 @@ _PARAMETERS = (
 KERNEL = native.Kernel("low-rank-rows", Path(__file__).with_suffix(".cpp"), _PARAMETERS)
 """low_rank_rows.cpp per dtype (peftserve/native.py: built once per machine, with inductor's flags for
 this CPU's vector units, then loaded in milliseconds; a call costs microseconds, where a
-torch.compile'd function's guards cost ~56 us). The first build takes about 2 s on the 2-core dev box.
+torch.compile'd function's guards cost ~56 us). A build takes 1.4 s on the 2-core Intel Xeon, plus
+about 7 s of inductor's set-up when it is the first kernel a process builds.
 In bfloat16 the product by A runs on the bf16 dot-product instruction where the CPU has it
 (native.bf16_dot; low_rank_rows.cpp says how it rounds)."""
 unavailable: str | None = None
