@@ -20,8 +20,8 @@ request served, so every weight has been read), and until it is warm (when the l
 work ended, beside the request: full speed from then on; where none was left when the engine was
 created, from creation; a kept start's warm-up is reading the kept weights in), resident
 memory then (VmRSS) and its peak (VmHWM), each also over the weight bytes, and over the weights once the
-runtime's own memory is taken off. The adapter host cache is
-empty; the KV pool (512 MiB) is allocated zeroed. With --cold, the model's files are dropped from the
+runtime's own memory is taken off. The adapter host cache is empty; the KV pool (512 MiB) is mapped
+zeroed, so its pages count once blocks are written. With --cold, the model's files are dropped from the
 page cache before each system starts. With --idle, the request is sent once the warm-up is done, so
 that `warm` is the start-up alone, with nothing served beside it.
 
@@ -204,7 +204,7 @@ def main() -> None:
             r = run_child(system.partition(",")[0], model_dir, args.dtype, packed_cache, args.idle)
             runtime = r["rss"] if system == "runtime" else runtime
             rows.append(
-                [system, f"{r['created']:.1f}", f"{r['ready']:.1f}", f"{r['warm']:.1f}", f"{r['rss']:.2f}",
+                [system, f"{r['created']:.2f}", f"{r['ready']:.2f}", f"{r['warm']:.2f}", f"{r['rss']:.2f}",
                  f"{r['peak']:.2f}",
                  f"{r['rss'] / r['weights']:.2f}x", f"{r['peak'] / r['weights']:.2f}x",
                  f"{(r['rss'] - runtime) / r['weights']:.2f}x" if runtime else "-",

@@ -297,6 +297,22 @@ def test_peftserve_model_pack_keeps_what_a_later_start_maps(model_dir, tmp_path,
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_the_share_of_a_file_in_the_page_cache_is_sampled_over_all_of_it(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(3000 * packed_cache.PAGE))
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    mapped = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    assert packed_cache._resident_share(mapped) == 1.0  # just written
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    if packed_cache._resident_share(mapped) > 0.1:
+        pytest.skip("this file system keeps the file's pages (tmpfs?)")
+    os.pread(fd, 1000 * packed_cache.PAGE, 2000 * packed_cache.PAGE)  # the last third, read back
+    os.close(fd)
+    assert 0.3 < packed_cache._resident_share(mapped) < 0.4
+    assert packed_cache._resident_share(mapped, samples=10) == pytest.approx(1 / 3, abs=0.1)
+
+
 def test_a_kept_file_out_of_the_page_cache_is_left_for_packing(model_dir, tmp_path, monkeypatch, caplog):
     cache = _kept(model_dir, tmp_path / "packed")
     weights = cache.entry / WEIGHTS

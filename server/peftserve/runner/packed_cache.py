@@ -519,14 +519,20 @@ def usable(dtype: torch.dtype) -> bool:
     return same
 
 
-def _resident_share(storage: torch.UntypedStorage) -> float:
-    """The share of the mapped file's pages in the page cache (Linux's mincore; 1.0 where it fails)."""
-    size = storage.nbytes()
-    pages = -(-size // PAGE)
-    vector = (ctypes.c_ubyte * pages)()
-    if libc().mincore(ctypes.c_void_p(storage.data_ptr()), ctypes.c_size_t(size), vector) != 0:
+def _resident_share(storage: torch.UntypedStorage, samples: int = 1024) -> float:
+    """The share of the mapped file's pages in the page cache, from `samples` pages spread evenly over
+    it (every page where it has fewer), each asked of Linux's mincore, which reads nothing; 1.0 where it
+    fails. Asking for every page took 0.03 s of a 0.35 s start on the benchmark's 3.74 GB file."""
+    pages = -(-storage.nbytes() // PAGE)
+    if not pages:
         return 1.0
-    return 1 - bytes(vector).count(0) / pages if pages else 1.0
+    asked = range(0, pages, -(-pages // samples))
+    vector, cached = (ctypes.c_ubyte * 1)(), 0
+    for page in asked:
+        if libc().mincore(ctypes.c_void_p(storage.data_ptr() + page * PAGE), ctypes.c_size_t(PAGE), vector):
+            return 1.0
+        cached += vector[0] & 1
+    return cached / len(asked)
 
 
 def _sync(f) -> int:
