@@ -136,13 +136,13 @@ def _linear_weights(model: torch.nn.Module) -> list[str]:
     return [f"{path}.weight" for path, m in linears if m.weight is not embeddings]
 
 
-@pytest.mark.parametrize("cached", [True, False], ids=["mapped", "read"])
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "read-in"])
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_unread_weights_are_left_as_placeholders_and_the_rest_read_as_from_pretrained(
     family: str, cached: bool, tiny_model_dir: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     directory = tiny_model_dir(family)
-    monkeypatch.setattr(loader, "_in_page_cache", lambda path: cached)  # the checkpoint mapped, or read
+    monkeypatch.setattr(loader, "_in_page_cache", lambda path: cached)  # or what is read, read in first
     whole = load_base_model(str(directory), "cpu", "float32")
     source = loader.find_base_model(str(directory), "cpu", "float32")
     weights = _linear_weights(whole.model)[1::2]  # every other one
@@ -225,6 +225,42 @@ def test_a_file_out_of_the_page_cache_is_told_from_one_in_it(tiny_llama_dir: Pat
     assert not loader._in_page_cache(path)
     path.read_bytes()
     assert loader._in_page_cache(path)
+
+
+def _page_cached(path: Path, offset: int) -> bool:
+    """Whether the page of `path` at `offset` is in the page cache (read without waiting: RWF_NOWAIT;
+    where it is not, the kernel starts reading it and a little after it in)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], offset // 4096 * 4096, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_only_the_tensors_to_read_are_read_into_the_page_cache(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    big = 8 * 2**20  # float32 elements: 32 MiB, past any read-ahead
+    tensors = {"a.weight": torch.ones(big), "b.norm": torch.arange(-8.0, 0.0), "c.weight": torch.ones(big)}
+    save_file(tensors, path)  # in the file in that order
+    at = path.read_bytes().index(tensors["b.norm"].numpy().tobytes())
+    size = path.stat().st_size
+    assert 32 * 2**20 < at < size - 32 * 2**20
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if _page_cached(path, at):
+        pytest.skip("this file system keeps the file's pages (tmpfs?)")
+    loader._read_into_page_cache(path, ["b.norm"])
+    assert _page_cached(path, at)
+    assert not _page_cached(path, at - 2**20) and not _page_cached(path, at + 16 * 2**20)  # no read-around
+    loader._read_into_page_cache(path, ["c.weight"], piece=2**20)
+    assert all(_page_cached(path, offset) for offset in range(size - 1, at, -(2**20)))
 
 
 def test_garbage_collection_is_paused_while_reading_and_left_as_it_was() -> None:
