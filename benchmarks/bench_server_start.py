@@ -13,7 +13,8 @@ kept, here in --packed-cache; where none are kept yet, an untimed first start pa
 --packed-cache off`), and `vllm` (its CPU build's OpenAI server, `make peer-vllm`; left out when the
 peer is not built). They take turns, --rounds times. The model is bench_startup.py's (bench-1b at
 --layers layers, safetensors in --dtype), built once into --model-dir; launching includes each server's
-imports. The page cache stays warm (the model is read once before the first round).
+imports. The page cache stays warm (the model is read once before the first round); with --cold, the
+model's files and the kept ones are dropped from it before each launch (the libraries' files stay).
 
     PYTHONPATH=server:client:. .venv/bin/python benchmarks/bench_server_start.py --layers 40 \\
         --dtype bfloat16 --model-dir /tmp/startup-bf16-40
@@ -34,7 +35,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_startup import build, kept  # noqa: E402
+from bench_startup import build, evict, kept  # noqa: E402
 from common import SHAPES, add_vllm_arguments, environment  # noqa: E402
 
 from peftserve.bench.report import format_rows  # noqa: E402
@@ -89,6 +90,9 @@ def warming(root: str) -> bool:
 
 def start(system: str, args: argparse.Namespace, log_dir: Path, keep: bool = False) -> dict[str, float]:
     """Launch one server, time it, stop it; keep: once its packed weights are kept (a first start)."""
+    if args.cold:
+        evict(args.model_dir)
+        evict(args.packed_cache)
     began = time.perf_counter()
     if system == "vllm":
         spec = VllmSpec(
@@ -136,6 +140,9 @@ def main() -> None:
     parser.add_argument(
         "--packed-cache", type=Path, default=None, help="for peftserve (default: <model dir>-packed)"
     )
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the model's and kept files from the page cache before each"
+    )
     add_vllm_arguments(parser, threads_default="its own")
     args = parser.parse_args()
     build(args.model_dir, args.shape, args.layers, getattr(torch, args.dtype))
@@ -159,6 +166,7 @@ def main() -> None:
         spans = [f"{min(r[k] for r in results):.1f}-{max(r[k] for r in results):.1f}" for k in results[0]]
         rows.append([system, *spans])
     print(f"{args.shape}, {args.layers} layers, {args.dtype}; {args.rounds} rounds, systems taking turns")
+    print("page cache: " + ("cold (evicted before each launch)" if args.cold else "warm"))
     print(environment("cpu"))
     print(format_rows(rows))
 
