@@ -136,9 +136,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from peftserve.runner.read_in import read_kept_in
-
-    read_kept_in(config.engine)  # from the disk while the imports below run
     import asyncio
 
     from peftserve.api.server import serve  # server-only: grpc health/reflection, later torch

@@ -68,12 +68,12 @@ from peftserve.runner.linear import (
     unpack,
 )
 from peftserve.runner.priority import lowest_priority
-from peftserve.runner.read_in import INDEX, WEIGHTS
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 """The entry layout's version: part of the key, so that a new layout never reads an old entry."""
+WEIGHTS, INDEX = "weights.bin", "index.json"
 SYNC_BYTES = 256 * 2**20
 """Written bytes synced at a time, so that writing a model's weights does not fill memory with their
 dirty pages (once synced, they are clean page cache, which the kernel reclaims when it needs to)."""
