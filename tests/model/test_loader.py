@@ -210,7 +210,7 @@ def test_a_weight_transformers_would_convert_is_read_with_the_rest(
 
 
 def test_a_file_out_of_the_page_cache_is_told_from_one_in_it(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from peftserve.runner.packed_cache import _resident_share
+    from peftserve.runner.linear import cached_share
 
     path = tmp_path / "weights.safetensors"
     path.write_bytes((tiny_llama_dir / "model.safetensors").read_bytes() * 8)  # a few pages to sample
@@ -220,7 +220,7 @@ def test_a_file_out_of_the_page_cache_is_told_from_one_in_it(tiny_llama_dir: Pat
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
     mapped = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
-    if _resident_share(mapped) > 0.1:
+    if cached_share(mapped) > 0.1:
         pytest.skip("this file system keeps the file's pages (tmpfs?)")
     assert not loader._in_page_cache(path)
     path.read_bytes()

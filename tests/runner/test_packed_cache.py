@@ -303,14 +303,14 @@ def test_the_share_of_a_file_in_the_page_cache_is_sampled_over_all_of_it(tmp_pat
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     mapped = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
-    assert packed_cache._resident_share(mapped) == 1.0  # just written
+    assert packed_cache.cached_share(mapped) == 1.0  # just written
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    if packed_cache._resident_share(mapped) > 0.1:
+    if packed_cache.cached_share(mapped) > 0.1:
         pytest.skip("this file system keeps the file's pages (tmpfs?)")
     os.pread(fd, 1000 * packed_cache.PAGE, 2000 * packed_cache.PAGE)  # the last third, read back
     os.close(fd)
-    assert 0.3 < packed_cache._resident_share(mapped) < 0.4
-    assert packed_cache._resident_share(mapped, samples=10) == pytest.approx(1 / 3, abs=0.1)
+    assert 0.3 < packed_cache.cached_share(mapped) < 0.4
+    assert packed_cache.cached_share(mapped, samples=10) == pytest.approx(1 / 3, abs=0.1)
 
 
 def test_a_kept_file_out_of_the_page_cache_is_left_for_packing(model_dir, tmp_path, monkeypatch, caplog):
@@ -319,7 +319,7 @@ def test_a_kept_file_out_of_the_page_cache_is_left_for_packing(model_dir, tmp_pa
 
     def share() -> float:
         mapped = torch.UntypedStorage.from_file(str(weights), shared=False, nbytes=weights.stat().st_size)
-        return packed_cache._resident_share(mapped)
+        return packed_cache.cached_share(mapped)
 
     assert share() > packed_cache.RESIDENT_MIN  # just written
     fd = os.open(weights, os.O_RDONLY)

@@ -49,7 +49,7 @@ def _served(engine: LLMEngine) -> list[tuple[list[int], list]]:
 
 def _share(weights: Path) -> float:
     mapped = torch.UntypedStorage.from_file(str(weights), shared=False, nbytes=weights.stat().st_size)
-    return packed_cache._resident_share(mapped)
+    return packed_cache.cached_share(mapped)
 
 
 def _evict(weights: Path) -> None:
@@ -146,7 +146,7 @@ def test_the_kept_file_is_read_in_from_the_disk_in_the_background(model_dir, tmp
 def test_a_close_stops_reading_the_kept_file_in(model_dir, tmp_path, monkeypatch):
     root = tmp_path / "packed"
     _kept(model_dir, root)
-    monkeypatch.setattr(packed_cache, "_resident_share", lambda storage: 0.0)  # as if out of the page cache
+    monkeypatch.setattr(packed_cache, "cached_share", lambda storage: 0.0)  # as if out of the page cache
     later = PackedCache(root, model_dir, torch.float32)
     later.close()
     assert later.prefetch()
@@ -161,7 +161,7 @@ def test_reading_the_kept_weights_in_is_warm_up_work_the_steps_need_not_wait_for
     pending: Future[str] = Future()
     pending.set_running_or_notify_cancel()
     monkeypatch.setattr(packed_cache, "_read_in", lambda storage, stop: pending)
-    monkeypatch.setattr(packed_cache, "_resident_share", lambda storage: 0.0)
+    monkeypatch.setattr(packed_cache, "cached_share", lambda storage: 0.0)
     config = EngineConfig(
         model=str(model_dir), dtype="float32", packed_cache=str(root), warm_up="background", attention="sdpa"
     )

@@ -27,6 +27,7 @@ from peftserve.errors import InvalidRequest
 from peftserve.model.default_model import ensure_default_model
 from peftserve.model.families import check_config
 from peftserve.model.text import load_tokenizer
+from peftserve.runner.linear import cached_share
 
 log = logging.getLogger(__name__)
 
@@ -300,22 +301,11 @@ def _read_leaving_out(
     return hf_model, frozenset(placeholders)
 
 
-def _in_page_cache(path: Path, samples: int = 16) -> bool:
-    """Whether a file looks all in the page cache: `samples` of its pages, spread over it, read without
-    waiting for the disk (RWF_NOWAIT, Linux 4.14 on; False where it is not supported)."""
-    size, page = path.stat().st_size, bytearray(4096)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        for offset in range(0, size, max(size // samples, 1)):
-            os.preadv(fd, [page], offset, os.RWF_NOWAIT)
-    except (OSError, AttributeError):  # EAGAIN: not cached; AttributeError: a platform without it
-        return False
-    finally:
-        os.close(fd)
-    return True
+def _in_page_cache(path: Path) -> bool:
+    """Whether a file looks all in the page cache: 16 of its pages, spread over it, asked through a
+    mapping of it (cached_share: reads nothing)."""
+    mapped = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    return cached_share(mapped, samples=16) == 1.0
 
 
 def _read_into_page_cache(path: Path, keys: Collection[str], piece: int = 16 * 2**20) -> None:

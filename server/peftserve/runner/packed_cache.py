@@ -58,6 +58,7 @@ from peftserve.model.loader import cpu_flags
 from peftserve.runner.linear import (
     PAGE,
     PackedLinear,
+    cached_share,
     file_mappings,
     libc,
     onednn_usable,
@@ -90,7 +91,8 @@ READ_CHUNK = 64 * 2**20
 """Bytes of a kept file read in at a time (prefetch): the unit in which a close stops it."""
 READERS = 4
 """Threads reading a kept file in (prefetch): the 3.74 GB file of the start-up benchmark was read in
-1.9-2.0 s by 4, 2.1-2.7 s by 2 and 6.7-6.9 s by one (alone, from a cold page cache, here)."""
+1.9-2.9 s by 4, 2.1-2.7 s by 2 and 5.4-6.9 s by one, alone, from a cold page cache, over two days on the
+2-vCPU Intel Xeon (6 or 8 readers: 2.3 s, no better)."""
 FREE_MARGIN = 2**30
 """Disk space left free after an entry; with less, nothing is written."""
 DTYPE_SHIMS = {torch.float32: "aoti_torch_dtype_float32", torch.bfloat16: "aoti_torch_dtype_bfloat16"}
@@ -125,7 +127,7 @@ class PackedCache:
             log.warning("packed weights kept in %s not used (%s); packing again", self.entry, exc)
             self.discard()
             return frozenset()
-        if _resident_share(storage) < 1:  # where it is all in the page cache, steps map it in at once
+        if cached_share(storage) < 1:  # where it is all in the page cache, steps map it in at once
             self.reading = _read_in(storage, self._closed)
         first = min(layers, key=lambda name: layers[name]["offset"])
         return frozenset(f"{name}.weight" for name in layers if name != first)
@@ -180,7 +182,7 @@ class PackedCache:
         the model's own weights were all read."""
         layers, storage = self._mapped or self._open()
         _check_layers(layers, targets)
-        if not unread and (share := _resident_share(storage)) < RESIDENT_MIN:
+        if not unread and (share := cached_share(storage)) < RESIDENT_MIN:
             raise _NotCached(share)
         packed = {}
         for path in targets:
@@ -517,22 +519,6 @@ def usable(dtype: torch.dtype) -> bool:
         log.warning("packed weights cannot be kept across starts here (%s)", exc)
         return False
     return same
-
-
-def _resident_share(storage: torch.UntypedStorage, samples: int = 1024) -> float:
-    """The share of the mapped file's pages in the page cache, from `samples` pages spread evenly over
-    it (every page where it has fewer), each asked of Linux's mincore, which reads nothing; 1.0 where it
-    fails. Asking for every page took 0.03 s of a 0.35 s start on the benchmark's 3.74 GB file."""
-    pages = -(-storage.nbytes() // PAGE)
-    if not pages:
-        return 1.0
-    asked = range(0, pages, -(-pages // samples))
-    vector, cached = (ctypes.c_ubyte * 1)(), 0
-    for page in asked:
-        if libc().mincore(ctypes.c_void_p(storage.data_ptr() + page * PAGE), ctypes.c_size_t(PAGE), vector):
-            return 1.0
-        cached += vector[0] & 1
-    return cached / len(asked)
 
 
 def _sync(f) -> int:
